@@ -1,0 +1,593 @@
+//! The `coordinator` command line (DESIGN.md §4). Errors are one line on stderr; exit 2 for bad
+//! input (arguments, spec, files), 1 for other failures.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use distillery_proto::artifact::{self, parse_digest, DirManifest};
+use distillery_proto::client::{error_chain, CampaignClient, Target};
+use distillery_proto::v1 as pb;
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+
+use crate::api::workers::WorkerTiming;
+use crate::auth::Auth;
+use crate::server::{self, ServeOptions};
+use crate::spec;
+
+#[derive(Parser, Debug)]
+#[command(name = "coordinator", version, about = "Distillery coordinator: runs and follows pruning + distillation campaigns")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientOpts {
+    /// Coordinator URL.
+    #[arg(long, env = "DISTILLERY_ADDR", default_value = "http://127.0.0.1:7070", global = true)]
+    pub addr: String,
+    /// Bearer token (role `client`).
+    #[arg(long, env = "DISTILLERY_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signed the coordinator's TLS certificate, for https URLs.
+    #[arg(long, env = "DISTILLERY_CA_CERT", global = true)]
+    pub ca_cert: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the coordinator.
+    Serve(ServeArgs),
+    /// Validate a campaign spec and submit it; prints the campaign id.
+    Submit {
+        spec: PathBuf,
+        /// Follow the campaign (progress on stderr); exit 0 iff it succeeds.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show one campaign, or all.
+    Status {
+        id: Option<String>,
+        /// One JSON object (`{"campaigns": [...]}` without an id).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Follow a campaign's progress; exit 0 iff it succeeded.
+    Watch {
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Cancel a campaign (running tasks stop within one heartbeat).
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Pause a campaign: running tasks stop and are re-leased on resume.
+    Pause {
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Resume a paused campaign.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Fetch artifacts.
+    Artifact {
+        #[command(subcommand)]
+        command: ArtifactCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ArtifactCommand {
+    /// Download an artifact by digest, or a campaign's latest student by campaign id.
+    Get {
+        what: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "./distillery-data")]
+    pub data_dir: PathBuf,
+    /// File of `ROLE TOKEN` lines (roles: client, worker). Without it only loopback is served.
+    #[arg(long)]
+    pub tokens: Option<PathBuf>,
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A lease not renewed for this long expires and its task is retried.
+    #[arg(long, default_value_t = 30_000)]
+    pub lease_timeout_ms: u64,
+    /// How often workers heartbeat.
+    #[arg(long, default_value_t = 5_000)]
+    pub heartbeat_interval_ms: u64,
+    /// How long a worker's poll waits for work.
+    #[arg(long, default_value_t = 25_000)]
+    pub poll_timeout_ms: u64,
+    /// First retry delay (doubles per failed attempt).
+    #[arg(long, default_value_t = 1_000)]
+    pub backoff_base_ms: u64,
+    #[arg(long, default_value_t = 60_000)]
+    pub backoff_max_ms: u64,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn input(message: impl Into<String>) -> CliError {
+        CliError { code: 2, message: message.into() }
+    }
+    pub fn other(message: impl Into<String>) -> CliError {
+        CliError { code: 1, message: message.into() }
+    }
+}
+
+fn status_error(what: &str, s: tonic::Status) -> CliError {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => 2,
+        _ => 1,
+    };
+    let msg = if s.code() == tonic::Code::Unavailable {
+        format!("{what}: coordinator unavailable: {}", s.message())
+    } else {
+        format!("{what}: {}", s.message())
+    };
+    CliError { code, message: msg }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 };
+            }
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("coordinator: {first} (see `coordinator --help`)");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coordinator: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("coordinator: {}", e.message);
+            e.code
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32, CliError> {
+    match cli.command {
+        Command::Serve(a) => serve(a).await,
+        Command::Submit { spec, wait, client } => submit(&spec, wait, &client).await,
+        Command::Status { id, json, client } => status(id.as_deref(), json, &client).await,
+        Command::Watch { id, client } => {
+            let mut c = connect(&client).await?;
+            watch(&mut c, &client, &id, &mut std::io::stdout()).await
+        }
+        Command::Cancel { id, client } => control(&client, &id, "cancel").await,
+        Command::Pause { id, client } => control(&client, &id, "pause").await,
+        Command::Resume { id, client } => control(&client, &id, "resume").await,
+        Command::Artifact { command: ArtifactCommand::Get { what, out, client } } => artifact_get(&client, &what, &out).await,
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.try_init();
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<i32, CliError> {
+    init_logging(a.log_json);
+    let mut opts = ServeOptions::new(a.listen, a.data_dir.clone());
+    if let Some(t) = &a.tokens {
+        opts.auth = Auth::from_file(t).map_err(|e| CliError::input(format!("--tokens {e}")))?;
+    }
+    if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
+        let cert = std::fs::read(c).map_err(|e| CliError::input(format!("--tls-cert {}: {e}", c.display())))?;
+        let key = std::fs::read(k).map_err(|e| CliError::input(format!("--tls-key {}: {e}", k.display())))?;
+        opts.tls = Some((cert, key));
+    }
+    for (name, v) in [
+        ("--lease-timeout-ms", a.lease_timeout_ms),
+        ("--heartbeat-interval-ms", a.heartbeat_interval_ms),
+        ("--poll-timeout-ms", a.poll_timeout_ms),
+    ] {
+        if v == 0 {
+            return Err(CliError::input(format!("{name} must be positive")));
+        }
+    }
+    if a.heartbeat_interval_ms * 2 > a.lease_timeout_ms {
+        return Err(CliError::input(format!(
+            "--heartbeat-interval-ms {} must be at most half of --lease-timeout-ms {} so a lease survives one lost heartbeat",
+            a.heartbeat_interval_ms, a.lease_timeout_ms
+        )));
+    }
+    opts.metrics_listen = a.metrics_listen;
+    opts.machine.lease_timeout_ms = a.lease_timeout_ms;
+    opts.machine.backoff_base_ms = a.backoff_base_ms;
+    opts.machine.backoff_max_ms = a.backoff_max_ms.max(a.backoff_base_ms);
+    opts.timing = WorkerTiming {
+        heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms),
+        poll_timeout: Duration::from_millis(a.poll_timeout_ms),
+        rendezvous_timeout: Duration::from_millis(a.poll_timeout_ms.min(20_000)),
+    };
+    opts.tick = Duration::from_millis((a.lease_timeout_ms / 10).clamp(20, 500));
+    let started = std::time::Instant::now();
+    let running = server::start(opts.clone()).await.map_err(|e| CliError::other(format!("serve: {e:#}")))?;
+    let (campaigns, tasks) = running.engine.read(|s| (s.campaigns.len(), s.tasks.len()));
+    tracing::info!(
+        addr = %running.addr,
+        data_dir = %a.data_dir.display(),
+        campaigns,
+        tasks,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "coordinator serving"
+    );
+    if !opts.auth.has_tokens() {
+        tracing::warn!("no --tokens given: accepting loopback clients and workers only");
+    }
+    tokio::select! {
+        r = running.handle => match r {
+            Ok(Ok(())) => Ok(0),
+            Ok(Err(e)) => Err(CliError::other(format!("serve: {e:#}"))),
+            Err(e) => Err(CliError::other(format!("serve: {e}"))),
+        },
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted; state is durable, exiting");
+            Ok(0)
+        }
+    }
+}
+
+fn target(c: &ClientOpts) -> Target {
+    Target { url: c.addr.clone(), token: c.token.clone(), ca_cert: c.ca_cert.clone() }
+}
+
+async fn connect(c: &ClientOpts) -> Result<CampaignClient, CliError> {
+    let t = target(c);
+    let ch = t.channel().await.map_err(|e| match e {
+        distillery_proto::client::ConnectError::BadUrl(_) | distillery_proto::client::ConnectError::BadCa { .. } => {
+            CliError::input(format!("--addr: {e}"))
+        }
+        other => CliError::other(other.to_string()),
+    })?;
+    t.campaigns(ch).map_err(|e| CliError::input(e.to_string()))
+}
+
+async fn submit(path: &Path, wait: bool, client: &ClientOpts) -> Result<i32, CliError> {
+    let spec = spec::load_file(path).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let mut c = connect(client).await?;
+    let id = c
+        .submit(pb::SubmitRequest { spec: Some(spec) })
+        .await
+        .map_err(|s| status_error("submit", s))?
+        .into_inner()
+        .campaign_id;
+    println!("{id}");
+    if wait {
+        return watch(&mut c, client, &id, &mut std::io::stderr()).await;
+    }
+    Ok(0)
+}
+
+async fn control(client: &ClientOpts, id: &str, what: &str) -> Result<i32, CliError> {
+    let mut c = connect(client).await?;
+    let r = pb::CampaignRef { campaign_id: id.to_string() };
+    let res = match what {
+        "cancel" => c.cancel(r).await,
+        "pause" => c.pause(r).await,
+        _ => c.resume(r).await,
+    }
+    .map_err(|s| status_error(what, s))?
+    .into_inner();
+    println!("{} {}", res.id, state_name(res.state));
+    Ok(0)
+}
+
+/// The lowercase state name used by the CLI and `--json`.
+pub fn state_name(s: i32) -> &'static str {
+    match pb::CampaignState::try_from(s).unwrap_or(pb::CampaignState::Unspecified) {
+        pb::CampaignState::Pending => "pending",
+        pb::CampaignState::Running => "running",
+        pb::CampaignState::Paused => "paused",
+        pb::CampaignState::Succeeded => "succeeded",
+        pb::CampaignState::Failed => "failed",
+        pb::CampaignState::Cancelled => "cancelled",
+        pb::CampaignState::Unspecified => "unknown",
+    }
+}
+
+fn nest(flat: &BTreeMap<String, f64>) -> Map<String, Value> {
+    let mut root = Map::new();
+    for (k, v) in flat {
+        let parts: Vec<&str> = k.split('.').collect();
+        let mut cur = &mut root;
+        for p in &parts[..parts.len() - 1] {
+            let e = cur.entry(p.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            if !e.is_object() {
+                *e = Value::Object(Map::new());
+            }
+            cur = e.as_object_mut().expect("just made an object");
+        }
+        cur.insert(parts[parts.len() - 1].to_string(), json!(v));
+    }
+    root
+}
+
+/// The `status --json` object of one campaign (DESIGN.md §4 field names).
+pub fn campaign_json(c: &pb::Campaign) -> Value {
+    let rounds: Vec<Value> = c
+        .rounds
+        .iter()
+        .map(|r| {
+            let flat: BTreeMap<String, f64> = r.metrics.clone().into_iter().collect();
+            let mut metrics = nest(&flat);
+            for k in ["perplexity", "teacher_perplexity"] {
+                metrics.entry(k).or_insert(Value::Null);
+            }
+            let judge = metrics.entry("judge").or_insert_with(|| Value::Object(Map::new()));
+            if let Some(j) = judge.as_object_mut() {
+                for k in ["wins", "ties", "losses", "win_rate", "ci_low", "ci_high", "position_consistency", "unparsed"] {
+                    j.entry(k).or_insert(Value::Null);
+                }
+            }
+            let distill = metrics.entry("distill").or_insert_with(|| Value::Object(Map::new()));
+            if let Some(d) = distill.as_object_mut() {
+                for k in ["steps", "tokens", "final_loss", "world_size"] {
+                    d.entry(k).or_insert(Value::Null);
+                }
+            }
+            let target = r.target.as_ref().map(|t| {
+                json!({
+                    "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+                    "num_attention_heads": t.num_attention_heads, "num_layers": t.num_layers, "params": t.params,
+                })
+            });
+            let mut artifacts: Map<String, Value> = r.artifacts.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            artifacts.entry("student").or_insert(Value::Null);
+            json!({
+                "index": r.index,
+                "state": r.state,
+                "phase": r.phase,
+                "params": flat.get("params").map(|p| json!(*p as u64)).unwrap_or(Value::Null),
+                "target": target,
+                "artifacts": artifacts,
+                "metrics": metrics,
+                "extensions": r.extensions,
+            })
+        })
+        .collect();
+    let tasks = c.tasks.clone().unwrap_or_default();
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "state": state_name(c.state),
+        "error": if c.error.is_empty() { Value::Null } else { json!(c.error) },
+        "created_ms": c.created_ms,
+        "updated_ms": c.updated_ms,
+        "tasks": {"pending": tasks.pending, "leased": tasks.leased, "succeeded": tasks.succeeded, "failed": tasks.failed, "cancelled": tasks.cancelled},
+        "rounds": rounds,
+    })
+}
+
+async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<i32, CliError> {
+    let mut c = connect(client).await?;
+    let campaigns = match id {
+        Some(id) => vec![c
+            .get(pb::GetCampaignRequest { campaign_id: id.to_string() })
+            .await
+            .map_err(|s| status_error("status", s))?
+            .into_inner()],
+        None => c.list(pb::ListCampaignsRequest {}).await.map_err(|s| status_error("status", s))?.into_inner().campaigns,
+    };
+    if as_json {
+        let v = match id {
+            Some(_) => campaign_json(&campaigns[0]),
+            None => json!({"campaigns": campaigns.iter().map(campaign_json).collect::<Vec<_>>()}),
+        };
+        println!("{v}");
+        return Ok(0);
+    }
+    if campaigns.is_empty() {
+        println!("no campaigns");
+    }
+    for c in &campaigns {
+        let t = c.tasks.clone().unwrap_or_default();
+        println!(
+            "{}  {:<28} {:<10} tasks: {} done, {} running, {} pending, {} failed",
+            c.id,
+            c.name,
+            state_name(c.state),
+            t.succeeded,
+            t.leased,
+            t.pending,
+            t.failed
+        );
+        if !c.error.is_empty() {
+            println!("    error: {}", c.error);
+        }
+        for r in &c.rounds {
+            let m: BTreeMap<String, f64> = r.metrics.clone().into_iter().collect();
+            let fmt = |k: &str| m.get(k).map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+            println!(
+                "    round {} {:<9} phase {:<8} params {:>12} ppl {} (teacher {}) win rate {} student {}",
+                r.index,
+                r.state,
+                r.phase,
+                m.get("params").map(|p| format!("{}", *p as u64)).unwrap_or_else(|| "-".into()),
+                fmt("perplexity"),
+                fmt("teacher_perplexity"),
+                fmt("judge.win_rate"),
+                r.artifacts.get("student").map(String::as_str).unwrap_or("-"),
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn bar(done: f64, total: f64) -> String {
+    let frac = if total > 0.0 { (done / total).clamp(0.0, 1.0) } else { 0.0 };
+    let n = (frac * 24.0).round() as usize;
+    format!("[{}{}] {:>5.1}%", "#".repeat(n), ".".repeat(24 - n), frac * 100.0)
+}
+
+fn clock(ms: u64) -> String {
+    let s = (ms / 1000) % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// Follows a campaign's events (reconnecting across coordinator restarts); returns 0 iff it
+/// succeeded.
+pub async fn watch(c: &mut CampaignClient, client: &ClientOpts, id: &str, out: &mut dyn Write) -> Result<i32, CliError> {
+    let mut next = 1u64;
+    let mut failures = 0u32;
+    loop {
+        let stream = c.watch(pb::WatchRequest { campaign_id: id.to_string(), from_seq: next }).await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && failures < 60 => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                *c = match connect(client).await {
+                    Ok(c) => c,
+                    Err(_) => continue,
+                };
+                continue;
+            }
+            Err(s) => return Err(status_error("watch", s)),
+        };
+        while let Some(item) = stream.next().await {
+            let e = match item {
+                Ok(e) => e,
+                Err(_) => break,
+            };
+            failures = 0;
+            next = e.seq + 1;
+            let m: BTreeMap<String, f64> = e.metrics.clone().into_iter().collect();
+            let line = match (e.kind.as_str(), m.get("step"), m.get("total_steps")) {
+                ("task_progress", Some(s), Some(t)) => {
+                    let loss = m.get("loss").map(|l| format!(" loss {l:.4}")).unwrap_or_default();
+                    format!("{} round {} {:<8} {} {} step {}/{}{}", clock(e.time_ms), e.round, e.phase, e.task_id, bar(*s, *t), s, t, loss)
+                }
+                _ => format!("{} {}", clock(e.time_ms), e.message),
+            };
+            let _ = writeln!(out, "{line}");
+            if e.kind == "campaign_state" {
+                match pb::CampaignState::try_from(e.state) {
+                    Ok(pb::CampaignState::Succeeded) => return Ok(0),
+                    Ok(pb::CampaignState::Failed | pb::CampaignState::Cancelled) => return Ok(1),
+                    _ => {}
+                }
+            }
+        }
+        // The stream ended without a terminal event: the coordinator went away. Reconnect.
+        failures += 1;
+        if failures > 60 {
+            return Err(CliError::other(format!("watch {id}: lost the coordinator at {}", client.addr)));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(nc) = connect(client).await {
+            *c = nc;
+        }
+    }
+}
+
+async fn artifact_get(client: &ClientOpts, what: &str, out: &Path) -> Result<i32, CliError> {
+    let mut c = connect(client).await?;
+    let digest = match parse_digest(what) {
+        Ok(d) => d,
+        Err(_) => {
+            let camp = c
+                .get(pb::GetCampaignRequest { campaign_id: what.to_string() })
+                .await
+                .map_err(|s| status_error(&format!("artifact get {what}: neither a digest nor a campaign id"), s))?
+                .into_inner();
+            let student = camp
+                .rounds
+                .iter()
+                .rev()
+                .find_map(|r| r.artifacts.get("student").cloned())
+                .ok_or_else(|| CliError::input(format!("campaign {what} has no student yet")))?;
+            parse_digest(&student).map_err(|e| CliError::other(e.to_string()))?
+        }
+    };
+    std::fs::create_dir_all(out).map_err(|e| CliError::input(format!("--out {}: {e}", out.display())))?;
+    let blob = out.join(format!(".{digest}.download"));
+    download(&mut c, &digest, &blob).await?;
+    let bytes = std::fs::read(&blob).map_err(|e| CliError::other(format!("{}: {e}", blob.display())))?;
+    if let Some(m) = DirManifest::parse(&bytes) {
+        for f in &m.files {
+            let dest = artifact::safe_join(out, &f.path).map_err(|e| CliError::other(e.to_string()))?;
+            download(&mut c, &f.digest, &dest).await?;
+        }
+        let _ = std::fs::remove_file(&blob);
+        println!("{} ({} files) -> {}", digest, m.files.len(), out.display());
+    } else {
+        let dest = out.join(&digest);
+        std::fs::rename(&blob, &dest).map_err(|e| CliError::other(format!("{}: {e}", dest.display())))?;
+        println!("{} -> {}", digest, dest.display());
+    }
+    Ok(0)
+}
+
+async fn download(c: &mut CampaignClient, digest: &str, dest: &Path) -> Result<(), CliError> {
+    let stream = c
+        .get_artifact(pb::GetArtifactRequest { digest: digest.to_string() })
+        .await
+        .map_err(|s| status_error(&format!("artifact {digest}"), s))?
+        .into_inner();
+    artifact::receive_to_file(stream, dest, Some(digest))
+        .await
+        .map_err(|e| CliError::other(format!("artifact {digest}: {}", error_chain(&e))))?;
+    Ok(())
+}

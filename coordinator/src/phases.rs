@@ -1,0 +1,284 @@
+//! What each phase of a round fans out to, and what it must produce. Pure functions over the
+//! spec; the state machine calls them when a phase starts.
+
+use std::collections::BTreeMap;
+
+use distillery_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+/// The phases of a round, in order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Score,
+    Prune,
+    Distill,
+    Evaluate,
+    Judge,
+    Gate,
+    Done,
+}
+
+impl Phase {
+    /// The name used on the wire and in `status --json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Score => "score",
+            Phase::Prune => "prune",
+            Phase::Distill => "distill",
+            Phase::Evaluate => "evaluate",
+            Phase::Judge => "judge",
+            Phase::Gate => "gate",
+            Phase::Done => "done",
+        }
+    }
+
+    /// The phase after this one.
+    pub fn next(self) -> Phase {
+        match self {
+            Phase::Score => Phase::Prune,
+            Phase::Prune => Phase::Distill,
+            Phase::Distill => Phase::Evaluate,
+            Phase::Evaluate => Phase::Judge,
+            Phase::Judge => Phase::Gate,
+            Phase::Gate | Phase::Done => Phase::Done,
+        }
+    }
+}
+
+/// Task kinds and the outputs each must report on completion.
+pub mod kind {
+    pub const SCORE: &str = "score";
+    pub const SCORE_DEPTH: &str = "score_depth";
+    pub const PRUNE: &str = "prune";
+    pub const DISTILL: &str = "distill";
+    pub const PERPLEXITY: &str = "perplexity";
+    pub const GENERATE: &str = "generate";
+    pub const JUDGE: &str = "judge";
+
+    /// Every kind the coordinator hands out.
+    pub const ALL: &[&str] = &[SCORE, SCORE_DEPTH, PRUNE, DISTILL, PERPLEXITY, GENERATE, JUDGE];
+
+    /// Outputs a completed task of `kind` must name (artifact digests).
+    pub fn required_outputs(kind: &str) -> &'static [&'static str] {
+        match kind {
+            SCORE => &["scores"],
+            SCORE_DEPTH => &["depth_scores"],
+            PRUNE => &["pruned"],
+            DISTILL => &["student"],
+            GENERATE => &["answers"],
+            JUDGE => &["judgments"],
+            _ => &[],
+        }
+    }
+
+    /// Metrics a completed task of `kind` must report.
+    pub fn required_metrics(kind: &str) -> &'static [&'static str] {
+        match kind {
+            PERPLEXITY => &["perplexity"],
+            _ => &[],
+        }
+    }
+}
+
+/// One task a phase asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskPlan {
+    pub kind: &'static str,
+    pub params: BTreeMap<String, String>,
+    pub inputs: BTreeMap<String, String>,
+    pub world_size: u32,
+}
+
+/// What a phase's planner may look at.
+pub struct PhaseContext<'a> {
+    pub spec: &'a pb::CampaignSpec,
+    pub round: u32,
+    /// The model this round prunes: the teacher for round 0, else the previous round's student.
+    pub source: &'a str,
+    /// Artifacts the round's earlier phases produced, plus the campaign's cached teacher outputs.
+    pub artifacts: &'a BTreeMap<String, String>,
+    /// Metrics so far, including cached teacher metrics (`teacher_perplexity`).
+    pub metrics: &'a BTreeMap<String, f64>,
+    /// The previous round's artifacts (for `baseline = "previous"`).
+    pub previous: Option<&'a BTreeMap<String, String>>,
+    /// How many times the gate has extended this round's distillation.
+    pub extensions: u32,
+    /// Latest checkpoint of this round's distillation, when extending it.
+    pub distill_checkpoint: Option<&'a str>,
+}
+
+/// The teacher as a task input.
+pub fn teacher_ref(spec: &pb::CampaignSpec) -> String {
+    format!("path:{}", spec.teacher.as_ref().map(|t| t.model.as_str()).unwrap_or_default())
+}
+
+fn params(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| ((*k).to_string(), v.clone())).collect()
+}
+
+fn single(kind: &'static str, params: BTreeMap<String, String>, inputs: BTreeMap<String, String>) -> TaskPlan {
+    TaskPlan { kind, params, inputs, world_size: 1 }
+}
+
+/// The tasks `phase` fans out to; empty means the phase is skipped.
+pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
+    let spec = ctx.spec;
+    let Some(round) = spec.rounds.get(ctx.round as usize) else { return Vec::new() };
+    let sched = spec.scheduling.clone().unwrap_or_else(crate::spec::default_scheduling);
+    let mut base_inputs = ctx.artifacts.clone();
+    base_inputs.insert("source".into(), ctx.source.to_string());
+    base_inputs.insert("teacher".into(), teacher_ref(spec));
+    match phase {
+        Phase::Score => {
+            let mut tasks: Vec<TaskPlan> = (0..sched.score_shards)
+                .map(|i| {
+                    single(
+                        kind::SCORE,
+                        params(&[("shard", i.to_string()), ("shards", sched.score_shards.to_string())]),
+                        base_inputs.clone(),
+                    )
+                })
+                .collect();
+            if round.depth_importance == "perplexity" {
+                let layers = spec.teacher.as_ref().and_then(|t| t.shape.as_ref()).map(|s| s.num_layers).unwrap_or(0);
+                let groups = if sched.depth_groups > 0 { sched.depth_groups } else { layers.clamp(1, 4) };
+                tasks.extend((0..groups).map(|g| {
+                    single(
+                        kind::SCORE_DEPTH,
+                        params(&[("group", g.to_string()), ("groups", groups.to_string())]),
+                        base_inputs.clone(),
+                    )
+                }));
+            }
+            tasks
+        }
+        Phase::Prune => vec![single(kind::PRUNE, params(&[("round", ctx.round.to_string())]), base_inputs)],
+        Phase::Distill => {
+            let d = round.distill.clone().unwrap_or_default();
+            let tokens = d.tokens.saturating_mul(1u64 << ctx.extensions.min(16));
+            let mut inputs = base_inputs;
+            if let Some(ck) = ctx.distill_checkpoint {
+                inputs.insert("init_checkpoint".into(), ck.to_string());
+            }
+            vec![TaskPlan {
+                kind: kind::DISTILL,
+                params: params(&[("tokens", tokens.to_string()), ("extension", ctx.extensions.to_string())]),
+                inputs,
+                world_size: d.world_size.max(1),
+            }]
+        }
+        Phase::Evaluate => {
+            let eval = spec.evaluation.clone().unwrap_or_default();
+            let mut tasks = Vec::new();
+            if eval.perplexity {
+                tasks.push(single(kind::PERPLEXITY, params(&[("role", "student".into())]), base_inputs.clone()));
+                if !ctx.metrics.contains_key("teacher_perplexity") {
+                    tasks.push(single(kind::PERPLEXITY, params(&[("role", "teacher".into())]), base_inputs.clone()));
+                }
+            }
+            if let Some(j) = &eval.judge {
+                tasks.push(single(kind::GENERATE, params(&[("role", "student".into())]), base_inputs.clone()));
+                let need_teacher = j.baseline == "teacher" || ctx.previous.is_none();
+                if need_teacher && !ctx.artifacts.contains_key("teacher_answers") {
+                    tasks.push(single(kind::GENERATE, params(&[("role", "teacher".into())]), base_inputs.clone()));
+                }
+            }
+            tasks
+        }
+        Phase::Judge => {
+            let eval = spec.evaluation.clone().unwrap_or_default();
+            let Some(j) = &eval.judge else { return Vec::new() };
+            let mut inputs = base_inputs;
+            let baseline = match (j.baseline.as_str(), ctx.previous) {
+                ("previous", Some(prev)) => prev.get("answers").cloned(),
+                _ => ctx.artifacts.get("teacher_answers").cloned(),
+            };
+            if let Some(b) = baseline {
+                inputs.insert("baseline_answers".into(), b);
+            }
+            (0..sched.judge_shards)
+                .map(|i| {
+                    single(
+                        kind::JUDGE,
+                        params(&[
+                            ("shard", i.to_string()),
+                            ("shards", sched.judge_shards.to_string()),
+                            ("mode", j.mode.clone()),
+                        ]),
+                        inputs.clone(),
+                    )
+                })
+                .collect()
+        }
+        Phase::Gate | Phase::Done => Vec::new(),
+    }
+}
+
+/// What the gate decided after a round's evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GateDecision {
+    Pass,
+    Extend { reason: String },
+    Stop { reason: String },
+}
+
+/// Applies the spec's `[gate]` rules to a round's metrics.
+pub fn gate(spec: &pb::CampaignSpec, metrics: &BTreeMap<String, f64>, extensions: u32) -> GateDecision {
+    let Some(g) = &spec.gate else { return GateDecision::Pass };
+    let mut failed = None;
+    if let Some(max) = g.max_perplexity_ratio {
+        if let (Some(s), Some(t)) = (metrics.get("perplexity"), metrics.get("teacher_perplexity")) {
+            let ratio = s / t;
+            if !(ratio <= max) {
+                failed = Some(format!(
+                    "gate.max_perplexity_ratio: student perplexity {s:.3} is {ratio:.3}x the teacher's {t:.3} (limit {max})"
+                ));
+            }
+        } else {
+            failed = Some("gate.max_perplexity_ratio: the round reported no perplexity to compare".to_string());
+        }
+    }
+    if failed.is_none() {
+        if let Some(min) = g.min_win_rate {
+            match metrics.get("judge.win_rate") {
+                Some(w) if *w >= min => {}
+                Some(w) => failed = Some(format!("gate.min_win_rate: win rate {w:.3} is below {min}")),
+                None => failed = Some("gate.min_win_rate: the round reported no judge win rate".to_string()),
+            }
+        }
+    }
+    match failed {
+        None => GateDecision::Pass,
+        Some(reason) if g.on_fail == "extend_distill" && extensions == 0 => GateDecision::Extend { reason },
+        Some(reason) => GateDecision::Stop { reason },
+    }
+}
+
+/// Merges a phase's task metrics into the round's: `sum.`-prefixed keys add up (across shards)
+/// under the name without the prefix; others are copied. Judge counts yield `judge.win_rate`
+/// when no task reported one.
+pub fn merge_metrics(into: &mut BTreeMap<String, f64>, from: &BTreeMap<String, f64>) {
+    for (k, v) in from {
+        if let Some(name) = k.strip_prefix("sum.") {
+            *into.entry(name.to_string()).or_insert(0.0) += v;
+        } else {
+            into.insert(k.clone(), *v);
+        }
+    }
+}
+
+/// Derived judge figures from summed counts.
+pub fn finish_judge_metrics(m: &mut BTreeMap<String, f64>) {
+    let (w, t, l) = (
+        m.get("judge.wins").copied(),
+        m.get("judge.ties").copied(),
+        m.get("judge.losses").copied(),
+    );
+    if let (Some(w), Some(t), Some(l)) = (w, t, l) {
+        let n = w + t + l;
+        if n > 0.0 && !m.contains_key("judge.win_rate") {
+            m.insert("judge.win_rate".into(), (w + t / 2.0) / n);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Assembles and runs the gRPC server: campaign and worker services behind the auth
+//! interceptor, health, reflection, optional TLS, the ticker and the metrics endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use distillery_proto::client::MAX_MESSAGE_BYTES;
+use distillery_proto::v1::campaign_service_server::CampaignServiceServer;
+use distillery_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::api::campaigns::Campaigns;
+use crate::api::workers::{WorkerTiming, Workers};
+use crate::artifacts::ArtifactStore;
+use crate::auth::{Auth, Role};
+use crate::engine::Engine;
+use crate::machine::{CampaignState, Config, TaskState};
+use crate::store::SledStore;
+
+/// Everything `coordinator serve` is configured with.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub auth: Auth,
+    /// PEM certificate chain and key.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub machine: Config,
+    pub timing: WorkerTiming,
+    pub tick: Duration,
+}
+
+impl ServeOptions {
+    /// Defaults for a data dir, listening on `listen`.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> ServeOptions {
+        ServeOptions {
+            listen,
+            data_dir,
+            auth: Auth::loopback_only(),
+            tls: None,
+            metrics_listen: None,
+            machine: Config::default(),
+            timing: WorkerTiming {
+                heartbeat_interval: Duration::from_secs(5),
+                poll_timeout: Duration::from_secs(25),
+                rendezvous_timeout: Duration::from_secs(20),
+            },
+            tick: Duration::from_millis(200),
+        }
+    }
+}
+
+/// A started server.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Opens the data dir, recovers the state and starts serving; returns once the port is bound.
+pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("cannot create data dir {}", opts.data_dir.display()))?;
+    let state_dir = opts.data_dir.join("state");
+    let store = SledStore::open(&state_dir).with_context(|| {
+        format!(
+            "cannot open the state store in {} (is another coordinator using this --data-dir?)",
+            state_dir.display()
+        )
+    })?;
+    let artifacts = ArtifactStore::open(&opts.data_dir.join("artifacts"))
+        .with_context(|| format!("cannot open the artifact store in {}", opts.data_dir.display()))?;
+    let engine = Engine::open(Arc::new(store), opts.machine.clone()).await.context("cannot load the state store")?;
+    let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<CampaignServiceServer<Campaigns>>().await;
+    health_reporter.set_serving::<WorkerServiceServer<Workers>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(distillery_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let auth_c = opts.auth.clone();
+    let campaigns = InterceptedService::new(
+        CampaignServiceServer::new(Campaigns { engine: engine.clone(), artifacts: artifacts.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        move |req: tonic::Request<()>| auth_c.check(&req, Role::Client).map(|_| req),
+    );
+    let auth_w = opts.auth.clone();
+    let workers = InterceptedService::new(
+        WorkerServiceServer::new(Workers { engine: engine.clone(), artifacts, timing: opts.timing.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        move |req: tonic::Request<()>| auth_w.check(&req, Role::Worker).map(|_| req),
+    );
+
+    let mut builder = Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(Duration::from_secs(20)));
+    if let Some((cert, key)) = &opts.tls {
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .context("invalid TLS certificate or key")?;
+    }
+    let router = builder.add_service(health).add_service(reflection).add_service(campaigns).add_service(workers);
+    let ticker = engine.spawn_ticker(opts.tick);
+    if let Some(m) = opts.metrics_listen {
+        spawn_metrics(m, engine.clone()).await?;
+    }
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let handle = tokio::spawn(async move {
+        let r = router.serve_with_incoming(incoming).await;
+        ticker.abort();
+        r.context("gRPC server stopped")
+    });
+    Ok(RunningServer { addr, engine, handle })
+}
+
+/// Prometheus text exposition of the coordinator's counts on `GET /metrics`.
+async fn spawn_metrics(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = sock.read(&mut buf).await;
+                let body = metrics_text(&engine);
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn metrics_text(engine: &Engine) -> String {
+    engine.read(|s| {
+        let mut out = String::new();
+        out.push_str("# TYPE distillery_campaigns gauge\n");
+        for st in [
+            CampaignState::Pending,
+            CampaignState::Running,
+            CampaignState::Paused,
+            CampaignState::Succeeded,
+            CampaignState::Failed,
+            CampaignState::Cancelled,
+        ] {
+            let n = s.campaigns.values().filter(|c| c.state == st).count();
+            out.push_str(&format!("distillery_campaigns{{state=\"{}\"}} {n}\n", st.as_str()));
+        }
+        out.push_str("# TYPE distillery_tasks gauge\n");
+        for (st, name) in [
+            (TaskState::Pending, "pending"),
+            (TaskState::Leased, "leased"),
+            (TaskState::Succeeded, "succeeded"),
+            (TaskState::Failed, "failed"),
+            (TaskState::Cancelled, "cancelled"),
+        ] {
+            let n = s.tasks.values().filter(|t| t.state == st).count();
+            out.push_str(&format!("distillery_tasks{{state=\"{name}\"}} {n}\n"));
+        }
+        out.push_str(&format!("# TYPE distillery_workers gauge\ndistillery_workers {}\n", s.workers.len()));
+        out.push_str(&format!("# TYPE distillery_workers_polling gauge\ndistillery_workers_polling {}\n", s.waiting_workers().count()));
+        out.push_str(&format!("# TYPE distillery_events_total counter\ndistillery_events_total {}\n", s.meta.last_seq));
+        out
+    })
+}

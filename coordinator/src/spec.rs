@@ -1,0 +1,759 @@
+//! Campaign spec: TOML text -> validated [`CampaignSpec`] (the proto), with errors that name the
+//! field path, the value and the fix, in one line.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use distillery_proto::shape::param_count;
+use distillery_proto::v1 as pb;
+use serde::Deserialize;
+
+use crate::source_model;
+
+/// Why a spec was rejected. `Display` is the one line shown to the user.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// Dotted path of the offending field, `spec` for the whole document.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl SpecError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError { field: field.into(), message: message.into() }
+    }
+}
+
+/// Where the spec's files are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileChecks {
+    /// Relative paths are resolved against the spec's folder; files must exist and the teacher's
+    /// shape is read from disk (the submitting client).
+    Local,
+    /// Files are not looked at; the shape must already be in the spec (the server, which may not
+    /// see the client's disk).
+    None,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    #[serde(default)]
+    seed: u64,
+    teacher: RawTeacher,
+    data: RawData,
+    rounds: Vec<RawRound>,
+    #[serde(default)]
+    evaluation: Option<RawEvaluation>,
+    #[serde(default)]
+    gate: Option<RawGate>,
+    #[serde(default)]
+    scheduling: Option<RawScheduling>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTeacher {
+    model: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawData {
+    calibration: RawCalibration,
+    train: Vec<RawTrain>,
+    #[serde(default)]
+    validation: Vec<RawValidation>,
+    #[serde(default)]
+    dynamic_batch_loading: Option<RawDynamicBatchLoading>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCalibration {
+    path: String,
+    #[serde(default = "default_samples")]
+    samples: u32,
+    #[serde(default = "default_seq_len")]
+    seq_len: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTrain {
+    name: String,
+    path: String,
+    #[serde(default = "one")]
+    weight: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawValidation {
+    name: String,
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDynamicBatchLoading {
+    reference_loss: BTreeMap<String, f64>,
+    #[serde(default = "default_update_every")]
+    update_every: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRound {
+    target: RawTarget,
+    #[serde(default = "default_depth_importance")]
+    depth_importance: String,
+    distill: RawDistill,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    hidden_size: Option<u32>,
+    intermediate_size: Option<u32>,
+    num_attention_heads: Option<u32>,
+    num_layers: Option<u32>,
+    params: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDistill {
+    tokens: u64,
+    #[serde(default = "default_seq_len")]
+    seq_len: u32,
+    #[serde(default = "default_micro_batch")]
+    micro_batch: u32,
+    #[serde(default = "one_u32")]
+    world_size: u32,
+    #[serde(default = "default_lr")]
+    lr: f64,
+    #[serde(default)]
+    warmup_steps: u32,
+    #[serde(default = "one")]
+    temperature: f64,
+    #[serde(default)]
+    ce_weight: f64,
+    #[serde(default = "default_checkpoint_every")]
+    checkpoint_every: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvaluation {
+    #[serde(default = "yes")]
+    perplexity: bool,
+    #[serde(default)]
+    judge: Option<RawJudge>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJudge {
+    backend: String,
+    #[serde(default)]
+    base_url: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default = "default_mode")]
+    mode: String,
+    questions: String,
+    #[serde(default = "default_baseline")]
+    baseline: String,
+    #[serde(default = "default_max_tokens")]
+    max_tokens: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    max_perplexity_ratio: Option<f64>,
+    min_win_rate: Option<f64>,
+    #[serde(default = "default_on_fail")]
+    on_fail: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduling {
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+    #[serde(default = "default_score_shards")]
+    score_shards: u32,
+    #[serde(default)]
+    depth_groups: u32,
+    #[serde(default = "one_u32")]
+    judge_shards: u32,
+}
+
+fn default_samples() -> u32 {
+    1024
+}
+fn default_seq_len() -> u32 {
+    512
+}
+fn one() -> f64 {
+    1.0
+}
+fn one_u32() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_update_every() -> u32 {
+    50
+}
+fn default_depth_importance() -> String {
+    "block_importance".into()
+}
+fn default_micro_batch() -> u32 {
+    4
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_checkpoint_every() -> u32 {
+    100
+}
+fn default_mode() -> String {
+    "pairwise".into()
+}
+fn default_baseline() -> String {
+    "teacher".into()
+}
+fn default_max_tokens() -> u32 {
+    256
+}
+fn default_on_fail() -> String {
+    "stop".into()
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_score_shards() -> u32 {
+    2
+}
+
+/// Default scheduling when the spec has no `[scheduling]` table.
+pub fn default_scheduling() -> pb::SchedulingSpec {
+    pb::SchedulingSpec {
+        max_attempts: default_max_attempts(),
+        score_shards: default_score_shards(),
+        depth_groups: 0,
+        judge_shards: 1,
+    }
+}
+
+/// Reads and validates a spec file; relative paths resolve against its folder.
+pub fn load_file(path: &Path) -> Result<pb::CampaignSpec, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        SpecError::new("spec", format!("cannot read {}: {e} (check the path)", path.display()))
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    parse(&text, &base, FileChecks::Local)
+}
+
+/// Parses TOML text and validates it. With [`FileChecks::Local`], paths resolve against `base`.
+pub fn parse(text: &str, base: &Path, checks: FileChecks) -> Result<pb::CampaignSpec, SpecError> {
+    let de = toml::Deserializer::new(text);
+    let raw: RawSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path.is_empty() || path == "." { "spec".to_string() } else { path };
+        let mut msg = inner.message().replace('\n', " ");
+        if let Some(span) = inner.span() {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            msg = format!("{msg} (line {line})");
+        }
+        if msg.contains("unknown field") {
+            msg.push_str("; remove or rename the key");
+        } else if msg.contains("invalid type") {
+            msg.push_str("; give a value of the expected type");
+        } else if msg.contains("missing field") {
+            msg.push_str("; add it");
+        }
+        SpecError::new(field, msg)
+    })?;
+    let spec = Validator { base, checks }.validate(raw)?;
+    Ok(spec)
+}
+
+struct Validator<'a> {
+    base: &'a Path,
+    checks: FileChecks,
+}
+
+impl Validator<'_> {
+    fn path(&self, field: &str, value: &str) -> Result<String, SpecError> {
+        if value.trim().is_empty() {
+            return Err(SpecError::new(field, "is empty: give a file path"));
+        }
+        match self.checks {
+            FileChecks::None => Ok(value.to_string()),
+            FileChecks::Local => {
+                let p = Path::new(value);
+                let full = if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) };
+                if !full.exists() {
+                    return Err(SpecError::new(
+                        field,
+                        format!(
+                            "{value:?} does not exist (looked at {}); fix the path, relative paths start at the spec's folder",
+                            full.display()
+                        ),
+                    ));
+                }
+                let abs = std::fs::canonicalize(&full).unwrap_or(full);
+                Ok(abs.to_string_lossy().into_owned())
+            }
+        }
+    }
+
+    fn validate(&self, raw: RawSpec) -> Result<pb::CampaignSpec, SpecError> {
+        if raw.name.is_empty()
+            || !raw.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(SpecError::new(
+                "name",
+                format!("{:?} is not a valid name: use letters, digits, '-', '_' and '.'", raw.name),
+            ));
+        }
+
+        let model = self.path("teacher.model", &raw.teacher.model)?;
+        let shape = match self.checks {
+            FileChecks::Local => source_model::read_shape(Path::new(&model))
+                .map_err(|e| SpecError::new("teacher.model", e.to_string()))?,
+            FileChecks::None => pb::ModelShape::default(),
+        };
+
+        let data = self.data(raw.data)?;
+        let evaluation = self.evaluation(raw.evaluation, &data)?;
+        let scheduling = match raw.scheduling {
+            None => default_scheduling(),
+            Some(s) => {
+                positive("scheduling.max_attempts", s.max_attempts)?;
+                positive("scheduling.score_shards", s.score_shards)?;
+                positive("scheduling.judge_shards", s.judge_shards)?;
+                pb::SchedulingSpec {
+                    max_attempts: s.max_attempts,
+                    score_shards: s.score_shards,
+                    depth_groups: s.depth_groups,
+                    judge_shards: s.judge_shards,
+                }
+            }
+        };
+        if raw.rounds.is_empty() {
+            return Err(SpecError::new("rounds", "no [[rounds]]: add at least one round with a target"));
+        }
+        let mut rounds = Vec::with_capacity(raw.rounds.len());
+        let mut prev = Some(shape.clone());
+        for (i, r) in raw.rounds.into_iter().enumerate() {
+            let (round, next) = self.round(i, r, prev.as_ref(), &data)?;
+            rounds.push(round);
+            prev = next;
+        }
+        let gate = self.gate(raw.gate, &evaluation)?;
+        Ok(pb::CampaignSpec {
+            name: raw.name,
+            seed: raw.seed,
+            teacher: Some(pb::TeacherSpec { model, shape: Some(shape) }),
+            data: Some(data),
+            rounds,
+            evaluation: Some(evaluation),
+            gate: Some(gate),
+            scheduling: Some(scheduling),
+        })
+    }
+
+    fn data(&self, raw: RawData) -> Result<pb::DataSpec, SpecError> {
+        let c = raw.calibration;
+        let calibration = pb::CalibrationSpec {
+            path: self.path("data.calibration.path", &c.path)?,
+            samples: positive("data.calibration.samples", c.samples)?,
+            seq_len: positive("data.calibration.seq_len", c.seq_len)?,
+        };
+        if raw.train.is_empty() {
+            return Err(SpecError::new("data.train", "is empty: add at least one training domain"));
+        }
+        let mut names = BTreeSet::new();
+        let mut train = Vec::new();
+        for (i, t) in raw.train.into_iter().enumerate() {
+            let f = format!("data.train[{i}]");
+            domain_name(&format!("{f}.name"), &t.name)?;
+            if !names.insert(t.name.clone()) {
+                return Err(SpecError::new(
+                    format!("{f}.name"),
+                    format!("{:?} appears twice: give each domain its own name", t.name),
+                ));
+            }
+            if !(t.weight.is_finite() && t.weight > 0.0) {
+                return Err(SpecError::new(
+                    format!("{f}.weight"),
+                    format!("{} must be a positive number", t.weight),
+                ));
+            }
+            train.push(pb::TrainDomain {
+                path: self.path(&format!("{f}.path"), &t.path)?,
+                name: t.name,
+                weight: t.weight,
+            });
+        }
+        let mut val_names = BTreeSet::new();
+        let mut validation = Vec::new();
+        for (i, v) in raw.validation.into_iter().enumerate() {
+            let f = format!("data.validation[{i}]");
+            domain_name(&format!("{f}.name"), &v.name)?;
+            if !val_names.insert(v.name.clone()) {
+                return Err(SpecError::new(
+                    format!("{f}.name"),
+                    format!("{:?} appears twice: give each domain its own name", v.name),
+                ));
+            }
+            validation.push(pb::ValidationDomain {
+                path: self.path(&format!("{f}.path"), &v.path)?,
+                name: v.name,
+            });
+        }
+        let dynamic_batch_loading = match raw.dynamic_batch_loading {
+            None => None,
+            Some(d) => {
+                let f = "data.dynamic_batch_loading";
+                for name in &names {
+                    if !d.reference_loss.contains_key(name) {
+                        return Err(SpecError::new(
+                            format!("{f}.reference_loss"),
+                            format!("has no entry for training domain {name:?}: add `{name} = <loss>`"),
+                        ));
+                    }
+                    if !val_names.contains(name) {
+                        return Err(SpecError::new(
+                            format!("{f}"),
+                            format!("needs a validation set for domain {name:?}: add it to data.validation"),
+                        ));
+                    }
+                }
+                for (name, loss) in &d.reference_loss {
+                    if !names.contains(name) {
+                        return Err(SpecError::new(
+                            format!("{f}.reference_loss.{name}"),
+                            "is not a training domain: use one of the names in data.train",
+                        ));
+                    }
+                    if !(loss.is_finite() && *loss > 0.0) {
+                        return Err(SpecError::new(
+                            format!("{f}.reference_loss.{name}"),
+                            format!("{loss} must be a positive loss"),
+                        ));
+                    }
+                }
+                positive(&format!("{f}.update_every"), d.update_every)?;
+                Some(pb::DynamicBatchLoading {
+                    reference_loss: d.reference_loss.into_iter().collect(),
+                    update_every: d.update_every,
+                })
+            }
+        };
+        Ok(pb::DataSpec { calibration: Some(calibration), train, validation, dynamic_batch_loading })
+    }
+
+    fn round(
+        &self,
+        i: usize,
+        r: RawRound,
+        source: Option<&pb::ModelShape>,
+        data: &pb::DataSpec,
+    ) -> Result<(pb::RoundSpec, Option<pb::ModelShape>), SpecError> {
+        let f = format!("rounds[{i}]");
+        let t = r.target;
+        let axes = [t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_layers];
+        if axes.iter().all(Option::is_none) && t.params.is_none() {
+            return Err(SpecError::new(
+                format!("{f}.target"),
+                "is empty: give hidden_size, intermediate_size, num_attention_heads, num_layers or params",
+            ));
+        }
+        if t.params.is_some() && axes.iter().any(Option::is_some) {
+            return Err(SpecError::new(
+                format!("{f}.target.params"),
+                "cannot be combined with explicit axes: give either a parameter budget or a shape",
+            ));
+        }
+        if let Some(p) = t.params {
+            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+                return Err(SpecError::new(
+                    format!("{f}.target.params"),
+                    format!("{p} must be a fraction of the source's parameters in (0, 1], e.g. 0.7"),
+                ));
+            }
+        }
+        for (name, v) in [
+            ("hidden_size", t.hidden_size),
+            ("intermediate_size", t.intermediate_size),
+            ("num_attention_heads", t.num_attention_heads),
+            ("num_layers", t.num_layers),
+        ] {
+            if v == Some(0) {
+                return Err(SpecError::new(format!("{f}.target.{name}"), "0 must be at least 1"));
+            }
+        }
+        // Shape checks need the source's shape: the teacher's, or the previous round's when
+        // that one was given by axes (a parameter budget's shape is chosen at prune time).
+        let mut next = None;
+        if let Some(src) = source.filter(|s| s.hidden_size > 0) {
+            let what = if i == 0 { "the teacher's".to_string() } else { format!("round {}'s", i - 1) };
+            let check = |name: &str, v: Option<u32>, have: u32| -> Result<u32, SpecError> {
+                match v {
+                    Some(v) if v > have => Err(SpecError::new(
+                        format!("{f}.target.{name}"),
+                        format!("{v} is larger than {what} {have}: pruning only shrinks (give at most {have})"),
+                    )),
+                    Some(v) => Ok(v),
+                    None => Ok(have),
+                }
+            };
+            let hidden = check("hidden_size", t.hidden_size, src.hidden_size)?;
+            let inter = check("intermediate_size", t.intermediate_size, src.intermediate_size)?;
+            let heads = check("num_attention_heads", t.num_attention_heads, src.num_attention_heads)?;
+            let layers = check("num_layers", t.num_layers, src.num_layers)?;
+            let kv = src.num_key_value_heads.max(1);
+            if heads % kv != 0 || heads < kv {
+                let lo = (heads / kv).max(1) * kv;
+                let hi = (heads / kv + 1) * kv;
+                let hint = if lo < heads && lo != hi { format!("try {lo} or {hi}") } else { format!("try {}", hi.min(src.num_attention_heads)) };
+                return Err(SpecError::new(
+                    format!("{f}.target.num_attention_heads"),
+                    format!("{heads} must divide evenly into {kv} KV groups ({hint})"),
+                ));
+            }
+            if t.params.is_none() {
+                let mut s = src.clone();
+                s.hidden_size = hidden;
+                s.intermediate_size = inter;
+                s.num_attention_heads = heads;
+                s.num_layers = layers;
+                s.head_dim = distillery_proto::shape::head_dim(src);
+                s.params = param_count(&s);
+                next = Some(s);
+            }
+        }
+        if !matches!(r.depth_importance.as_str(), "block_importance" | "perplexity") {
+            return Err(SpecError::new(
+                format!("{f}.depth_importance"),
+                format!("{:?} is not a method: use \"block_importance\" or \"perplexity\"", r.depth_importance),
+            ));
+        }
+        if r.depth_importance == "perplexity" && data.validation.is_empty() {
+            return Err(SpecError::new(
+                format!("{f}.depth_importance"),
+                "\"perplexity\" needs validation data: add [[data.validation]] or use \"block_importance\"",
+            ));
+        }
+        let d = r.distill;
+        let df = format!("{f}.distill");
+        if d.tokens == 0 {
+            return Err(SpecError::new(format!("{df}.tokens"), "0 must be at least one token"));
+        }
+        positive(&format!("{df}.seq_len"), d.seq_len)?;
+        positive(&format!("{df}.micro_batch"), d.micro_batch)?;
+        if d.world_size < 1 {
+            return Err(SpecError::new(
+                format!("{df}.world_size"),
+                "0 must be at least 1 (one rank per device)",
+            ));
+        }
+        finite_positive(&format!("{df}.lr"), d.lr)?;
+        finite_positive(&format!("{df}.temperature"), d.temperature)?;
+        if !(d.ce_weight.is_finite() && d.ce_weight >= 0.0) {
+            return Err(SpecError::new(format!("{df}.ce_weight"), format!("{} must be 0 or more", d.ce_weight)));
+        }
+        positive(&format!("{df}.checkpoint_every"), d.checkpoint_every)?;
+        let round = pb::RoundSpec {
+            target: Some(pb::TargetShape {
+                hidden_size: t.hidden_size,
+                intermediate_size: t.intermediate_size,
+                num_attention_heads: t.num_attention_heads,
+                num_layers: t.num_layers,
+                params: t.params,
+            }),
+            depth_importance: r.depth_importance,
+            distill: Some(pb::DistillSpec {
+                tokens: d.tokens,
+                seq_len: d.seq_len,
+                micro_batch: d.micro_batch,
+                world_size: d.world_size,
+                lr: d.lr,
+                warmup_steps: d.warmup_steps,
+                temperature: d.temperature,
+                ce_weight: d.ce_weight,
+                checkpoint_every: d.checkpoint_every,
+            }),
+        };
+        Ok((round, next))
+    }
+
+    fn evaluation(&self, raw: Option<RawEvaluation>, data: &pb::DataSpec) -> Result<pb::EvaluationSpec, SpecError> {
+        let raw = raw.unwrap_or(RawEvaluation { perplexity: true, judge: None });
+        if raw.perplexity && data.validation.is_empty() {
+            return Err(SpecError::new(
+                "evaluation.perplexity",
+                "is true but data.validation is empty: add [[data.validation]] or set perplexity = false",
+            ));
+        }
+        let judge = match raw.judge {
+            None => None,
+            Some(j) => {
+                let f = "evaluation.judge";
+                match j.backend.as_str() {
+                    "openai" => {
+                        if !(j.base_url.starts_with("http://") || j.base_url.starts_with("https://")) {
+                            return Err(SpecError::new(
+                                format!("{f}.base_url"),
+                                format!("{:?} must be an http(s) URL such as \"http://127.0.0.1:8000/v1\"", j.base_url),
+                            ));
+                        }
+                        if j.model.is_empty() {
+                            return Err(SpecError::new(format!("{f}.model"), "is empty: name the judge model the server serves"));
+                        }
+                    }
+                    "local" => {
+                        if j.model.is_empty() {
+                            return Err(SpecError::new(format!("{f}.model"), "is empty: give the judge model's path"));
+                        }
+                    }
+                    other => {
+                        return Err(SpecError::new(
+                            format!("{f}.backend"),
+                            format!("{other:?} is not a backend: use \"openai\" or \"local\""),
+                        ))
+                    }
+                }
+                let model = if j.backend == "local" { self.path(&format!("{f}.model"), &j.model)? } else { j.model };
+                if !matches!(j.mode.as_str(), "pairwise" | "single" | "rubric") {
+                    return Err(SpecError::new(
+                        format!("{f}.mode"),
+                        format!("{:?} is not a mode: use \"pairwise\", \"single\" or \"rubric\"", j.mode),
+                    ));
+                }
+                if !matches!(j.baseline.as_str(), "teacher" | "previous") {
+                    return Err(SpecError::new(
+                        format!("{f}.baseline"),
+                        format!("{:?} is not a baseline: use \"teacher\" or \"previous\"", j.baseline),
+                    ));
+                }
+                positive(&format!("{f}.max_tokens"), j.max_tokens)?;
+                Some(pb::JudgeSpec {
+                    questions: self.path(&format!("{f}.questions"), &j.questions)?,
+                    backend: j.backend,
+                    base_url: j.base_url,
+                    model,
+                    mode: j.mode,
+                    baseline: j.baseline,
+                    max_tokens: j.max_tokens,
+                })
+            }
+        };
+        Ok(pb::EvaluationSpec { perplexity: raw.perplexity, judge })
+    }
+
+    fn gate(&self, raw: Option<RawGate>, eval: &pb::EvaluationSpec) -> Result<pb::GateSpec, SpecError> {
+        let Some(g) = raw else {
+            return Ok(pb::GateSpec { max_perplexity_ratio: None, min_win_rate: None, on_fail: default_on_fail() });
+        };
+        if let Some(r) = g.max_perplexity_ratio {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(SpecError::new("gate.max_perplexity_ratio", format!("{r} must be a positive ratio, e.g. 1.5")));
+            }
+            if !eval.perplexity {
+                return Err(SpecError::new(
+                    "gate.max_perplexity_ratio",
+                    "needs perplexity: set evaluation.perplexity = true or remove this rule",
+                ));
+            }
+        }
+        if let Some(w) = g.min_win_rate {
+            if !(0.0..=1.0).contains(&w) {
+                return Err(SpecError::new("gate.min_win_rate", format!("{w} must be between 0 and 1")));
+            }
+            match &eval.judge {
+                Some(j) if j.mode == "pairwise" => {}
+                _ => {
+                    return Err(SpecError::new(
+                        "gate.min_win_rate",
+                        "needs a pairwise judge: add [evaluation.judge] with mode = \"pairwise\" or remove this rule",
+                    ))
+                }
+            }
+        }
+        if !matches!(g.on_fail.as_str(), "stop" | "extend_distill") {
+            return Err(SpecError::new(
+                "gate.on_fail",
+                format!("{:?} is not an action: use \"stop\" or \"extend_distill\"", g.on_fail),
+            ));
+        }
+        Ok(pb::GateSpec { max_perplexity_ratio: g.max_perplexity_ratio, min_win_rate: g.min_win_rate, on_fail: g.on_fail })
+    }
+}
+
+fn positive(field: &str, v: u32) -> Result<u32, SpecError> {
+    if v == 0 {
+        Err(SpecError::new(field, "0 must be at least 1"))
+    } else {
+        Ok(v)
+    }
+}
+
+fn finite_positive(field: &str, v: f64) -> Result<f64, SpecError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(SpecError::new(field, format!("{v} must be a positive number")))
+    }
+}
+
+fn domain_name(field: &str, name: &str) -> Result<(), SpecError> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')) {
+        return Err(SpecError::new(field, format!("{name:?} is not a valid domain name: use letters, digits, '-' and '_'")));
+    }
+    Ok(())
+}
+
+/// Server-side check of a spec received over the wire: the same rules that need no files.
+pub fn validate_wire(spec: &pb::CampaignSpec) -> Result<(), SpecError> {
+    let teacher = spec.teacher.as_ref().ok_or_else(|| SpecError::new("teacher", "is missing"))?;
+    if teacher.model.is_empty() {
+        return Err(SpecError::new("teacher.model", "is empty: give the teacher's path"));
+    }
+    if spec.data.is_none() {
+        return Err(SpecError::new("data", "is missing"));
+    }
+    if spec.rounds.is_empty() {
+        return Err(SpecError::new("rounds", "no rounds: add at least one"));
+    }
+    for (i, r) in spec.rounds.iter().enumerate() {
+        let d = r.distill.as_ref().ok_or_else(|| SpecError::new(format!("rounds[{i}].distill"), "is missing"))?;
+        if d.world_size < 1 {
+            return Err(SpecError::new(format!("rounds[{i}].distill.world_size"), "0 must be at least 1"));
+        }
+        if r.target.is_none() {
+            return Err(SpecError::new(format!("rounds[{i}].target"), "is missing"));
+        }
+    }
+    if let Some(s) = &spec.scheduling {
+        if s.max_attempts == 0 || s.score_shards == 0 || s.judge_shards == 0 {
+            return Err(SpecError::new("scheduling", "max_attempts, score_shards and judge_shards must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
