@@ -222,7 +222,7 @@ pub struct Meta {
 }
 
 /// The whole coordinator state. `pending` and `waiting` are derived / transient.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     pub campaigns: BTreeMap<String, Campaign>,
     pub tasks: BTreeMap<String, Task>,

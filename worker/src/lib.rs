@@ -1,0 +1,8 @@
+//! Distillery's worker: the agent that joins a coordinator, and the task runners it drives.
+//! The ML code (model, prune, distill, judge) never talks to the network; `agent` and `tasks`
+//! do.
+
+pub mod agent;
+pub mod devices;
+pub mod runner;
+pub mod tasks;

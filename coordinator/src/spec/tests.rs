@@ -1,1 +1,178 @@
+use std::path::Path;
 
+use super::*;
+
+/// A folder with a teacher (HF config only: 4 layers, 8 heads / 2 KV heads) and data files.
+pub(crate) fn fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("teacher");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        r#"{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "num_hidden_layers": 4, "vocab_size": 256, "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl", "questions.jsonl"] {
+        std::fs::write(dir.path().join(f), "{\"text\": \"hello\"}\n").unwrap();
+    }
+    dir
+}
+
+const GOOD: &str = r#"
+name = "tiny"
+seed = 7
+[teacher]
+model = "teacher"
+[data]
+calibration = { path = "calib.jsonl", samples = 8, seq_len = 32 }
+train = [ { name = "web", path = "web.jsonl", weight = 1.0 } ]
+validation = [ { name = "web", path = "web-val.jsonl" } ]
+[[rounds]]
+target = { hidden_size = 48, num_attention_heads = 6, num_layers = 3 }
+distill = { tokens = 1000, seq_len = 32, micro_batch = 2, world_size = 2 }
+[[rounds]]
+target = { num_layers = 2 }
+depth_importance = "perplexity"
+distill = { tokens = 1000 }
+[evaluation]
+perplexity = true
+judge = { backend = "openai", base_url = "http://127.0.0.1:8000/v1", model = "judge", questions = "questions.jsonl" }
+[gate]
+max_perplexity_ratio = 1.5
+min_win_rate = 0.25
+on_fail = "extend_distill"
+"#;
+
+fn parse_in(dir: &Path, text: &str) -> Result<pb::CampaignSpec, SpecError> {
+    parse(text, dir, FileChecks::Local)
+}
+
+#[test]
+fn a_good_spec_resolves_paths_and_reads_the_teacher_shape() {
+    let d = fixture();
+    let s = parse_in(d.path(), GOOD).unwrap();
+    let t = s.teacher.unwrap();
+    assert!(Path::new(&t.model).is_absolute());
+    let shape = t.shape.unwrap();
+    assert_eq!((shape.hidden_size, shape.num_layers, shape.num_key_value_heads), (64, 4, 2));
+    assert_eq!(shape.params, distillery_proto::shape::param_count(&shape));
+    assert_eq!(s.rounds.len(), 2);
+    assert_eq!(s.rounds[0].distill.as_ref().unwrap().world_size, 2);
+    assert_eq!(s.rounds[1].distill.as_ref().unwrap().seq_len, 512, "defaults fill in");
+    assert_eq!(s.scheduling.unwrap().max_attempts, 3);
+}
+
+/// Each bad spec: (what to replace in GOOD, replacement, expected field, text in the message).
+const BAD: &[(&str, &str, &str, &str)] = &[
+    ("name = \"tiny\"", "name = \"tiny\"\nnmae = 1", "nmae", "unknown field"),
+    ("seed = 7", "seed = \"seven\"", "seed", "invalid type"),
+    ("model = \"teacher\"", "model = \"nowhere\"", "teacher.model", "does not exist"),
+    ("model = \"teacher\"", "model = \"calib.jsonl\"", "teacher.model", "neither a Hugging Face"),
+    ("num_attention_heads = 6", "num_attention_heads = 5", "rounds[0].target.num_attention_heads", "must divide evenly into 2 KV groups (try 4 or 6)"),
+    ("hidden_size = 48", "hidden_size = 96", "rounds[0].target.hidden_size", "larger than the teacher's 64"),
+    ("target = { num_layers = 2 }", "target = { num_layers = 4 }", "rounds[1].target.num_layers", "larger than round 0's 3"),
+    ("world_size = 2", "world_size = 0", "rounds[0].distill.world_size", "at least 1"),
+    ("depth_importance = \"perplexity\"", "depth_importance = \"magic\"", "rounds[1].depth_importance", "not a method"),
+    ("web-val.jsonl", "missing-val.jsonl", "data.validation[0].path", "does not exist"),
+    ("calibration = { path = \"calib.jsonl\", samples = 8, seq_len = 32 }", "calibration = { path = \"calib.jsonl\", samples = 0 }", "data.calibration.samples", "at least 1"),
+    ("weight = 1.0", "weight = -1.0", "data.train[0].weight", "positive"),
+    ("on_fail = \"extend_distill\"", "on_fail = \"retry\"", "gate.on_fail", "not an action"),
+    ("min_win_rate = 0.25", "min_win_rate = 1.25", "gate.min_win_rate", "between 0 and 1"),
+    ("backend = \"openai\"", "backend = \"bard\"", "evaluation.judge.backend", "not a backend"),
+    ("target = { num_layers = 2 }", "target = { }", "rounds[1].target", "is empty"),
+    ("target = { num_layers = 2 }", "target = { params = 1.5 }", "rounds[1].target.params", "fraction"),
+    ("distill = { tokens = 1000 }", "distill = { tokens = 1000, lr = 0.0 }", "rounds[1].distill.lr", "positive"),
+    ("[[rounds]]\ntarget = { num_layers = 2 }", "[[rounds]]\ntarget = { num_layers = 2, nlayers = 1 }", "rounds[1].target.nlayers", "unknown field"),
+];
+
+#[test]
+fn every_bad_spec_names_its_field_in_one_line() {
+    let d = fixture();
+    assert!(BAD.len() >= 12);
+    for (from, to, field, needle) in BAD {
+        assert!(GOOD.contains(from), "fixture lacks {from:?}");
+        let text = GOOD.replacen(from, to, 1);
+        let err = parse_in(d.path(), &text).expect_err(&format!("{to:?} must be refused"));
+        assert_eq!(err.field, *field, "for {to:?}: {err}");
+        assert!(err.message.contains(needle), "for {to:?}: {err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+}
+
+#[test]
+fn gate_rules_need_the_metrics_they_read() {
+    let d = fixture();
+    let text = GOOD.replace("perplexity = true", "perplexity = false");
+    let err = parse_in(d.path(), &text).unwrap_err();
+    assert_eq!(err.field, "gate.max_perplexity_ratio");
+}
+
+#[test]
+fn dynamic_batch_loading_needs_a_reference_for_every_domain() {
+    let d = fixture();
+    let text = GOOD.replace(
+        "validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]",
+        "validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]\ndynamic_batch_loading = { reference_loss = { code = 1.0 } }",
+    );
+    let err = parse_in(d.path(), &text).unwrap_err();
+    assert_eq!(err.field, "data.dynamic_batch_loading.reference_loss");
+    let ok = GOOD.replace(
+        "validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]",
+        "validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]\ndynamic_batch_loading = { reference_loss = { web = 2.5 }, update_every = 10 }",
+    );
+    assert!(parse_in(d.path(), &ok).unwrap().data.unwrap().dynamic_batch_loading.is_some());
+}
+
+#[test]
+fn a_gguf_teacher_shape_is_read_from_its_metadata() {
+    // A minimal GGUF v3 header: metadata and one tensor info (no output.weight: tied).
+    fn s(out: &mut Vec<u8>, v: &str) {
+        out.extend((v.len() as u64).to_le_bytes());
+        out.extend(v.as_bytes());
+    }
+    fn kv_u32(out: &mut Vec<u8>, k: &str, v: u32) {
+        s(out, k);
+        out.extend(4u32.to_le_bytes());
+        out.extend(v.to_le_bytes());
+    }
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(8u64.to_le_bytes()); // kv pairs
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "llama");
+    kv_u32(&mut b, "llama.embedding_length", 64);
+    kv_u32(&mut b, "llama.feed_forward_length", 128);
+    kv_u32(&mut b, "llama.attention.head_count", 8);
+    kv_u32(&mut b, "llama.attention.head_count_kv", 2);
+    kv_u32(&mut b, "llama.block_count", 4);
+    s(&mut b, "tokenizer.ggml.tokens");
+    b.extend(9u32.to_le_bytes());
+    b.extend(8u32.to_le_bytes());
+    b.extend(3u64.to_le_bytes());
+    for t in ["a", "b", "c"] {
+        s(&mut b, t);
+    }
+    s(&mut b, "general.name");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "tiny");
+    s(&mut b, "token_embd.weight");
+    b.extend(2u32.to_le_bytes());
+    b.extend(64u64.to_le_bytes());
+    b.extend(3u64.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("m.gguf");
+    std::fs::write(&p, &b).unwrap();
+    let shape = source_model::read_shape(&p).unwrap();
+    assert_eq!(
+        (shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads, shape.num_layers, shape.vocab_size),
+        (64, 128, 8, 2, 4, 3)
+    );
+    assert!(shape.tie_word_embeddings);
+    std::fs::write(&p, b"GGUX").unwrap();
+    assert!(source_model::read_shape(&p).unwrap_err().to_string().contains("GGUF magic"));
+}

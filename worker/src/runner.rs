@@ -1,0 +1,208 @@
+//! The contract between the agent and the code that does the work: a [`TaskRunner`] runs one
+//! assignment on a blocking thread, talking to the coordinator only through its [`TaskContext`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use distillery_proto::artifact::{self, parse_digest, DirManifest, ManifestEntry};
+use distillery_proto::client::{error_chain, WorkerClient};
+use distillery_proto::v1 as pb;
+
+/// What a finished task reports.
+#[derive(Debug, Default, Clone)]
+pub struct TaskOutput {
+    /// Named artifacts (digests from [`TaskContext::upload_file`] / [`TaskContext::upload_dir`]).
+    pub outputs: BTreeMap<String, String>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Why a task failed; `retryable` lets the coordinator try again (with backoff).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct TaskError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl TaskError {
+    pub fn retryable(message: impl Into<String>) -> TaskError {
+        TaskError { message: message.into(), retryable: true }
+    }
+    pub fn fatal(message: impl Into<String>) -> TaskError {
+        TaskError { message: message.into(), retryable: false }
+    }
+    pub fn cancelled() -> TaskError {
+        TaskError { message: "cancelled by the coordinator".into(), retryable: true }
+    }
+}
+
+/// Runs task kinds. Implementations are blocking code (candle); they check
+/// [`TaskContext::cancelled`] between steps.
+pub trait TaskRunner: Send + Sync + 'static {
+    /// The task kinds this runner accepts; the coordinator hands out no others.
+    fn kinds(&self) -> Vec<String>;
+    /// Runs one assignment to completion.
+    fn run(&self, task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError>;
+}
+
+/// A runner's link to the coordinator for one assignment.
+pub struct TaskContext {
+    pub(crate) rt: tokio::runtime::Handle,
+    pub(crate) client: WorkerClient,
+    pub(crate) lease: pb::LeaseRef,
+    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) work_dir: PathBuf,
+    pub(crate) cache_dir: PathBuf,
+}
+
+fn status_to_error(what: &str, s: &tonic::Status) -> TaskError {
+    TaskError::retryable(format!("{what}: {} ({:?})", s.message(), s.code()))
+}
+
+impl TaskContext {
+    /// Whether the coordinator took this lease back (cancel, pause, expiry).
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// The lease this run holds.
+    pub fn lease(&self) -> &pb::LeaseRef {
+        &self.lease
+    }
+
+    /// A scratch folder for this assignment.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// Reports progress (shown by `watch`), optionally a checkpoint digest to resume from.
+    /// A refused report means the lease is gone: the run is marked cancelled.
+    pub fn progress(&self, metrics: BTreeMap<String, f64>, checkpoint: Option<&str>, message: &str) -> Result<(), TaskError> {
+        let req = pb::ReportProgressRequest {
+            lease: Some(self.lease.clone()),
+            metrics: metrics.into_iter().collect(),
+            checkpoint: checkpoint.unwrap_or_default().to_string(),
+            message: message.to_string(),
+        };
+        let mut c = self.client.clone();
+        match self.rt.block_on(c.report_progress(req)) {
+            Ok(_) => Ok(()),
+            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {
+                self.cancel.store(true, Ordering::SeqCst);
+                Err(TaskError::cancelled())
+            }
+            // Progress is advisory; a coordinator restart must not fail the task.
+            Err(s) if s.code() == tonic::Code::Unavailable => Ok(()),
+            Err(s) => Err(status_to_error("progress", &s)),
+        }
+    }
+
+    /// Uploads a file; returns `sha256:<hex>`.
+    pub fn upload_file(&self, path: &Path) -> Result<String, TaskError> {
+        self.rt.block_on(upload_file(self.client.clone(), path))
+    }
+
+    /// Uploads a directory (each file, then its manifest); returns the manifest's digest.
+    pub fn upload_dir(&self, dir: &Path) -> Result<String, TaskError> {
+        let files = artifact::list_files(dir).map_err(|e| TaskError::fatal(e.to_string()))?;
+        let mut entries = Vec::new();
+        for rel in files {
+            let p = artifact::safe_join(dir, &rel).map_err(|e| TaskError::fatal(e.to_string()))?;
+            let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            let digest = self.upload_file(&p)?;
+            entries.push(ManifestEntry { path: rel, digest: digest.trim_start_matches("sha256:").to_string(), size });
+        }
+        let manifest = DirManifest { distillery_dir: 1, files: entries };
+        let mpath = self.work_dir.join(format!(".manifest-{}.json", std::process::id()));
+        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| TaskError::fatal(e.to_string()))?;
+        std::fs::write(&mpath, bytes).map_err(|e| TaskError::retryable(format!("{}: {e}", mpath.display())))?;
+        let d = self.upload_file(&mpath);
+        let _ = std::fs::remove_file(&mpath);
+        d
+    }
+
+    /// Makes an input available locally: `path:X` is X itself; an artifact is downloaded into
+    /// the worker's cache once (a directory artifact becomes a folder).
+    pub fn fetch(&self, reference: &str) -> Result<PathBuf, TaskError> {
+        if let Some(p) = reference.strip_prefix("path:") {
+            return Ok(PathBuf::from(p));
+        }
+        let hex = parse_digest(reference).map_err(|e| TaskError::fatal(e.to_string()))?;
+        let blob = self.cache_dir.join(&hex);
+        if !blob.exists() {
+            self.rt.block_on(download(self.client.clone(), &hex, &blob))?;
+        }
+        let bytes = std::fs::read(&blob).map_err(|e| TaskError::retryable(format!("{}: {e}", blob.display())))?;
+        let Some(m) = DirManifest::parse(&bytes) else { return Ok(blob) };
+        let dir = self.cache_dir.join(format!("{hex}.d"));
+        if !dir.join(".complete").exists() {
+            for f in &m.files {
+                let dest = artifact::safe_join(&dir, &f.path).map_err(|e| TaskError::fatal(e.to_string()))?;
+                self.rt.block_on(download(self.client.clone(), &f.digest, &dest))?;
+            }
+            std::fs::write(dir.join(".complete"), b"").map_err(|e| TaskError::retryable(e.to_string()))?;
+        }
+        Ok(dir)
+    }
+
+    /// Gang barrier: sends this rank's payload under `key` and returns every rank's payload, in
+    /// rank order, once all have arrived (waiting across coordinator restarts).
+    pub fn rendezvous(&self, key: &str, payload: &[u8]) -> Result<Vec<Vec<u8>>, TaskError> {
+        loop {
+            if self.cancelled() {
+                return Err(TaskError::cancelled());
+            }
+            let req = pb::RendezvousRequest { lease: Some(self.lease.clone()), key: key.to_string(), payload: payload.to_vec() };
+            let mut c = self.client.clone();
+            match self.rt.block_on(c.rendezvous(req)) {
+                Ok(r) => return Ok(r.into_inner().payloads),
+                Err(s) if matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    self.cancel.store(true, Ordering::SeqCst);
+                    return Err(TaskError::cancelled());
+                }
+                Err(s) => return Err(status_to_error("rendezvous", &s)),
+            }
+        }
+    }
+}
+
+async fn upload_file(mut client: WorkerClient, path: &Path) -> Result<String, TaskError> {
+    let (digest, _) = artifact::digest_file(path).await.map_err(|e| TaskError::retryable(e.to_string()))?;
+    let mut last = None;
+    for attempt in 0..5u32 {
+        let chunks = artifact::file_chunks(path.to_path_buf(), digest.clone());
+        match client.put_artifact(chunks).await {
+            Ok(r) => {
+                let got = r.into_inner().digest;
+                if got != digest {
+                    return Err(TaskError::retryable(format!("uploaded {} but the coordinator stored {got}", path.display())));
+                }
+                return Ok(format!("sha256:{digest}"));
+            }
+            Err(s) => {
+                last = Some(s);
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+        }
+    }
+    let s = last.unwrap_or_else(|| tonic::Status::unknown("upload failed"));
+    Err(status_to_error(&format!("upload {}", path.display()), &s))
+}
+
+async fn download(mut client: WorkerClient, digest: &str, dest: &Path) -> Result<(), TaskError> {
+    let stream = client
+        .get_artifact(pb::GetArtifactRequest { digest: digest.to_string() })
+        .await
+        .map_err(|s| status_to_error(&format!("download {digest}"), &s))?
+        .into_inner();
+    artifact::receive_to_file(stream, dest, Some(digest))
+        .await
+        .map_err(|e| TaskError::retryable(format!("download {digest}: {}", error_chain(&e))))?;
+    Ok(())
+}
