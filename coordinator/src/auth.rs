@@ -144,6 +144,24 @@ mod tests {
     }
 
     #[test]
+    fn without_tokens_only_loopback_peers_are_served() {
+        let a = Auth::loopback_only();
+        let with_peer = |addr: &str| {
+            let mut r = Request::new(());
+            r.extensions_mut().insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(addr.parse().unwrap()),
+            });
+            r
+        };
+        assert!(a.check(&with_peer("127.0.0.1:5000"), Role::Client).is_ok());
+        assert!(a.check(&with_peer("[::1]:5000"), Role::Worker).is_ok());
+        let e = a.check(&with_peer("192.0.2.7:5000"), Role::Client).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("--tokens"));
+    }
+
+    #[test]
     fn bad_token_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tokens");

@@ -178,8 +178,7 @@ pub fn main() -> i32 {
                 let _ = e.print();
                 return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 };
             }
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let first = distillery_proto::client::one_line_usage_error(&e.render().to_string());
             eprintln!("coordinator: {first} (see `coordinator --help`)");
             return 2;
         }

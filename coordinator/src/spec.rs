@@ -277,7 +277,7 @@ pub fn parse(text: &str, base: &Path, checks: FileChecks) -> Result<pb::Campaign
         }
         if msg.contains("unknown field") {
             msg.push_str("; remove or rename the key");
-        } else if msg.contains("invalid type") {
+        } else if msg.contains("invalid type") || msg.contains("invalid value") {
             msg.push_str("; give a value of the expected type");
         } else if msg.contains("missing field") {
             msg.push_str("; add it");

@@ -1,0 +1,338 @@
+//! Harness for end-to-end tests: starts the real `coordinator` binary and worker processes on
+//! loopback, kills them with SIGKILL, and talks to them through the CLI and the gRPC clients.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use distillery_proto::client::{CampaignClient, Target, WorkerClient};
+use distillery_proto::v1 as pb;
+
+/// A binary built by `cargo test --workspace` next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    p
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A running `coordinator serve`.
+pub struct CoordinatorProc {
+    child: Option<Child>,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    pub token: Option<String>,
+}
+
+impl CoordinatorProc {
+    /// Starts `coordinator serve` on a free port with `args`, and waits until it serves.
+    pub fn start(data_dir: &Path, args: &[&str]) -> CoordinatorProc {
+        let mut c = CoordinatorProc {
+            child: None,
+            port: free_port(),
+            data_dir: data_dir.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            log: data_dir.with_extension("coordinator.log"),
+            token: None,
+        };
+        c.spawn();
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(bin("coordinator"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start coordinator");
+        self.child = Some(child);
+        self.wait_serving();
+    }
+
+    /// Waits until the gRPC health check answers SERVING.
+    pub fn wait_serving(&self) {
+        let url = self.url();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // On a thread of its own, so callers may be sync or inside a runtime.
+        let ready = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            loop {
+            let ok = rt.block_on(async {
+                let Ok(ch) = (Target { url: url.clone(), ..Default::default() }).channel().await else { return false };
+                let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+                h.check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                    .await
+                    .map(|r| r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                    .unwrap_or(false)
+            });
+                if ok {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .join()
+        .unwrap_or(false);
+        assert!(ready, "coordinator did not start; log:\n{}", self.log_text());
+    }
+
+    /// SIGKILL, no shutdown of any kind.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts again on the same data dir and port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a client subcommand of the `coordinator` binary against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("coordinator"));
+        cmd.args(args).env("DISTILLERY_ADDR", self.url()).env_remove("DISTILLERY_TOKEN");
+        if let Some(t) = &self.token {
+            cmd.env("DISTILLERY_TOKEN", t);
+        }
+        cmd.output().expect("run coordinator cli")
+    }
+
+    /// `status ID --json`, parsed.
+    pub fn status_json(&self, id: Option<&str>) -> serde_json::Value {
+        let mut args = vec!["status", "--json"];
+        if let Some(id) = id {
+            args.insert(1, id);
+        }
+        let out = self.cli(&args);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    /// `status --json` (all campaigns) with an explicit token.
+    pub fn status_json_with(&self, token: &str) -> serde_json::Value {
+        let out = Command::new(bin("coordinator"))
+            .args(["status", "--json", "--token", token, "--addr", &self.url()])
+            .output()
+            .expect("run coordinator cli");
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    pub fn target(&self, token: Option<&str>) -> Target {
+        Target { url: self.url(), token: token.map(str::to_string), ca_cert: None }
+    }
+
+    pub async fn campaigns(&self, token: Option<&str>) -> CampaignClient {
+        let t = self.target(token);
+        let ch = t.channel().await.expect("connect");
+        t.campaigns(ch).expect("client")
+    }
+
+    pub async fn workers(&self, token: Option<&str>) -> WorkerClient {
+        let t = self.target(token);
+        let ch = t.channel().await.expect("connect");
+        t.workers(ch).expect("client")
+    }
+}
+
+impl Drop for CoordinatorProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A worker process (the scripted test worker, or the real `worker`).
+pub struct WorkerProc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl WorkerProc {
+    /// Starts the scripted worker against `url` with `env` knobs (see `scripted-worker`).
+    pub fn scripted(url: &str, work_dir: &Path, env: &[(&str, String)]) -> WorkerProc {
+        std::fs::create_dir_all(work_dir).expect("work dir");
+        let log = work_dir.join("worker.log");
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
+        let mut cmd = Command::new(bin("scripted-worker"));
+        cmd.args(["--coordinator", url, "--devices", "cpu", "--work-dir"])
+            .arg(work_dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        WorkerProc { child: Some(cmd.spawn().expect("start scripted worker")), log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// Freezes the process (it stops heart-beating but keeps its sockets).
+    pub fn stop(&self) {
+        unsafe { libc::kill(self.pid(), libc::SIGSTOP) };
+    }
+
+    pub fn cont(&self) {
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        false
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        self.cont();
+        self.kill();
+    }
+}
+
+/// A folder with a teacher (HF config only), data files and questions, for specs.
+pub fn fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = dir.path().join("teacher");
+    std::fs::create_dir_all(&m).expect("mkdir");
+    std::fs::write(
+        m.join("config.json"),
+        r#"{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "num_hidden_layers": 4, "vocab_size": 256, "tie_word_embeddings": true}"#,
+    )
+    .expect("config");
+    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
+        std::fs::write(dir.path().join(f), "{\"text\": \"hello world\"}\n").expect("data");
+    }
+    std::fs::write(dir.path().join("questions.jsonl"), "{\"question_id\": 1, \"category\": \"writing\", \"turns\": [\"Hi?\"]}\n")
+        .expect("questions");
+    dir
+}
+
+/// A spec with `rounds` rounds of the given distillation world size, plus `extra` TOML.
+pub fn spec_toml(rounds: usize, world_size: u32, extra: &str) -> String {
+    let mut s = String::from(
+        "name = \"e2e\"\nseed = 1\n[teacher]\nmodel = \"teacher\"\n[data]\n\
+         calibration = { path = \"calib.jsonl\", samples = 4, seq_len = 16 }\n\
+         train = [ { name = \"web\", path = \"web.jsonl\" } ]\n\
+         validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]\n",
+    );
+    let layers = [3, 2, 1];
+    for r in 0..rounds {
+        s.push_str(&format!(
+            "[[rounds]]\ntarget = {{ num_layers = {} }}\ndistill = {{ tokens = 1000, world_size = {world_size}, checkpoint_every = 2 }}\n",
+            layers[r.min(2)]
+        ));
+    }
+    s.push_str(extra);
+    s
+}
+
+/// Writes a spec into the fixture folder and returns its path.
+pub fn write_spec(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write spec");
+    p
+}
+
+/// Submits a spec through the CLI and returns the campaign id.
+pub fn submit(c: &CoordinatorProc, spec: &Path) -> String {
+    let out = c.cli(&["submit", spec.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// All events of a campaign from the durable log, in order (reads until the terminal event).
+pub async fn all_events(c: &CoordinatorProc, id: &str) -> Vec<pb::Event> {
+    use futures::StreamExt;
+    let mut client = c.campaigns(c.token.as_deref()).await;
+    let mut s = client.watch(pb::WatchRequest { campaign_id: id.to_string(), from_seq: 1 }).await.expect("watch").into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = s.next().await {
+        out.push(e.expect("event"));
+    }
+    out
+}
+
+/// Waits until a campaign's event satisfies `pred` (following the live log), returning it.
+pub async fn wait_event(c: &CoordinatorProc, id: &str, timeout: Duration, pred: impl Fn(&pb::Event) -> bool) -> pb::Event {
+    use futures::StreamExt;
+    let fut = async {
+        let mut client = c.campaigns(c.token.as_deref()).await;
+        let mut s = client.watch(pb::WatchRequest { campaign_id: id.to_string(), from_seq: 1 }).await.expect("watch").into_inner();
+        while let Some(e) = s.next().await {
+            let e = e.expect("event");
+            if pred(&e) {
+                return Some(e);
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Some(e)) => e,
+        Ok(None) => panic!("campaign {id} ended without the awaited event; log:\n{}", c.log_text()),
+        Err(_) => panic!("timed out waiting for an event of {id}; log:\n{}", c.log_text()),
+    }
+}
+
+/// Polls `status ID --json` until the campaign is terminal; returns the JSON.
+pub fn wait_terminal(c: &CoordinatorProc, id: &str, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = c.status_json(Some(id));
+        let st = v["state"].as_str().unwrap_or_default().to_string();
+        if matches!(st.as_str(), "succeeded" | "failed" | "cancelled") {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "campaign {id} still {st}; status {v}\nlog:\n{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

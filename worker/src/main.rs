@@ -46,8 +46,7 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(0);
             }
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let first = distillery_proto::client::one_line_usage_error(&e.render().to_string());
             eprintln!("worker: {first} (see `worker --help`)");
             std::process::exit(2);
         }
