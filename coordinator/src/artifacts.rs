@@ -23,7 +23,9 @@ impl ArtifactStore {
         for e in std::fs::read_dir(root.join("incoming"))?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
-        Ok(ArtifactStore { root: root.to_path_buf() })
+        Ok(ArtifactStore {
+            root: root.to_path_buf(),
+        })
     }
 
     /// Where a blob with this digest lives (validated; may not exist).
@@ -49,11 +51,17 @@ impl ArtifactStore {
         if let Some(parent) = dest.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
-                .map_err(|source| ArtifactError::Io { path: parent.display().to_string(), source })?;
+                .map_err(|source| ArtifactError::Io {
+                    path: parent.display().to_string(),
+                    source,
+                })?;
         }
         tokio::fs::rename(&tmp, &dest)
             .await
-            .map_err(|source| ArtifactError::Io { path: dest.display().to_string(), source })?;
+            .map_err(|source| ArtifactError::Io {
+                path: dest.display().to_string(),
+                source,
+            })?;
         Ok((digest, size))
     }
 
@@ -61,28 +69,48 @@ impl ArtifactStore {
     pub async fn get(
         &self,
         digest: &str,
-    ) -> Result<impl futures::Stream<Item = Result<Chunk, tonic::Status>> + Send + 'static, ArtifactError> {
+    ) -> Result<
+        impl futures::Stream<Item = Result<Chunk, tonic::Status>> + Send + 'static,
+        ArtifactError,
+    > {
         let path = self.path_of(digest)?;
         let hex = parse_digest(digest)?;
         let file = tokio::fs::File::open(&path)
             .await
-            .map_err(|source| ArtifactError::Io { path: format!("artifact {hex}"), source })?;
+            .map_err(|source| ArtifactError::Io {
+                path: format!("artifact {hex}"),
+                source,
+            })?;
         let total = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-        Ok(futures::stream::unfold((Some(file), hex, total), |(file, hex, total)| async move {
-            let mut f = file?;
-            let mut buf = vec![0u8; CHUNK_SIZE];
-            let mut filled = 0;
-            while filled < CHUNK_SIZE {
-                match f.read(&mut buf[filled..]).await {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) => return Some((Err(tonic::Status::internal(format!("reading artifact {hex}: {e}"))), (None, hex, total))),
+        Ok(futures::stream::unfold(
+            (Some(file), hex, total),
+            |(file, hex, total)| async move {
+                let mut f = file?;
+                let mut buf = vec![0u8; CHUNK_SIZE];
+                let mut filled = 0;
+                while filled < CHUNK_SIZE {
+                    match f.read(&mut buf[filled..]).await {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            return Some((
+                                Err(tonic::Status::internal(format!(
+                                    "reading artifact {hex}: {e}"
+                                ))),
+                                (None, hex, total),
+                            ))
+                        }
+                    }
                 }
-            }
-            buf.truncate(filled);
-            let last = filled < CHUNK_SIZE;
-            let chunk = Chunk { data: buf, digest: if last { hex.clone() } else { String::new() }, total_size: total };
-            Some((Ok(chunk), (if last { None } else { Some(f) }, hex, total)))
-        }))
+                buf.truncate(filled);
+                let last = filled < CHUNK_SIZE;
+                let chunk = Chunk {
+                    data: buf,
+                    digest: if last { hex.clone() } else { String::new() },
+                    total_size: total,
+                };
+                Some((Ok(chunk), (if last { None } else { Some(f) }, hex, total)))
+            },
+        ))
     }
 }

@@ -30,10 +30,13 @@ pub enum AuthError {
     Tokens { path: String, message: String },
 }
 
+/// Accepted tokens with their roles.
+type Tokens = Arc<Vec<(Role, Vec<u8>)>>;
+
 /// The tokens a server accepts, or none (loopback only).
 #[derive(Clone, Debug)]
 pub struct Auth {
-    tokens: Option<Arc<Vec<(Role, Vec<u8>)>>>,
+    tokens: Option<Tokens>,
 }
 
 impl Auth {
@@ -44,7 +47,10 @@ impl Auth {
 
     /// Reads a tokens file: one `ROLE TOKEN` per line (`client` or `worker`), `#` comments.
     pub fn from_file(path: &Path) -> Result<Auth, AuthError> {
-        let err = |message: String| AuthError::Tokens { path: path.display().to_string(), message };
+        let err = |message: String| AuthError::Tokens {
+            path: path.display().to_string(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let mut tokens = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -54,22 +60,37 @@ impl Auth {
             }
             let mut parts = line.split_whitespace();
             let (Some(role), Some(token), None) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(err(format!("line {}: expected `ROLE TOKEN` (roles: client, worker)", i + 1)));
+                return Err(err(format!(
+                    "line {}: expected `ROLE TOKEN` (roles: client, worker)",
+                    i + 1
+                )));
             };
             let role = match role {
                 "client" => Role::Client,
                 "worker" => Role::Worker,
-                other => return Err(err(format!("line {}: unknown role {other:?}: use client or worker", i + 1))),
+                other => {
+                    return Err(err(format!(
+                        "line {}: unknown role {other:?}: use client or worker",
+                        i + 1
+                    )))
+                }
             };
             if token.len() < 16 {
-                return Err(err(format!("line {}: token is shorter than 16 characters; use a long random token", i + 1)));
+                return Err(err(format!(
+                    "line {}: token is shorter than 16 characters; use a long random token",
+                    i + 1
+                )));
             }
             tokens.push((role, token.as_bytes().to_vec()));
         }
         if tokens.is_empty() {
-            return Err(err("has no tokens: add lines like `client <token>` and `worker <token>`".into()));
+            return Err(err(
+                "has no tokens: add lines like `client <token>` and `worker <token>`".into(),
+            ));
         }
-        Ok(Auth { tokens: Some(Arc::new(tokens)) })
+        Ok(Auth {
+            tokens: Some(Arc::new(tokens)),
+        })
     }
 
     /// Whether tokens are required.
@@ -90,15 +111,18 @@ impl Auth {
                 ))),
             };
         };
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`: pass --token or set DISTILLERY_TOKEN"))?;
+        let header = req.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "missing `authorization: Bearer <token>`: pass --token or set DISTILLERY_TOKEN",
+            )
+        })?;
         let presented = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("malformed authorization header: expected `Bearer <token>`"))?
+            .ok_or_else(|| {
+                Status::unauthenticated("malformed authorization header: expected `Bearer <token>`")
+            })?
             .as_bytes();
         // Compare against every token without stopping early, so timing says nothing.
         let mut role_ok = subtle::Choice::from(0u8);
@@ -111,7 +135,10 @@ impl Auth {
         if bool::from(role_ok) {
             Ok(())
         } else if bool::from(any_ok) {
-            Err(Status::permission_denied(format!("this token may not call {} methods", role.as_str())))
+            Err(Status::permission_denied(format!(
+                "this token may not call {} methods",
+                role.as_str()
+            )))
         } else {
             Err(Status::unauthenticated("unknown token"))
         }
@@ -125,7 +152,8 @@ mod tests {
     fn req(token: Option<&str>) -> Request<()> {
         let mut r = Request::new(());
         if let Some(t) = token {
-            r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
         }
         r
     }
@@ -134,13 +162,37 @@ mod tests {
     fn roles_are_enforced() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tokens");
-        std::fs::write(&p, "# comment\nclient cccccccccccccccccccc\nworker wwwwwwwwwwwwwwwwwwww\n").unwrap();
+        std::fs::write(
+            &p,
+            "# comment\nclient cccccccccccccccccccc\nworker wwwwwwwwwwwwwwwwwwww\n",
+        )
+        .unwrap();
         let a = Auth::from_file(&p).unwrap();
-        assert!(a.check(&req(Some("cccccccccccccccccccc")), Role::Client).is_ok());
-        assert_eq!(a.check(&req(Some("cccccccccccccccccccc")), Role::Worker).unwrap_err().code(), tonic::Code::PermissionDenied);
-        assert_eq!(a.check(&req(Some("wwwwwwwwwwwwwwwwwwww")), Role::Client).unwrap_err().code(), tonic::Code::PermissionDenied);
-        assert_eq!(a.check(&req(Some("nope-nope-nope-nope")), Role::Client).unwrap_err().code(), tonic::Code::Unauthenticated);
-        assert_eq!(a.check(&req(None), Role::Client).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert!(a
+            .check(&req(Some("cccccccccccccccccccc")), Role::Client)
+            .is_ok());
+        assert_eq!(
+            a.check(&req(Some("cccccccccccccccccccc")), Role::Worker)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            a.check(&req(Some("wwwwwwwwwwwwwwwwwwww")), Role::Client)
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            a.check(&req(Some("nope-nope-nope-nope")), Role::Client)
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            a.check(&req(None), Role::Client).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 
     #[test]
@@ -148,15 +200,18 @@ mod tests {
         let a = Auth::loopback_only();
         let with_peer = |addr: &str| {
             let mut r = Request::new(());
-            r.extensions_mut().insert(tonic::transport::server::TcpConnectInfo {
-                local_addr: None,
-                remote_addr: Some(addr.parse().unwrap()),
-            });
+            r.extensions_mut()
+                .insert(tonic::transport::server::TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: Some(addr.parse().unwrap()),
+                });
             r
         };
         assert!(a.check(&with_peer("127.0.0.1:5000"), Role::Client).is_ok());
         assert!(a.check(&with_peer("[::1]:5000"), Role::Worker).is_ok());
-        let e = a.check(&with_peer("192.0.2.7:5000"), Role::Client).unwrap_err();
+        let e = a
+            .check(&with_peer("192.0.2.7:5000"), Role::Client)
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert!(e.message().contains("--tokens"));
     }
@@ -165,7 +220,12 @@ mod tests {
     fn bad_token_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tokens");
-        for bad in ["", "admin xxxxxxxxxxxxxxxxxxxxxx\n", "client short\n", "client a b\n"] {
+        for bad in [
+            "",
+            "admin xxxxxxxxxxxxxxxxxxxxxx\n",
+            "client short\n",
+            "client a b\n",
+        ] {
             std::fs::write(&p, bad).unwrap();
             assert!(Auth::from_file(&p).is_err(), "{bad:?}");
         }

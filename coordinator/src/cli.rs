@@ -20,7 +20,11 @@ use crate::server::{self, ServeOptions};
 use crate::spec;
 
 #[derive(Parser, Debug)]
-#[command(name = "coordinator", version, about = "Distillery coordinator: runs and follows pruning + distillation campaigns")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Distillery coordinator: runs and follows pruning + distillation campaigns"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -29,7 +33,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct ClientOpts {
     /// Coordinator URL.
-    #[arg(long, env = "DISTILLERY_ADDR", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "DISTILLERY_ADDR",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     pub addr: String,
     /// Bearer token (role `client`).
     #[arg(long, env = "DISTILLERY_TOKEN", global = true, hide_env_values = true)]
@@ -148,10 +157,16 @@ pub struct CliError {
 
 impl CliError {
     pub fn input(message: impl Into<String>) -> CliError {
-        CliError { code: 2, message: message.into() }
+        CliError {
+            code: 2,
+            message: message.into(),
+        }
     }
     pub fn other(message: impl Into<String>) -> CliError {
-        CliError { code: 1, message: message.into() }
+        CliError {
+            code: 1,
+            message: message.into(),
+        }
     }
 }
 
@@ -174,16 +189,28 @@ pub fn main() -> i32 {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
-                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 };
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    2
+                } else {
+                    0
+                };
             }
             let first = distillery_proto::client::one_line_usage_error(&e.render().to_string());
             eprintln!("coordinator: {first} (see `coordinator --help`)");
             return 2;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("coordinator: cannot start the async runtime: {e}");
@@ -211,13 +238,18 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Cancel { id, client } => control(&client, &id, "cancel").await,
         Command::Pause { id, client } => control(&client, &id, "pause").await,
         Command::Resume { id, client } => control(&client, &id, "resume").await,
-        Command::Artifact { command: ArtifactCommand::Get { what, out, client } } => artifact_get(&client, &what, &out).await,
+        Command::Artifact {
+            command: ArtifactCommand::Get { what, out, client },
+        } => artifact_get(&client, &what, &out).await,
     }
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         let _ = b.json().try_init();
     } else {
@@ -232,8 +264,10 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
         opts.auth = Auth::from_file(t).map_err(|e| CliError::input(format!("--tokens {e}")))?;
     }
     if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
-        let cert = std::fs::read(c).map_err(|e| CliError::input(format!("--tls-cert {}: {e}", c.display())))?;
-        let key = std::fs::read(k).map_err(|e| CliError::input(format!("--tls-key {}: {e}", k.display())))?;
+        let cert = std::fs::read(c)
+            .map_err(|e| CliError::input(format!("--tls-cert {}: {e}", c.display())))?;
+        let key = std::fs::read(k)
+            .map_err(|e| CliError::input(format!("--tls-key {}: {e}", k.display())))?;
         opts.tls = Some((cert, key));
     }
     for (name, v) in [
@@ -262,7 +296,9 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
     };
     opts.tick = Duration::from_millis((a.lease_timeout_ms / 10).clamp(20, 500));
     let started = std::time::Instant::now();
-    let running = server::start(opts.clone()).await.map_err(|e| CliError::other(format!("serve: {e:#}")))?;
+    let running = server::start(opts.clone())
+        .await
+        .map_err(|e| CliError::other(format!("serve: {e:#}")))?;
     let (campaigns, tasks) = running.engine.read(|s| (s.campaigns.len(), s.tasks.len()));
     tracing::info!(
         addr = %running.addr,
@@ -289,13 +325,18 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
 }
 
 fn target(c: &ClientOpts) -> Target {
-    Target { url: c.addr.clone(), token: c.token.clone(), ca_cert: c.ca_cert.clone() }
+    Target {
+        url: c.addr.clone(),
+        token: c.token.clone(),
+        ca_cert: c.ca_cert.clone(),
+    }
 }
 
 async fn connect(c: &ClientOpts) -> Result<CampaignClient, CliError> {
     let t = target(c);
     let ch = t.channel().await.map_err(|e| match e {
-        distillery_proto::client::ConnectError::BadUrl(_) | distillery_proto::client::ConnectError::BadCa { .. } => {
+        distillery_proto::client::ConnectError::BadUrl(_)
+        | distillery_proto::client::ConnectError::BadCa { .. } => {
             CliError::input(format!("--addr: {e}"))
         }
         other => CliError::other(other.to_string()),
@@ -304,7 +345,8 @@ async fn connect(c: &ClientOpts) -> Result<CampaignClient, CliError> {
 }
 
 async fn submit(path: &Path, wait: bool, client: &ClientOpts) -> Result<i32, CliError> {
-    let spec = spec::load_file(path).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let spec =
+        spec::load_file(path).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let mut c = connect(client).await?;
     let id = c
         .submit(pb::SubmitRequest { spec: Some(spec) })
@@ -321,7 +363,9 @@ async fn submit(path: &Path, wait: bool, client: &ClientOpts) -> Result<i32, Cli
 
 async fn control(client: &ClientOpts, id: &str, what: &str) -> Result<i32, CliError> {
     let mut c = connect(client).await?;
-    let r = pb::CampaignRef { campaign_id: id.to_string() };
+    let r = pb::CampaignRef {
+        campaign_id: id.to_string(),
+    };
     let res = match what {
         "cancel" => c.cancel(r).await,
         "pause" => c.pause(r).await,
@@ -352,7 +396,9 @@ fn nest(flat: &BTreeMap<String, f64>) -> Map<String, Value> {
         let parts: Vec<&str> = k.split('.').collect();
         let mut cur = &mut root;
         for p in &parts[..parts.len() - 1] {
-            let e = cur.entry(p.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            let e = cur
+                .entry(p.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
             if !e.is_object() {
                 *e = Value::Object(Map::new());
             }
@@ -406,7 +452,7 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
             })
         })
         .collect();
-    let tasks = c.tasks.clone().unwrap_or_default();
+    let tasks = c.tasks.unwrap_or_default();
     json!({
         "id": c.id,
         "name": c.name,
@@ -423,11 +469,19 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
     let mut c = connect(client).await?;
     let campaigns = match id {
         Some(id) => vec![c
-            .get(pb::GetCampaignRequest { campaign_id: id.to_string() })
+            .get(pb::GetCampaignRequest {
+                campaign_id: id.to_string(),
+            })
             .await
             .map_err(|s| status_error("status", s))?
             .into_inner()],
-        None => c.list(pb::ListCampaignsRequest {}).await.map_err(|s| status_error("status", s))?.into_inner().campaigns,
+        None => {
+            c.list(pb::ListCampaignsRequest {})
+                .await
+                .map_err(|s| status_error("status", s))?
+                .into_inner()
+                .campaigns
+        }
     };
     if as_json {
         let v = match id {
@@ -441,7 +495,7 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
         println!("no campaigns");
     }
     for c in &campaigns {
-        let t = c.tasks.clone().unwrap_or_default();
+        let t = c.tasks.unwrap_or_default();
         println!(
             "{}  {:<28} {:<10} tasks: {} done, {} running, {} pending, {} failed",
             c.id,
@@ -457,7 +511,11 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
         }
         for r in &c.rounds {
             let m: BTreeMap<String, f64> = r.metrics.clone().into_iter().collect();
-            let fmt = |k: &str| m.get(k).map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+            let fmt = |k: &str| {
+                m.get(k)
+                    .map(|v| format!("{v:.3}"))
+                    .unwrap_or_else(|| "-".into())
+            };
             println!(
                 "    round {} {:<9} phase {:<8} params {:>12} ppl {} (teacher {}) win rate {} student {}",
                 r.index,
@@ -475,9 +533,18 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
 }
 
 fn bar(done: f64, total: f64) -> String {
-    let frac = if total > 0.0 { (done / total).clamp(0.0, 1.0) } else { 0.0 };
+    let frac = if total > 0.0 {
+        (done / total).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let n = (frac * 24.0).round() as usize;
-    format!("[{}{}] {:>5.1}%", "#".repeat(n), ".".repeat(24 - n), frac * 100.0)
+    format!(
+        "[{}{}] {:>5.1}%",
+        "#".repeat(n),
+        ".".repeat(24 - n),
+        frac * 100.0
+    )
 }
 
 fn clock(ms: u64) -> String {
@@ -487,11 +554,21 @@ fn clock(ms: u64) -> String {
 
 /// Follows a campaign's events (reconnecting across coordinator restarts); returns 0 iff it
 /// succeeded.
-pub async fn watch(c: &mut CampaignClient, client: &ClientOpts, id: &str, out: &mut dyn Write) -> Result<i32, CliError> {
+pub async fn watch(
+    c: &mut CampaignClient,
+    client: &ClientOpts,
+    id: &str,
+    out: &mut dyn Write,
+) -> Result<i32, CliError> {
     let mut next = 1u64;
     let mut failures = 0u32;
     loop {
-        let stream = c.watch(pb::WatchRequest { campaign_id: id.to_string(), from_seq: next }).await;
+        let stream = c
+            .watch(pb::WatchRequest {
+                campaign_id: id.to_string(),
+                from_seq: next,
+            })
+            .await;
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == tonic::Code::Unavailable && failures < 60 => {
@@ -515,8 +592,21 @@ pub async fn watch(c: &mut CampaignClient, client: &ClientOpts, id: &str, out: &
             let m: BTreeMap<String, f64> = e.metrics.clone().into_iter().collect();
             let line = match (e.kind.as_str(), m.get("step"), m.get("total_steps")) {
                 ("task_progress", Some(s), Some(t)) => {
-                    let loss = m.get("loss").map(|l| format!(" loss {l:.4}")).unwrap_or_default();
-                    format!("{} round {} {:<8} {} {} step {}/{}{}", clock(e.time_ms), e.round, e.phase, e.task_id, bar(*s, *t), s, t, loss)
+                    let loss = m
+                        .get("loss")
+                        .map(|l| format!(" loss {l:.4}"))
+                        .unwrap_or_default();
+                    format!(
+                        "{} round {} {:<8} {} {} step {}/{}{}",
+                        clock(e.time_ms),
+                        e.round,
+                        e.phase,
+                        e.task_id,
+                        bar(*s, *t),
+                        s,
+                        t,
+                        loss
+                    )
                 }
                 _ => format!("{} {}", clock(e.time_ms), e.message),
             };
@@ -532,7 +622,10 @@ pub async fn watch(c: &mut CampaignClient, client: &ClientOpts, id: &str, out: &
         // The stream ended without a terminal event: the coordinator went away. Reconnect.
         failures += 1;
         if failures > 60 {
-            return Err(CliError::other(format!("watch {id}: lost the coordinator at {}", client.addr)));
+            return Err(CliError::other(format!(
+                "watch {id}: lost the coordinator at {}",
+                client.addr
+            )));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         if let Ok(nc) = connect(client).await {
@@ -547,9 +640,16 @@ async fn artifact_get(client: &ClientOpts, what: &str, out: &Path) -> Result<i32
         Ok(d) => d,
         Err(_) => {
             let camp = c
-                .get(pb::GetCampaignRequest { campaign_id: what.to_string() })
+                .get(pb::GetCampaignRequest {
+                    campaign_id: what.to_string(),
+                })
                 .await
-                .map_err(|s| status_error(&format!("artifact get {what}: neither a digest nor a campaign id"), s))?
+                .map_err(|s| {
+                    status_error(
+                        &format!("artifact get {what}: neither a digest nor a campaign id"),
+                        s,
+                    )
+                })?
                 .into_inner();
             let student = camp
                 .rounds
@@ -560,20 +660,24 @@ async fn artifact_get(client: &ClientOpts, what: &str, out: &Path) -> Result<i32
             parse_digest(&student).map_err(|e| CliError::other(e.to_string()))?
         }
     };
-    std::fs::create_dir_all(out).map_err(|e| CliError::input(format!("--out {}: {e}", out.display())))?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| CliError::input(format!("--out {}: {e}", out.display())))?;
     let blob = out.join(format!(".{digest}.download"));
     download(&mut c, &digest, &blob).await?;
-    let bytes = std::fs::read(&blob).map_err(|e| CliError::other(format!("{}: {e}", blob.display())))?;
+    let bytes =
+        std::fs::read(&blob).map_err(|e| CliError::other(format!("{}: {e}", blob.display())))?;
     if let Some(m) = DirManifest::parse(&bytes) {
         for f in &m.files {
-            let dest = artifact::safe_join(out, &f.path).map_err(|e| CliError::other(e.to_string()))?;
+            let dest =
+                artifact::safe_join(out, &f.path).map_err(|e| CliError::other(e.to_string()))?;
             download(&mut c, &f.digest, &dest).await?;
         }
         let _ = std::fs::remove_file(&blob);
         println!("{} ({} files) -> {}", digest, m.files.len(), out.display());
     } else {
         let dest = out.join(&digest);
-        std::fs::rename(&blob, &dest).map_err(|e| CliError::other(format!("{}: {e}", dest.display())))?;
+        std::fs::rename(&blob, &dest)
+            .map_err(|e| CliError::other(format!("{}: {e}", dest.display())))?;
         println!("{} -> {}", digest, dest.display());
     }
     Ok(0)
@@ -581,7 +685,9 @@ async fn artifact_get(client: &ClientOpts, what: &str, out: &Path) -> Result<i32
 
 async fn download(c: &mut CampaignClient, digest: &str, dest: &Path) -> Result<(), CliError> {
     let stream = c
-        .get_artifact(pb::GetArtifactRequest { digest: digest.to_string() })
+        .get_artifact(pb::GetArtifactRequest {
+            digest: digest.to_string(),
+        })
         .await
         .map_err(|s| status_error(&format!("artifact {digest}"), s))?
         .into_inner();

@@ -15,7 +15,10 @@ use crate::store::{GroupCommit, StateStore, StoreError};
 
 /// Wall-clock milliseconds (the only clock; the machine gets time through events).
 pub fn now_ms() -> Millis {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +33,9 @@ impl From<EngineError> for tonic::Status {
     fn from(e: EngineError) -> tonic::Status {
         match &e {
             EngineError::Machine(m) => match m {
-                MachineError::UnknownCampaign(_) | MachineError::UnknownTask(_) | MachineError::UnknownWorker(_) => {
-                    tonic::Status::not_found(e.to_string())
-                }
+                MachineError::UnknownCampaign(_)
+                | MachineError::UnknownTask(_)
+                | MachineError::UnknownWorker(_) => tonic::Status::not_found(e.to_string()),
                 MachineError::StaleLease { .. } | MachineError::InvalidState(_) => {
                     tonic::Status::failed_precondition(e.to_string())
                 }
@@ -44,6 +47,9 @@ impl From<EngineError> for tonic::Status {
 }
 
 type RendezvousKey = (String, u64, String);
+/// A worker's pending long poll: its poll number and where to send the answer.
+type PollWaiter = (u64, oneshot::Sender<Vec<pb::TaskAssignment>>);
+type RendezvousWaiters = HashMap<RendezvousKey, Vec<oneshot::Sender<Vec<Vec<u8>>>>>;
 
 /// Shared coordinator state and the machinery to change it durably.
 pub struct Engine {
@@ -51,8 +57,8 @@ pub struct Engine {
     cfg: Config,
     store: Arc<dyn StateStore>,
     commit: GroupCommit,
-    poll_waiters: Mutex<HashMap<String, (u64, oneshot::Sender<Vec<pb::TaskAssignment>>)>>,
-    rendezvous_waiters: Mutex<HashMap<RendezvousKey, Vec<oneshot::Sender<Vec<Vec<u8>>>>>>,
+    poll_waiters: Mutex<HashMap<String, PollWaiter>>,
+    rendezvous_waiters: Mutex<RendezvousWaiters>,
     next_poll: AtomicU64,
     /// Highest event sequence number that is durable.
     durable_seq: watch::Sender<u64>,
@@ -88,7 +94,10 @@ impl Engine {
             durable_seq,
             poisoned: AtomicBool::new(false),
         });
-        engine.apply(Event::Recover { now: now_ms() }).await.map_err(|e| StoreError::Encode(e.to_string()))?;
+        engine
+            .apply(Event::Recover { now: now_ms() })
+            .await
+            .map_err(|e| StoreError::Encode(e.to_string()))?;
         Ok(engine)
     }
 
@@ -113,7 +122,9 @@ impl Engine {
     /// Applies an event: transition, commit, durable, then deliveries. Returns the reply.
     pub async fn apply(&self, event: Event) -> Result<Reply, EngineError> {
         if self.poisoned.load(Ordering::SeqCst) {
-            return Err(EngineError::Store("an earlier write to the state store failed".into()));
+            return Err(EngineError::Store(
+                "an earlier write to the state store failed".into(),
+            ));
         }
         let (reply, deliveries, last_seq, wrote) = {
             let mut st = lock(&self.state);
@@ -127,7 +138,11 @@ impl Engine {
                     return Err(EngineError::Store(e.to_string()));
                 }
             }
-            let deliveries = t.effects.into_iter().map(|e| self.prepare(&st, e)).collect::<Vec<_>>();
+            let deliveries = t
+                .effects
+                .into_iter()
+                .map(|e| self.prepare(&st, e))
+                .collect::<Vec<_>>();
             (t.reply, deliveries, st.meta.last_seq, wrote)
         };
         if wrote {
@@ -153,13 +168,22 @@ impl Engine {
 
     fn prepare(&self, st: &State, effect: Effect) -> Delivery {
         match effect {
-            Effect::Assign { worker, assignments } => {
-                let msgs = assignments.into_iter().filter_map(|a| assignment_message(st, a)).collect();
+            Effect::Assign {
+                worker,
+                assignments,
+            } => {
+                let msgs = assignments
+                    .into_iter()
+                    .filter_map(|a| assignment_message(st, a))
+                    .collect();
                 Delivery::Poll(worker, msgs)
             }
-            Effect::RendezvousReady { task_id, lease_id, key, payloads } => {
-                Delivery::Rendezvous((task_id, lease_id, key), payloads)
-            }
+            Effect::RendezvousReady {
+                task_id,
+                lease_id,
+                key,
+                payloads,
+            } => Delivery::Rendezvous((task_id, lease_id, key), payloads),
         }
     }
 
@@ -184,11 +208,23 @@ impl Engine {
 
     /// Long poll: registers the worker as waiting and answers with its assignments, or with
     /// none after `timeout`.
-    pub async fn poll(&self, worker: String, free: Vec<String>, timeout: Duration) -> Result<Vec<pb::TaskAssignment>, EngineError> {
+    pub async fn poll(
+        &self,
+        worker: String,
+        free: Vec<String>,
+        timeout: Duration,
+    ) -> Result<Vec<pb::TaskAssignment>, EngineError> {
         let id = self.next_poll.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = oneshot::channel();
         lock(&self.poll_waiters).insert(worker.clone(), (id, tx));
-        if let Err(e) = self.apply(Event::Poll { worker: worker.clone(), free_devices: free, now: now_ms() }).await {
+        if let Err(e) = self
+            .apply(Event::Poll {
+                worker: worker.clone(),
+                free_devices: free,
+                now: now_ms(),
+            })
+            .await
+        {
             self.drop_waiter(&worker, id);
             return Err(e);
         }
@@ -196,7 +232,11 @@ impl Engine {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(_)) => Ok(Vec::new()), // replaced by a newer poll of the same worker
             Err(_) => {
-                let reply = self.apply(Event::PollWithdrawn { worker: worker.clone() }).await?;
+                let reply = self
+                    .apply(Event::PollWithdrawn {
+                        worker: worker.clone(),
+                    })
+                    .await?;
                 if reply == Reply::StillWaiting(false) {
                     // Assigned just now: the answer is on its way once durable.
                     if let Ok(Ok(a)) = tokio::time::timeout(Duration::from_secs(10), rx).await {
@@ -227,8 +267,19 @@ impl Engine {
     ) -> Result<Option<Vec<Vec<u8>>>, EngineError> {
         let wkey = (lease.task_id.clone(), lease.lease_id, key.clone());
         let (tx, rx) = oneshot::channel();
-        lock(&self.rendezvous_waiters).entry(wkey.clone()).or_default().push(tx);
-        match self.apply(Event::Rendezvous { lease, key, payload, now: now_ms() }).await? {
+        lock(&self.rendezvous_waiters)
+            .entry(wkey.clone())
+            .or_default()
+            .push(tx);
+        match self
+            .apply(Event::Rendezvous {
+                lease,
+                key,
+                payload,
+                now: now_ms(),
+            })
+            .await?
+        {
             Reply::Rendezvous(Some(p)) => Ok(Some(p)),
             _ => match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(p)) => Ok(Some(p)),
@@ -268,7 +319,11 @@ fn assignment_message(st: &State, a: machine::Assignment) -> Option<pb::TaskAssi
     let task = st.tasks.get(&a.task_id)?;
     let campaign = st.campaigns.get(&task.campaign)?;
     Some(pb::TaskAssignment {
-        lease: Some(pb::LeaseRef { task_id: a.task_id.clone(), lease_id: a.lease_id, rank: a.rank }),
+        lease: Some(pb::LeaseRef {
+            task_id: a.task_id.clone(),
+            lease_id: a.lease_id,
+            rank: a.rank,
+        }),
         campaign_id: a.campaign,
         kind: task.kind.clone(),
         round: task.round,
@@ -276,7 +331,11 @@ fn assignment_message(st: &State, a: machine::Assignment) -> Option<pb::TaskAssi
         spec: Some(campaign.spec.clone()),
         inputs: task.inputs.clone().into_iter().collect(),
         params: task.params.clone().into_iter().collect(),
-        gang: Some(pb::GangInfo { gang_id: a.task_id, rank: a.rank, world_size: a.world_size }),
+        gang: Some(pb::GangInfo {
+            gang_id: a.task_id,
+            rank: a.rank,
+            world_size: a.world_size,
+        }),
         device: a.device,
         resume_checkpoint: task.checkpoint.clone().unwrap_or_default(),
     })

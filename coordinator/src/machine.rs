@@ -26,7 +26,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { lease_timeout_ms: 30_000, backoff_base_ms: 1_000, backoff_max_ms: 60_000 }
+        Config {
+            lease_timeout_ms: 30_000,
+            backoff_base_ms: 1_000,
+            backoff_max_ms: 60_000,
+        }
     }
 }
 
@@ -43,7 +47,10 @@ pub enum CampaignState {
 
 impl CampaignState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled)
+        matches!(
+            self,
+            CampaignState::Succeeded | CampaignState::Failed | CampaignState::Cancelled
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -101,7 +108,10 @@ pub enum TaskState {
 
 impl TaskState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
     }
 }
 
@@ -245,8 +255,20 @@ impl State {
         workers: BTreeMap<String, Worker>,
         meta: Meta,
     ) -> State {
-        let pending = tasks.values().filter(|t| t.state == TaskState::Pending).map(|t| t.id.clone()).collect();
-        State { campaigns, tasks, leases, workers, meta, pending, waiting: BTreeMap::new() }
+        let pending = tasks
+            .values()
+            .filter(|t| t.state == TaskState::Pending)
+            .map(|t| t.id.clone())
+            .collect();
+        State {
+            campaigns,
+            tasks,
+            leases,
+            workers,
+            meta,
+            pending,
+            waiting: BTreeMap::new(),
+        }
     }
 
     /// Workers currently in a long poll.
@@ -266,23 +288,77 @@ pub struct LeaseRef {
 /// Everything that can happen to the coordinator.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Submit { spec: Box<pb::CampaignSpec>, now: Millis },
-    Register { host: String, devices: Vec<String>, labels: BTreeMap<String, String>, version: String, task_kinds: Vec<String>, now: Millis },
-    Poll { worker: String, free_devices: Vec<String>, now: Millis },
+    Submit {
+        spec: Box<pb::CampaignSpec>,
+        now: Millis,
+    },
+    Register {
+        host: String,
+        devices: Vec<String>,
+        labels: BTreeMap<String, String>,
+        version: String,
+        task_kinds: Vec<String>,
+        now: Millis,
+    },
+    Poll {
+        worker: String,
+        free_devices: Vec<String>,
+        now: Millis,
+    },
     /// A long poll ended without an answer.
-    PollWithdrawn { worker: String },
-    Heartbeat { worker: String, leases: Vec<LeaseRef>, now: Millis },
-    Progress { lease: LeaseRef, metrics: BTreeMap<String, f64>, checkpoint: Option<String>, message: String, now: Millis },
-    Complete { lease: LeaseRef, outputs: BTreeMap<String, String>, metrics: BTreeMap<String, f64>, now: Millis },
-    Fail { lease: LeaseRef, error: String, retryable: bool, now: Millis },
-    Rendezvous { lease: LeaseRef, key: String, payload: Vec<u8>, now: Millis },
-    Cancel { campaign: String, now: Millis },
-    Pause { campaign: String, now: Millis },
-    Resume { campaign: String, now: Millis },
+    PollWithdrawn {
+        worker: String,
+    },
+    Heartbeat {
+        worker: String,
+        leases: Vec<LeaseRef>,
+        now: Millis,
+    },
+    Progress {
+        lease: LeaseRef,
+        metrics: BTreeMap<String, f64>,
+        checkpoint: Option<String>,
+        message: String,
+        now: Millis,
+    },
+    Complete {
+        lease: LeaseRef,
+        outputs: BTreeMap<String, String>,
+        metrics: BTreeMap<String, f64>,
+        now: Millis,
+    },
+    Fail {
+        lease: LeaseRef,
+        error: String,
+        retryable: bool,
+        now: Millis,
+    },
+    Rendezvous {
+        lease: LeaseRef,
+        key: String,
+        payload: Vec<u8>,
+        now: Millis,
+    },
+    Cancel {
+        campaign: String,
+        now: Millis,
+    },
+    Pause {
+        campaign: String,
+        now: Millis,
+    },
+    Resume {
+        campaign: String,
+        now: Millis,
+    },
     /// Periodic: expires leases and hands out tasks whose backoff ended.
-    Tick { now: Millis },
+    Tick {
+        now: Millis,
+    },
     /// Once at start-up, after loading the store.
-    Recover { now: Millis },
+    Recover {
+        now: Millis,
+    },
 }
 
 /// A task handed to one rank.
@@ -300,9 +376,17 @@ pub struct Assignment {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// Answer a worker's long poll.
-    Assign { worker: String, assignments: Vec<Assignment> },
+    Assign {
+        worker: String,
+        assignments: Vec<Assignment>,
+    },
     /// Every rank has sent its payload for `key`: release the barrier.
-    RendezvousReady { task_id: String, lease_id: u64, key: String, payloads: Vec<Vec<u8>> },
+    RendezvousReady {
+        task_id: String,
+        lease_id: u64,
+        key: String,
+        payloads: Vec<Vec<u8>>,
+    },
 }
 
 /// The direct answer to the event's sender.
@@ -312,7 +396,10 @@ pub enum Reply {
     None,
     CampaignId(String),
     WorkerId(String),
-    Heartbeat { renewed: Vec<LeaseRef>, cancelled: Vec<LeaseRef> },
+    Heartbeat {
+        renewed: Vec<LeaseRef>,
+        cancelled: Vec<LeaseRef>,
+    },
     /// Whether the worker was still waiting (false: an assignment is on its way).
     StillWaiting(bool),
     /// The rendezvous payloads when the barrier is already complete.
@@ -331,7 +418,11 @@ pub struct Dirty {
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        self.campaigns.is_empty() && self.tasks.is_empty() && self.leases.is_empty() && self.workers.is_empty() && !self.meta
+        self.campaigns.is_empty()
+            && self.tasks.is_empty()
+            && self.leases.is_empty()
+            && self.workers.is_empty()
+            && !self.meta
     }
 }
 
@@ -353,7 +444,11 @@ pub enum MachineError {
     #[error("unknown task {0}")]
     UnknownTask(String),
     #[error("stale lease {lease_id} for task {task_id}: {why}")]
-    StaleLease { task_id: String, lease_id: u64, why: String },
+    StaleLease {
+        task_id: String,
+        lease_id: u64,
+        why: String,
+    },
     #[error("{0}")]
     InvalidState(String),
     #[error("{0}")]
@@ -362,7 +457,11 @@ pub enum MachineError {
 
 /// Applies one event. On `Err` nothing changed.
 pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition, MachineError> {
-    let mut tx = Tx { s: state, cfg, t: Transition::default() };
+    let mut tx = Tx {
+        s: state,
+        cfg,
+        t: Transition::default(),
+    };
     let now = match &event {
         Event::Submit { now, .. }
         | Event::Register { now, .. }
@@ -381,20 +480,54 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
     };
     match event {
         Event::Submit { spec, now } => tx.submit(*spec, now),
-        Event::Register { host, devices, labels, version, task_kinds, now } => {
-            tx.register(host, devices, labels, version, task_kinds, now)
-        }
-        Event::Poll { worker, free_devices, now } => tx.poll(worker, free_devices, now),
+        Event::Register {
+            host,
+            devices,
+            labels,
+            version,
+            task_kinds,
+            now,
+        } => tx.register(host, devices, labels, version, task_kinds, now),
+        Event::Poll {
+            worker,
+            free_devices,
+            now,
+        } => tx.poll(worker, free_devices, now),
         Event::PollWithdrawn { worker } => {
             let was = tx.s.waiting.remove(&worker).is_some();
             tx.t.reply = Reply::StillWaiting(was);
             Ok(())
         }
-        Event::Heartbeat { worker, leases, now } => tx.heartbeat(&worker, leases, now),
-        Event::Progress { lease, metrics, checkpoint, message, now } => tx.progress(lease, metrics, checkpoint, message, now),
-        Event::Complete { lease, outputs, metrics, now } => tx.complete(lease, outputs, metrics, now),
-        Event::Fail { lease, error, retryable, now } => tx.fail(lease, error, retryable, now),
-        Event::Rendezvous { lease, key, payload, now } => tx.rendezvous(lease, key, payload, now),
+        Event::Heartbeat {
+            worker,
+            leases,
+            now,
+        } => tx.heartbeat(&worker, leases, now),
+        Event::Progress {
+            lease,
+            metrics,
+            checkpoint,
+            message,
+            now,
+        } => tx.progress(lease, metrics, checkpoint, message, now),
+        Event::Complete {
+            lease,
+            outputs,
+            metrics,
+            now,
+        } => tx.complete(lease, outputs, metrics, now),
+        Event::Fail {
+            lease,
+            error,
+            retryable,
+            now,
+        } => tx.fail(lease, error, retryable, now),
+        Event::Rendezvous {
+            lease,
+            key,
+            payload,
+            now,
+        } => tx.rendezvous(lease, key, payload, now),
         Event::Cancel { campaign, now } => tx.cancel(&campaign, now),
         Event::Pause { campaign, now } => tx.pause(&campaign, now),
         Event::Resume { campaign, now } => tx.resume(&campaign, now),
@@ -420,7 +553,9 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
 
 fn backoff(cfg: &Config, attempts: u32) -> Millis {
     let exp = attempts.saturating_sub(1).min(20);
-    cfg.backoff_base_ms.saturating_mul(1u64 << exp).min(cfg.backoff_max_ms)
+    cfg.backoff_base_ms
+        .saturating_mul(1u64 << exp)
+        .min(cfg.backoff_max_ms)
 }
 
 /// Normalizes an artifact reference reported by a worker.
@@ -439,7 +574,14 @@ struct Tx<'a> {
 }
 
 impl Tx<'_> {
-    fn emit(&mut self, now: Millis, campaign: &str, kind: &str, message: String, f: impl FnOnce(&mut pb::Event)) {
+    fn emit(
+        &mut self,
+        now: Millis,
+        campaign: &str,
+        kind: &str,
+        message: String,
+        f: impl FnOnce(&mut pb::Event),
+    ) {
         self.s.meta.last_seq += 1;
         self.t.dirty.meta = true;
         let mut e = pb::Event {
@@ -454,8 +596,16 @@ impl Tx<'_> {
         self.t.events.push(e);
     }
 
-    fn set_campaign_state(&mut self, id: &str, to: CampaignState, error: Option<String>, now: Millis) {
-        let Some(c) = self.s.campaigns.get_mut(id) else { return };
+    fn set_campaign_state(
+        &mut self,
+        id: &str,
+        to: CampaignState,
+        error: Option<String>,
+        now: Millis,
+    ) {
+        let Some(c) = self.s.campaigns.get_mut(id) else {
+            return;
+        };
         if c.state == to {
             return;
         }
@@ -469,11 +619,14 @@ impl Tx<'_> {
             Some(e) => format!("campaign {} {}: {e}", id, to.as_str()),
             None => format!("campaign {} {}", id, to.as_str()),
         };
-        self.emit(now, id, "campaign_state", msg, |e| e.state = to.to_pb() as i32);
+        self.emit(now, id, "campaign_state", msg, |e| {
+            e.state = to.to_pb() as i32
+        });
     }
 
     fn submit(&mut self, spec: pb::CampaignSpec, now: Millis) -> Result<(), MachineError> {
-        crate::spec::validate_wire(&spec).map_err(|e| MachineError::InvalidArgument(format!("spec.{e}")))?;
+        crate::spec::validate_wire(&spec)
+            .map_err(|e| MachineError::InvalidArgument(format!("spec.{e}")))?;
         self.s.meta.next_campaign += 1;
         self.t.dirty.meta = true;
         let id = format!("c{:06}", self.s.meta.next_campaign);
@@ -483,7 +636,11 @@ impl Tx<'_> {
                 index: i,
                 state: RoundState::Pending,
                 phase: Phase::Score,
-                source: if i == 0 { teacher.clone() } else { String::new() },
+                source: if i == 0 {
+                    teacher.clone()
+                } else {
+                    String::new()
+                },
                 phase_tasks: Vec::new(),
                 artifacts: BTreeMap::new(),
                 metrics: BTreeMap::new(),
@@ -508,9 +665,13 @@ impl Tx<'_> {
             },
         );
         self.t.dirty.campaigns.insert(id.clone());
-        self.emit(now, &id, "campaign_submitted", format!("campaign {id} ({name}) submitted"), |e| {
-            e.state = pb::CampaignState::Pending as i32
-        });
+        self.emit(
+            now,
+            &id,
+            "campaign_submitted",
+            format!("campaign {id} ({name}) submitted"),
+            |e| e.state = pb::CampaignState::Pending as i32,
+        );
         self.start_round(&id, 0, now);
         self.dispatch(now);
         self.t.reply = Reply::CampaignId(id);
@@ -527,18 +688,30 @@ impl Tx<'_> {
         now: Millis,
     ) -> Result<(), MachineError> {
         if devices.is_empty() {
-            return Err(MachineError::InvalidArgument("a worker must offer at least one device".into()));
+            return Err(MachineError::InvalidArgument(
+                "a worker must offer at least one device".into(),
+            ));
         }
         let unique: BTreeSet<&String> = devices.iter().collect();
         if unique.len() != devices.len() {
-            return Err(MachineError::InvalidArgument(format!("devices {devices:?} name a device twice")));
+            return Err(MachineError::InvalidArgument(format!(
+                "devices {devices:?} name a device twice"
+            )));
         }
         self.s.meta.next_worker += 1;
         self.t.dirty.meta = true;
         let id = format!("w{:06}", self.s.meta.next_worker);
         self.s.workers.insert(
             id.clone(),
-            Worker { id: id.clone(), host, devices, labels, version, task_kinds, registered_ms: now },
+            Worker {
+                id: id.clone(),
+                host,
+                devices,
+                labels,
+                version,
+                task_kinds,
+                registered_ms: now,
+            },
         );
         self.t.dirty.workers.insert(id.clone());
         self.t.reply = Reply::WorkerId(id);
@@ -546,9 +719,15 @@ impl Tx<'_> {
     }
 
     fn poll(&mut self, worker: String, free: Vec<String>, now: Millis) -> Result<(), MachineError> {
-        let w = self.s.workers.get(&worker).ok_or_else(|| MachineError::UnknownWorker(worker.clone()))?;
+        let w = self
+            .s
+            .workers
+            .get(&worker)
+            .ok_or_else(|| MachineError::UnknownWorker(worker.clone()))?;
         if let Some(d) = free.iter().find(|d| !w.devices.contains(d)) {
-            return Err(MachineError::InvalidArgument(format!("device {d:?} was not registered by worker {worker}")));
+            return Err(MachineError::InvalidArgument(format!(
+                "device {d:?} was not registered by worker {worker}"
+            )));
         }
         // A device already held by one of this worker's live leases is not free, whatever the
         // worker believes (it may have lost track of a lease across a coordinator restart).
@@ -560,7 +739,10 @@ impl Tx<'_> {
             .filter(|r| r.worker == worker && !r.done)
             .map(|r| r.device.as_str())
             .collect();
-        let free: Vec<String> = free.into_iter().filter(|d| !busy.contains(d.as_str())).collect();
+        let free: Vec<String> = free
+            .into_iter()
+            .filter(|d| !busy.contains(d.as_str()))
+            .collect();
         self.s.waiting.insert(worker, free);
         self.dispatch(now);
         Ok(())
@@ -579,11 +761,15 @@ impl Tx<'_> {
             if free.values().all(Vec::is_empty) {
                 break;
             }
-            let Some(task) = self.s.tasks.get(&task_id) else { continue };
+            let Some(task) = self.s.tasks.get(&task_id) else {
+                continue;
+            };
             if task.not_before_ms > now {
                 continue;
             }
-            let Some(c) = self.s.campaigns.get(&task.campaign) else { continue };
+            let Some(c) = self.s.campaigns.get(&task.campaign) else {
+                continue;
+            };
             if !matches!(c.state, CampaignState::Pending | CampaignState::Running) {
                 continue;
             }
@@ -591,7 +777,11 @@ impl Tx<'_> {
                 .iter()
                 .filter(|(w, devs)| {
                     !devs.is_empty()
-                        && self.s.workers.get(*w).is_some_and(|wk| wk.task_kinds.iter().any(|k| k == &task.kind))
+                        && self
+                            .s
+                            .workers
+                            .get(*w)
+                            .is_some_and(|wk| wk.task_kinds.iter().any(|k| k == &task.kind))
                 })
                 .map(|(w, _)| w.clone())
                 .collect();
@@ -647,7 +837,10 @@ impl Tx<'_> {
                 });
             }
             let workers: Vec<&str> = ranks.iter().map(|(w, _)| w.as_str()).collect();
-            let msg = format!("task {task_id} leased to {} (lease {lease_id})", workers.join(", "));
+            let msg = format!(
+                "task {task_id} leased to {} (lease {lease_id})",
+                workers.join(", ")
+            );
             let (round, phase, attempt);
             {
                 let task = self.s.tasks.get_mut(&task_id).expect("candidate exists");
@@ -669,34 +862,61 @@ impl Tx<'_> {
                 e.phase = phase.as_str().into();
                 e.metrics.insert("attempt".into(), f64::from(attempt));
             });
-            if self.s.campaigns.get(&campaign).is_some_and(|c| c.state == CampaignState::Pending) {
+            if self
+                .s
+                .campaigns
+                .get(&campaign)
+                .is_some_and(|c| c.state == CampaignState::Pending)
+            {
                 self.set_campaign_state(&campaign, CampaignState::Running, None, now);
             }
         }
         for (worker, assignments) in given {
             self.s.waiting.remove(&worker);
-            self.t.effects.push(Effect::Assign { worker, assignments });
+            self.t.effects.push(Effect::Assign {
+                worker,
+                assignments,
+            });
         }
     }
 
     /// The live lease a report names, or why it is stale.
     fn check_lease(&self, r: &LeaseRef) -> Result<(), MachineError> {
-        let task = self.s.tasks.get(&r.task_id).ok_or_else(|| MachineError::UnknownTask(r.task_id.clone()))?;
-        let stale = |why: String| MachineError::StaleLease { task_id: r.task_id.clone(), lease_id: r.lease_id, why };
+        let task = self
+            .s
+            .tasks
+            .get(&r.task_id)
+            .ok_or_else(|| MachineError::UnknownTask(r.task_id.clone()))?;
+        let stale = |why: String| MachineError::StaleLease {
+            task_id: r.task_id.clone(),
+            lease_id: r.lease_id,
+            why,
+        };
         let Some(lease) = self.s.leases.get(&r.task_id) else {
-            return Err(stale(format!("task is {:?} with no live lease", task.state).to_lowercase()));
+            return Err(stale(
+                format!("task is {:?} with no live lease", task.state).to_lowercase(),
+            ));
         };
         if lease.lease_id != r.lease_id {
             return Err(stale(format!("the current lease is {}", lease.lease_id)));
         }
         match lease.ranks.get(r.rank as usize) {
-            None => Err(stale(format!("rank {} is not in a gang of {}", r.rank, lease.ranks.len()))),
+            None => Err(stale(format!(
+                "rank {} is not in a gang of {}",
+                r.rank,
+                lease.ranks.len()
+            ))),
             Some(rank) if rank.done => Err(stale(format!("rank {} already completed", r.rank))),
             Some(_) => Ok(()),
         }
     }
 
-    fn heartbeat(&mut self, worker: &str, refs: Vec<LeaseRef>, now: Millis) -> Result<(), MachineError> {
+    fn heartbeat(
+        &mut self,
+        worker: &str,
+        refs: Vec<LeaseRef>,
+        now: Millis,
+    ) -> Result<(), MachineError> {
         if !self.s.workers.contains_key(worker) {
             return Err(MachineError::UnknownWorker(worker.to_string()));
         }
@@ -704,7 +924,11 @@ impl Tx<'_> {
         let mut cancelled = Vec::new();
         for r in refs {
             let ok = self.check_lease(&r).is_ok()
-                && self.s.leases.get(&r.task_id).is_some_and(|l| l.ranks[r.rank as usize].worker == worker);
+                && self
+                    .s
+                    .leases
+                    .get(&r.task_id)
+                    .is_some_and(|l| l.ranks[r.rank as usize].worker == worker);
             if ok {
                 if let Some(l) = self.s.leases.get_mut(&r.task_id) {
                     l.ranks[r.rank as usize].deadline_ms = now + self.cfg.lease_timeout_ms;
@@ -741,7 +965,11 @@ impl Tx<'_> {
         let (campaign, round, phase) = (task.campaign.clone(), task.round, task.phase);
         self.t.dirty.tasks.insert(r.task_id.clone());
         self.t.dirty.leases.insert(r.task_id.clone());
-        let msg = if message.is_empty() { format!("task {} progress", r.task_id) } else { message };
+        let msg = if message.is_empty() {
+            format!("task {} progress", r.task_id)
+        } else {
+            message
+        };
         self.emit(now, &campaign, "task_progress", msg, |e| {
             e.task_id = r.task_id.clone();
             e.lease_id = r.lease_id;
@@ -762,13 +990,19 @@ impl Tx<'_> {
         self.check_lease(&r)?;
         let kind = self.s.tasks[&r.task_id].kind.clone();
         if r.rank == 0 {
-            if let Some(missing) = kind::required_outputs(&kind).iter().find(|o| !outputs.contains_key(**o)) {
+            if let Some(missing) = kind::required_outputs(&kind)
+                .iter()
+                .find(|o| !outputs.contains_key(**o))
+            {
                 return Err(MachineError::InvalidArgument(format!(
                     "task {} ({kind}) must report output {missing:?} on completion",
                     r.task_id
                 )));
             }
-            if let Some(missing) = kind::required_metrics(&kind).iter().find(|m| !metrics.contains_key(**m)) {
+            if let Some(missing) = kind::required_metrics(&kind)
+                .iter()
+                .find(|m| !metrics.contains_key(**m))
+            {
                 return Err(MachineError::InvalidArgument(format!(
                     "task {} ({kind}) must report metric {missing:?} on completion",
                     r.task_id
@@ -779,7 +1013,10 @@ impl Tx<'_> {
         {
             let rank = &mut lease.ranks[r.rank as usize];
             rank.done = true;
-            rank.outputs = outputs.into_iter().map(|(k, v)| (k, normalize_ref(&v))).collect();
+            rank.outputs = outputs
+                .into_iter()
+                .map(|(k, v)| (k, normalize_ref(&v)))
+                .collect();
             rank.metrics = metrics;
         }
         self.t.dirty.leases.insert(r.task_id.clone());
@@ -797,22 +1034,41 @@ impl Tx<'_> {
         let (campaign, round, phase) = (task.campaign.clone(), task.round, task.phase);
         let metrics = task.metrics.clone();
         self.t.dirty.tasks.insert(r.task_id.clone());
-        self.emit(now, &campaign, "task_succeeded", format!("task {} ({kind}) succeeded", r.task_id), |e| {
-            e.task_id = r.task_id.clone();
-            e.lease_id = r.lease_id;
-            e.round = round;
-            e.phase = phase.as_str().into();
-            e.metrics = metrics.into_iter().collect();
-        });
+        self.emit(
+            now,
+            &campaign,
+            "task_succeeded",
+            format!("task {} ({kind}) succeeded", r.task_id),
+            |e| {
+                e.task_id = r.task_id.clone();
+                e.lease_id = r.lease_id;
+                e.round = round;
+                e.phase = phase.as_str().into();
+                e.metrics = metrics.into_iter().collect();
+            },
+        );
         self.maybe_advance(&campaign, round, now);
         self.dispatch(now);
         Ok(())
     }
 
-    fn fail(&mut self, r: LeaseRef, error: String, retryable: bool, now: Millis) -> Result<(), MachineError> {
+    fn fail(
+        &mut self,
+        r: LeaseRef,
+        error: String,
+        retryable: bool,
+        now: Millis,
+    ) -> Result<(), MachineError> {
         self.check_lease(&r)?;
-        let worker = self.s.leases[&r.task_id].ranks[r.rank as usize].worker.clone();
-        self.attempt_failed(&r.task_id, format!("rank {} on {worker}: {error}", r.rank), retryable, now);
+        let worker = self.s.leases[&r.task_id].ranks[r.rank as usize]
+            .worker
+            .clone();
+        self.attempt_failed(
+            &r.task_id,
+            format!("rank {} on {worker}: {error}", r.rank),
+            retryable,
+            now,
+        );
         self.dispatch(now);
         Ok(())
     }
@@ -820,13 +1076,20 @@ impl Tx<'_> {
     /// Ends the task's live attempt: back to pending after a backoff, or failed for good (and
     /// the campaign with it) when attempts are exhausted or the error is not retryable.
     fn attempt_failed(&mut self, task_id: &str, error: String, retryable: bool, now: Millis) {
-        let Some(lease) = self.s.leases.remove(task_id) else { return };
+        let Some(lease) = self.s.leases.remove(task_id) else {
+            return;
+        };
         self.t.dirty.leases.insert(task_id.to_string());
         self.t.dirty.tasks.insert(task_id.to_string());
         let task = self.s.tasks.get_mut(task_id).expect("a lease has a task");
         task.error = Some(error.clone());
-        let (campaign, round, phase, kind, attempts) =
-            (task.campaign.clone(), task.round, task.phase, task.kind.clone(), task.attempts);
+        let (campaign, round, phase, kind, attempts) = (
+            task.campaign.clone(),
+            task.round,
+            task.phase,
+            task.kind.clone(),
+            task.attempts,
+        );
         if retryable && task.attempts < task.max_attempts {
             task.state = TaskState::Pending;
             let delay = backoff(self.cfg, task.attempts);
@@ -862,7 +1125,9 @@ impl Tx<'_> {
 
     /// Ends a campaign: its open tasks are cancelled and their leases revoked.
     fn finish_campaign(&mut self, id: &str, to: CampaignState, error: Option<String>, now: Millis) {
-        let Some(c) = self.s.campaigns.get_mut(id) else { return };
+        let Some(c) = self.s.campaigns.get_mut(id) else {
+            return;
+        };
         let task_ids = c.tasks.clone();
         let round_state = match to {
             CampaignState::Failed => RoundState::Failed,
@@ -876,7 +1141,9 @@ impl Tx<'_> {
         }
         self.t.dirty.campaigns.insert(id.to_string());
         for t in task_ids {
-            let Some(task) = self.s.tasks.get_mut(&t) else { continue };
+            let Some(task) = self.s.tasks.get_mut(&t) else {
+                continue;
+            };
             if !task.state.is_terminal() {
                 task.state = TaskState::Cancelled;
                 self.s.pending.remove(&t);
@@ -889,18 +1156,30 @@ impl Tx<'_> {
         self.set_campaign_state(id, to, error, now);
     }
 
-    fn rendezvous(&mut self, r: LeaseRef, key: String, payload: Vec<u8>, now: Millis) -> Result<(), MachineError> {
+    fn rendezvous(
+        &mut self,
+        r: LeaseRef,
+        key: String,
+        payload: Vec<u8>,
+        now: Millis,
+    ) -> Result<(), MachineError> {
         self.check_lease(&r)?;
         let timeout = self.cfg.lease_timeout_ms;
         let lease = self.s.leases.get_mut(&r.task_id).expect("checked");
         let world = lease.ranks.len();
         lease.ranks[r.rank as usize].deadline_ms = now + timeout;
-        let slots = lease.rendezvous.entry(key.clone()).or_insert_with(|| vec![None; world]);
+        let slots = lease
+            .rendezvous
+            .entry(key.clone())
+            .or_insert_with(|| vec![None; world]);
         let was_complete = slots.iter().all(Option::is_some);
         slots[r.rank as usize] = Some(hex::encode(&payload));
         let complete = slots.iter().all(Option::is_some);
         let payloads: Option<Vec<Vec<u8>>> = if complete {
-            slots.iter().map(|p| p.as_ref().and_then(|h| hex::decode(h).ok())).collect()
+            slots
+                .iter()
+                .map(|p| p.as_ref().and_then(|h| hex::decode(h).ok()))
+                .collect()
         } else {
             None
         };
@@ -910,27 +1189,45 @@ impl Tx<'_> {
             if !was_complete {
                 let campaign = self.s.tasks[&r.task_id].campaign.clone();
                 let round = self.s.tasks[&r.task_id].round;
-                self.emit(now, &campaign, "rendezvous_complete", format!("task {} gang met at {key:?}", r.task_id), |e| {
-                    e.task_id = r.task_id.clone();
-                    e.lease_id = lease_id;
-                    e.round = round;
-                    e.phase = Phase::Distill.as_str().into();
-                });
+                self.emit(
+                    now,
+                    &campaign,
+                    "rendezvous_complete",
+                    format!("task {} gang met at {key:?}", r.task_id),
+                    |e| {
+                        e.task_id = r.task_id.clone();
+                        e.lease_id = lease_id;
+                        e.round = round;
+                        e.phase = Phase::Distill.as_str().into();
+                    },
+                );
             }
-            self.t.effects.push(Effect::RendezvousReady { task_id: r.task_id.clone(), lease_id, key, payloads: p.clone() });
+            self.t.effects.push(Effect::RendezvousReady {
+                task_id: r.task_id.clone(),
+                lease_id,
+                key,
+                payloads: p.clone(),
+            });
         }
         self.t.reply = Reply::Rendezvous(payloads);
         Ok(())
     }
 
     fn campaign_mut_checked(&self, id: &str) -> Result<CampaignState, MachineError> {
-        self.s.campaigns.get(id).map(|c| c.state).ok_or_else(|| MachineError::UnknownCampaign(id.to_string()))
+        self.s
+            .campaigns
+            .get(id)
+            .map(|c| c.state)
+            .ok_or_else(|| MachineError::UnknownCampaign(id.to_string()))
     }
 
     fn cancel(&mut self, id: &str, now: Millis) -> Result<(), MachineError> {
         let st = self.campaign_mut_checked(id)?;
         if st.is_terminal() {
-            return Err(MachineError::InvalidState(format!("campaign {id} is already {}", st.as_str())));
+            return Err(MachineError::InvalidState(format!(
+                "campaign {id} is already {}",
+                st.as_str()
+            )));
         }
         self.finish_campaign(id, CampaignState::Cancelled, None, now);
         Ok(())
@@ -939,7 +1236,10 @@ impl Tx<'_> {
     fn pause(&mut self, id: &str, now: Millis) -> Result<(), MachineError> {
         let st = self.campaign_mut_checked(id)?;
         if !matches!(st, CampaignState::Pending | CampaignState::Running) {
-            return Err(MachineError::InvalidState(format!("campaign {id} is {} and cannot be paused", st.as_str())));
+            return Err(MachineError::InvalidState(format!(
+                "campaign {id} is {} and cannot be paused",
+                st.as_str()
+            )));
         }
         // Running attempts are revoked, not failed: they give their attempt back and resume
         // from their last checkpoint after `resume`.
@@ -962,7 +1262,10 @@ impl Tx<'_> {
     fn resume(&mut self, id: &str, now: Millis) -> Result<(), MachineError> {
         let st = self.campaign_mut_checked(id)?;
         if st != CampaignState::Paused {
-            return Err(MachineError::InvalidState(format!("campaign {id} is {}, not paused", st.as_str())));
+            return Err(MachineError::InvalidState(format!(
+                "campaign {id} is {}, not paused",
+                st.as_str()
+            )));
         }
         self.set_campaign_state(id, CampaignState::Running, None, now);
         self.dispatch(now);
@@ -980,7 +1283,15 @@ impl Tx<'_> {
                     .iter()
                     .enumerate()
                     .find(|(_, r)| !r.done && r.deadline_ms < cutoff)
-                    .map(|(i, r)| (l.task_id.clone(), format!("lease {} expired: rank {i} on {} stopped heart-beating", l.lease_id, r.worker)))
+                    .map(|(i, r)| {
+                        (
+                            l.task_id.clone(),
+                            format!(
+                                "lease {} expired: rank {i} on {} stopped heart-beating",
+                                l.lease_id, r.worker
+                            ),
+                        )
+                    })
             })
             .collect();
         for (task, why) in expired {
@@ -1005,7 +1316,11 @@ impl Tx<'_> {
         self.s.waiting.clear();
     }
 
-    fn phase_context_parts(&self, id: &str, round: u32) -> (BTreeMap<String, String>, BTreeMap<String, f64>) {
+    fn phase_context_parts(
+        &self,
+        id: &str,
+        round: u32,
+    ) -> (BTreeMap<String, String>, BTreeMap<String, f64>) {
         let c = &self.s.campaigns[id];
         let r = &c.rounds[round as usize];
         let mut artifacts = c.teacher_artifacts.clone();
@@ -1022,7 +1337,13 @@ impl Tx<'_> {
         r.state = RoundState::Running;
         r.phase = Phase::Score;
         self.t.dirty.campaigns.insert(id.to_string());
-        self.emit(now, id, "round_started", format!("round {round} started"), |e| e.round = round);
+        self.emit(
+            now,
+            id,
+            "round_started",
+            format!("round {round} started"),
+            |e| e.round = round,
+        );
         self.start_phase(id, round, Phase::Score, now);
     }
 
@@ -1036,7 +1357,9 @@ impl Tx<'_> {
             let (artifacts, metrics) = self.phase_context_parts(id, round);
             let c = &self.s.campaigns[id];
             let r = &c.rounds[round as usize];
-            let previous = round.checked_sub(1).map(|p| &c.rounds[p as usize].artifacts);
+            let previous = round
+                .checked_sub(1)
+                .map(|p| &c.rounds[p as usize].artifacts);
             let distill_checkpoint = if phase == Phase::Distill && r.extensions > 0 {
                 c.tasks
                     .iter()
@@ -1058,7 +1381,13 @@ impl Tx<'_> {
                 distill_checkpoint: distill_checkpoint.as_deref(),
             };
             let plans = phases::plan(&ctx, phase);
-            let max_attempts = c.spec.scheduling.as_ref().map(|s| s.max_attempts).unwrap_or(3).max(1);
+            let max_attempts = c
+                .spec
+                .scheduling
+                .as_ref()
+                .map(|s| s.max_attempts)
+                .unwrap_or(3)
+                .max(1);
             let c = self.s.campaigns.get_mut(id).expect("caller checked");
             c.rounds[round as usize].phase = phase;
             c.rounds[round as usize].phase_tasks.clear();
@@ -1099,10 +1428,16 @@ impl Tx<'_> {
                 c.rounds[round as usize].phase_tasks.push(tid);
             }
             self.t.dirty.meta = true;
-            self.emit(now, id, "phase_started", format!("round {round} {} started with {n} task(s)", phase.as_str()), |e| {
-                e.round = round;
-                e.phase = phase.as_str().into();
-            });
+            self.emit(
+                now,
+                id,
+                "phase_started",
+                format!("round {round} {} started with {n} task(s)", phase.as_str()),
+                |e| {
+                    e.round = round;
+                    e.phase = phase.as_str().into();
+                },
+            );
             return;
         }
     }
@@ -1110,17 +1445,28 @@ impl Tx<'_> {
     /// When every task of the round's current phase succeeded, folds their outputs into the round
     /// and starts the next phase.
     fn maybe_advance(&mut self, id: &str, round: u32, now: Millis) {
-        let Some(c) = self.s.campaigns.get(id) else { return };
+        let Some(c) = self.s.campaigns.get(id) else {
+            return;
+        };
         if c.state.is_terminal() {
             return;
         }
         let r = &c.rounds[round as usize];
-        let done = r.phase_tasks.iter().all(|t| self.s.tasks.get(t).is_some_and(|t| t.state == TaskState::Succeeded));
+        let done = r.phase_tasks.iter().all(|t| {
+            self.s
+                .tasks
+                .get(t)
+                .is_some_and(|t| t.state == TaskState::Succeeded)
+        });
         if !done {
             return;
         }
         let phase = r.phase;
-        let tasks: Vec<Task> = r.phase_tasks.iter().filter_map(|t| self.s.tasks.get(t).cloned()).collect();
+        let tasks: Vec<Task> = r
+            .phase_tasks
+            .iter()
+            .filter_map(|t| self.s.tasks.get(t).cloned())
+            .collect();
         let many = tasks.len() > 1;
         let c = self.s.campaigns.get_mut(id).expect("checked");
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -1129,20 +1475,29 @@ impl Tx<'_> {
             let idx = counts.entry(t.kind.as_str()).or_default();
             for (name, digest) in &t.outputs {
                 if teacher {
-                    c.teacher_artifacts.insert(format!("teacher_{name}"), digest.clone());
+                    c.teacher_artifacts
+                        .insert(format!("teacher_{name}"), digest.clone());
                 } else {
-                    let key = if many && kind::required_outputs(&t.kind).contains(&name.as_str()) && t.kind != kind::GENERATE {
+                    let key = if many
+                        && kind::required_outputs(&t.kind).contains(&name.as_str())
+                        && t.kind != kind::GENERATE
+                    {
                         format!("{name}.{idx}")
                     } else {
                         name.clone()
                     };
-                    c.rounds[round as usize].artifacts.insert(key, digest.clone());
+                    c.rounds[round as usize]
+                        .artifacts
+                        .insert(key, digest.clone());
                 }
             }
             *idx += 1;
             if teacher {
-                let prefixed: BTreeMap<String, f64> =
-                    t.metrics.iter().map(|(k, v)| (format!("teacher_{k}"), *v)).collect();
+                let prefixed: BTreeMap<String, f64> = t
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| (format!("teacher_{k}"), *v))
+                    .collect();
                 phases::merge_metrics(&mut c.teacher_metrics, &prefixed);
             } else {
                 phases::merge_metrics(&mut c.rounds[round as usize].metrics, &t.metrics);
@@ -1173,10 +1528,16 @@ impl Tx<'_> {
                 r.state = RoundState::Succeeded;
                 r.phase = Phase::Done;
                 let student = r.artifacts.get("student").cloned().unwrap_or_default();
-                self.emit(now, id, "gate_decision", format!("round {round} passed the gate"), |e| {
-                    e.round = round;
-                    e.phase = Phase::Gate.as_str().into();
-                });
+                self.emit(
+                    now,
+                    id,
+                    "gate_decision",
+                    format!("round {round} passed the gate"),
+                    |e| {
+                        e.round = round;
+                        e.phase = Phase::Gate.as_str().into();
+                    },
+                );
                 if last {
                     self.finish_campaign(id, CampaignState::Succeeded, None, now);
                 } else {
@@ -1188,18 +1549,35 @@ impl Tx<'_> {
             GateDecision::Extend { reason } => {
                 let c = self.s.campaigns.get_mut(id).expect("checked");
                 c.rounds[round as usize].extensions += 1;
-                self.emit(now, id, "gate_decision", format!("round {round} extends distillation: {reason}"), |e| {
-                    e.round = round;
-                    e.phase = Phase::Gate.as_str().into();
-                });
+                self.emit(
+                    now,
+                    id,
+                    "gate_decision",
+                    format!("round {round} extends distillation: {reason}"),
+                    |e| {
+                        e.round = round;
+                        e.phase = Phase::Gate.as_str().into();
+                    },
+                );
                 self.start_phase(id, round, Phase::Distill, now);
             }
             GateDecision::Stop { reason } => {
-                self.emit(now, id, "gate_decision", format!("round {round} stopped the campaign: {reason}"), |e| {
-                    e.round = round;
-                    e.phase = Phase::Gate.as_str().into();
-                });
-                self.finish_campaign(id, CampaignState::Failed, Some(format!("round {round} gate: {reason}")), now);
+                self.emit(
+                    now,
+                    id,
+                    "gate_decision",
+                    format!("round {round} stopped the campaign: {reason}"),
+                    |e| {
+                        e.round = round;
+                        e.phase = Phase::Gate.as_str().into();
+                    },
+                );
+                self.finish_campaign(
+                    id,
+                    CampaignState::Failed,
+                    Some(format!("round {round} gate: {reason}")),
+                    now,
+                );
             }
         }
     }
@@ -1225,7 +1603,7 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
             index: r.index,
             state: r.state.as_str().into(),
             phase: r.phase.as_str().into(),
-            target: c.spec.rounds.get(r.index as usize).and_then(|s| s.target.clone()),
+            target: c.spec.rounds.get(r.index as usize).and_then(|s| s.target),
             artifacts: r.artifacts.clone().into_iter().collect(),
             metrics: r.metrics.clone().into_iter().collect(),
             extensions: r.extensions,

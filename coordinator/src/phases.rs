@@ -57,7 +57,15 @@ pub mod kind {
     pub const JUDGE: &str = "judge";
 
     /// Every kind the coordinator hands out.
-    pub const ALL: &[&str] = &[SCORE, SCORE_DEPTH, PRUNE, DISTILL, PERPLEXITY, GENERATE, JUDGE];
+    pub const ALL: &[&str] = &[
+        SCORE,
+        SCORE_DEPTH,
+        PRUNE,
+        DISTILL,
+        PERPLEXITY,
+        GENERATE,
+        JUDGE,
+    ];
 
     /// Outputs a completed task of `kind` must name (artifact digests).
     pub fn required_outputs(kind: &str) -> &'static [&'static str] {
@@ -110,22 +118,44 @@ pub struct PhaseContext<'a> {
 
 /// The teacher as a task input.
 pub fn teacher_ref(spec: &pb::CampaignSpec) -> String {
-    format!("path:{}", spec.teacher.as_ref().map(|t| t.model.as_str()).unwrap_or_default())
+    format!(
+        "path:{}",
+        spec.teacher
+            .as_ref()
+            .map(|t| t.model.as_str())
+            .unwrap_or_default()
+    )
 }
 
 fn params(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| ((*k).to_string(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), v.clone()))
+        .collect()
 }
 
-fn single(kind: &'static str, params: BTreeMap<String, String>, inputs: BTreeMap<String, String>) -> TaskPlan {
-    TaskPlan { kind, params, inputs, world_size: 1 }
+fn single(
+    kind: &'static str,
+    params: BTreeMap<String, String>,
+    inputs: BTreeMap<String, String>,
+) -> TaskPlan {
+    TaskPlan {
+        kind,
+        params,
+        inputs,
+        world_size: 1,
+    }
 }
 
 /// The tasks `phase` fans out to; empty means the phase is skipped.
 pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
     let spec = ctx.spec;
-    let Some(round) = spec.rounds.get(ctx.round as usize) else { return Vec::new() };
-    let sched = spec.scheduling.clone().unwrap_or_else(crate::spec::default_scheduling);
+    let Some(round) = spec.rounds.get(ctx.round as usize) else {
+        return Vec::new();
+    };
+    let sched = spec
+        .scheduling
+        .unwrap_or_else(crate::spec::default_scheduling);
     let mut base_inputs = ctx.artifacts.clone();
     base_inputs.insert("source".into(), ctx.source.to_string());
     base_inputs.insert("teacher".into(), teacher_ref(spec));
@@ -135,14 +165,26 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
                 .map(|i| {
                     single(
                         kind::SCORE,
-                        params(&[("shard", i.to_string()), ("shards", sched.score_shards.to_string())]),
+                        params(&[
+                            ("shard", i.to_string()),
+                            ("shards", sched.score_shards.to_string()),
+                        ]),
                         base_inputs.clone(),
                     )
                 })
                 .collect();
             if round.depth_importance == "perplexity" {
-                let layers = spec.teacher.as_ref().and_then(|t| t.shape.as_ref()).map(|s| s.num_layers).unwrap_or(0);
-                let groups = if sched.depth_groups > 0 { sched.depth_groups } else { layers.clamp(1, 4) };
+                let layers = spec
+                    .teacher
+                    .as_ref()
+                    .and_then(|t| t.shape.as_ref())
+                    .map(|s| s.num_layers)
+                    .unwrap_or(0);
+                let groups = if sched.depth_groups > 0 {
+                    sched.depth_groups
+                } else {
+                    layers.clamp(1, 4)
+                };
                 tasks.extend((0..groups).map(|g| {
                     single(
                         kind::SCORE_DEPTH,
@@ -153,9 +195,13 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
             }
             tasks
         }
-        Phase::Prune => vec![single(kind::PRUNE, params(&[("round", ctx.round.to_string())]), base_inputs)],
+        Phase::Prune => vec![single(
+            kind::PRUNE,
+            params(&[("round", ctx.round.to_string())]),
+            base_inputs,
+        )],
         Phase::Distill => {
-            let d = round.distill.clone().unwrap_or_default();
+            let d = round.distill.unwrap_or_default();
             let tokens = d.tokens.saturating_mul(1u64 << ctx.extensions.min(16));
             let mut inputs = base_inputs;
             if let Some(ck) = ctx.distill_checkpoint {
@@ -163,7 +209,10 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
             }
             vec![TaskPlan {
                 kind: kind::DISTILL,
-                params: params(&[("tokens", tokens.to_string()), ("extension", ctx.extensions.to_string())]),
+                params: params(&[
+                    ("tokens", tokens.to_string()),
+                    ("extension", ctx.extensions.to_string()),
+                ]),
                 inputs,
                 world_size: d.world_size.max(1),
             }]
@@ -172,23 +221,41 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
             let eval = spec.evaluation.clone().unwrap_or_default();
             let mut tasks = Vec::new();
             if eval.perplexity {
-                tasks.push(single(kind::PERPLEXITY, params(&[("role", "student".into())]), base_inputs.clone()));
+                tasks.push(single(
+                    kind::PERPLEXITY,
+                    params(&[("role", "student".into())]),
+                    base_inputs.clone(),
+                ));
                 if !ctx.metrics.contains_key("teacher_perplexity") {
-                    tasks.push(single(kind::PERPLEXITY, params(&[("role", "teacher".into())]), base_inputs.clone()));
+                    tasks.push(single(
+                        kind::PERPLEXITY,
+                        params(&[("role", "teacher".into())]),
+                        base_inputs.clone(),
+                    ));
                 }
             }
             if let Some(j) = &eval.judge {
-                tasks.push(single(kind::GENERATE, params(&[("role", "student".into())]), base_inputs.clone()));
+                tasks.push(single(
+                    kind::GENERATE,
+                    params(&[("role", "student".into())]),
+                    base_inputs.clone(),
+                ));
                 let need_teacher = j.baseline == "teacher" || ctx.previous.is_none();
                 if need_teacher && !ctx.artifacts.contains_key("teacher_answers") {
-                    tasks.push(single(kind::GENERATE, params(&[("role", "teacher".into())]), base_inputs.clone()));
+                    tasks.push(single(
+                        kind::GENERATE,
+                        params(&[("role", "teacher".into())]),
+                        base_inputs.clone(),
+                    ));
                 }
             }
             tasks
         }
         Phase::Judge => {
             let eval = spec.evaluation.clone().unwrap_or_default();
-            let Some(j) = &eval.judge else { return Vec::new() };
+            let Some(j) = &eval.judge else {
+                return Vec::new();
+            };
             let mut inputs = base_inputs;
             let baseline = match (j.baseline.as_str(), ctx.previous) {
                 ("previous", Some(prev)) => prev.get("answers").cloned(),
@@ -224,33 +291,53 @@ pub enum GateDecision {
 }
 
 /// Applies the spec's `[gate]` rules to a round's metrics.
-pub fn gate(spec: &pb::CampaignSpec, metrics: &BTreeMap<String, f64>, extensions: u32) -> GateDecision {
-    let Some(g) = &spec.gate else { return GateDecision::Pass };
+pub fn gate(
+    spec: &pb::CampaignSpec,
+    metrics: &BTreeMap<String, f64>,
+    extensions: u32,
+) -> GateDecision {
+    let Some(g) = &spec.gate else {
+        return GateDecision::Pass;
+    };
     let mut failed = None;
     if let Some(max) = g.max_perplexity_ratio {
         if let (Some(s), Some(t)) = (metrics.get("perplexity"), metrics.get("teacher_perplexity")) {
             let ratio = s / t;
-            if !(ratio <= max) {
+            // NaN fails the rule too.
+            if ratio
+                .partial_cmp(&max)
+                .is_none_or(|o| o == std::cmp::Ordering::Greater)
+            {
                 failed = Some(format!(
                     "gate.max_perplexity_ratio: student perplexity {s:.3} is {ratio:.3}x the teacher's {t:.3} (limit {max})"
                 ));
             }
         } else {
-            failed = Some("gate.max_perplexity_ratio: the round reported no perplexity to compare".to_string());
+            failed = Some(
+                "gate.max_perplexity_ratio: the round reported no perplexity to compare"
+                    .to_string(),
+            );
         }
     }
     if failed.is_none() {
         if let Some(min) = g.min_win_rate {
             match metrics.get("judge.win_rate") {
                 Some(w) if *w >= min => {}
-                Some(w) => failed = Some(format!("gate.min_win_rate: win rate {w:.3} is below {min}")),
-                None => failed = Some("gate.min_win_rate: the round reported no judge win rate".to_string()),
+                Some(w) => {
+                    failed = Some(format!("gate.min_win_rate: win rate {w:.3} is below {min}"))
+                }
+                None => {
+                    failed =
+                        Some("gate.min_win_rate: the round reported no judge win rate".to_string())
+                }
             }
         }
     }
     match failed {
         None => GateDecision::Pass,
-        Some(reason) if g.on_fail == "extend_distill" && extensions == 0 => GateDecision::Extend { reason },
+        Some(reason) if g.on_fail == "extend_distill" && extensions == 0 => {
+            GateDecision::Extend { reason }
+        }
         Some(reason) => GateDecision::Stop { reason },
     }
 }

@@ -75,15 +75,27 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
             state_dir.display()
         )
     })?;
-    let artifacts = ArtifactStore::open(&opts.data_dir.join("artifacts"))
-        .with_context(|| format!("cannot open the artifact store in {}", opts.data_dir.display()))?;
-    let engine = Engine::open(Arc::new(store), opts.machine.clone()).await.context("cannot load the state store")?;
-    let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let artifacts = ArtifactStore::open(&opts.data_dir.join("artifacts")).with_context(|| {
+        format!(
+            "cannot open the artifact store in {}",
+            opts.data_dir.display()
+        )
+    })?;
+    let engine = Engine::open(Arc::new(store), opts.machine.clone())
+        .await
+        .context("cannot load the state store")?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<CampaignServiceServer<Campaigns>>().await;
-    health_reporter.set_serving::<WorkerServiceServer<Workers>>().await;
+    health_reporter
+        .set_serving::<CampaignServiceServer<Campaigns>>()
+        .await;
+    health_reporter
+        .set_serving::<WorkerServiceServer<Workers>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(distillery_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -91,26 +103,39 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
 
     let auth_c = opts.auth.clone();
     let campaigns = InterceptedService::new(
-        CampaignServiceServer::new(Campaigns { engine: engine.clone(), artifacts: artifacts.clone() })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        CampaignServiceServer::new(Campaigns {
+            engine: engine.clone(),
+            artifacts: artifacts.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
         move |req: tonic::Request<()>| auth_c.check(&req, Role::Client).map(|_| req),
     );
     let auth_w = opts.auth.clone();
     let workers = InterceptedService::new(
-        WorkerServiceServer::new(Workers { engine: engine.clone(), artifacts, timing: opts.timing.clone() })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        WorkerServiceServer::new(Workers {
+            engine: engine.clone(),
+            artifacts,
+            timing: opts.timing.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
         move |req: tonic::Request<()>| auth_w.check(&req, Role::Worker).map(|_| req),
     );
 
-    let mut builder = Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(Duration::from_secs(20)));
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)));
     if let Some((cert, key)) = &opts.tls {
         builder = builder
             .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
             .context("invalid TLS certificate or key")?;
     }
-    let router = builder.add_service(health).add_service(reflection).add_service(campaigns).add_service(workers);
+    let router = builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(campaigns)
+        .add_service(workers);
     let ticker = engine.spawn_ticker(opts.tick);
     if let Some(m) = opts.metrics_listen {
         spawn_metrics(m, engine.clone()).await?;
@@ -121,12 +146,18 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         ticker.abort();
         r.context("gRPC server stopped")
     });
-    Ok(RunningServer { addr, engine, handle })
+    Ok(RunningServer {
+        addr,
+        engine,
+        handle,
+    })
 }
 
 /// Prometheus text exposition of the coordinator's counts on `GET /metrics`.
 async fn spawn_metrics(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
             let engine = engine.clone();
@@ -158,7 +189,10 @@ fn metrics_text(engine: &Engine) -> String {
             CampaignState::Cancelled,
         ] {
             let n = s.campaigns.values().filter(|c| c.state == st).count();
-            out.push_str(&format!("distillery_campaigns{{state=\"{}\"}} {n}\n", st.as_str()));
+            out.push_str(&format!(
+                "distillery_campaigns{{state=\"{}\"}} {n}\n",
+                st.as_str()
+            ));
         }
         out.push_str("# TYPE distillery_tasks gauge\n");
         for (st, name) in [
@@ -171,9 +205,18 @@ fn metrics_text(engine: &Engine) -> String {
             let n = s.tasks.values().filter(|t| t.state == st).count();
             out.push_str(&format!("distillery_tasks{{state=\"{name}\"}} {n}\n"));
         }
-        out.push_str(&format!("# TYPE distillery_workers gauge\ndistillery_workers {}\n", s.workers.len()));
-        out.push_str(&format!("# TYPE distillery_workers_polling gauge\ndistillery_workers_polling {}\n", s.waiting_workers().count()));
-        out.push_str(&format!("# TYPE distillery_events_total counter\ndistillery_events_total {}\n", s.meta.last_seq));
+        out.push_str(&format!(
+            "# TYPE distillery_workers gauge\ndistillery_workers {}\n",
+            s.workers.len()
+        ));
+        out.push_str(&format!(
+            "# TYPE distillery_workers_polling gauge\ndistillery_workers_polling {}\n",
+            s.waiting_workers().count()
+        ));
+        out.push_str(&format!(
+            "# TYPE distillery_events_total counter\ndistillery_events_total {}\n",
+            s.meta.last_seq
+        ));
         out
     })
 }

@@ -16,20 +16,30 @@ pub enum ShapeError {
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> ShapeError {
-    ShapeError::Invalid { path: path.display().to_string(), message: message.into() }
+    ShapeError::Invalid {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
 }
 
 /// The shape of a Hugging Face model directory (its `config.json`) or a `.gguf` file.
 pub fn read_shape(path: &Path) -> Result<ModelShape, ShapeError> {
     if path.is_dir() {
         let cfg = path.join("config.json");
-        let text = std::fs::read_to_string(&cfg)
-            .map_err(|e| invalid(&cfg, format!("cannot read ({e}); a model directory needs config.json")))?;
+        let text = std::fs::read_to_string(&cfg).map_err(|e| {
+            invalid(
+                &cfg,
+                format!("cannot read ({e}); a model directory needs config.json"),
+            )
+        })?;
         from_hf_config(&cfg, &text)
     } else if path.extension().is_some_and(|e| e == "gguf") {
         from_gguf(path)
     } else {
-        Err(invalid(path, "is neither a Hugging Face model directory nor a .gguf file"))
+        Err(invalid(
+            path,
+            "is neither a Hugging Face model directory nor a .gguf file",
+        ))
     }
 }
 
@@ -41,7 +51,12 @@ pub fn from_hf_config(path: &Path, text: &str) -> Result<ModelShape, ShapeError>
         v.get(k)
             .and_then(serde_json::Value::as_u64)
             .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| invalid(path, format!("has no integer `{k}`; is this a Llama-family config?")))
+            .ok_or_else(|| {
+                invalid(
+                    path,
+                    format!("has no integer `{k}`; is this a Llama-family config?"),
+                )
+            })
     };
     let heads = get("num_attention_heads")?;
     let mut s = ModelShape {
@@ -51,10 +66,16 @@ pub fn from_hf_config(path: &Path, text: &str) -> Result<ModelShape, ShapeError>
         num_key_value_heads: get("num_key_value_heads").unwrap_or(heads),
         num_layers: get("num_hidden_layers")?,
         vocab_size: get("vocab_size")?,
-        tie_word_embeddings: v.get("tie_word_embeddings").and_then(serde_json::Value::as_bool).unwrap_or(false),
+        tie_word_embeddings: v
+            .get("tie_word_embeddings")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false),
         params: 0,
         head_dim: get("head_dim").unwrap_or(0),
-        attention_bias: v.get("attention_bias").and_then(serde_json::Value::as_bool).unwrap_or(false)
+        attention_bias: v
+            .get("attention_bias")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false)
             || v.get("model_type").and_then(serde_json::Value::as_str) == Some("qwen2"),
     };
     check_heads(path, &s)?;
@@ -63,7 +84,10 @@ pub fn from_hf_config(path: &Path, text: &str) -> Result<ModelShape, ShapeError>
 }
 
 fn check_heads(path: &Path, s: &ModelShape) -> Result<(), ShapeError> {
-    if s.num_attention_heads == 0 || s.num_key_value_heads == 0 || s.num_attention_heads % s.num_key_value_heads != 0 {
+    if s.num_attention_heads == 0
+        || s.num_key_value_heads == 0
+        || !s.num_attention_heads.is_multiple_of(s.num_key_value_heads)
+    {
         return Err(invalid(
             path,
             format!(
@@ -154,14 +178,22 @@ impl<R: Read> GgufReader<R> {
 
 fn from_gguf(path: &Path) -> Result<ModelShape, ShapeError> {
     let f = std::fs::File::open(path).map_err(|e| invalid(path, format!("cannot open: {e}")))?;
-    let mut g = GgufReader { r: BufReader::new(f) };
+    let mut g = GgufReader {
+        r: BufReader::new(f),
+    };
     let io = |e: std::io::Error| invalid(path, format!("is not a readable GGUF file: {e}"));
     if &g.bytes::<4>().map_err(io)? != b"GGUF" {
-        return Err(invalid(path, "has no GGUF magic: is it a llama.cpp model file?"));
+        return Err(invalid(
+            path,
+            "has no GGUF magic: is it a llama.cpp model file?",
+        ));
     }
     let version = g.u32().map_err(io)?;
     if version < 2 {
-        return Err(invalid(path, format!("is GGUF version {version}; convert it with a current llama.cpp")));
+        return Err(invalid(
+            path,
+            format!("is GGUF version {version}; convert it with a current llama.cpp"),
+        ));
     }
     let n_tensors = g.u64().map_err(io)?;
     let n_kv = g.u64().map_err(io)?;
@@ -184,15 +216,25 @@ fn from_gguf(path: &Path) -> Result<ModelShape, ShapeError> {
     };
     let int = |k: &str| -> Result<u32, ShapeError> {
         match meta.get(&format!("{arch}.{k}")) {
-            Some(Meta::Int(v)) => u32::try_from(*v).map_err(|_| invalid(path, format!("{arch}.{k} is too large"))),
-            _ => Err(invalid(path, format!("has no {arch}.{k}; is this a Llama-family model?"))),
+            Some(Meta::Int(v)) => {
+                u32::try_from(*v).map_err(|_| invalid(path, format!("{arch}.{k} is too large")))
+            }
+            _ => Err(invalid(
+                path,
+                format!("has no {arch}.{k}; is this a Llama-family model?"),
+            )),
         }
     };
     let heads = int("attention.head_count")?;
     let vocab = match (meta.get("tokenizer.ggml.tokens"), int("vocab_size")) {
         (_, Ok(v)) => v,
         (Some(Meta::ArrayLen(n)), _) => u32::try_from(*n).unwrap_or(u32::MAX),
-        _ => return Err(invalid(path, "has neither a vocab_size nor tokenizer.ggml.tokens")),
+        _ => {
+            return Err(invalid(
+                path,
+                "has neither a vocab_size nor tokenizer.ggml.tokens",
+            ))
+        }
     };
     let mut s = ModelShape {
         hidden_size: int("embedding_length")?,

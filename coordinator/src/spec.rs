@@ -22,7 +22,10 @@ pub struct SpecError {
 
 impl SpecError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        SpecError { field: field.into(), message: message.into() }
+        SpecError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -256,10 +259,17 @@ pub fn default_scheduling() -> pb::SchedulingSpec {
 /// Reads and validates a spec file; relative paths resolve against its folder.
 pub fn load_file(path: &Path) -> Result<pb::CampaignSpec, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        SpecError::new("spec", format!("cannot read {}: {e} (check the path)", path.display()))
+        SpecError::new(
+            "spec",
+            format!("cannot read {}: {e} (check the path)", path.display()),
+        )
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
     parse(&text, &base, FileChecks::Local)
 }
 
@@ -269,7 +279,11 @@ pub fn parse(text: &str, base: &Path, checks: FileChecks) -> Result<pb::Campaign
     let raw: RawSpec = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let field = if path.is_empty() || path == "." { "spec".to_string() } else { path };
+        let field = if path.is_empty() || path == "." {
+            "spec".to_string()
+        } else {
+            path
+        };
         let mut msg = inner.message().replace('\n', " ");
         if let Some(span) = inner.span() {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
@@ -302,7 +316,11 @@ impl Validator<'_> {
             FileChecks::None => Ok(value.to_string()),
             FileChecks::Local => {
                 let p = Path::new(value);
-                let full = if p.is_absolute() { p.to_path_buf() } else { self.base.join(p) };
+                let full = if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    self.base.join(p)
+                };
                 if !full.exists() {
                     return Err(SpecError::new(
                         field,
@@ -320,11 +338,17 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawSpec) -> Result<pb::CampaignSpec, SpecError> {
         if raw.name.is_empty()
-            || !raw.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || !raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(SpecError::new(
                 "name",
-                format!("{:?} is not a valid name: use letters, digits, '-', '_' and '.'", raw.name),
+                format!(
+                    "{:?} is not a valid name: use letters, digits, '-', '_' and '.'",
+                    raw.name
+                ),
             ));
         }
 
@@ -352,10 +376,13 @@ impl Validator<'_> {
             }
         };
         if raw.rounds.is_empty() {
-            return Err(SpecError::new("rounds", "no [[rounds]]: add at least one round with a target"));
+            return Err(SpecError::new(
+                "rounds",
+                "no [[rounds]]: add at least one round with a target",
+            ));
         }
         let mut rounds = Vec::with_capacity(raw.rounds.len());
-        let mut prev = Some(shape.clone());
+        let mut prev = Some(shape);
         for (i, r) in raw.rounds.into_iter().enumerate() {
             let (round, next) = self.round(i, r, prev.as_ref(), &data)?;
             rounds.push(round);
@@ -365,7 +392,10 @@ impl Validator<'_> {
         Ok(pb::CampaignSpec {
             name: raw.name,
             seed: raw.seed,
-            teacher: Some(pb::TeacherSpec { model, shape: Some(shape) }),
+            teacher: Some(pb::TeacherSpec {
+                model,
+                shape: Some(shape),
+            }),
             data: Some(data),
             rounds,
             evaluation: Some(evaluation),
@@ -382,7 +412,10 @@ impl Validator<'_> {
             seq_len: positive("data.calibration.seq_len", c.seq_len)?,
         };
         if raw.train.is_empty() {
-            return Err(SpecError::new("data.train", "is empty: add at least one training domain"));
+            return Err(SpecError::new(
+                "data.train",
+                "is empty: add at least one training domain",
+            ));
         }
         let mut names = BTreeSet::new();
         let mut train = Vec::new();
@@ -431,12 +464,14 @@ impl Validator<'_> {
                     if !d.reference_loss.contains_key(name) {
                         return Err(SpecError::new(
                             format!("{f}.reference_loss"),
-                            format!("has no entry for training domain {name:?}: add `{name} = <loss>`"),
+                            format!(
+                                "has no entry for training domain {name:?}: add `{name} = <loss>`"
+                            ),
                         ));
                     }
                     if !val_names.contains(name) {
                         return Err(SpecError::new(
-                            format!("{f}"),
+                            f.to_string(),
                             format!("needs a validation set for domain {name:?}: add it to data.validation"),
                         ));
                     }
@@ -462,7 +497,12 @@ impl Validator<'_> {
                 })
             }
         };
-        Ok(pb::DataSpec { calibration: Some(calibration), train, validation, dynamic_batch_loading })
+        Ok(pb::DataSpec {
+            calibration: Some(calibration),
+            train,
+            validation,
+            dynamic_batch_loading,
+        })
     }
 
     fn round(
@@ -474,7 +514,12 @@ impl Validator<'_> {
     ) -> Result<(pb::RoundSpec, Option<pb::ModelShape>), SpecError> {
         let f = format!("rounds[{i}]");
         let t = r.target;
-        let axes = [t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_layers];
+        let axes = [
+            t.hidden_size,
+            t.intermediate_size,
+            t.num_attention_heads,
+            t.num_layers,
+        ];
         if axes.iter().all(Option::is_none) && t.params.is_none() {
             return Err(SpecError::new(
                 format!("{f}.target"),
@@ -491,7 +536,9 @@ impl Validator<'_> {
             if !(p.is_finite() && p > 0.0 && p <= 1.0) {
                 return Err(SpecError::new(
                     format!("{f}.target.params"),
-                    format!("{p} must be a fraction of the source's parameters in (0, 1], e.g. 0.7"),
+                    format!(
+                        "{p} must be a fraction of the source's parameters in (0, 1], e.g. 0.7"
+                    ),
                 ));
             }
         }
@@ -502,14 +549,21 @@ impl Validator<'_> {
             ("num_layers", t.num_layers),
         ] {
             if v == Some(0) {
-                return Err(SpecError::new(format!("{f}.target.{name}"), "0 must be at least 1"));
+                return Err(SpecError::new(
+                    format!("{f}.target.{name}"),
+                    "0 must be at least 1",
+                ));
             }
         }
         // Shape checks need the source's shape: the teacher's, or the previous round's when
         // that one was given by axes (a parameter budget's shape is chosen at prune time).
         let mut next = None;
         if let Some(src) = source.filter(|s| s.hidden_size > 0) {
-            let what = if i == 0 { "the teacher's".to_string() } else { format!("round {}'s", i - 1) };
+            let what = if i == 0 {
+                "the teacher's".to_string()
+            } else {
+                format!("round {}'s", i - 1)
+            };
             let check = |name: &str, v: Option<u32>, have: u32| -> Result<u32, SpecError> {
                 match v {
                     Some(v) if v > have => Err(SpecError::new(
@@ -521,21 +575,33 @@ impl Validator<'_> {
                 }
             };
             let hidden = check("hidden_size", t.hidden_size, src.hidden_size)?;
-            let inter = check("intermediate_size", t.intermediate_size, src.intermediate_size)?;
-            let heads = check("num_attention_heads", t.num_attention_heads, src.num_attention_heads)?;
+            let inter = check(
+                "intermediate_size",
+                t.intermediate_size,
+                src.intermediate_size,
+            )?;
+            let heads = check(
+                "num_attention_heads",
+                t.num_attention_heads,
+                src.num_attention_heads,
+            )?;
             let layers = check("num_layers", t.num_layers, src.num_layers)?;
             let kv = src.num_key_value_heads.max(1);
             if heads % kv != 0 || heads < kv {
                 let lo = (heads / kv).max(1) * kv;
                 let hi = (heads / kv + 1) * kv;
-                let hint = if lo < heads && lo != hi { format!("try {lo} or {hi}") } else { format!("try {}", hi.min(src.num_attention_heads)) };
+                let hint = if lo < heads && lo != hi {
+                    format!("try {lo} or {hi}")
+                } else {
+                    format!("try {}", hi.min(src.num_attention_heads))
+                };
                 return Err(SpecError::new(
                     format!("{f}.target.num_attention_heads"),
                     format!("{heads} must divide evenly into {kv} KV groups ({hint})"),
                 ));
             }
             if t.params.is_none() {
-                let mut s = src.clone();
+                let mut s = *src;
                 s.hidden_size = hidden;
                 s.intermediate_size = inter;
                 s.num_attention_heads = heads;
@@ -545,10 +611,16 @@ impl Validator<'_> {
                 next = Some(s);
             }
         }
-        if !matches!(r.depth_importance.as_str(), "block_importance" | "perplexity") {
+        if !matches!(
+            r.depth_importance.as_str(),
+            "block_importance" | "perplexity"
+        ) {
             return Err(SpecError::new(
                 format!("{f}.depth_importance"),
-                format!("{:?} is not a method: use \"block_importance\" or \"perplexity\"", r.depth_importance),
+                format!(
+                    "{:?} is not a method: use \"block_importance\" or \"perplexity\"",
+                    r.depth_importance
+                ),
             ));
         }
         if r.depth_importance == "perplexity" && data.validation.is_empty() {
@@ -560,7 +632,10 @@ impl Validator<'_> {
         let d = r.distill;
         let df = format!("{f}.distill");
         if d.tokens == 0 {
-            return Err(SpecError::new(format!("{df}.tokens"), "0 must be at least one token"));
+            return Err(SpecError::new(
+                format!("{df}.tokens"),
+                "0 must be at least one token",
+            ));
         }
         positive(&format!("{df}.seq_len"), d.seq_len)?;
         positive(&format!("{df}.micro_batch"), d.micro_batch)?;
@@ -573,7 +648,10 @@ impl Validator<'_> {
         finite_positive(&format!("{df}.lr"), d.lr)?;
         finite_positive(&format!("{df}.temperature"), d.temperature)?;
         if !(d.ce_weight.is_finite() && d.ce_weight >= 0.0) {
-            return Err(SpecError::new(format!("{df}.ce_weight"), format!("{} must be 0 or more", d.ce_weight)));
+            return Err(SpecError::new(
+                format!("{df}.ce_weight"),
+                format!("{} must be 0 or more", d.ce_weight),
+            ));
         }
         positive(&format!("{df}.checkpoint_every"), d.checkpoint_every)?;
         let round = pb::RoundSpec {
@@ -600,8 +678,15 @@ impl Validator<'_> {
         Ok((round, next))
     }
 
-    fn evaluation(&self, raw: Option<RawEvaluation>, data: &pb::DataSpec) -> Result<pb::EvaluationSpec, SpecError> {
-        let raw = raw.unwrap_or(RawEvaluation { perplexity: true, judge: None });
+    fn evaluation(
+        &self,
+        raw: Option<RawEvaluation>,
+        data: &pb::DataSpec,
+    ) -> Result<pb::EvaluationSpec, SpecError> {
+        let raw = raw.unwrap_or(RawEvaluation {
+            perplexity: true,
+            judge: None,
+        });
         if raw.perplexity && data.validation.is_empty() {
             return Err(SpecError::new(
                 "evaluation.perplexity",
@@ -614,19 +699,27 @@ impl Validator<'_> {
                 let f = "evaluation.judge";
                 match j.backend.as_str() {
                     "openai" => {
-                        if !(j.base_url.starts_with("http://") || j.base_url.starts_with("https://")) {
+                        if !(j.base_url.starts_with("http://")
+                            || j.base_url.starts_with("https://"))
+                        {
                             return Err(SpecError::new(
                                 format!("{f}.base_url"),
                                 format!("{:?} must be an http(s) URL such as \"http://127.0.0.1:8000/v1\"", j.base_url),
                             ));
                         }
                         if j.model.is_empty() {
-                            return Err(SpecError::new(format!("{f}.model"), "is empty: name the judge model the server serves"));
+                            return Err(SpecError::new(
+                                format!("{f}.model"),
+                                "is empty: name the judge model the server serves",
+                            ));
                         }
                     }
                     "local" => {
                         if j.model.is_empty() {
-                            return Err(SpecError::new(format!("{f}.model"), "is empty: give the judge model's path"));
+                            return Err(SpecError::new(
+                                format!("{f}.model"),
+                                "is empty: give the judge model's path",
+                            ));
                         }
                     }
                     other => {
@@ -636,17 +729,27 @@ impl Validator<'_> {
                         ))
                     }
                 }
-                let model = if j.backend == "local" { self.path(&format!("{f}.model"), &j.model)? } else { j.model };
+                let model = if j.backend == "local" {
+                    self.path(&format!("{f}.model"), &j.model)?
+                } else {
+                    j.model
+                };
                 if !matches!(j.mode.as_str(), "pairwise" | "single" | "rubric") {
                     return Err(SpecError::new(
                         format!("{f}.mode"),
-                        format!("{:?} is not a mode: use \"pairwise\", \"single\" or \"rubric\"", j.mode),
+                        format!(
+                            "{:?} is not a mode: use \"pairwise\", \"single\" or \"rubric\"",
+                            j.mode
+                        ),
                     ));
                 }
                 if !matches!(j.baseline.as_str(), "teacher" | "previous") {
                     return Err(SpecError::new(
                         format!("{f}.baseline"),
-                        format!("{:?} is not a baseline: use \"teacher\" or \"previous\"", j.baseline),
+                        format!(
+                            "{:?} is not a baseline: use \"teacher\" or \"previous\"",
+                            j.baseline
+                        ),
                     ));
                 }
                 positive(&format!("{f}.max_tokens"), j.max_tokens)?;
@@ -661,16 +764,30 @@ impl Validator<'_> {
                 })
             }
         };
-        Ok(pb::EvaluationSpec { perplexity: raw.perplexity, judge })
+        Ok(pb::EvaluationSpec {
+            perplexity: raw.perplexity,
+            judge,
+        })
     }
 
-    fn gate(&self, raw: Option<RawGate>, eval: &pb::EvaluationSpec) -> Result<pb::GateSpec, SpecError> {
+    fn gate(
+        &self,
+        raw: Option<RawGate>,
+        eval: &pb::EvaluationSpec,
+    ) -> Result<pb::GateSpec, SpecError> {
         let Some(g) = raw else {
-            return Ok(pb::GateSpec { max_perplexity_ratio: None, min_win_rate: None, on_fail: default_on_fail() });
+            return Ok(pb::GateSpec {
+                max_perplexity_ratio: None,
+                min_win_rate: None,
+                on_fail: default_on_fail(),
+            });
         };
         if let Some(r) = g.max_perplexity_ratio {
             if !(r.is_finite() && r > 0.0) {
-                return Err(SpecError::new("gate.max_perplexity_ratio", format!("{r} must be a positive ratio, e.g. 1.5")));
+                return Err(SpecError::new(
+                    "gate.max_perplexity_ratio",
+                    format!("{r} must be a positive ratio, e.g. 1.5"),
+                ));
             }
             if !eval.perplexity {
                 return Err(SpecError::new(
@@ -681,7 +798,10 @@ impl Validator<'_> {
         }
         if let Some(w) = g.min_win_rate {
             if !(0.0..=1.0).contains(&w) {
-                return Err(SpecError::new("gate.min_win_rate", format!("{w} must be between 0 and 1")));
+                return Err(SpecError::new(
+                    "gate.min_win_rate",
+                    format!("{w} must be between 0 and 1"),
+                ));
             }
             match &eval.judge {
                 Some(j) if j.mode == "pairwise" => {}
@@ -696,10 +816,17 @@ impl Validator<'_> {
         if !matches!(g.on_fail.as_str(), "stop" | "extend_distill") {
             return Err(SpecError::new(
                 "gate.on_fail",
-                format!("{:?} is not an action: use \"stop\" or \"extend_distill\"", g.on_fail),
+                format!(
+                    "{:?} is not an action: use \"stop\" or \"extend_distill\"",
+                    g.on_fail
+                ),
             ));
         }
-        Ok(pb::GateSpec { max_perplexity_ratio: g.max_perplexity_ratio, min_win_rate: g.min_win_rate, on_fail: g.on_fail })
+        Ok(pb::GateSpec {
+            max_perplexity_ratio: g.max_perplexity_ratio,
+            min_win_rate: g.min_win_rate,
+            on_fail: g.on_fail,
+        })
     }
 }
 
@@ -715,22 +842,38 @@ fn finite_positive(field: &str, v: f64) -> Result<f64, SpecError> {
     if v.is_finite() && v > 0.0 {
         Ok(v)
     } else {
-        Err(SpecError::new(field, format!("{v} must be a positive number")))
+        Err(SpecError::new(
+            field,
+            format!("{v} must be a positive number"),
+        ))
     }
 }
 
 fn domain_name(field: &str, name: &str) -> Result<(), SpecError> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')) {
-        return Err(SpecError::new(field, format!("{name:?} is not a valid domain name: use letters, digits, '-' and '_'")));
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    {
+        return Err(SpecError::new(
+            field,
+            format!("{name:?} is not a valid domain name: use letters, digits, '-' and '_'"),
+        ));
     }
     Ok(())
 }
 
 /// Server-side check of a spec received over the wire: the same rules that need no files.
 pub fn validate_wire(spec: &pb::CampaignSpec) -> Result<(), SpecError> {
-    let teacher = spec.teacher.as_ref().ok_or_else(|| SpecError::new("teacher", "is missing"))?;
+    let teacher = spec
+        .teacher
+        .as_ref()
+        .ok_or_else(|| SpecError::new("teacher", "is missing"))?;
     if teacher.model.is_empty() {
-        return Err(SpecError::new("teacher.model", "is empty: give the teacher's path"));
+        return Err(SpecError::new(
+            "teacher.model",
+            "is empty: give the teacher's path",
+        ));
     }
     if spec.data.is_none() {
         return Err(SpecError::new("data", "is missing"));
@@ -739,9 +882,15 @@ pub fn validate_wire(spec: &pb::CampaignSpec) -> Result<(), SpecError> {
         return Err(SpecError::new("rounds", "no rounds: add at least one"));
     }
     for (i, r) in spec.rounds.iter().enumerate() {
-        let d = r.distill.as_ref().ok_or_else(|| SpecError::new(format!("rounds[{i}].distill"), "is missing"))?;
+        let d = r
+            .distill
+            .as_ref()
+            .ok_or_else(|| SpecError::new(format!("rounds[{i}].distill"), "is missing"))?;
         if d.world_size < 1 {
-            return Err(SpecError::new(format!("rounds[{i}].distill.world_size"), "0 must be at least 1"));
+            return Err(SpecError::new(
+                format!("rounds[{i}].distill.world_size"),
+                "0 must be at least 1",
+            ));
         }
         if r.target.is_none() {
             return Err(SpecError::new(format!("rounds[{i}].target"), "is missing"));
@@ -749,7 +898,10 @@ pub fn validate_wire(spec: &pb::CampaignSpec) -> Result<(), SpecError> {
     }
     if let Some(s) = &spec.scheduling {
         if s.max_attempts == 0 || s.score_shards == 0 || s.judge_shards == 0 {
-            return Err(SpecError::new("scheduling", "max_attempts, score_shards and judge_shards must be at least 1"));
+            return Err(SpecError::new(
+                "scheduling",
+                "max_attempts, score_shards and judge_shards must be at least 1",
+            ));
         }
     }
     Ok(())

@@ -19,7 +19,11 @@ pub enum StoreError {
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
     #[error("state store: corrupt record {key:?} in tree {tree}: {message}")]
-    Corrupt { tree: &'static str, key: String, message: String },
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        message: String,
+    },
     #[error("state store: cannot encode record: {0}")]
     Encode(String),
 }
@@ -54,7 +58,10 @@ const META_KEY: &[u8] = b"meta";
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         Ok(SledStore {
             campaigns: db.open_tree("campaigns")?,
             tasks: db.open_tree("tasks")?,
@@ -67,7 +74,11 @@ impl SledStore {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(tree: &'static str, key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+fn decode<T: serde::de::DeserializeOwned>(
+    tree: &'static str,
+    key: &[u8],
+    v: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
         tree,
         key: String::from_utf8_lossy(key).into_owned(),
@@ -75,11 +86,17 @@ fn decode<T: serde::de::DeserializeOwned>(tree: &'static str, key: &[u8], v: &[u
     })
 }
 
-fn load_tree<T: serde::de::DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<BTreeMap<String, T>, StoreError> {
+fn load_tree<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+) -> Result<BTreeMap<String, T>, StoreError> {
     let mut out = BTreeMap::new();
     for kv in tree.iter() {
         let (k, v) = kv?;
-        out.insert(String::from_utf8_lossy(&k).into_owned(), decode(name, &k, &v)?);
+        out.insert(
+            String::from_utf8_lossy(&k).into_owned(),
+            decode(name, &k, &v)?,
+        );
     }
     Ok(out)
 }
@@ -91,8 +108,13 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 /// Encoded writes of one transition: key -> Some(value) to insert, None to remove.
 type Writes = Vec<(String, Option<Vec<u8>>)>;
 
-fn writes<T: serde::Serialize>(ids: &std::collections::BTreeSet<String>, map: &BTreeMap<String, T>) -> Result<Writes, StoreError> {
-    ids.iter().map(|id| Ok((id.clone(), map.get(id).map(encode).transpose()?))).collect()
+fn writes<T: serde::Serialize>(
+    ids: &std::collections::BTreeSet<String>,
+    map: &BTreeMap<String, T>,
+) -> Result<Writes, StoreError> {
+    ids.iter()
+        .map(|id| Ok((id.clone(), map.get(id).map(encode).transpose()?)))
+        .collect()
 }
 
 impl StateStore for SledStore {
@@ -118,36 +140,56 @@ impl StateStore for SledStore {
         let tasks = writes(&d.tasks, &state.tasks)?;
         let leases = writes(&d.leases, &state.leases)?;
         let workers = writes(&d.workers, &state.workers)?;
-        let meta = if d.meta { Some(encode(&state.meta)?) } else { None };
-        let events: Vec<([u8; 8], Vec<u8>)> = t.events.iter().map(|e| (e.seq.to_be_bytes(), e.encode_to_vec())).collect();
-        let res: Result<(), TransactionError<()>> =
-            (&self.campaigns, &self.tasks, &self.leases, &self.workers, &self.events, &self.meta).transaction(
-                |(tc, tt, tl, tw, te, tm)| {
-                    for (tree, ws) in [(tc, &campaigns), (tt, &tasks), (tl, &leases), (tw, &workers)] {
-                        for (k, v) in ws.iter() {
-                            match v {
-                                Some(v) => {
-                                    tree.insert(k.as_bytes(), v.as_slice())?;
-                                }
-                                None => {
-                                    tree.remove(k.as_bytes())?;
-                                }
+        let meta = if d.meta {
+            Some(encode(&state.meta)?)
+        } else {
+            None
+        };
+        let events: Vec<([u8; 8], Vec<u8>)> = t
+            .events
+            .iter()
+            .map(|e| (e.seq.to_be_bytes(), e.encode_to_vec()))
+            .collect();
+        let res: Result<(), TransactionError<()>> = (
+            &self.campaigns,
+            &self.tasks,
+            &self.leases,
+            &self.workers,
+            &self.events,
+            &self.meta,
+        )
+            .transaction(|(tc, tt, tl, tw, te, tm)| {
+                for (tree, ws) in [
+                    (tc, &campaigns),
+                    (tt, &tasks),
+                    (tl, &leases),
+                    (tw, &workers),
+                ] {
+                    for (k, v) in ws.iter() {
+                        match v {
+                            Some(v) => {
+                                tree.insert(k.as_bytes(), v.as_slice())?;
+                            }
+                            None => {
+                                tree.remove(k.as_bytes())?;
                             }
                         }
                     }
-                    for (k, v) in &events {
-                        te.insert(&k[..], v.as_slice())?;
-                    }
-                    if let Some(m) = &meta {
-                        tm.insert(META_KEY, m.as_slice())?;
-                    }
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                },
-            );
+                }
+                for (k, v) in &events {
+                    te.insert(&k[..], v.as_slice())?;
+                }
+                if let Some(m) = &meta {
+                    tm.insert(META_KEY, m.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
         match res {
             Ok(()) => Ok(()),
             Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
-            Err(TransactionError::Abort(())) => Err(StoreError::Encode("transaction aborted".into())),
+            Err(TransactionError::Abort(())) => {
+                Err(StoreError::Encode("transaction aborted".into()))
+            }
         }
     }
 
@@ -206,8 +248,11 @@ impl GroupCommit {
     /// Returns once everything committed before this call is durable.
     pub async fn durable(&self) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).map_err(|_| "the flusher has stopped".to_string())?;
-        rx.await.map_err(|_| "the flusher has stopped".to_string())?
+        self.tx
+            .send(tx)
+            .map_err(|_| "the flusher has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the flusher has stopped".to_string())?
     }
 }
 

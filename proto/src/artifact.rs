@@ -15,12 +15,17 @@ pub const CHUNK_SIZE: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("{0:?} is not a sha256 digest: expect 64 hex characters, optionally after \"sha256:\"")]
+    #[error(
+        "{0:?} is not a sha256 digest: expect 64 hex characters, optionally after \"sha256:\""
+    )]
     BadDigest(String),
     #[error("digest mismatch: expected {expected}, received data hashes to {actual}")]
     Mismatch { expected: String, actual: String },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("manifest path {0:?} is not a plain relative path")]
     UnsafePath(String),
     #[error("transfer failed: {0}")]
@@ -28,7 +33,10 @@ pub enum ArtifactError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
-    move |source| ArtifactError::Io { path: path.display().to_string(), source }
+    move |source| ArtifactError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Validates a digest and returns its 64 lowercase hex characters.
@@ -60,7 +68,9 @@ pub struct DirManifest {
 impl DirManifest {
     /// Parses a blob as a manifest, if it is one.
     pub fn parse(bytes: &[u8]) -> Option<DirManifest> {
-        serde_json::from_slice::<DirManifest>(bytes).ok().filter(|m| m.distillery_dir == 1)
+        serde_json::from_slice::<DirManifest>(bytes)
+            .ok()
+            .filter(|m| m.distillery_dir == 1)
     }
 }
 
@@ -91,41 +101,57 @@ pub async fn digest_file(path: &Path) -> Result<(String, u64), ArtifactError> {
 }
 
 /// The chunks of a file, the first naming the expected digest.
-pub fn file_chunks(path: PathBuf, digest: String) -> impl futures::Stream<Item = Chunk> + Send + 'static {
-    futures::stream::unfold((None::<tokio::fs::File>, path, Some(digest), false), |(f, path, digest, done)| async move {
-        if done {
-            return None;
-        }
-        let mut f = match f {
-            Some(f) => f,
-            None => tokio::fs::File::open(&path).await.ok()?,
-        };
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut filled = 0;
-        while filled < CHUNK_SIZE {
-            match f.read(&mut buf[filled..]).await {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(_) => return None,
+pub fn file_chunks(
+    path: PathBuf,
+    digest: String,
+) -> impl futures::Stream<Item = Chunk> + Send + 'static {
+    futures::stream::unfold(
+        (None::<tokio::fs::File>, path, Some(digest), false),
+        |(f, path, digest, done)| async move {
+            if done {
+                return None;
             }
-        }
-        buf.truncate(filled);
-        let last = filled < CHUNK_SIZE;
-        let chunk = Chunk { data: buf, digest: digest.clone().unwrap_or_default(), total_size: 0 };
-        Some((chunk, (Some(f), path, None, last)))
-    })
+            let mut f = match f {
+                Some(f) => f,
+                None => tokio::fs::File::open(&path).await.ok()?,
+            };
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            let mut filled = 0;
+            while filled < CHUNK_SIZE {
+                match f.read(&mut buf[filled..]).await {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(_) => return None,
+                }
+            }
+            buf.truncate(filled);
+            let last = filled < CHUNK_SIZE;
+            let chunk = Chunk {
+                data: buf,
+                digest: digest.clone().unwrap_or_default(),
+                total_size: 0,
+            };
+            Some((chunk, (Some(f), path, None, last)))
+        },
+    )
 }
 
 /// Receives a chunk stream into `dest` (written through a temporary file, renamed at the end),
 /// checking the sha256 against `expected` and against any digest the chunks carry.
-pub async fn receive_to_file<S>(mut stream: S, dest: &Path, expected: Option<&str>) -> Result<(String, u64), ArtifactError>
+pub async fn receive_to_file<S>(
+    mut stream: S,
+    dest: &Path,
+    expected: Option<&str>,
+) -> Result<(String, u64), ArtifactError>
 where
     S: futures::Stream<Item = Result<Chunk, tonic::Status>> + Unpin,
 {
     use futures::StreamExt;
     let tmp = dest.with_extension(format!("part-{}", std::process::id()));
     if let Some(parent) = dest.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(io_err(parent))?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(io_err(parent))?;
     }
     let mut f = tokio::fs::File::create(&tmp).await.map_err(io_err(&tmp))?;
     let mut h = Sha256::new();
@@ -147,7 +173,10 @@ where
         if let Some(exp) = announced {
             let exp = parse_digest(&exp)?;
             if exp != actual {
-                return Err(ArtifactError::Mismatch { expected: exp, actual });
+                return Err(ArtifactError::Mismatch {
+                    expected: exp,
+                    actual,
+                });
             }
         }
         Ok(actual)
@@ -176,7 +205,10 @@ pub fn list_files(dir: &Path) -> Result<Vec<String>, ArtifactError> {
                 walk(root, &p, out)?;
             } else if ty.is_file() {
                 let rel = p.strip_prefix(root).unwrap_or(&p);
-                let parts: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+                let parts: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
                 out.push(parts.join("/"));
             }
         }
@@ -213,7 +245,9 @@ mod tests {
     async fn chunks_round_trip_with_digest_check() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src.bin");
-        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17))
+            .map(|i| (i % 251) as u8)
+            .collect();
         std::fs::write(&src, &data).unwrap();
         let (digest, size) = digest_file(&src).await.unwrap();
         assert_eq!(size, data.len() as u64);
@@ -231,7 +265,10 @@ mod tests {
         bad[1].data[0] ^= 1;
         let dest2 = dir.path().join("bad.bin");
         let s = futures::stream::iter(bad.into_iter().map(Ok));
-        assert!(matches!(receive_to_file(s, &dest2, None).await, Err(ArtifactError::Mismatch { .. })));
+        assert!(matches!(
+            receive_to_file(s, &dest2, None).await,
+            Err(ArtifactError::Mismatch { .. })
+        ));
         assert!(!dest2.exists());
     }
 }

@@ -45,7 +45,9 @@ pub enum ConnectError {
     BadToken,
     #[error("cannot read CA certificate {path}: {message}")]
     BadCa { path: String, message: String },
-    #[error("cannot reach the coordinator at {url}: {message} (is `coordinator serve` running there?)")]
+    #[error(
+        "cannot reach the coordinator at {url}: {message} (is `coordinator serve` running there?)"
+    )]
     Unreachable { url: String, message: String },
 }
 
@@ -70,7 +72,10 @@ impl Target {
         if self.url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.ca_cert {
-                let pem = std::fs::read(ca).map_err(|e| ConnectError::BadCa { path: ca.clone(), message: e.to_string() })?;
+                let pem = std::fs::read(ca).map_err(|e| ConnectError::BadCa {
+                    path: ca.clone(),
+                    message: e.to_string(),
+                })?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
             ep = ep.tls_config(tls).map_err(|e| ConnectError::BadCa {
@@ -91,19 +96,26 @@ impl Target {
         self.endpoint()?
             .connect()
             .await
-            .map_err(|e| ConnectError::Unreachable { url: self.url.clone(), message: error_chain(&e) })
+            .map_err(|e| ConnectError::Unreachable {
+                url: self.url.clone(),
+                message: error_chain(&e),
+            })
     }
 
     pub fn campaigns(&self, ch: Channel) -> Result<CampaignClient, ConnectError> {
-        Ok(CampaignServiceClient::with_interceptor(ch, BearerToken::new(self.token.as_deref())?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(
+            CampaignServiceClient::with_interceptor(ch, BearerToken::new(self.token.as_deref())?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     pub fn workers(&self, ch: Channel) -> Result<WorkerClient, ConnectError> {
-        Ok(WorkerServiceClient::with_interceptor(ch, BearerToken::new(self.token.as_deref())?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        Ok(
+            WorkerServiceClient::with_interceptor(ch, BearerToken::new(self.token.as_deref())?)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 }
 
@@ -128,7 +140,11 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// The gist of a multi-line usage error (clap's rendering) on one line.
 pub fn one_line_usage_error(text: &str) -> String {
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    let first = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+    let first = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_string();
     match (first.ends_with(':'), lines.next()) {
         (true, Some(next)) => format!("{first} {next}"),
         _ => first,

@@ -5,11 +5,12 @@ pub mod v1 {
     tonic::include_proto!("distillery.v1");
 
     /// Encoded file descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("distillery_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("distillery_descriptor");
 }
 
 pub use v1::*;
 
-pub mod shape;
 pub mod artifact;
 pub mod client;
+pub mod shape;

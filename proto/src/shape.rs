@@ -27,10 +27,10 @@ pub fn param_count(s: &ModelShape) -> u64 {
 pub fn head_dim(s: &ModelShape) -> u32 {
     if s.head_dim > 0 {
         s.head_dim
-    } else if s.num_attention_heads > 0 {
-        s.hidden_size / s.num_attention_heads
     } else {
-        0
+        s.hidden_size
+            .checked_div(s.num_attention_heads)
+            .unwrap_or(0)
     }
 }
 

@@ -11,15 +11,25 @@ use distillery_proto::v1 as pb;
 /// A binary built by `cargo test --workspace` next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
     let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run the tests with `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// A running `coordinator serve`.
@@ -52,7 +62,11 @@ impl CoordinatorProc {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let child = Command::new(bin("coordinator"))
             .arg("serve")
             .arg("--listen")
@@ -74,16 +88,33 @@ impl CoordinatorProc {
         let deadline = Instant::now() + Duration::from_secs(30);
         // On a thread of its own, so callers may be sync or inside a runtime.
         let ready = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             loop {
-            let ok = rt.block_on(async {
-                let Ok(ch) = (Target { url: url.clone(), ..Default::default() }).channel().await else { return false };
-                let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-                h.check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                let ok = rt.block_on(async {
+                    let Ok(ch) = (Target {
+                        url: url.clone(),
+                        ..Default::default()
+                    })
+                    .channel()
                     .await
-                    .map(|r| r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                    else {
+                        return false;
+                    };
+                    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+                    h.check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|r| {
+                        r.into_inner().status
+                            == tonic_health::pb::health_check_response::ServingStatus::Serving
+                                as i32
+                    })
                     .unwrap_or(false)
-            });
+                });
                 if ok {
                     return true;
                 }
@@ -95,7 +126,11 @@ impl CoordinatorProc {
         })
         .join()
         .unwrap_or(false);
-        assert!(ready, "coordinator did not start; log:\n{}", self.log_text());
+        assert!(
+            ready,
+            "coordinator did not start; log:\n{}",
+            self.log_text()
+        );
     }
 
     /// SIGKILL, no shutdown of any kind.
@@ -119,7 +154,9 @@ impl CoordinatorProc {
     /// Runs a client subcommand of the `coordinator` binary against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("coordinator"));
-        cmd.args(args).env("DISTILLERY_ADDR", self.url()).env_remove("DISTILLERY_TOKEN");
+        cmd.args(args)
+            .env("DISTILLERY_ADDR", self.url())
+            .env_remove("DISTILLERY_TOKEN");
         if let Some(t) = &self.token {
             cmd.env("DISTILLERY_TOKEN", t);
         }
@@ -133,7 +170,11 @@ impl CoordinatorProc {
             args.insert(1, id);
         }
         let out = self.cli(&args);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
     }
 
@@ -143,12 +184,20 @@ impl CoordinatorProc {
             .args(["status", "--json", "--token", token, "--addr", &self.url()])
             .output()
             .expect("run coordinator cli");
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
     }
 
     pub fn target(&self, token: Option<&str>) -> Target {
-        Target { url: self.url(), token: token.map(str::to_string), ca_cert: None }
+        Target {
+            url: self.url(),
+            token: token.map(str::to_string),
+            ca_cert: None,
+        }
     }
 
     pub async fn campaigns(&self, token: Option<&str>) -> CampaignClient {
@@ -181,7 +230,11 @@ impl WorkerProc {
     pub fn scripted(url: &str, work_dir: &Path, env: &[(&str, String)]) -> WorkerProc {
         std::fs::create_dir_all(work_dir).expect("work dir");
         let log = work_dir.join("worker.log");
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log");
         let mut cmd = Command::new(bin("scripted-worker"));
         cmd.args(["--coordinator", url, "--devices", "cpu", "--work-dir"])
             .arg(work_dir)
@@ -191,7 +244,10 @@ impl WorkerProc {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        WorkerProc { child: Some(cmd.spawn().expect("start scripted worker")), log }
+        WorkerProc {
+            child: Some(cmd.spawn().expect("start scripted worker")),
+            log,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -252,8 +308,11 @@ pub fn fixture() -> tempfile::TempDir {
     for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
         std::fs::write(dir.path().join(f), "{\"text\": \"hello world\"}\n").expect("data");
     }
-    std::fs::write(dir.path().join("questions.jsonl"), "{\"question_id\": 1, \"category\": \"writing\", \"turns\": [\"Hi?\"]}\n")
-        .expect("questions");
+    std::fs::write(
+        dir.path().join("questions.jsonl"),
+        "{\"question_id\": 1, \"category\": \"writing\", \"turns\": [\"Hi?\"]}\n",
+    )
+    .expect("questions");
     dir
 }
 
@@ -286,7 +345,11 @@ pub fn write_spec(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// Submits a spec through the CLI and returns the campaign id.
 pub fn submit(c: &CoordinatorProc, spec: &Path) -> String {
     let out = c.cli(&["submit", spec.to_str().expect("utf-8 path")]);
-    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "submit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -294,7 +357,14 @@ pub fn submit(c: &CoordinatorProc, spec: &Path) -> String {
 pub async fn all_events(c: &CoordinatorProc, id: &str) -> Vec<pb::Event> {
     use futures::StreamExt;
     let mut client = c.campaigns(c.token.as_deref()).await;
-    let mut s = client.watch(pb::WatchRequest { campaign_id: id.to_string(), from_seq: 1 }).await.expect("watch").into_inner();
+    let mut s = client
+        .watch(pb::WatchRequest {
+            campaign_id: id.to_string(),
+            from_seq: 1,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
     let mut out = Vec::new();
     while let Some(e) = s.next().await {
         out.push(e.expect("event"));
@@ -303,11 +373,23 @@ pub async fn all_events(c: &CoordinatorProc, id: &str) -> Vec<pb::Event> {
 }
 
 /// Waits until a campaign's event satisfies `pred` (following the live log), returning it.
-pub async fn wait_event(c: &CoordinatorProc, id: &str, timeout: Duration, pred: impl Fn(&pb::Event) -> bool) -> pb::Event {
+pub async fn wait_event(
+    c: &CoordinatorProc,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&pb::Event) -> bool,
+) -> pb::Event {
     use futures::StreamExt;
     let fut = async {
         let mut client = c.campaigns(c.token.as_deref()).await;
-        let mut s = client.watch(pb::WatchRequest { campaign_id: id.to_string(), from_seq: 1 }).await.expect("watch").into_inner();
+        let mut s = client
+            .watch(pb::WatchRequest {
+                campaign_id: id.to_string(),
+                from_seq: 1,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
         while let Some(e) = s.next().await {
             let e = e.expect("event");
             if pred(&e) {
@@ -318,8 +400,14 @@ pub async fn wait_event(c: &CoordinatorProc, id: &str, timeout: Duration, pred: 
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(Some(e)) => e,
-        Ok(None) => panic!("campaign {id} ended without the awaited event; log:\n{}", c.log_text()),
-        Err(_) => panic!("timed out waiting for an event of {id}; log:\n{}", c.log_text()),
+        Ok(None) => panic!(
+            "campaign {id} ended without the awaited event; log:\n{}",
+            c.log_text()
+        ),
+        Err(_) => panic!(
+            "timed out waiting for an event of {id}; log:\n{}",
+            c.log_text()
+        ),
     }
 }
 
@@ -332,7 +420,11 @@ pub fn wait_terminal(c: &CoordinatorProc, id: &str, timeout: Duration) -> serde_
         if matches!(st.as_str(), "succeeded" | "failed" | "cancelled") {
             return v;
         }
-        assert!(Instant::now() < deadline, "campaign {id} still {st}; status {v}\nlog:\n{}", c.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "campaign {id} still {st}; status {v}\nlog:\n{}",
+            c.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

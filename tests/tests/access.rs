@@ -5,20 +5,68 @@ use distillery_tests::*;
 
 /// (replace this, with this, field named in the error).
 const BAD_SPECS: &[(&str, &str, &str)] = &[
-    ("name = \"e2e\"", "name = \"e2e\"\ncolour = \"blue\"", "colour"),
+    (
+        "name = \"e2e\"",
+        "name = \"e2e\"\ncolour = \"blue\"",
+        "colour",
+    ),
     ("seed = 1", "seed = \"one\"", "seed"),
-    ("model = \"teacher\"", "model = \"no-such-model\"", "teacher.model"),
-    ("model = \"teacher\"", "model = \"web.jsonl\"", "teacher.model"),
-    ("target = { num_layers = 3 }", "target = { num_layers = 9 }", "rounds[0].target.num_layers"),
-    ("target = { num_layers = 3 }", "target = { num_attention_heads = 7 }", "rounds[0].target.num_attention_heads"),
-    ("target = { num_layers = 3 }", "target = { hidden_size = 65 }", "rounds[0].target.hidden_size"),
-    ("world_size = 1", "world_size = 0", "rounds[0].distill.world_size"),
+    (
+        "model = \"teacher\"",
+        "model = \"no-such-model\"",
+        "teacher.model",
+    ),
+    (
+        "model = \"teacher\"",
+        "model = \"web.jsonl\"",
+        "teacher.model",
+    ),
+    (
+        "target = { num_layers = 3 }",
+        "target = { num_layers = 9 }",
+        "rounds[0].target.num_layers",
+    ),
+    (
+        "target = { num_layers = 3 }",
+        "target = { num_attention_heads = 7 }",
+        "rounds[0].target.num_attention_heads",
+    ),
+    (
+        "target = { num_layers = 3 }",
+        "target = { hidden_size = 65 }",
+        "rounds[0].target.hidden_size",
+    ),
+    (
+        "world_size = 1",
+        "world_size = 0",
+        "rounds[0].distill.world_size",
+    ),
     ("tokens = 1000", "tokens = -5", "rounds[0].distill.tokens"),
-    ("path = \"calib.jsonl\"", "path = \"missing.jsonl\"", "data.calibration.path"),
-    ("train = [ { name = \"web\", path = \"web.jsonl\" } ]", "train = []", "data.train"),
-    ("validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]", "validation = []", "evaluation.perplexity"),
-    ("seed = 1", "seed = 1\n[gate]\non_fail = \"panic\"", "gate.on_fail"),
-    ("seed = 1", "seed = 1\n[scheduling]\nmax_attempts = 0", "scheduling.max_attempts"),
+    (
+        "path = \"calib.jsonl\"",
+        "path = \"missing.jsonl\"",
+        "data.calibration.path",
+    ),
+    (
+        "train = [ { name = \"web\", path = \"web.jsonl\" } ]",
+        "train = []",
+        "data.train",
+    ),
+    (
+        "validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]",
+        "validation = []",
+        "evaluation.perplexity",
+    ),
+    (
+        "seed = 1",
+        "seed = 1\n[gate]\non_fail = \"panic\"",
+        "gate.on_fail",
+    ),
+    (
+        "seed = 1",
+        "seed = 1\n[scheduling]\nmax_attempts = 0",
+        "scheduling.max_attempts",
+    ),
     ("[[rounds]]", "[[rouns]]", "rouns"),
 ];
 
@@ -33,21 +81,41 @@ fn bad_specs_exit_2_with_one_line_and_leave_the_store_untouched() {
         let out = coord.cli(&["submit", p.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{to:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "one line for {to:?}: {err}");
-        assert!(err.contains(&format!("{field}:")), "{to:?} must name {field}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "one line for {to:?}: {err}"
+        );
+        assert!(
+            err.contains(&format!("{field}:")),
+            "{to:?} must name {field}: {err}"
+        );
         assert!(!err.contains("panicked") && out.stdout.is_empty());
     }
     // Not a file, and not TOML at all.
-    for (name, body) in [("none.toml", None), ("garbage.toml", Some("this is [not toml"))] {
+    for (name, body) in [
+        ("none.toml", None),
+        ("garbage.toml", Some("this is [not toml")),
+    ] {
         let p = fx.path().join(name);
         if let Some(b) = body {
             std::fs::write(&p, b).unwrap();
         }
         let out = coord.cli(&["submit", p.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(2));
-        assert_eq!(String::from_utf8_lossy(&out.stderr).trim_end().lines().count(), 1);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr)
+                .trim_end()
+                .lines()
+                .count(),
+            1
+        );
     }
-    assert_eq!(coord.status_json(None)["campaigns"], serde_json::json!([]), "nothing reached the store");
+    assert_eq!(
+        coord.status_json(None)["campaigns"],
+        serde_json::json!([]),
+        "nothing reached the store"
+    );
     // The good spec still goes through.
     let id = submit(&coord, &write_spec(fx.path(), "good.toml", &good));
     assert_eq!(coord.status_json(Some(&id))["state"], "pending");
@@ -78,7 +146,14 @@ fn bad_arguments_exit_2_with_one_line() {
     let bad = fx.path().join("tokens");
     std::fs::write(&bad, "root hunter2\n").unwrap();
     let out = std::process::Command::new(bin("coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--tokens", bad.to_str().unwrap(), "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            bad.to_str().unwrap(),
+            "--data-dir",
+        ])
         .arg(fx.path().join("other-data"))
         .output()
         .unwrap();
@@ -90,28 +165,69 @@ fn bad_arguments_exit_2_with_one_line() {
 async fn tokens_and_roles_are_enforced() {
     let fx = fixture();
     let tokens = fx.path().join("tokens");
-    let (client, worker) = ("client-token-0123456789abcdef", "worker-token-0123456789abcdef");
+    let (client, worker) = (
+        "client-token-0123456789abcdef",
+        "worker-token-0123456789abcdef",
+    );
     std::fs::write(&tokens, format!("client {client}\nworker {worker}\n")).unwrap();
-    let mut coord = CoordinatorProc::start(&fx.path().join("data"), &["--tokens", tokens.to_str().unwrap()]);
+    let mut coord = CoordinatorProc::start(
+        &fx.path().join("data"),
+        &["--tokens", tokens.to_str().unwrap()],
+    );
 
     let code = |r: Result<(), tonic::Status>| r.err().map(|s| s.code());
     let mut anon = coord.campaigns(None).await;
-    assert_eq!(code(anon.list(pb::ListCampaignsRequest {}).await.map(|_| ())), Some(tonic::Code::Unauthenticated));
+    assert_eq!(
+        code(anon.list(pb::ListCampaignsRequest {}).await.map(|_| ())),
+        Some(tonic::Code::Unauthenticated)
+    );
     let mut wrong = coord.campaigns(Some("not-a-token-at-all-xxxxxxxx")).await;
-    assert_eq!(code(wrong.list(pb::ListCampaignsRequest {}).await.map(|_| ())), Some(tonic::Code::Unauthenticated));
+    assert_eq!(
+        code(wrong.list(pb::ListCampaignsRequest {}).await.map(|_| ())),
+        Some(tonic::Code::Unauthenticated)
+    );
     let mut as_worker = coord.campaigns(Some(worker)).await;
-    let spec = distillery_coordinator::spec::load_file(&write_spec(fx.path(), "s.toml", &spec_toml(1, 1, ""))).unwrap();
-    let submit = as_worker.submit(pb::SubmitRequest { spec: Some(spec.clone()) }).await;
-    assert_eq!(code(submit.map(|_| ())), Some(tonic::Code::PermissionDenied));
+    let spec = distillery_coordinator::spec::load_file(&write_spec(
+        fx.path(),
+        "s.toml",
+        &spec_toml(1, 1, ""),
+    ))
+    .unwrap();
+    let submit = as_worker
+        .submit(pb::SubmitRequest {
+            spec: Some(spec.clone()),
+        })
+        .await;
+    assert_eq!(
+        code(submit.map(|_| ())),
+        Some(tonic::Code::PermissionDenied)
+    );
     let mut w_as_client = coord.workers(Some(client)).await;
-    let reg = pb::RegisterRequest { host: "h".into(), devices: vec!["cpu".into()], ..Default::default() };
-    assert_eq!(code(w_as_client.register(reg.clone()).await.map(|_| ())), Some(tonic::Code::PermissionDenied));
+    let reg = pb::RegisterRequest {
+        host: "h".into(),
+        devices: vec!["cpu".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        code(w_as_client.register(reg.clone()).await.map(|_| ())),
+        Some(tonic::Code::PermissionDenied)
+    );
     let mut w_anon = coord.workers(None).await;
-    assert_eq!(code(w_anon.register(reg.clone()).await.map(|_| ())), Some(tonic::Code::Unauthenticated));
-    assert_eq!(coord.status_json_with(client)["campaigns"], serde_json::json!([]), "refused calls changed nothing");
+    assert_eq!(
+        code(w_anon.register(reg.clone()).await.map(|_| ())),
+        Some(tonic::Code::Unauthenticated)
+    );
+    assert_eq!(
+        coord.status_json_with(client)["campaigns"],
+        serde_json::json!([]),
+        "refused calls changed nothing"
+    );
 
     let mut ok_client = coord.campaigns(Some(client)).await;
-    ok_client.submit(pb::SubmitRequest { spec: Some(spec) }).await.expect("client may submit");
+    ok_client
+        .submit(pb::SubmitRequest { spec: Some(spec) })
+        .await
+        .expect("client may submit");
     let mut ok_worker = coord.workers(Some(worker)).await;
     ok_worker.register(reg).await.expect("worker may register");
 
@@ -119,7 +235,10 @@ async fn tokens_and_roles_are_enforced() {
     let out = coord.cli(&["status"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("DISTILLERY_TOKEN") && err.trim_end().lines().count() == 1, "{err}");
+    assert!(
+        err.contains("DISTILLERY_TOKEN") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
     coord.token = Some(client.into());
     assert!(coord.cli(&["status"]).status.success());
     let _ = &mut coord;
@@ -130,22 +249,53 @@ async fn artifact_names_are_digests_never_paths() {
     let fx = fixture();
     let coord = CoordinatorProc::start(&fx.path().join("data"), &[]);
     let mut w = coord.workers(None).await;
-    for bad in ["../../../etc/passwd", "/etc/passwd", "sha256:../../x", &"z".repeat(64)] {
-        let e = w.get_artifact(pb::GetArtifactRequest { digest: bad.to_string() }).await.err().expect("refused");
+    for bad in [
+        "../../../etc/passwd",
+        "/etc/passwd",
+        "sha256:../../x",
+        &"z".repeat(64),
+    ] {
+        let e = w
+            .get_artifact(pb::GetArtifactRequest {
+                digest: bad.to_string(),
+            })
+            .await
+            .expect_err("refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
     }
-    let e = w.get_artifact(pb::GetArtifactRequest { digest: "ab".repeat(32) }).await.err().expect("absent");
+    let e = w
+        .get_artifact(pb::GetArtifactRequest {
+            digest: "ab".repeat(32),
+        })
+        .await
+        .expect_err("absent");
     assert_eq!(e.code(), tonic::Code::NotFound);
     // An upload that names the wrong digest is refused and stores nothing.
     let f = fx.path().join("blob");
     std::fs::write(&f, vec![7u8; 3 << 20]).unwrap();
-    let e = w.put_artifact(distillery_proto::artifact::file_chunks(f.clone(), "cd".repeat(32))).await.err().expect("mismatch");
+    let e = w
+        .put_artifact(distillery_proto::artifact::file_chunks(
+            f.clone(),
+            "cd".repeat(32),
+        ))
+        .await
+        .expect_err("mismatch");
     assert_eq!(e.code(), tonic::Code::DataLoss);
     let (digest, size) = distillery_proto::artifact::digest_file(&f).await.unwrap();
-    let r = w.put_artifact(distillery_proto::artifact::file_chunks(f.clone(), digest.clone())).await.unwrap().into_inner();
+    let r = w
+        .put_artifact(distillery_proto::artifact::file_chunks(
+            f.clone(),
+            digest.clone(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((r.digest.as_str(), r.size), (digest.as_str(), size));
     let out = fx.path().join("back");
     let o = coord.cli(&["artifact", "get", &digest, "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(std::fs::read(out.join(&digest)).unwrap(), std::fs::read(&f).unwrap());
+    assert_eq!(
+        std::fs::read(out.join(&digest)).unwrap(),
+        std::fs::read(&f).unwrap()
+    );
 }

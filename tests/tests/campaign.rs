@@ -4,8 +4,16 @@ use std::time::Duration;
 
 use distillery_tests::*;
 
-pub const FAST: &[&str] =
-    &["--lease-timeout-ms", "2000", "--heartbeat-interval-ms", "300", "--poll-timeout-ms", "2000", "--backoff-base-ms", "100"];
+pub const FAST: &[&str] = &[
+    "--lease-timeout-ms",
+    "2000",
+    "--heartbeat-interval-ms",
+    "300",
+    "--poll-timeout-ms",
+    "2000",
+    "--backoff-base-ms",
+    "100",
+];
 
 const JUDGED: &str = "[evaluation]\nperplexity = true\n\
     judge = { backend = \"openai\", base_url = \"http://127.0.0.1:9/v1\", model = \"judge\", questions = \"questions.jsonl\" }\n\
@@ -24,11 +32,21 @@ async fn a_campaign_runs_through_every_phase_with_real_processes() {
     let c2 = coord.url();
     let id2 = id.clone();
     let watch = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(bin("coordinator")).args(["watch", &id2, "--addr", &c2]).output().expect("watch")
+        std::process::Command::new(bin("coordinator"))
+            .args(["watch", &id2, "--addr", &c2])
+            .output()
+            .expect("watch")
     });
-    let out = tokio::time::timeout(Duration::from_secs(120), watch).await.expect("watch ends").expect("join");
+    let out = tokio::time::timeout(Duration::from_secs(120), watch)
+        .await
+        .expect("watch ends")
+        .expect("join");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "watch exits 0 on success: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "watch exits 0 on success: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("step 8/8"), "watch shows progress: {text}");
 
     let v = coord.status_json(Some(&id));
@@ -52,7 +70,9 @@ async fn a_campaign_runs_through_every_phase_with_real_processes() {
         assert_eq!(m["distill"]["steps"], 8.0);
         assert_eq!(m["distill"]["tokens"], 1000.0);
         assert!(m["distill"]["final_loss"].as_f64().is_some());
-        assert!(r["artifacts"]["student"].as_str().is_some_and(|s| s.starts_with("sha256:")));
+        assert!(r["artifacts"]["student"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("sha256:")));
     }
     let all = coord.status_json(None);
     assert_eq!(all["campaigns"].as_array().map(Vec::len), Some(1));
@@ -60,9 +80,19 @@ async fn a_campaign_runs_through_every_phase_with_real_processes() {
     // The student comes back through `artifact get`, by campaign id, checked by digest.
     let out_dir = fx.path().join("student");
     let out = coord.cli(&["artifact", "get", &id, "--out", out_dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let digest = rounds[1]["artifacts"]["student"].as_str().unwrap().trim_start_matches("sha256:").to_string();
-    let body: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join(&digest)).expect("student file")).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = rounds[1]["artifacts"]["student"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let body: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join(&digest)).expect("student file"))
+            .unwrap();
     assert!(body["task"].as_str().is_some());
 
     // Every event is in the log once, in order.
@@ -77,7 +107,11 @@ async fn a_failing_attempt_is_retried_and_the_gate_extends_then_stops() {
     let coord = CoordinatorProc::start(&fx.path().join("data"), FAST);
     // Every task kind's first attempt fails once for "prune"; the student misses the gate, and
     // one extension with more tokens is not enough either.
-    let env = [("SCRIPT_FAIL_ONCE", "prune".to_string()), ("SCRIPT_PPL", "30".into()), ("SCRIPT_PPL_EXTENDED", "20".into())];
+    let env = [
+        ("SCRIPT_FAIL_ONCE", "prune".to_string()),
+        ("SCRIPT_PPL", "30".into()),
+        ("SCRIPT_PPL_EXTENDED", "20".into()),
+    ];
     let _w = WorkerProc::scripted(&coord.url(), &fx.path().join("w1"), &env);
     let gate = "[gate]\nmax_perplexity_ratio = 1.5\non_fail = \"extend_distill\"\n";
     let spec = write_spec(fx.path(), "spec.toml", &spec_toml(1, 1, gate));
@@ -85,14 +119,29 @@ async fn a_failing_attempt_is_retried_and_the_gate_extends_then_stops() {
     let v = wait_terminal(&coord, &id, Duration::from_secs(60));
     assert_eq!(v["state"], "failed");
     let err = v["error"].as_str().unwrap();
-    assert!(err.contains("gate.max_perplexity_ratio") && err.contains("2.000x"), "{err}");
+    assert!(
+        err.contains("gate.max_perplexity_ratio") && err.contains("2.000x"),
+        "{err}"
+    );
     let r = &v["rounds"][0];
     assert_eq!(r["extensions"], 1);
-    assert_eq!(r["metrics"]["perplexity"], 20.0, "the extended student was evaluated");
-    assert_eq!(r["metrics"]["distill"]["tokens"], 2000.0, "extension doubles the tokens");
+    assert_eq!(
+        r["metrics"]["perplexity"], 20.0,
+        "the extended student was evaluated"
+    );
+    assert_eq!(
+        r["metrics"]["distill"]["tokens"], 2000.0,
+        "extension doubles the tokens"
+    );
     let events = all_events(&coord, &id).await;
-    assert!(events.iter().any(|e| e.kind == "task_retry" && e.message.contains("scripted failure of prune")));
+    assert!(events
+        .iter()
+        .any(|e| e.kind == "task_retry" && e.message.contains("scripted failure of prune")));
     // The extension resumed from the first distillation's last checkpoint.
-    let resumed = events.iter().filter(|e| e.kind == "task_succeeded" && e.phase == "distill").last().unwrap();
+    let resumed = events
+        .iter()
+        .filter(|e| e.kind == "task_succeeded" && e.phase == "distill")
+        .next_back()
+        .unwrap();
     assert_eq!(resumed.metrics.get("distill.resumed_from_step"), Some(&8.0));
 }

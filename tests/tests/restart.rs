@@ -6,8 +6,16 @@ use std::time::Duration;
 
 use distillery_tests::*;
 
-const FAST: &[&str] =
-    &["--lease-timeout-ms", "3000", "--heartbeat-interval-ms", "300", "--poll-timeout-ms", "2000", "--backoff-base-ms", "100"];
+const FAST: &[&str] = &[
+    "--lease-timeout-ms",
+    "3000",
+    "--heartbeat-interval-ms",
+    "300",
+    "--poll-timeout-ms",
+    "2000",
+    "--backoff-base-ms",
+    "100",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_coordinator_at_any_point_loses_no_event() {
@@ -25,23 +33,33 @@ async fn sigkill_of_the_coordinator_at_any_point_loses_no_event() {
     let t = Duration::from_secs(60);
 
     // 1. Mid-lease: a scoring task is running on a worker.
-    wait_event(&coord, &id, t, |e| e.kind == "task_leased" && e.phase == "score").await;
+    wait_event(&coord, &id, t, |e| {
+        e.kind == "task_leased" && e.phase == "score"
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     coord.restart();
 
     // 2. Between phases: scoring is done and pruning was just planned.
-    wait_event(&coord, &id, t, |e| e.kind == "phase_started" && e.phase == "prune").await;
+    wait_event(&coord, &id, t, |e| {
+        e.kind == "phase_started" && e.phase == "prune"
+    })
+    .await;
     coord.restart();
 
     // 3. Mid-rendezvous: rank 0 waits at the barrier while rank 1 is still on its way.
-    wait_event(&coord, &id, t, |e| e.kind == "task_leased" && e.phase == "distill").await;
+    wait_event(&coord, &id, t, |e| {
+        e.kind == "task_leased" && e.phase == "distill"
+    })
+    .await;
     let at_barrier = tokio::task::spawn_blocking(move || {
         let seen = |w: &WorkerProc| w.log_text().contains("rendezvous: waiting for the gang");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !(seen(&w1) || seen(&w2)) && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let complete = w1.log_text().contains("gang complete") || w2.log_text().contains("gang complete");
+        let complete =
+            w1.log_text().contains("gang complete") || w2.log_text().contains("gang complete");
         (seen(&w1) || seen(&w2), complete, w1, w2)
     });
     let (seen, complete, w1, w2) = at_barrier.await.unwrap();
@@ -49,7 +67,10 @@ async fn sigkill_of_the_coordinator_at_any_point_loses_no_event() {
     coord.restart();
 
     // 4. Mid-distillation, after a checkpoint.
-    wait_event(&coord, &id, t, |e| e.kind == "task_progress" && e.metrics.get("step").is_some_and(|s| *s >= 4.0)).await;
+    wait_event(&coord, &id, t, |e| {
+        e.kind == "task_progress" && e.metrics.get("step").is_some_and(|s| *s >= 4.0)
+    })
+    .await;
     coord.restart();
 
     let v = wait_terminal(&coord, &id, Duration::from_secs(90));
@@ -58,7 +79,11 @@ async fn sigkill_of_the_coordinator_at_any_point_loses_no_event() {
 
     let events = all_events(&coord, &id).await;
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap, no duplicate");
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
     let mut succeeded: BTreeMap<&str, usize> = BTreeMap::new();
     let mut phases: BTreeMap<(u32, &str), usize> = BTreeMap::new();
     for e in &events {
@@ -68,13 +93,42 @@ async fn sigkill_of_the_coordinator_at_any_point_loses_no_event() {
             _ => {}
         }
     }
-    assert!(succeeded.values().all(|n| *n == 1), "a task succeeded twice: {succeeded:?}");
-    assert_eq!(succeeded.len() as u64, v["tasks"]["succeeded"].as_u64().unwrap());
-    assert!(phases.values().all(|n| *n == 1), "a phase started twice: {phases:?}");
-    assert_eq!(phases.len(), 4, "score, prune, distill, evaluate: {phases:?}");
-    assert_eq!(events.iter().filter(|e| e.kind == "campaign_state" && e.message.contains("succeeded")).count(), 1);
-    assert_eq!(coord.log_text().matches("coordinator serving").count(), 5, "four restarts");
+    assert!(
+        succeeded.values().all(|n| *n == 1),
+        "a task succeeded twice: {succeeded:?}"
+    );
+    assert_eq!(
+        succeeded.len() as u64,
+        v["tasks"]["succeeded"].as_u64().unwrap()
+    );
+    assert!(
+        phases.values().all(|n| *n == 1),
+        "a phase started twice: {phases:?}"
+    );
+    assert_eq!(
+        phases.len(),
+        4,
+        "score, prune, distill, evaluate: {phases:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "campaign_state" && e.message.contains("succeeded"))
+            .count(),
+        1
+    );
+    assert_eq!(
+        coord.log_text().matches("coordinator serving").count(),
+        5,
+        "four restarts"
+    );
     // Leases outlive a coordinator restart: the gang was never re-leased.
-    assert_eq!(events.iter().filter(|e| e.kind == "task_leased" && e.phase == "distill").count(), 1);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == "task_leased" && e.phase == "distill")
+            .count(),
+        1
+    );
     assert_eq!(v["rounds"][0]["metrics"]["distill"]["steps"], 8.0);
 }

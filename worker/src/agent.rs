@@ -121,7 +121,12 @@ impl Shared {
 
     fn free_devices(&self) -> Vec<String> {
         let running = lock(&self.running);
-        self.cfg.devices.iter().filter(|d| !running.values().any(|r| &r.device == *d)).cloned().collect()
+        self.cfg
+            .devices
+            .iter()
+            .filter(|d| !running.values().any(|r| &r.device == *d))
+            .cloned()
+            .collect()
     }
 
     async fn poll_loop(self: &Arc<Self>) -> anyhow::Result<()> {
@@ -134,7 +139,13 @@ impl Shared {
             }
             let id = self.worker_id.read().await.clone();
             let mut c = self.client.clone();
-            match c.poll_task(pb::PollTaskRequest { worker_id: id.clone(), free_devices: free }).await {
+            match c
+                .poll_task(pb::PollTaskRequest {
+                    worker_id: id.clone(),
+                    free_devices: free,
+                })
+                .await
+            {
                 Ok(r) => {
                     delay = Duration::from_millis(100);
                     for a in r.into_inner().assignments {
@@ -155,13 +166,22 @@ impl Shared {
         loop {
             let every = *lock(&self.heartbeat);
             tokio::time::sleep(every).await;
-            let leases: Vec<pb::LeaseRef> = lock(&self.running).values().map(|r| r.lease.clone()).collect();
+            let leases: Vec<pb::LeaseRef> = lock(&self.running)
+                .values()
+                .map(|r| r.lease.clone())
+                .collect();
             if leases.is_empty() {
                 continue;
             }
             let id = self.worker_id.read().await.clone();
             let mut c = self.client.clone();
-            match c.heartbeat(pb::HeartbeatRequest { worker_id: id.clone(), leases }).await {
+            match c
+                .heartbeat(pb::HeartbeatRequest {
+                    worker_id: id.clone(),
+                    leases,
+                })
+                .await
+            {
                 Ok(r) => {
                     for l in r.into_inner().cancelled {
                         if let Some(run) = lock(&self.running).get(&(l.task_id.clone(), l.rank)) {
@@ -182,8 +202,18 @@ impl Shared {
         let Some(lease) = a.lease.clone() else { return };
         let cancel = Arc::new(AtomicBool::new(false));
         let key = (lease.task_id.clone(), lease.rank);
-        lock(&self.running).insert(key.clone(), Running { lease: lease.clone(), device: a.device.clone(), cancel: cancel.clone() });
-        let work_dir = self.cfg.work_dir.join("tasks").join(format!("{}-r{}-l{}", lease.task_id, lease.rank, lease.lease_id));
+        lock(&self.running).insert(
+            key.clone(),
+            Running {
+                lease: lease.clone(),
+                device: a.device.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        let work_dir = self.cfg.work_dir.join("tasks").join(format!(
+            "{}-r{}-l{}",
+            lease.task_id, lease.rank, lease.lease_id
+        ));
         let me = self.clone();
         tracing::info!(task = %lease.task_id, kind = %a.kind, rank = lease.rank, lease = lease.lease_id, device = %a.device, "task started");
         tokio::spawn(async move {
@@ -197,7 +227,9 @@ impl Shared {
             };
             let runner = me.runner.clone();
             let result = tokio::task::spawn_blocking(move || {
-                std::fs::create_dir_all(&ctx.work_dir).map_err(|e| TaskError::retryable(format!("{}: {e}", ctx.work_dir.display())))?;
+                std::fs::create_dir_all(&ctx.work_dir).map_err(|e| {
+                    TaskError::retryable(format!("{}: {e}", ctx.work_dir.display()))
+                })?;
                 runner.run(&a, &ctx)
             })
             .await
@@ -215,7 +247,11 @@ impl Shared {
 
     /// Reports the result, retrying through coordinator restarts; a refused (stale) lease is
     /// dropped, an output the coordinator rejects fails the task without retry.
-    async fn report(&self, lease: &pb::LeaseRef, result: Result<crate::runner::TaskOutput, TaskError>) {
+    async fn report(
+        &self,
+        lease: &pb::LeaseRef,
+        result: Result<crate::runner::TaskOutput, TaskError>,
+    ) {
         let mut delay = Duration::from_millis(200);
         let mut result = result;
         for _ in 0..200 {
@@ -230,24 +266,40 @@ impl Shared {
                     .await
                     .map(|_| ()),
                 Err(e) => c
-                    .fail_task(pb::FailTaskRequest { lease: Some(lease.clone()), error: e.message.clone(), retryable: e.retryable })
+                    .fail_task(pb::FailTaskRequest {
+                        lease: Some(lease.clone()),
+                        error: e.message.clone(),
+                        retryable: e.retryable,
+                    })
                     .await
                     .map(|_| ()),
             };
             match r {
                 Ok(()) => {
                     match &result {
-                        Ok(_) => tracing::info!(task = %lease.task_id, rank = lease.rank, "task completed"),
-                        Err(e) => tracing::warn!(task = %lease.task_id, error = %e.message, "task failed"),
+                        Ok(_) => {
+                            tracing::info!(task = %lease.task_id, rank = lease.rank, "task completed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(task = %lease.task_id, error = %e.message, "task failed")
+                        }
                     }
                     return;
                 }
-                Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                    ) =>
+                {
                     tracing::warn!(task = %lease.task_id, error = %s.message(), "report refused; dropping the result");
                     return;
                 }
                 Err(s) if s.code() == tonic::Code::InvalidArgument && result.is_ok() => {
-                    result = Err(TaskError::fatal(format!("the coordinator rejected the result: {}", s.message())));
+                    result = Err(TaskError::fatal(format!(
+                        "the coordinator rejected the result: {}",
+                        s.message()
+                    )));
                 }
                 Err(s) => {
                     tracing::debug!(error = %error_chain(&s), "report failed; retrying");

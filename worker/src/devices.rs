@@ -7,7 +7,9 @@ pub fn parse_devices(spec: &str) -> Result<Vec<String>, String> {
         return Ok(vec!["cpu".into()]);
     }
     if let Some(n) = spec.strip_prefix("cpu:") {
-        let n: usize = n.parse().map_err(|_| format!("--devices {spec:?}: expected cpu:N with N a number"))?;
+        let n: usize = n
+            .parse()
+            .map_err(|_| format!("--devices {spec:?}: expected cpu:N with N a number"))?;
         if n == 0 {
             return Err(format!("--devices {spec:?}: N must be at least 1"));
         }
@@ -16,7 +18,9 @@ pub fn parse_devices(spec: &str) -> Result<Vec<String>, String> {
     if let Some(list) = spec.strip_prefix("cuda:") {
         let mut out = Vec::new();
         for part in list.split(',') {
-            let i: u32 = part.trim().parse().map_err(|_| format!("--devices {spec:?}: {part:?} is not a GPU index (try cuda:0,1)"))?;
+            let i: u32 = part.trim().parse().map_err(|_| {
+                format!("--devices {spec:?}: {part:?} is not a GPU index (try cuda:0,1)")
+            })?;
             let d = format!("cuda:{i}");
             if out.contains(&d) {
                 return Err(format!("--devices {spec:?}: GPU {i} is named twice"));
@@ -25,7 +29,9 @@ pub fn parse_devices(spec: &str) -> Result<Vec<String>, String> {
         }
         return Ok(out);
     }
-    Err(format!("--devices {spec:?}: use cpu, cpu:N or cuda:0,1,..."))
+    Err(format!(
+        "--devices {spec:?}: use cpu, cpu:N or cuda:0,1,..."
+    ))
 }
 
 #[cfg(test)]

@@ -8,7 +8,11 @@ use distillery_worker::agent::{Agent, AgentConfig};
 use distillery_worker::devices::parse_devices;
 
 #[derive(Parser)]
-#[command(name = "worker", version, about = "Distillery worker: joins a coordinator and runs its tasks")]
+#[command(
+    name = "worker",
+    version,
+    about = "Distillery worker: joins a coordinator and runs its tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,10 +55,21 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let code = match cli.command {
-        Command::Join { coordinator, devices, work_dir, token, ca_cert, labels } => {
+        Command::Join {
+            coordinator,
+            devices,
+            work_dir,
+            token,
+            ca_cert,
+            labels,
+        } => {
             let devices = match parse_devices(&devices) {
                 Ok(d) => d,
                 Err(e) => {
@@ -71,10 +86,16 @@ fn main() {
                 label_map.insert(k.to_string(), v.to_string());
             }
             let cfg = AgentConfig {
-                target: Target { url: coordinator, token, ca_cert },
+                target: Target {
+                    url: coordinator,
+                    token,
+                    ca_cert,
+                },
                 devices,
                 work_dir,
-                host: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into()),
+                host: hostname::get()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "unknown".into()),
                 labels: label_map,
             };
             join(cfg)
@@ -84,7 +105,10 @@ fn main() {
 }
 
 fn join(cfg: AgentConfig) -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("worker: cannot start the async runtime: {e}");

@@ -29,13 +29,22 @@ pub struct TaskError {
 
 impl TaskError {
     pub fn retryable(message: impl Into<String>) -> TaskError {
-        TaskError { message: message.into(), retryable: true }
+        TaskError {
+            message: message.into(),
+            retryable: true,
+        }
     }
     pub fn fatal(message: impl Into<String>) -> TaskError {
-        TaskError { message: message.into(), retryable: false }
+        TaskError {
+            message: message.into(),
+            retryable: false,
+        }
     }
     pub fn cancelled() -> TaskError {
-        TaskError { message: "cancelled by the coordinator".into(), retryable: true }
+        TaskError {
+            message: "cancelled by the coordinator".into(),
+            retryable: true,
+        }
     }
 }
 
@@ -80,7 +89,12 @@ impl TaskContext {
 
     /// Reports progress (shown by `watch`), optionally a checkpoint digest to resume from.
     /// A refused report means the lease is gone: the run is marked cancelled.
-    pub fn progress(&self, metrics: BTreeMap<String, f64>, checkpoint: Option<&str>, message: &str) -> Result<(), TaskError> {
+    pub fn progress(
+        &self,
+        metrics: BTreeMap<String, f64>,
+        checkpoint: Option<&str>,
+        message: &str,
+    ) -> Result<(), TaskError> {
         let req = pb::ReportProgressRequest {
             lease: Some(self.lease.clone()),
             metrics: metrics.into_iter().collect(),
@@ -90,7 +104,12 @@ impl TaskContext {
         let mut c = self.client.clone();
         match self.rt.block_on(c.report_progress(req)) {
             Ok(_) => Ok(()),
-            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                ) =>
+            {
                 self.cancel.store(true, Ordering::SeqCst);
                 Err(TaskError::cancelled())
             }
@@ -113,12 +132,23 @@ impl TaskContext {
             let p = artifact::safe_join(dir, &rel).map_err(|e| TaskError::fatal(e.to_string()))?;
             let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             let digest = self.upload_file(&p)?;
-            entries.push(ManifestEntry { path: rel, digest: digest.trim_start_matches("sha256:").to_string(), size });
+            entries.push(ManifestEntry {
+                path: rel,
+                digest: digest.trim_start_matches("sha256:").to_string(),
+                size,
+            });
         }
-        let manifest = DirManifest { distillery_dir: 1, files: entries };
-        let mpath = self.work_dir.join(format!(".manifest-{}.json", std::process::id()));
-        let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| TaskError::fatal(e.to_string()))?;
-        std::fs::write(&mpath, bytes).map_err(|e| TaskError::retryable(format!("{}: {e}", mpath.display())))?;
+        let manifest = DirManifest {
+            distillery_dir: 1,
+            files: entries,
+        };
+        let mpath = self
+            .work_dir
+            .join(format!(".manifest-{}.json", std::process::id()));
+        let bytes =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| TaskError::fatal(e.to_string()))?;
+        std::fs::write(&mpath, bytes)
+            .map_err(|e| TaskError::retryable(format!("{}: {e}", mpath.display())))?;
         let d = self.upload_file(&mpath);
         let _ = std::fs::remove_file(&mpath);
         d
@@ -133,17 +163,24 @@ impl TaskContext {
         let hex = parse_digest(reference).map_err(|e| TaskError::fatal(e.to_string()))?;
         let blob = self.cache_dir.join(&hex);
         if !blob.exists() {
-            self.rt.block_on(download(self.client.clone(), &hex, &blob))?;
+            self.rt
+                .block_on(download(self.client.clone(), &hex, &blob))?;
         }
-        let bytes = std::fs::read(&blob).map_err(|e| TaskError::retryable(format!("{}: {e}", blob.display())))?;
-        let Some(m) = DirManifest::parse(&bytes) else { return Ok(blob) };
+        let bytes = std::fs::read(&blob)
+            .map_err(|e| TaskError::retryable(format!("{}: {e}", blob.display())))?;
+        let Some(m) = DirManifest::parse(&bytes) else {
+            return Ok(blob);
+        };
         let dir = self.cache_dir.join(format!("{hex}.d"));
         if !dir.join(".complete").exists() {
             for f in &m.files {
-                let dest = artifact::safe_join(&dir, &f.path).map_err(|e| TaskError::fatal(e.to_string()))?;
-                self.rt.block_on(download(self.client.clone(), &f.digest, &dest))?;
+                let dest = artifact::safe_join(&dir, &f.path)
+                    .map_err(|e| TaskError::fatal(e.to_string()))?;
+                self.rt
+                    .block_on(download(self.client.clone(), &f.digest, &dest))?;
             }
-            std::fs::write(dir.join(".complete"), b"").map_err(|e| TaskError::retryable(e.to_string()))?;
+            std::fs::write(dir.join(".complete"), b"")
+                .map_err(|e| TaskError::retryable(e.to_string()))?;
         }
         Ok(dir)
     }
@@ -155,11 +192,23 @@ impl TaskContext {
             if self.cancelled() {
                 return Err(TaskError::cancelled());
             }
-            let req = pb::RendezvousRequest { lease: Some(self.lease.clone()), key: key.to_string(), payload: payload.to_vec() };
+            let req = pb::RendezvousRequest {
+                lease: Some(self.lease.clone()),
+                key: key.to_string(),
+                payload: payload.to_vec(),
+            };
             let mut c = self.client.clone();
             match self.rt.block_on(c.rendezvous(req)) {
                 Ok(r) => return Ok(r.into_inner().payloads),
-                Err(s) if matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) => {
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::DeadlineExceeded
+                            | tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                    ) =>
+                {
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
@@ -173,7 +222,9 @@ impl TaskContext {
 }
 
 async fn upload_file(mut client: WorkerClient, path: &Path) -> Result<String, TaskError> {
-    let (digest, _) = artifact::digest_file(path).await.map_err(|e| TaskError::retryable(e.to_string()))?;
+    let (digest, _) = artifact::digest_file(path)
+        .await
+        .map_err(|e| TaskError::retryable(e.to_string()))?;
     let mut last = None;
     for attempt in 0..5u32 {
         let chunks = artifact::file_chunks(path.to_path_buf(), digest.clone());
@@ -181,7 +232,10 @@ async fn upload_file(mut client: WorkerClient, path: &Path) -> Result<String, Ta
             Ok(r) => {
                 let got = r.into_inner().digest;
                 if got != digest {
-                    return Err(TaskError::retryable(format!("uploaded {} but the coordinator stored {got}", path.display())));
+                    return Err(TaskError::retryable(format!(
+                        "uploaded {} but the coordinator stored {got}",
+                        path.display()
+                    )));
                 }
                 return Ok(format!("sha256:{digest}"));
             }
@@ -197,7 +251,9 @@ async fn upload_file(mut client: WorkerClient, path: &Path) -> Result<String, Ta
 
 async fn download(mut client: WorkerClient, digest: &str, dest: &Path) -> Result<(), TaskError> {
     let stream = client
-        .get_artifact(pb::GetArtifactRequest { digest: digest.to_string() })
+        .get_artifact(pb::GetArtifactRequest {
+            digest: digest.to_string(),
+        })
         .await
         .map_err(|s| status_to_error(&format!("download {digest}"), &s))?
         .into_inner();

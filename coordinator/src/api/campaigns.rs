@@ -18,17 +18,30 @@ pub struct Campaigns {
 
 impl Campaigns {
     fn view(&self, id: &str) -> Result<pb::Campaign, Status> {
-        self.engine
-            .read(|s| campaign_view(s, id))
-            .ok_or_else(|| Status::not_found(MachineError::UnknownCampaign(id.to_string()).to_string()))
+        self.engine.read(|s| campaign_view(s, id)).ok_or_else(|| {
+            Status::not_found(MachineError::UnknownCampaign(id.to_string()).to_string())
+        })
     }
 }
 
 #[tonic::async_trait]
 impl CampaignService for Campaigns {
-    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
-        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("SubmitRequest.spec is missing"))?;
-        match self.engine.apply(Event::Submit { spec: Box::new(spec), now: now_ms() }).await? {
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("SubmitRequest.spec is missing"))?;
+        match self
+            .engine
+            .apply(Event::Submit {
+                spec: Box::new(spec),
+                now: now_ms(),
+            })
+            .await?
+        {
             Reply::CampaignId(id) => {
                 tracing::info!(campaign = %id, "campaign submitted");
                 Ok(Response::new(pb::SubmitResponse { campaign_id: id }))
@@ -37,18 +50,32 @@ impl CampaignService for Campaigns {
         }
     }
 
-    async fn get(&self, req: Request<pb::GetCampaignRequest>) -> Result<Response<pb::Campaign>, Status> {
+    async fn get(
+        &self,
+        req: Request<pb::GetCampaignRequest>,
+    ) -> Result<Response<pb::Campaign>, Status> {
         Ok(Response::new(self.view(&req.into_inner().campaign_id)?))
     }
 
-    async fn list(&self, _req: Request<pb::ListCampaignsRequest>) -> Result<Response<pb::ListCampaignsResponse>, Status> {
-        let campaigns = self.engine.read(|s| s.campaigns.keys().filter_map(|id| campaign_view(s, id)).collect());
+    async fn list(
+        &self,
+        _req: Request<pb::ListCampaignsRequest>,
+    ) -> Result<Response<pb::ListCampaignsResponse>, Status> {
+        let campaigns = self.engine.read(|s| {
+            s.campaigns
+                .keys()
+                .filter_map(|id| campaign_view(s, id))
+                .collect()
+        });
         Ok(Response::new(pb::ListCampaignsResponse { campaigns }))
     }
 
     type WatchStream = BoxStream<pb::Event>;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
         let id = req.campaign_id;
         self.view(&id)?;
@@ -81,7 +108,9 @@ impl CampaignService for Campaigns {
                         let terminal = e.kind == "campaign_state"
                             && matches!(
                                 pb::CampaignState::try_from(e.state),
-                                Ok(pb::CampaignState::Succeeded | pb::CampaignState::Failed | pb::CampaignState::Cancelled)
+                                Ok(pb::CampaignState::Succeeded
+                                    | pb::CampaignState::Failed
+                                    | pb::CampaignState::Cancelled)
                             );
                         if tx.send(Ok(e)).await.is_err() || terminal {
                             return;
@@ -93,30 +122,58 @@ impl CampaignService for Campaigns {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn cancel(&self, req: Request<pb::CampaignRef>) -> Result<Response<pb::Campaign>, Status> {
+    async fn cancel(
+        &self,
+        req: Request<pb::CampaignRef>,
+    ) -> Result<Response<pb::Campaign>, Status> {
         let id = req.into_inner().campaign_id;
-        self.engine.apply(Event::Cancel { campaign: id.clone(), now: now_ms() }).await?;
+        self.engine
+            .apply(Event::Cancel {
+                campaign: id.clone(),
+                now: now_ms(),
+            })
+            .await?;
         Ok(Response::new(self.view(&id)?))
     }
 
     async fn pause(&self, req: Request<pb::CampaignRef>) -> Result<Response<pb::Campaign>, Status> {
         let id = req.into_inner().campaign_id;
-        self.engine.apply(Event::Pause { campaign: id.clone(), now: now_ms() }).await?;
+        self.engine
+            .apply(Event::Pause {
+                campaign: id.clone(),
+                now: now_ms(),
+            })
+            .await?;
         Ok(Response::new(self.view(&id)?))
     }
 
-    async fn resume(&self, req: Request<pb::CampaignRef>) -> Result<Response<pb::Campaign>, Status> {
+    async fn resume(
+        &self,
+        req: Request<pb::CampaignRef>,
+    ) -> Result<Response<pb::Campaign>, Status> {
         let id = req.into_inner().campaign_id;
-        self.engine.apply(Event::Resume { campaign: id.clone(), now: now_ms() }).await?;
+        self.engine
+            .apply(Event::Resume {
+                campaign: id.clone(),
+                now: now_ms(),
+            })
+            .await?;
         Ok(Response::new(self.view(&id)?))
     }
 
     type GetArtifactStream = BoxStream<pb::Chunk>;
 
-    async fn get_artifact(&self, req: Request<pb::GetArtifactRequest>) -> Result<Response<Self::GetArtifactStream>, Status> {
-        Ok(Response::new(stream_artifact(&self.artifacts, &req.into_inner().digest).await?))
+    async fn get_artifact(
+        &self,
+        req: Request<pb::GetArtifactRequest>,
+    ) -> Result<Response<Self::GetArtifactStream>, Status> {
+        Ok(Response::new(
+            stream_artifact(&self.artifacts, &req.into_inner().digest).await?,
+        ))
     }
 }

@@ -27,12 +27,22 @@ pub struct Workers {
 }
 
 fn lease_ref(l: Option<pb::LeaseRef>) -> Result<LeaseRef, Status> {
-    let l = l.ok_or_else(|| Status::invalid_argument("lease is missing: every report names (task_id, lease_id, rank)"))?;
-    Ok(LeaseRef { task_id: l.task_id, lease_id: l.lease_id, rank: l.rank })
+    let l = l.ok_or_else(|| {
+        Status::invalid_argument("lease is missing: every report names (task_id, lease_id, rank)")
+    })?;
+    Ok(LeaseRef {
+        task_id: l.task_id,
+        lease_id: l.lease_id,
+        rank: l.rank,
+    })
 }
 
 fn to_pb(l: LeaseRef) -> pb::LeaseRef {
-    pb::LeaseRef { task_id: l.task_id, lease_id: l.lease_id, rank: l.rank }
+    pb::LeaseRef {
+        task_id: l.task_id,
+        lease_id: l.lease_id,
+        rank: l.rank,
+    }
 }
 
 impl Workers {
@@ -42,10 +52,14 @@ impl Workers {
             return Ok(());
         }
         if distillery_proto::artifact::parse_digest(r).is_err() {
-            return Err(Status::invalid_argument(format!("{what} {r:?} is neither a sha256 digest nor path:...")));
+            return Err(Status::invalid_argument(format!(
+                "{what} {r:?} is neither a sha256 digest nor path:..."
+            )));
         }
         if !self.artifacts.contains(r) {
-            return Err(Status::invalid_argument(format!("{what} {r} was never uploaded: PutArtifact it first")));
+            return Err(Status::invalid_argument(format!(
+                "{what} {r} was never uploaded: PutArtifact it first"
+            )));
         }
         Ok(())
     }
@@ -53,7 +67,10 @@ impl Workers {
 
 #[tonic::async_trait]
 impl WorkerService for Workers {
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = req.into_inner();
         let host = r.host.clone();
         match self
@@ -81,16 +98,37 @@ impl WorkerService for Workers {
         }
     }
 
-    async fn poll_task(&self, req: Request<pb::PollTaskRequest>) -> Result<Response<pb::PollTaskResponse>, Status> {
+    async fn poll_task(
+        &self,
+        req: Request<pb::PollTaskRequest>,
+    ) -> Result<Response<pb::PollTaskResponse>, Status> {
         let r = req.into_inner();
-        let assignments = self.engine.poll(r.worker_id, r.free_devices, self.timing.poll_timeout).await?;
+        let assignments = self
+            .engine
+            .poll(r.worker_id, r.free_devices, self.timing.poll_timeout)
+            .await?;
         Ok(Response::new(pb::PollTaskResponse { assignments }))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        let leases = r.leases.into_iter().map(|l| lease_ref(Some(l))).collect::<Result<Vec<_>, _>>()?;
-        match self.engine.apply(Event::Heartbeat { worker: r.worker_id, leases, now: now_ms() }).await? {
+        let leases = r
+            .leases
+            .into_iter()
+            .map(|l| lease_ref(Some(l)))
+            .collect::<Result<Vec<_>, _>>()?;
+        match self
+            .engine
+            .apply(Event::Heartbeat {
+                worker: r.worker_id,
+                leases,
+                now: now_ms(),
+            })
+            .await?
+        {
             Reply::Heartbeat { renewed, cancelled } => Ok(Response::new(pb::HeartbeatResponse {
                 renewed: renewed.into_iter().map(to_pb).collect(),
                 cancelled: cancelled.into_iter().map(to_pb).collect(),
@@ -117,44 +155,82 @@ impl WorkerService for Workers {
                 now: now_ms(),
             })
             .await?;
-        Ok(Response::new(pb::ReportProgressResponse { cancelled: false }))
+        Ok(Response::new(pb::ReportProgressResponse {
+            cancelled: false,
+        }))
     }
 
-    async fn complete_task(&self, req: Request<pb::CompleteTaskRequest>) -> Result<Response<pb::Ack>, Status> {
+    async fn complete_task(
+        &self,
+        req: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let r = req.into_inner();
         for (name, v) in &r.outputs {
             self.check_artifact(&format!("output {name:?}"), v)?;
         }
         self.engine
-            .apply(Event::Complete { lease: lease_ref(r.lease)?, outputs: to_btree(r.outputs), metrics: to_btree(r.metrics), now: now_ms() })
+            .apply(Event::Complete {
+                lease: lease_ref(r.lease)?,
+                outputs: to_btree(r.outputs),
+                metrics: to_btree(r.metrics),
+                now: now_ms(),
+            })
             .await?;
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn fail_task(&self, req: Request<pb::FailTaskRequest>) -> Result<Response<pb::Ack>, Status> {
+    async fn fail_task(
+        &self,
+        req: Request<pb::FailTaskRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
         let r = req.into_inner();
         self.engine
-            .apply(Event::Fail { lease: lease_ref(r.lease)?, error: r.error, retryable: r.retryable, now: now_ms() })
+            .apply(Event::Fail {
+                lease: lease_ref(r.lease)?,
+                error: r.error,
+                retryable: r.retryable,
+                now: now_ms(),
+            })
             .await?;
         Ok(Response::new(pb::Ack {}))
     }
 
-    async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+    async fn rendezvous(
+        &self,
+        req: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
         let r = req.into_inner();
         if r.payload.len() > 64 * 1024 {
-            return Err(Status::invalid_argument("rendezvous payload is over 64 KiB"));
+            return Err(Status::invalid_argument(
+                "rendezvous payload is over 64 KiB",
+            ));
         }
-        match self.engine.rendezvous(lease_ref(r.lease)?, r.key, r.payload, self.timing.rendezvous_timeout).await? {
+        match self
+            .engine
+            .rendezvous(
+                lease_ref(r.lease)?,
+                r.key,
+                r.payload,
+                self.timing.rendezvous_timeout,
+            )
+            .await?
+        {
             Some(payloads) => Ok(Response::new(pb::RendezvousResponse { payloads })),
-            None => Err(Status::deadline_exceeded("the other ranks have not arrived yet: call Rendezvous again")),
+            None => Err(Status::deadline_exceeded(
+                "the other ranks have not arrived yet: call Rendezvous again",
+            )),
         }
     }
 
-    async fn put_artifact(&self, req: Request<Streaming<pb::Chunk>>) -> Result<Response<pb::PutArtifactResponse>, Status> {
+    async fn put_artifact(
+        &self,
+        req: Request<Streaming<pb::Chunk>>,
+    ) -> Result<Response<pb::PutArtifactResponse>, Status> {
         // Chunks may name the digest the uploader expects; it is checked once the data is hashed.
         let stream = req.into_inner();
         let (digest, size) = self.artifacts.put(stream).await.map_err(|e| match e {
-            distillery_proto::artifact::ArtifactError::Mismatch { .. } | distillery_proto::artifact::ArtifactError::BadDigest(_) => {
+            distillery_proto::artifact::ArtifactError::Mismatch { .. }
+            | distillery_proto::artifact::ArtifactError::BadDigest(_) => {
                 Status::data_loss(e.to_string())
             }
             other => Status::internal(other.to_string()),
@@ -164,7 +240,12 @@ impl WorkerService for Workers {
 
     type GetArtifactStream = BoxStream<pb::Chunk>;
 
-    async fn get_artifact(&self, req: Request<pb::GetArtifactRequest>) -> Result<Response<Self::GetArtifactStream>, Status> {
-        Ok(Response::new(stream_artifact(&self.artifacts, &req.into_inner().digest).await?))
+    async fn get_artifact(
+        &self,
+        req: Request<pb::GetArtifactRequest>,
+    ) -> Result<Response<Self::GetArtifactStream>, Status> {
+        Ok(Response::new(
+            stream_artifact(&self.artifacts, &req.into_inner().digest).await?,
+        ))
     }
 }

@@ -21,11 +21,20 @@ fn spec_text(rounds: usize, world: u32, extra: &str) -> String {
 }
 
 fn spec(rounds: usize, world: u32, extra: &str) -> pb::CampaignSpec {
-    spec::parse(&spec_text(rounds, world, extra), Path::new("/"), FileChecks::None).expect("test spec is valid")
+    spec::parse(
+        &spec_text(rounds, world, extra),
+        Path::new("/"),
+        FileChecks::None,
+    )
+    .expect("test spec is valid")
 }
 
 fn cfg() -> Config {
-    Config { lease_timeout_ms: 1_000, backoff_base_ms: 100, backoff_max_ms: 1_000 }
+    Config {
+        lease_timeout_ms: 1_000,
+        backoff_base_ms: 100,
+        backoff_max_ms: 1_000,
+    }
 }
 
 fn register(st: &mut State, devices: &[&str]) -> String {
@@ -49,7 +58,17 @@ fn register(st: &mut State, devices: &[&str]) -> String {
 }
 
 fn submit(st: &mut State, spec: pb::CampaignSpec, now: Millis) -> String {
-    match apply(st, &cfg(), Event::Submit { spec: Box::new(spec), now }).unwrap().reply {
+    match apply(
+        st,
+        &cfg(),
+        Event::Submit {
+            spec: Box::new(spec),
+            now,
+        },
+    )
+    .unwrap()
+    .reply
+    {
         Reply::CampaignId(c) => c,
         r => panic!("{r:?}"),
     }
@@ -59,12 +78,30 @@ fn poll(st: &mut State, w: &str, devices: &[&str], now: Millis) -> Vec<Assignmen
     poll_events(st, w, devices, now).0
 }
 
-fn poll_events(st: &mut State, w: &str, devices: &[&str], now: Millis) -> (Vec<Assignment>, Vec<pb::Event>) {
-    let t = apply(st, &cfg(), Event::Poll { worker: w.into(), free_devices: devices.iter().map(|d| d.to_string()).collect(), now }).unwrap();
-    let a = t.effects
+fn poll_events(
+    st: &mut State,
+    w: &str,
+    devices: &[&str],
+    now: Millis,
+) -> (Vec<Assignment>, Vec<pb::Event>) {
+    let t = apply(
+        st,
+        &cfg(),
+        Event::Poll {
+            worker: w.into(),
+            free_devices: devices.iter().map(|d| d.to_string()).collect(),
+            now,
+        },
+    )
+    .unwrap();
+    let a = t
+        .effects
         .into_iter()
         .flat_map(|e| match e {
-            Effect::Assign { worker, assignments } if worker == w => assignments,
+            Effect::Assign {
+                worker,
+                assignments,
+            } if worker == w => assignments,
             _ => Vec::new(),
         })
         .collect();
@@ -73,8 +110,14 @@ fn poll_events(st: &mut State, w: &str, devices: &[&str], now: Millis) -> (Vec<A
 
 fn outputs_for(st: &State, task: &str) -> (BTreeMap<String, String>, BTreeMap<String, f64>) {
     let k = &st.tasks[task].kind;
-    let outs = kind::required_outputs(k).iter().map(|o| (o.to_string(), DIGEST.to_string())).collect();
-    let mut metrics: BTreeMap<String, f64> = kind::required_metrics(k).iter().map(|m| (m.to_string(), 10.0)).collect();
+    let outs = kind::required_outputs(k)
+        .iter()
+        .map(|o| (o.to_string(), DIGEST.to_string()))
+        .collect();
+    let mut metrics: BTreeMap<String, f64> = kind::required_metrics(k)
+        .iter()
+        .map(|m| (m.to_string(), 10.0))
+        .collect();
     if k == kind::JUDGE {
         metrics.insert("sum.judge.wins".into(), 3.0);
         metrics.insert("sum.judge.ties".into(), 2.0);
@@ -84,12 +127,25 @@ fn outputs_for(st: &State, task: &str) -> (BTreeMap<String, String>, BTreeMap<St
 }
 
 fn lref(a: &Assignment) -> LeaseRef {
-    LeaseRef { task_id: a.task_id.clone(), lease_id: a.lease_id, rank: a.rank }
+    LeaseRef {
+        task_id: a.task_id.clone(),
+        lease_id: a.lease_id,
+        rank: a.rank,
+    }
 }
 
 fn complete(st: &mut State, a: &Assignment, now: Millis) -> Result<Transition, MachineError> {
     let (outputs, metrics) = outputs_for(st, &a.task_id);
-    apply(st, &cfg(), Event::Complete { lease: lref(a), outputs, metrics, now })
+    apply(
+        st,
+        &cfg(),
+        Event::Complete {
+            lease: lref(a),
+            outputs,
+            metrics,
+            now,
+        },
+    )
 }
 
 /// Runs every task to completion with one worker of `devices`; returns the event kinds.
@@ -102,7 +158,11 @@ fn drive(st: &mut State, w: &str, devices: &[&str], c: &str) -> Vec<pb::Event> {
         }
         let (a, evs) = poll_events(st, w, devices, now);
         events.extend(evs);
-        assert!(!a.is_empty(), "no work handed out in {:?}", st.campaigns[c].rounds);
+        assert!(
+            !a.is_empty(),
+            "no work handed out in {:?}",
+            st.campaigns[c].rounds
+        );
         for x in &a {
             events.extend(complete(st, x, now).unwrap().events);
         }
@@ -119,11 +179,18 @@ fn a_campaign_runs_through_every_phase_in_order() {
     let w = register(&mut st, &["cpu"]);
     let events = drive(&mut st, &w, &["cpu"], &c);
     assert_eq!(st.campaigns[&c].state, CampaignState::Succeeded);
-    let phases: Vec<(u32, String)> =
-        events.iter().filter(|e| e.kind == "phase_started").map(|e| (e.round, e.phase.clone())).collect();
+    let phases: Vec<(u32, String)> = events
+        .iter()
+        .filter(|e| e.kind == "phase_started")
+        .map(|e| (e.round, e.phase.clone()))
+        .collect();
     let expect: Vec<(u32, String)> = [0, 1]
         .iter()
-        .flat_map(|r| ["prune", "distill", "evaluate", "judge"].iter().map(move |p| (*r, p.to_string())))
+        .flat_map(|r| {
+            ["prune", "distill", "evaluate", "judge"]
+                .iter()
+                .map(move |p| (*r, p.to_string()))
+        })
         .filter(|x| x != &(0, "score".into()))
         .collect::<Vec<_>>();
     // Round 0's score phase started at submit; round 1's at round 0's gate.
@@ -131,7 +198,11 @@ fn a_campaign_runs_through_every_phase_in_order() {
     expect_all.insert(4, (1, "score".into()));
     assert_eq!(phases, expect_all);
     // Teacher figures are computed once and reused: one teacher perplexity and answers task.
-    let teacher_tasks = st.tasks.values().filter(|t| t.params.get("role").is_some_and(|r| r == "teacher")).count();
+    let teacher_tasks = st
+        .tasks
+        .values()
+        .filter(|t| t.params.get("role").is_some_and(|r| r == "teacher"))
+        .count();
     assert_eq!(teacher_tasks, 2);
     let r1 = &st.campaigns[&c].rounds[1];
     assert_eq!(r1.metrics["teacher_perplexity"], 10.0);
@@ -162,7 +233,16 @@ fn a_stale_report_is_refused_and_changes_nothing() {
     let err = complete(&mut st, &a[0], 1_300).unwrap_err();
     assert!(matches!(err, MachineError::StaleLease { .. }), "{err:?}");
     assert_eq!(st, before);
-    let hb = apply(&mut st, &cfg(), Event::Heartbeat { worker: w1.clone(), leases: vec![lref(&a[0])], now: 1_300 }).unwrap();
+    let hb = apply(
+        &mut st,
+        &cfg(),
+        Event::Heartbeat {
+            worker: w1.clone(),
+            leases: vec![lref(&a[0])],
+            now: 1_300,
+        },
+    )
+    .unwrap();
     assert!(matches!(hb.reply, Reply::Heartbeat { ref cancelled, .. } if cancelled.len() == 1));
     complete(&mut st, &b[0], 1_300).unwrap();
     assert_eq!(st.tasks[&b[0].task_id].state, TaskState::Succeeded);
@@ -192,41 +272,121 @@ fn a_gang_is_placed_all_at_once_across_workers() {
     let workers: BTreeSet<&str> = lease.ranks.iter().map(|r| r.worker.as_str()).collect();
     assert_eq!(workers.len(), 2);
     let ranks = [
-        LeaseRef { task_id: a2[0].task_id.clone(), lease_id: a2[0].lease_id, rank: 0 },
-        LeaseRef { task_id: a2[0].task_id.clone(), lease_id: a2[0].lease_id, rank: 1 },
+        LeaseRef {
+            task_id: a2[0].task_id.clone(),
+            lease_id: a2[0].lease_id,
+            rank: 0,
+        },
+        LeaseRef {
+            task_id: a2[0].task_id.clone(),
+            lease_id: a2[0].lease_id,
+            rank: 1,
+        },
     ];
     // Rendezvous is a barrier: the first rank waits, the second releases both.
-    let r0 = apply(&mut st, &cfg(), Event::Rendezvous { lease: ranks[0].clone(), key: "init".into(), payload: b"a".to_vec(), now: 2 }).unwrap();
+    let r0 = apply(
+        &mut st,
+        &cfg(),
+        Event::Rendezvous {
+            lease: ranks[0].clone(),
+            key: "init".into(),
+            payload: b"a".to_vec(),
+            now: 2,
+        },
+    )
+    .unwrap();
     assert_eq!(r0.reply, Reply::Rendezvous(None));
-    let r1 = apply(&mut st, &cfg(), Event::Rendezvous { lease: ranks[1].clone(), key: "init".into(), payload: b"b".to_vec(), now: 2 }).unwrap();
-    assert_eq!(r1.reply, Reply::Rendezvous(Some(vec![b"a".to_vec(), b"b".to_vec()])));
-    assert!(r1.effects.iter().any(|e| matches!(e, Effect::RendezvousReady { payloads, .. } if payloads.len() == 2)));
+    let r1 = apply(
+        &mut st,
+        &cfg(),
+        Event::Rendezvous {
+            lease: ranks[1].clone(),
+            key: "init".into(),
+            payload: b"b".to_vec(),
+            now: 2,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        r1.reply,
+        Reply::Rendezvous(Some(vec![b"a".to_vec(), b"b".to_vec()]))
+    );
+    assert!(r1
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::RendezvousReady { payloads, .. } if payloads.len() == 2)));
     // One rank dies: the whole gang attempt ends and is re-leased as a whole.
-    apply(&mut st, &cfg(), Event::Heartbeat { worker: w1.clone(), leases: vec![ranks[0].clone(), ranks[1].clone()], now: 900 }).unwrap();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Heartbeat {
+            worker: w1.clone(),
+            leases: vec![ranks[0].clone(), ranks[1].clone()],
+            now: 900,
+        },
+    )
+    .unwrap();
     apply(&mut st, &cfg(), Event::Tick { now: 1_500 }).unwrap();
     let task = &st.tasks[&a2[0].task_id];
     assert_eq!(task.state, TaskState::Pending);
-    assert!(task.error.as_deref().unwrap_or_default().contains("stopped heart-beating"));
+    assert!(task
+        .error
+        .as_deref()
+        .unwrap_or_default()
+        .contains("stopped heart-beating"));
 }
 
 #[test]
 fn retries_back_off_then_fail_the_campaign_with_the_error() {
     let mut st = State::default();
-    let c = submit(&mut st, spec(1, 1, "[scheduling]\nmax_attempts = 2\nscore_shards = 1\n"), 0);
+    let c = submit(
+        &mut st,
+        spec(1, 1, "[scheduling]\nmax_attempts = 2\nscore_shards = 1\n"),
+        0,
+    );
     let w = register(&mut st, &["cpu"]);
     let a = poll(&mut st, &w, &["cpu"], 0);
-    apply(&mut st, &cfg(), Event::Fail { lease: lref(&a[0]), error: "oom".into(), retryable: true, now: 0 }).unwrap();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Fail {
+            lease: lref(&a[0]),
+            error: "oom".into(),
+            retryable: true,
+            now: 0,
+        },
+    )
+    .unwrap();
     // Backoff: not before 100 ms.
     assert!(poll(&mut st, &w, &["cpu"], 50).is_empty());
     let t = apply(&mut st, &cfg(), Event::Tick { now: 150 }).unwrap();
-    let b: Vec<_> = t.effects.iter().filter(|e| matches!(e, Effect::Assign { .. })).collect();
+    let b: Vec<_> = t
+        .effects
+        .iter()
+        .filter(|e| matches!(e, Effect::Assign { .. }))
+        .collect();
     assert_eq!(b.len(), 1);
-    let Effect::Assign { assignments, .. } = b[0] else { unreachable!() };
-    apply(&mut st, &cfg(), Event::Fail { lease: lref(&assignments[0]), error: "oom again".into(), retryable: true, now: 200 }).unwrap();
+    let Effect::Assign { assignments, .. } = b[0] else {
+        unreachable!()
+    };
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Fail {
+            lease: lref(&assignments[0]),
+            error: "oom again".into(),
+            retryable: true,
+            now: 200,
+        },
+    )
+    .unwrap();
     let camp = &st.campaigns[&c];
     assert_eq!(camp.state, CampaignState::Failed);
     let err = camp.error.clone().unwrap();
-    assert!(err.contains("after 2 attempt(s)") && err.contains("oom again"), "{err}");
+    assert!(
+        err.contains("after 2 attempt(s)") && err.contains("oom again"),
+        "{err}"
+    );
     assert!(st.tasks.values().all(|t| t.state.is_terminal()));
     assert!(st.leases.is_empty());
 }
@@ -237,17 +397,69 @@ fn pause_revokes_leases_and_resume_hands_them_out_again() {
     let c = submit(&mut st, spec(1, 1, ""), 0);
     let w = register(&mut st, &["cpu"]);
     let a = poll(&mut st, &w, &["cpu"], 0);
-    apply(&mut st, &cfg(), Event::Pause { campaign: c.clone(), now: 1 }).unwrap();
-    let hb = apply(&mut st, &cfg(), Event::Heartbeat { worker: w.clone(), leases: vec![lref(&a[0])], now: 2 }).unwrap();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Pause {
+            campaign: c.clone(),
+            now: 1,
+        },
+    )
+    .unwrap();
+    let hb = apply(
+        &mut st,
+        &cfg(),
+        Event::Heartbeat {
+            worker: w.clone(),
+            leases: vec![lref(&a[0])],
+            now: 2,
+        },
+    )
+    .unwrap();
     assert!(matches!(hb.reply, Reply::Heartbeat { ref cancelled, .. } if cancelled.len() == 1));
-    assert_eq!(st.tasks[&a[0].task_id].attempts, 0, "a revoked attempt is given back");
+    assert_eq!(
+        st.tasks[&a[0].task_id].attempts, 0,
+        "a revoked attempt is given back"
+    );
     assert!(poll(&mut st, &w, &["cpu"], 3).is_empty());
-    let t = apply(&mut st, &cfg(), Event::Resume { campaign: c.clone(), now: 4 }).unwrap();
+    let t = apply(
+        &mut st,
+        &cfg(),
+        Event::Resume {
+            campaign: c.clone(),
+            now: 4,
+        },
+    )
+    .unwrap();
     assert!(t.effects.iter().any(|e| matches!(e, Effect::Assign { .. })));
-    assert!(apply(&mut st, &cfg(), Event::Resume { campaign: c.clone(), now: 5 }).is_err());
-    apply(&mut st, &cfg(), Event::Cancel { campaign: c.clone(), now: 6 }).unwrap();
+    assert!(apply(
+        &mut st,
+        &cfg(),
+        Event::Resume {
+            campaign: c.clone(),
+            now: 5
+        }
+    )
+    .is_err());
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Cancel {
+            campaign: c.clone(),
+            now: 6,
+        },
+    )
+    .unwrap();
     assert_eq!(st.campaigns[&c].state, CampaignState::Cancelled);
-    assert!(apply(&mut st, &cfg(), Event::Pause { campaign: c.clone(), now: 7 }).is_err());
+    assert!(apply(
+        &mut st,
+        &cfg(),
+        Event::Pause {
+            campaign: c.clone(),
+            now: 7
+        }
+    )
+    .is_err());
 }
 
 #[test]
@@ -260,8 +472,19 @@ fn the_gate_stops_or_extends_once() {
         drive(&mut st, &w, &["cpu"], &c);
         let camp = &st.campaigns[&c];
         assert_eq!(camp.state, CampaignState::Failed);
-        assert!(camp.error.as_deref().unwrap().contains("gate.max_perplexity_ratio"), "{:?}", camp.error);
-        let distills: Vec<&Task> = st.tasks.values().filter(|t| t.kind == kind::DISTILL).collect();
+        assert!(
+            camp.error
+                .as_deref()
+                .unwrap()
+                .contains("gate.max_perplexity_ratio"),
+            "{:?}",
+            camp.error
+        );
+        let distills: Vec<&Task> = st
+            .tasks
+            .values()
+            .filter(|t| t.kind == kind::DISTILL)
+            .collect();
         assert_eq!(distills.len(), if extended { 2 } else { 1 });
         if extended {
             assert_eq!(distills[1].params["tokens"], "200");
@@ -277,7 +500,16 @@ fn completion_without_required_outputs_is_refused() {
     let w = register(&mut st, &["cpu"]);
     let a = poll(&mut st, &w, &["cpu"], 0);
     let before = st.clone();
-    let e = apply(&mut st, &cfg(), Event::Complete { lease: lref(&a[0]), outputs: BTreeMap::new(), metrics: BTreeMap::new(), now: 1 });
+    let e = apply(
+        &mut st,
+        &cfg(),
+        Event::Complete {
+            lease: lref(&a[0]),
+            outputs: BTreeMap::new(),
+            metrics: BTreeMap::new(),
+            now: 1,
+        },
+    );
     assert!(matches!(e, Err(MachineError::InvalidArgument(_))));
     assert_eq!(st, before);
 }
@@ -291,11 +523,35 @@ fn recovery_expires_overdue_leases_and_extends_live_ones() {
     let a = poll(&mut st, &w1, &["cpu"], 0);
     let b = poll(&mut st, &w2, &["cpu"], 0);
     // w2 keeps heart-beating until the coordinator stops at t=1500; w1 stopped at t=0.
-    apply(&mut st, &cfg(), Event::Heartbeat { worker: w2.clone(), leases: vec![lref(&b[0])], now: 1_400 }).unwrap();
-    apply(&mut st, &cfg(), Event::Heartbeat { worker: w2.clone(), leases: vec![lref(&b[0])], now: 1_500 }).unwrap();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Heartbeat {
+            worker: w2.clone(),
+            leases: vec![lref(&b[0])],
+            now: 1_400,
+        },
+    )
+    .unwrap();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Heartbeat {
+            worker: w2.clone(),
+            leases: vec![lref(&b[0])],
+            now: 1_500,
+        },
+    )
+    .unwrap();
     let persisted = st.clone();
     // Restart 10 s later: reload from the persisted records.
-    let mut st = State::from_parts(persisted.campaigns, persisted.tasks, persisted.leases, persisted.workers, persisted.meta);
+    let mut st = State::from_parts(
+        persisted.campaigns,
+        persisted.tasks,
+        persisted.leases,
+        persisted.workers,
+        persisted.meta,
+    );
     apply(&mut st, &cfg(), Event::Recover { now: 11_500 }).unwrap();
     assert_eq!(st.tasks[&a[0].task_id].state, TaskState::Pending);
     assert_eq!(st.tasks[&b[0].task_id].state, TaskState::Leased);
@@ -349,7 +605,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn pick<'a, T>(v: &'a [T], i: u8) -> Option<&'a T> {
+    fn pick<T>(v: &[T], i: u8) -> Option<&T> {
         if v.is_empty() {
             None
         } else {
@@ -365,7 +621,12 @@ impl Harness {
             let live: Vec<&Assignment> = h
                 .issued
                 .iter()
-                .filter(|a| h.st.leases.get(&a.task_id).is_some_and(|l| l.lease_id == a.lease_id) != stale)
+                .filter(|a| {
+                    h.st.leases
+                        .get(&a.task_id)
+                        .is_some_and(|l| l.lease_id == a.lease_id)
+                        != stale
+                })
                 .collect();
             Self::pick(&live, i).map(|a| lref(a))
         };
@@ -378,7 +639,10 @@ impl Harness {
                     2 => "[scheduling]\nmax_attempts = 1\nscore_shards = 3\n",
                     _ => "[evaluation]\nperplexity = false\n",
                 };
-                Event::Submit { spec: Box::new(spec(1 + usize::from(v % 3 == 0), world, extra)), now }
+                Event::Submit {
+                    spec: Box::new(spec(1 + usize::from(v % 3 == 0), world, extra)),
+                    now,
+                }
             }
             Op::Register(n) => Event::Register {
                 host: "h".into(),
@@ -390,31 +654,70 @@ impl Harness {
             },
             Op::Poll(w, m) => {
                 let w = Self::pick(&workers, *w)?.clone();
-                let devs: Vec<String> =
-                    self.st.workers[&w].devices.iter().enumerate().filter(|(i, _)| m & (1 << i) != 0).map(|(_, d)| d.clone()).collect();
-                Event::Poll { worker: w, free_devices: devs, now }
+                let devs: Vec<String> = self.st.workers[&w]
+                    .devices
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| m & (1 << i) != 0)
+                    .map(|(_, d)| d.clone())
+                    .collect();
+                Event::Poll {
+                    worker: w,
+                    free_devices: devs,
+                    now,
+                }
             }
             Op::Complete(i, stale) => {
                 let lease = pick_lease(self, *i, *stale)?;
                 let (outputs, metrics) = outputs_for(&self.st, &lease.task_id);
-                Event::Complete { lease, outputs, metrics, now }
+                Event::Complete {
+                    lease,
+                    outputs,
+                    metrics,
+                    now,
+                }
             }
-            Op::Fail(i, retryable) => Event::Fail { lease: pick_lease(self, *i, false)?, error: "boom".into(), retryable: *retryable, now },
-            Op::Rendezvous(i) => Event::Rendezvous { lease: pick_lease(self, *i, false)?, key: "k".into(), payload: vec![*i], now },
+            Op::Fail(i, retryable) => Event::Fail {
+                lease: pick_lease(self, *i, false)?,
+                error: "boom".into(),
+                retryable: *retryable,
+                now,
+            },
+            Op::Rendezvous(i) => Event::Rendezvous {
+                lease: pick_lease(self, *i, false)?,
+                key: "k".into(),
+                payload: vec![*i],
+                now,
+            },
             Op::Heartbeat(w) => {
                 let w = Self::pick(&workers, *w)?.clone();
                 let leases = self.issued.iter().filter(|a| {
-                    self.st.leases.get(&a.task_id).is_some_and(|l| l.ranks.get(a.rank as usize).is_some_and(|r| r.worker == w))
+                    self.st.leases.get(&a.task_id).is_some_and(|l| {
+                        l.ranks.get(a.rank as usize).is_some_and(|r| r.worker == w)
+                    })
                 });
-                Event::Heartbeat { worker: w.clone(), leases: leases.map(lref).collect(), now }
+                Event::Heartbeat {
+                    worker: w.clone(),
+                    leases: leases.map(lref).collect(),
+                    now,
+                }
             }
             Op::Advance(ms) => {
                 self.now += u64::from(*ms);
                 Event::Tick { now: self.now }
             }
-            Op::Pause(c) => Event::Pause { campaign: Self::pick(&campaigns, *c)?.clone(), now },
-            Op::Resume(c) => Event::Resume { campaign: Self::pick(&campaigns, *c)?.clone(), now },
-            Op::Cancel(c) => Event::Cancel { campaign: Self::pick(&campaigns, *c)?.clone(), now },
+            Op::Pause(c) => Event::Pause {
+                campaign: Self::pick(&campaigns, *c)?.clone(),
+                now,
+            },
+            Op::Resume(c) => Event::Resume {
+                campaign: Self::pick(&campaigns, *c)?.clone(),
+                now,
+            },
+            Op::Cancel(c) => Event::Cancel {
+                campaign: Self::pick(&campaigns, *c)?.clone(),
+                now,
+            },
             Op::Recover => {
                 let p = self.st.clone();
                 self.st = State::from_parts(p.campaigns, p.tasks, p.leases, p.workers, p.meta);
@@ -424,7 +727,9 @@ impl Harness {
     }
 
     fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
-        let Some(ev) = self.event(op) else { return Ok(()) };
+        let Some(ev) = self.event(op) else {
+            return Ok(());
+        };
         let before = self.st.clone();
         let max_before = self.max_lease;
         let tasks_before: BTreeSet<String> = self.st.tasks.keys().cloned().collect();
@@ -447,9 +752,22 @@ impl Harness {
                 }
                 self.max_lease = self.st.meta.last_lease_id;
                 // Every phase's outputs exist before the next phase starts.
-                for (id, t) in self.st.tasks.iter().filter(|(id, _)| !tasks_before.contains(*id)) {
-                    for other in self.st.tasks.values().filter(|o| o.campaign == t.campaign && o.round == t.round && o.phase < t.phase) {
-                        prop_assert_eq!(other.state, TaskState::Succeeded, "task {} started before {} finished", id, other.id);
+                for (id, t) in self
+                    .st
+                    .tasks
+                    .iter()
+                    .filter(|(id, _)| !tasks_before.contains(*id))
+                {
+                    for other in self.st.tasks.values().filter(|o| {
+                        o.campaign == t.campaign && o.round == t.round && o.phase < t.phase
+                    }) {
+                        prop_assert_eq!(
+                            other.state,
+                            TaskState::Succeeded,
+                            "task {} started before {} finished",
+                            id,
+                            other.id
+                        );
                         for o in kind::required_outputs(&other.kind) {
                             prop_assert!(other.outputs.contains_key(*o));
                         }
@@ -463,13 +781,20 @@ impl Harness {
     fn check(&mut self) -> Result<(), TestCaseError> {
         for (id, t) in &self.st.tasks {
             // One live lease per task, and only for leased tasks.
-            prop_assert_eq!(t.state == TaskState::Leased, self.st.leases.contains_key(id));
+            prop_assert_eq!(
+                t.state == TaskState::Leased,
+                self.st.leases.contains_key(id)
+            );
             if let Some(l) = self.st.leases.get(id) {
                 prop_assert_eq!(&l.task_id, id);
                 prop_assert!(l.lease_id <= self.st.meta.last_lease_id);
                 prop_assert_eq!(l.ranks.len() as u32, t.world_size.max(1));
                 let c = self.st.campaigns[&t.campaign].state;
-                prop_assert!(matches!(c, CampaignState::Running), "leased task in a {:?} campaign", c);
+                prop_assert!(
+                    matches!(c, CampaignState::Running),
+                    "leased task in a {:?} campaign",
+                    c
+                );
             }
             prop_assert_eq!(t.state == TaskState::Pending, self.st.pending.contains(id));
             // Terminal task states are final.

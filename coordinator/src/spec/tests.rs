@@ -13,7 +13,12 @@ pub(crate) fn fixture() -> tempfile::TempDir {
             "num_hidden_layers": 4, "vocab_size": 256, "tie_word_embeddings": true}"#,
     )
     .unwrap();
-    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl", "questions.jsonl"] {
+    for f in [
+        "calib.jsonl",
+        "web.jsonl",
+        "web-val.jsonl",
+        "questions.jsonl",
+    ] {
         std::fs::write(dir.path().join(f), "{\"text\": \"hello\"}\n").unwrap();
     }
     dir
@@ -55,35 +60,136 @@ fn a_good_spec_resolves_paths_and_reads_the_teacher_shape() {
     let t = s.teacher.unwrap();
     assert!(Path::new(&t.model).is_absolute());
     let shape = t.shape.unwrap();
-    assert_eq!((shape.hidden_size, shape.num_layers, shape.num_key_value_heads), (64, 4, 2));
+    assert_eq!(
+        (
+            shape.hidden_size,
+            shape.num_layers,
+            shape.num_key_value_heads
+        ),
+        (64, 4, 2)
+    );
     assert_eq!(shape.params, distillery_proto::shape::param_count(&shape));
     assert_eq!(s.rounds.len(), 2);
     assert_eq!(s.rounds[0].distill.as_ref().unwrap().world_size, 2);
-    assert_eq!(s.rounds[1].distill.as_ref().unwrap().seq_len, 512, "defaults fill in");
+    assert_eq!(
+        s.rounds[1].distill.as_ref().unwrap().seq_len,
+        512,
+        "defaults fill in"
+    );
     assert_eq!(s.scheduling.unwrap().max_attempts, 3);
 }
 
 /// Each bad spec: (what to replace in GOOD, replacement, expected field, text in the message).
 const BAD: &[(&str, &str, &str, &str)] = &[
-    ("name = \"tiny\"", "name = \"tiny\"\nnmae = 1", "nmae", "unknown field"),
+    (
+        "name = \"tiny\"",
+        "name = \"tiny\"\nnmae = 1",
+        "nmae",
+        "unknown field",
+    ),
     ("seed = 7", "seed = \"seven\"", "seed", "invalid type"),
-    ("model = \"teacher\"", "model = \"nowhere\"", "teacher.model", "does not exist"),
-    ("model = \"teacher\"", "model = \"calib.jsonl\"", "teacher.model", "neither a Hugging Face"),
-    ("num_attention_heads = 6", "num_attention_heads = 5", "rounds[0].target.num_attention_heads", "must divide evenly into 2 KV groups (try 4 or 6)"),
-    ("hidden_size = 48", "hidden_size = 96", "rounds[0].target.hidden_size", "larger than the teacher's 64"),
-    ("target = { num_layers = 2 }", "target = { num_layers = 4 }", "rounds[1].target.num_layers", "larger than round 0's 3"),
-    ("world_size = 2", "world_size = 0", "rounds[0].distill.world_size", "at least 1"),
-    ("depth_importance = \"perplexity\"", "depth_importance = \"magic\"", "rounds[1].depth_importance", "not a method"),
-    ("web-val.jsonl", "missing-val.jsonl", "data.validation[0].path", "does not exist"),
-    ("calibration = { path = \"calib.jsonl\", samples = 8, seq_len = 32 }", "calibration = { path = \"calib.jsonl\", samples = 0 }", "data.calibration.samples", "at least 1"),
-    ("weight = 1.0", "weight = -1.0", "data.train[0].weight", "positive"),
-    ("on_fail = \"extend_distill\"", "on_fail = \"retry\"", "gate.on_fail", "not an action"),
-    ("min_win_rate = 0.25", "min_win_rate = 1.25", "gate.min_win_rate", "between 0 and 1"),
-    ("backend = \"openai\"", "backend = \"bard\"", "evaluation.judge.backend", "not a backend"),
-    ("target = { num_layers = 2 }", "target = { }", "rounds[1].target", "is empty"),
-    ("target = { num_layers = 2 }", "target = { params = 1.5 }", "rounds[1].target.params", "fraction"),
-    ("distill = { tokens = 1000 }", "distill = { tokens = 1000, lr = 0.0 }", "rounds[1].distill.lr", "positive"),
-    ("[[rounds]]\ntarget = { num_layers = 2 }", "[[rounds]]\ntarget = { num_layers = 2, nlayers = 1 }", "rounds[1].target.nlayers", "unknown field"),
+    (
+        "model = \"teacher\"",
+        "model = \"nowhere\"",
+        "teacher.model",
+        "does not exist",
+    ),
+    (
+        "model = \"teacher\"",
+        "model = \"calib.jsonl\"",
+        "teacher.model",
+        "neither a Hugging Face",
+    ),
+    (
+        "num_attention_heads = 6",
+        "num_attention_heads = 5",
+        "rounds[0].target.num_attention_heads",
+        "must divide evenly into 2 KV groups (try 4 or 6)",
+    ),
+    (
+        "hidden_size = 48",
+        "hidden_size = 96",
+        "rounds[0].target.hidden_size",
+        "larger than the teacher's 64",
+    ),
+    (
+        "target = { num_layers = 2 }",
+        "target = { num_layers = 4 }",
+        "rounds[1].target.num_layers",
+        "larger than round 0's 3",
+    ),
+    (
+        "world_size = 2",
+        "world_size = 0",
+        "rounds[0].distill.world_size",
+        "at least 1",
+    ),
+    (
+        "depth_importance = \"perplexity\"",
+        "depth_importance = \"magic\"",
+        "rounds[1].depth_importance",
+        "not a method",
+    ),
+    (
+        "web-val.jsonl",
+        "missing-val.jsonl",
+        "data.validation[0].path",
+        "does not exist",
+    ),
+    (
+        "calibration = { path = \"calib.jsonl\", samples = 8, seq_len = 32 }",
+        "calibration = { path = \"calib.jsonl\", samples = 0 }",
+        "data.calibration.samples",
+        "at least 1",
+    ),
+    (
+        "weight = 1.0",
+        "weight = -1.0",
+        "data.train[0].weight",
+        "positive",
+    ),
+    (
+        "on_fail = \"extend_distill\"",
+        "on_fail = \"retry\"",
+        "gate.on_fail",
+        "not an action",
+    ),
+    (
+        "min_win_rate = 0.25",
+        "min_win_rate = 1.25",
+        "gate.min_win_rate",
+        "between 0 and 1",
+    ),
+    (
+        "backend = \"openai\"",
+        "backend = \"bard\"",
+        "evaluation.judge.backend",
+        "not a backend",
+    ),
+    (
+        "target = { num_layers = 2 }",
+        "target = { }",
+        "rounds[1].target",
+        "is empty",
+    ),
+    (
+        "target = { num_layers = 2 }",
+        "target = { params = 1.5 }",
+        "rounds[1].target.params",
+        "fraction",
+    ),
+    (
+        "distill = { tokens = 1000 }",
+        "distill = { tokens = 1000, lr = 0.0 }",
+        "rounds[1].distill.lr",
+        "positive",
+    ),
+    (
+        "[[rounds]]\ntarget = { num_layers = 2 }",
+        "[[rounds]]\ntarget = { num_layers = 2, nlayers = 1 }",
+        "rounds[1].target.nlayers",
+        "unknown field",
+    ),
 ];
 
 #[test]
@@ -121,7 +227,12 @@ fn dynamic_batch_loading_needs_a_reference_for_every_domain() {
         "validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]",
         "validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]\ndynamic_batch_loading = { reference_loss = { web = 2.5 }, update_every = 10 }",
     );
-    assert!(parse_in(d.path(), &ok).unwrap().data.unwrap().dynamic_batch_loading.is_some());
+    assert!(parse_in(d.path(), &ok)
+        .unwrap()
+        .data
+        .unwrap()
+        .dynamic_batch_loading
+        .is_some());
 }
 
 #[test]
@@ -169,10 +280,20 @@ fn a_gguf_teacher_shape_is_read_from_its_metadata() {
     std::fs::write(&p, &b).unwrap();
     let shape = source_model::read_shape(&p).unwrap();
     assert_eq!(
-        (shape.hidden_size, shape.intermediate_size, shape.num_attention_heads, shape.num_key_value_heads, shape.num_layers, shape.vocab_size),
+        (
+            shape.hidden_size,
+            shape.intermediate_size,
+            shape.num_attention_heads,
+            shape.num_key_value_heads,
+            shape.num_layers,
+            shape.vocab_size
+        ),
         (64, 128, 8, 2, 4, 3)
     );
     assert!(shape.tie_word_embeddings);
     std::fs::write(&p, b"GGUX").unwrap();
-    assert!(source_model::read_shape(&p).unwrap_err().to_string().contains("GGUF magic"));
+    assert!(source_model::read_shape(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("GGUF magic"));
 }

@@ -32,17 +32,28 @@ struct Args {
 }
 
 fn env_u64(k: &str, d: u64) -> u64 {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn env_f64(k: &str, d: f64) -> f64 {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 struct Scripted;
 
 impl Scripted {
-    fn blob(&self, ctx: &TaskContext, name: &str, body: &serde_json::Value) -> Result<String, TaskError> {
+    fn blob(
+        &self,
+        ctx: &TaskContext,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Result<String, TaskError> {
         let p = ctx.work_dir().join(name);
         std::fs::write(&p, body.to_string()).map_err(|e| TaskError::retryable(e.to_string()))?;
         ctx.upload_file(&p)
@@ -61,7 +72,11 @@ impl Scripted {
         Ok(())
     }
 
-    fn distill(&self, task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+    fn distill(
+        &self,
+        task: &pb::TaskAssignment,
+        ctx: &TaskContext,
+    ) -> Result<TaskOutput, TaskError> {
         let gang = task.gang.clone().unwrap_or_default();
         let rank = gang.rank;
         if rank > 0 {
@@ -69,12 +84,20 @@ impl Scripted {
         }
         tracing::info!(task = %ctx.lease().task_id, rank, "rendezvous: waiting for the gang");
         let payloads = ctx.rendezvous("init", format!("rank{rank}").as_bytes())?;
-        let expect: Vec<Vec<u8>> = (0..gang.world_size).map(|r| format!("rank{r}").into_bytes()).collect();
+        let expect: Vec<Vec<u8>> = (0..gang.world_size)
+            .map(|r| format!("rank{r}").into_bytes())
+            .collect();
         if payloads != expect {
-            return Err(TaskError::fatal(format!("rendezvous returned {payloads:?}")));
+            return Err(TaskError::fatal(format!(
+                "rendezvous returned {payloads:?}"
+            )));
         }
         tracing::info!(task = %ctx.lease().task_id, rank, "rendezvous: gang complete");
-        let extension: u64 = task.params.get("extension").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let extension: u64 = task
+            .params
+            .get("extension")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         // An extension trains twice as long, continuing the previous distillation.
         let steps = env_u64("SCRIPT_DISTILL_STEPS", 8) << extension;
         let mut step = 0u64;
@@ -85,8 +108,10 @@ impl Scripted {
         };
         if let Some(ck) = start_from {
             let p = ctx.fetch(&ck)?;
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).map_err(|e| TaskError::retryable(e.to_string()))?)
-                .map_err(|e| TaskError::fatal(e.to_string()))?;
+            let v: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&p).map_err(|e| TaskError::retryable(e.to_string()))?,
+            )
+            .map_err(|e| TaskError::fatal(e.to_string()))?;
             step = v["step"].as_u64().unwrap_or(0);
             tracing::info!(task = %ctx.lease().task_id, rank, step, "resuming from checkpoint");
         }
@@ -97,23 +122,41 @@ impl Scripted {
             step += 1;
             if rank == 0 {
                 let loss = 3.0 / (step as f64 + 1.0);
-                let ck = if step % 2 == 0 {
-                    Some(self.blob(ctx, &format!("ck-{step}.json"), &serde_json::json!({"task": ctx.lease().task_id, "step": step}))?)
+                let ck = if step.is_multiple_of(2) {
+                    Some(self.blob(
+                        ctx,
+                        &format!("ck-{step}.json"),
+                        &serde_json::json!({"task": ctx.lease().task_id, "step": step}),
+                    )?)
                 } else {
                     None
                 };
-                let m: BTreeMap<String, f64> =
-                    [("step".to_string(), step as f64), ("total_steps".to_string(), steps as f64), ("loss".to_string(), loss)].into();
+                let m: BTreeMap<String, f64> = [
+                    ("step".to_string(), step as f64),
+                    ("total_steps".to_string(), steps as f64),
+                    ("loss".to_string(), loss),
+                ]
+                .into();
                 ctx.progress(m, ck.as_deref(), &format!("distill step {step}/{steps}"))?;
             }
         }
         let mut out = TaskOutput::default();
         if rank == 0 {
-            let student = self.blob(ctx, "student.json", &serde_json::json!({"task": ctx.lease().task_id, "extension": extension}))?;
+            let student = self.blob(
+                ctx,
+                "student.json",
+                &serde_json::json!({"task": ctx.lease().task_id, "extension": extension}),
+            )?;
             out.outputs.insert("student".into(), student);
             out.metrics = [
                 ("distill.steps".to_string(), steps as f64),
-                ("distill.tokens".to_string(), task.params.get("tokens").and_then(|t| t.parse().ok()).unwrap_or(0.0)),
+                (
+                    "distill.tokens".to_string(),
+                    task.params
+                        .get("tokens")
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(0.0),
+                ),
                 ("distill.final_loss".to_string(), 3.0 / (steps as f64 + 1.0)),
                 ("distill.world_size".to_string(), f64::from(gang.world_size)),
                 ("distill.resumed_from_step".to_string(), resumed_from as f64),
@@ -126,12 +169,18 @@ impl Scripted {
 
 impl TaskRunner for Scripted {
     fn kinds(&self) -> Vec<String> {
-        distillery_coordinator::phases::kind::ALL.iter().map(|k| k.to_string()).collect()
+        distillery_coordinator::phases::kind::ALL
+            .iter()
+            .map(|k| k.to_string())
+            .collect()
     }
 
     fn run(&self, task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
         if std::env::var("SCRIPT_FAIL_ONCE").is_ok_and(|k| k == task.kind) && task.attempt == 1 {
-            return Err(TaskError::retryable(format!("scripted failure of {} attempt 1", task.kind)));
+            return Err(TaskError::retryable(format!(
+                "scripted failure of {} attempt 1",
+                task.kind
+            )));
         }
         if task.kind == "distill" {
             return self.distill(task, ctx);
@@ -139,32 +188,50 @@ impl TaskRunner for Scripted {
         let ms = env_u64("SCRIPT_TASK_MS", 100);
         for i in 1..=4u64 {
             self.sleep_checking(ctx, ms / 4)?;
-            let m: BTreeMap<String, f64> = [("step".to_string(), i as f64), ("total_steps".to_string(), 4.0)].into();
+            let m: BTreeMap<String, f64> = [
+                ("step".to_string(), i as f64),
+                ("total_steps".to_string(), 4.0),
+            ]
+            .into();
             ctx.progress(m, None, &format!("{} {}/4", task.kind, i))?;
         }
-        let body = serde_json::json!({"kind": task.kind, "params": task.params, "round": task.round});
+        let body =
+            serde_json::json!({"kind": task.kind, "params": task.params, "round": task.round});
         let mut out = TaskOutput::default();
-        let role = task.params.get("role").map(String::as_str).unwrap_or("student");
+        let role = task
+            .params
+            .get("role")
+            .map(String::as_str)
+            .unwrap_or("student");
         match task.kind.as_str() {
             "score" => {
-                out.outputs.insert("scores".into(), self.blob(ctx, "scores.json", &body)?);
+                out.outputs
+                    .insert("scores".into(), self.blob(ctx, "scores.json", &body)?);
             }
             "score_depth" => {
-                out.outputs.insert("depth_scores".into(), self.blob(ctx, "depth.json", &body)?);
+                out.outputs
+                    .insert("depth_scores".into(), self.blob(ctx, "depth.json", &body)?);
             }
             "prune" => {
-                out.outputs.insert("pruned".into(), self.blob(ctx, "pruned.json", &body)?);
-                out.metrics.insert("params".into(), 1000.0 - 100.0 * f64::from(task.round));
+                out.outputs
+                    .insert("pruned".into(), self.blob(ctx, "pruned.json", &body)?);
+                out.metrics
+                    .insert("params".into(), 1000.0 - 100.0 * f64::from(task.round));
             }
             "perplexity" => {
                 let ppl = if role == "teacher" {
                     env_f64("SCRIPT_TEACHER_PPL", 10.0)
                 } else {
                     // The student's quality follows its distillation: read what produced it.
-                    let student = task.inputs.get("student").ok_or_else(|| TaskError::fatal("no student input"))?;
+                    let student = task
+                        .inputs
+                        .get("student")
+                        .ok_or_else(|| TaskError::fatal("no student input"))?;
                     let p = ctx.fetch(student)?;
-                    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).map_err(|e| TaskError::retryable(e.to_string()))?)
-                        .map_err(|e| TaskError::fatal(e.to_string()))?;
+                    let v: serde_json::Value = serde_json::from_slice(
+                        &std::fs::read(&p).map_err(|e| TaskError::retryable(e.to_string()))?,
+                    )
+                    .map_err(|e| TaskError::fatal(e.to_string()))?;
                     if v["extension"].as_u64().unwrap_or(0) > 0 {
                         env_f64("SCRIPT_PPL_EXTENDED", 11.0)
                     } else {
@@ -174,10 +241,12 @@ impl TaskRunner for Scripted {
                 out.metrics.insert("perplexity".into(), ppl);
             }
             "generate" => {
-                out.outputs.insert("answers".into(), self.blob(ctx, "answers.json", &body)?);
+                out.outputs
+                    .insert("answers".into(), self.blob(ctx, "answers.json", &body)?);
             }
             "judge" => {
-                out.outputs.insert("judgments".into(), self.blob(ctx, "judgments.json", &body)?);
+                out.outputs
+                    .insert("judgments".into(), self.blob(ctx, "judgments.json", &body)?);
                 let wtl = std::env::var("SCRIPT_JUDGE").unwrap_or_else(|_| "5,2,3".into());
                 let v: Vec<f64> = wtl.split(',').filter_map(|x| x.parse().ok()).collect();
                 for (k, x) in ["wins", "ties", "losses"].iter().zip(v) {
@@ -196,9 +265,16 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .try_init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let cfg = AgentConfig {
-        target: Target { url: args.coordinator, token: args.token, ca_cert: None },
+        target: Target {
+            url: args.coordinator,
+            token: args.token,
+            ca_cert: None,
+        },
         devices: parse_devices(&args.devices).expect("devices"),
         work_dir: args.work_dir,
         host: "scripted".into(),
@@ -212,4 +288,3 @@ fn main() {
         }
     });
 }
-

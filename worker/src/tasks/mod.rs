@@ -33,7 +33,10 @@ impl TaskRunner for KindRegistry {
     fn run(&self, task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
         match self.runners.get(&task.kind) {
             Some(r) => r.run(task, ctx),
-            None => Err(TaskError::fatal(format!("this worker build cannot run {:?} tasks", task.kind))),
+            None => Err(TaskError::fatal(format!(
+                "this worker build cannot run {:?} tasks",
+                task.kind
+            ))),
         }
     }
 }
