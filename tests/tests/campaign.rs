@@ -140,8 +140,7 @@ async fn a_failing_attempt_is_retried_and_the_gate_extends_then_stops() {
     // The extension resumed from the first distillation's last checkpoint.
     let resumed = events
         .iter()
-        .filter(|e| e.kind == "task_succeeded" && e.phase == "distill")
-        .next_back()
+        .rfind(|e| e.kind == "task_succeeded" && e.phase == "distill")
         .unwrap();
     assert_eq!(resumed.metrics.get("distill.resumed_from_step"), Some(&8.0));
 }
