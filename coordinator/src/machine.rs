@@ -4,6 +4,7 @@
 //! [`pb::Event`] with the next sequence number. An `Err` leaves the state untouched.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use distillery_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -244,6 +245,9 @@ pub struct State {
     pending: BTreeSet<String>,
     /// Workers in a long poll, with the devices they offer (not persisted).
     waiting: BTreeMap<String, Vec<String>>,
+    /// Per campaign, tasks of the current phase not yet succeeded (derived from `tasks`), so a
+    /// completion need not rescan a phase of thousands of shards.
+    open_in_phase: BTreeMap<String, usize>,
 }
 
 impl State {
@@ -260,6 +264,18 @@ impl State {
             .filter(|t| t.state == TaskState::Pending)
             .map(|t| t.id.clone())
             .collect();
+        let open_in_phase = campaigns
+            .values()
+            .map(|c| {
+                let open = c.rounds.get(c.current_round as usize).map_or(0, |r| {
+                    r.phase_tasks
+                        .iter()
+                        .filter(|t| tasks.get(*t).is_none_or(|t| t.state != TaskState::Succeeded))
+                        .count()
+                });
+                (c.id.clone(), open)
+            })
+            .collect();
         State {
             campaigns,
             tasks,
@@ -268,6 +284,7 @@ impl State {
             meta,
             pending,
             waiting: BTreeMap::new(),
+            open_in_phase,
         }
     }
 
@@ -756,11 +773,18 @@ impl Tx<'_> {
         }
         let mut free: BTreeMap<String, Vec<String>> = self.s.waiting.clone();
         let mut given: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
-        let candidates: Vec<String> = self.s.pending.iter().cloned().collect();
-        for task_id in candidates {
+        // Walk the pending set in creation order with a cursor (the set changes as we lease).
+        let mut cursor: Option<String> = None;
+        loop {
             if free.values().all(Vec::is_empty) {
                 break;
             }
+            let next = match &cursor {
+                None => self.s.pending.iter().next().cloned(),
+                Some(c) => self.s.pending.range::<String, _>((Bound::Excluded(c), Bound::Unbounded)).next().cloned(),
+            };
+            let Some(task_id) = next else { break };
+            cursor = Some(task_id.clone());
             let Some(task) = self.s.tasks.get(&task_id) else {
                 continue;
             };
@@ -1027,6 +1051,9 @@ impl Tx<'_> {
         let rank0 = lease.ranks.into_iter().next().expect("a lease has a rank");
         let task = self.s.tasks.get_mut(&r.task_id).expect("checked");
         task.state = TaskState::Succeeded;
+        if let Some(n) = self.s.open_in_phase.get_mut(&task.campaign) {
+            *n = n.saturating_sub(1);
+        }
         task.outputs = rank0.outputs;
         for (k, v) in rank0.metrics {
             task.metrics.insert(k, v);
@@ -1391,6 +1418,7 @@ impl Tx<'_> {
             let c = self.s.campaigns.get_mut(id).expect("caller checked");
             c.rounds[round as usize].phase = phase;
             c.rounds[round as usize].phase_tasks.clear();
+            self.s.open_in_phase.insert(id.to_string(), plans.len());
             self.t.dirty.campaigns.insert(id.to_string());
             if plans.is_empty() {
                 phase = phase.next();
@@ -1452,13 +1480,7 @@ impl Tx<'_> {
             return;
         }
         let r = &c.rounds[round as usize];
-        let done = r.phase_tasks.iter().all(|t| {
-            self.s
-                .tasks
-                .get(t)
-                .is_some_and(|t| t.state == TaskState::Succeeded)
-        });
-        if !done {
+        if self.s.open_in_phase.get(id).copied().unwrap_or(0) > 0 {
             return;
         }
         let phase = r.phase;

@@ -140,7 +140,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     if let Some(m) = opts.metrics_listen {
         spawn_metrics(m, engine.clone()).await?;
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Our own listener (so port 0 works and the address is known before serving) loses the
+    // builder's TCP_NODELAY: set it here, or small replies wait ~40 ms for delayed ACKs.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let handle = tokio::spawn(async move {
         let r = router.serve_with_incoming(incoming).await;
         ticker.abort();

@@ -194,8 +194,13 @@ impl StateStore for SledStore {
     }
 
     fn flush(&self) -> futures::future::BoxFuture<'_, Result<(), StoreError>> {
+        // sled 0.34's `flush_async` can deadlock (spacejam/sled#1308); the synchronous flush on
+        // a blocking thread does not, and group commit keeps it to one flush at a time.
+        let db = self.db.clone();
         Box::pin(async move {
-            self.db.flush_async().await?;
+            tokio::task::spawn_blocking(move || db.flush())
+                .await
+                .map_err(|e| StoreError::Encode(format!("flush thread: {e}")))??;
             Ok(())
         })
     }

@@ -779,6 +779,11 @@ impl Harness {
     }
 
     fn check(&mut self) -> Result<(), TestCaseError> {
+        // Derived indexes equal what a restart would rebuild from the persisted records.
+        let p = self.st.clone();
+        let rebuilt = State::from_parts(p.campaigns, p.tasks, p.leases, p.workers, p.meta);
+        prop_assert_eq!(&rebuilt.pending, &self.st.pending);
+        prop_assert_eq!(&rebuilt.open_in_phase, &self.st.open_in_phase);
         for (id, t) in &self.st.tasks {
             // One live lease per task, and only for leased tasks.
             prop_assert_eq!(
