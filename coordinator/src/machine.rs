@@ -270,7 +270,11 @@ impl State {
                 let open = c.rounds.get(c.current_round as usize).map_or(0, |r| {
                     r.phase_tasks
                         .iter()
-                        .filter(|t| tasks.get(*t).is_none_or(|t| t.state != TaskState::Succeeded))
+                        .filter(|t| {
+                            tasks
+                                .get(*t)
+                                .is_none_or(|t| t.state != TaskState::Succeeded)
+                        })
                         .count()
                 });
                 (c.id.clone(), open)
@@ -781,7 +785,12 @@ impl Tx<'_> {
             }
             let next = match &cursor {
                 None => self.s.pending.iter().next().cloned(),
-                Some(c) => self.s.pending.range::<String, _>((Bound::Excluded(c), Bound::Unbounded)).next().cloned(),
+                Some(c) => self
+                    .s
+                    .pending
+                    .range::<String, _>((Bound::Excluded(c), Bound::Unbounded))
+                    .next()
+                    .cloned(),
             };
             let Some(task_id) = next else { break };
             cursor = Some(task_id.clone());

@@ -299,3 +299,85 @@ async fn artifact_names_are_digests_never_paths() {
         std::fs::read(&f).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer_without_a_token() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let fx = fixture();
+    let tokens = fx.path().join("tokens");
+    std::fs::write(&tokens, "client client-token-0123456789abcdef\n").unwrap();
+    let coord = CoordinatorProc::start(
+        &fx.path().join("data"),
+        &["--tokens", tokens.to_str().unwrap()],
+    );
+    let ch = coord.target(None).channel().await.unwrap();
+    let mut r = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = r
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let resp = stream.message().await.unwrap().expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "distillery.v1.CampaignService",
+        "distillery.v1.WorkerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused() {
+    let fx = fixture();
+    let coord = CoordinatorProc::start(&fx.path().join("data"), &[]);
+    let mut w = coord.workers(None).await;
+    let lease = pb::LeaseRef {
+        task_id: "t00000001".into(),
+        lease_id: 1,
+        rank: 0,
+    };
+    let e = w
+        .rendezvous(pb::RendezvousRequest {
+            lease: Some(lease.clone()),
+            key: "k".into(),
+            payload: vec![0; 100 * 1024],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // Past the 16 MiB message bound the server refuses before any handler runs (a client
+    // without our own bound, to reach the server's).
+    let ch = coord.target(None).channel().await.unwrap();
+    let mut raw = pb::worker_service_client::WorkerServiceClient::new(ch)
+        .max_encoding_message_size(usize::MAX);
+    let e = raw
+        .report_progress(pb::ReportProgressRequest {
+            lease: Some(lease),
+            message: "x".repeat(17 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{e:?}"
+    );
+}

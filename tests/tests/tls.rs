@@ -13,7 +13,10 @@ fn clients_reach_a_tls_coordinator_only_with_its_ca() {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::from_params(&ca_params, &ca_key);
     let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
     let dir = fx.path();
     std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
     std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
@@ -21,7 +24,12 @@ fn clients_reach_a_tls_coordinator_only_with_its_ca() {
 
     let port = free_port();
     let mut child = std::process::Command::new(bin("coordinator"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--tls-cert"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-cert",
+        ])
         .arg(dir.join("tls.crt"))
         .arg("--tls-key")
         .arg(dir.join("tls.key"))
@@ -33,7 +41,8 @@ fn clients_reach_a_tls_coordinator_only_with_its_ca() {
     let https = format!("https://localhost:{port}");
     let status = |addr: &str, ca: Option<&std::path::Path>| {
         let mut c = std::process::Command::new(bin("coordinator"));
-        c.args(["status", "--json", "--addr", addr]).env_remove("DISTILLERY_CA_CERT");
+        c.args(["status", "--json", "--addr", addr])
+            .env_remove("DISTILLERY_CA_CERT");
         if let Some(ca) = ca {
             c.arg("--ca-cert").arg(ca);
         }
@@ -47,12 +56,18 @@ fn clients_reach_a_tls_coordinator_only_with_its_ca() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert_eq!(v["campaigns"], serde_json::json!([]));
     // Without the CA the server's certificate is not trusted; plaintext does not speak TLS.
     assert!(!status(&https, None).status.success());
-    assert!(!status(&format!("http://127.0.0.1:{port}"), None).status.success());
+    assert!(!status(&format!("http://127.0.0.1:{port}"), None)
+        .status
+        .success());
     let _ = child.kill();
     let _ = child.wait();
 }

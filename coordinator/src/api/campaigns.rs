@@ -118,8 +118,12 @@ impl CampaignService for Campaigns {
                     }
                 }
                 // Asked to start past the end of a finished campaign: nothing more will come.
-                let (finished, last) =
-                    engine.read(|s| (s.campaigns.get(&id).is_some_and(|c| c.state.is_terminal()), s.meta.last_seq));
+                let (finished, last) = engine.read(|s| {
+                    (
+                        s.campaigns.get(&id).is_some_and(|c| c.state.is_terminal()),
+                        s.meta.last_seq,
+                    )
+                });
                 if finished && next > last {
                     return;
                 }

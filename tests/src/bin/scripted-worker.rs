@@ -93,6 +93,23 @@ impl Scripted {
             )));
         }
         tracing::info!(task = %ctx.lease().task_id, rank, "rendezvous: gang complete");
+        // Every rank starts from the pruned model directory.
+        let pruned = task
+            .inputs
+            .get("pruned")
+            .ok_or_else(|| TaskError::fatal("no pruned input"))?;
+        let dir = ctx.fetch(pruned)?;
+        if !dir.join("config.json").is_file()
+            || std::fs::metadata(dir.join("sub/weights.bin"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+                != 3 << 20
+        {
+            return Err(TaskError::fatal(format!(
+                "pruned model directory {} is incomplete",
+                dir.display()
+            )));
+        }
         let extension: u64 = task
             .params
             .get("extension")
@@ -213,8 +230,17 @@ impl TaskRunner for Scripted {
                     .insert("depth_scores".into(), self.blob(ctx, "depth.json", &body)?);
             }
             "prune" => {
-                out.outputs
-                    .insert("pruned".into(), self.blob(ctx, "pruned.json", &body)?);
+                // A model directory, as the real pruner writes one.
+                let dir = ctx.work_dir().join("pruned");
+                let io = |e: std::io::Error| TaskError::retryable(e.to_string());
+                std::fs::create_dir_all(dir.join("sub")).map_err(io)?;
+                std::fs::write(dir.join("config.json"), body.to_string()).map_err(io)?;
+                std::fs::write(
+                    dir.join("sub").join("weights.bin"),
+                    vec![task.round as u8; 3 << 20],
+                )
+                .map_err(io)?;
+                out.outputs.insert("pruned".into(), ctx.upload_dir(&dir)?);
                 out.metrics
                     .insert("params".into(), 1000.0 - 100.0 * f64::from(task.round));
             }
