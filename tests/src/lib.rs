@@ -428,3 +428,26 @@ pub fn wait_terminal(c: &CoordinatorProc, id: &str, timeout: Duration) -> serde_
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `GET /metrics` from a coordinator's `--metrics-listen` address.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Waits until `f` holds, polling every 50 ms.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

@@ -132,3 +132,61 @@ async fn sigkill_of_the_coordinator_at_any_point_loses_no_event() {
     );
     assert_eq!(v["rounds"][0]["metrics"]["distill"]["steps"], 8.0);
 }
+
+#[test]
+fn workers_register_again_when_the_coordinator_lost_its_state_and_real_workers_join() {
+    let fx = fixture();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let args: Vec<&str> = FAST
+        .iter()
+        .copied()
+        .chain(["--metrics-listen", metrics.as_str()])
+        .collect();
+    let mut coord = CoordinatorProc::start(&fx.path().join("data"), &args);
+    // The production worker binary joins (it runs no task kinds yet) and so does a scripted one.
+    let mut real = std::process::Command::new(bin("worker"))
+        .args([
+            "join",
+            "--coordinator",
+            &coord.url(),
+            "--devices",
+            "cpu:2",
+            "--work-dir",
+        ])
+        .arg(fx.path().join("real"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let scripted = WorkerProc::scripted(&coord.url(), &fx.path().join("w"), &[]);
+    assert!(
+        eventually(Duration::from_secs(20), || scrape(&metrics)
+            .contains("distillery_workers 2")),
+        "{}",
+        scrape(&metrics)
+    );
+    // The coordinator comes back with an empty data dir: the workers' ids are unknown now.
+    coord.kill();
+    std::fs::remove_dir_all(&coord.data_dir).unwrap();
+    coord.restart();
+    assert!(
+        eventually(Duration::from_secs(20), || scrape(&metrics)
+            .contains("distillery_workers 2")),
+        "workers did not register again: {}",
+        scrape(&metrics)
+    );
+    assert!(scripted.wait_log("registering again", Duration::from_secs(1)));
+    let id = submit(
+        &coord,
+        &write_spec(fx.path(), "s.toml", &spec_toml(1, 1, "")),
+    );
+    let v = wait_terminal(&coord, &id, Duration::from_secs(60));
+    assert_eq!(v["state"], "succeeded");
+    let m = scrape(&metrics);
+    assert!(
+        m.contains("distillery_campaigns{state=\"succeeded\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("distillery_tasks{state=\"failed\"} 0"), "{m}");
+    let _ = real.kill();
+    let _ = real.wait();
+}
