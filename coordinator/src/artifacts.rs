@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use distillery_proto::artifact::{self, parse_digest, ArtifactError, CHUNK_SIZE};
 use distillery_proto::v1::Chunk;
-use tokio::io::AsyncReadExt;
 
 /// The blob store.
 #[derive(Clone, Debug)]
@@ -86,24 +85,14 @@ impl ArtifactStore {
             (Some(file), hex, total),
             |(file, hex, total)| async move {
                 let mut f = file?;
-                let mut buf = vec![0u8; CHUNK_SIZE];
-                let mut filled = 0;
-                while filled < CHUNK_SIZE {
-                    match f.read(&mut buf[filled..]).await {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) => {
-                            return Some((
-                                Err(tonic::Status::internal(format!(
-                                    "reading artifact {hex}: {e}"
-                                ))),
-                                (None, hex, total),
-                            ))
-                        }
+                let buf = match artifact::read_chunk(&mut f).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let err = tonic::Status::internal(format!("reading artifact {hex}: {e}"));
+                        return Some((Err(err), (None, hex, total)));
                     }
-                }
-                buf.truncate(filled);
-                let last = filled < CHUNK_SIZE;
+                };
+                let last = buf.len() < CHUNK_SIZE;
                 let chunk = Chunk {
                     data: buf,
                     digest: if last { hex.clone() } else { String::new() },

@@ -100,6 +100,20 @@ pub async fn digest_file(path: &Path) -> Result<(String, u64), ArtifactError> {
     Ok((hex::encode(h.finalize()), size))
 }
 
+/// Reads the next chunk of a file: `CHUNK_SIZE` bytes, fewer only at the end.
+pub async fn read_chunk(f: &mut tokio::fs::File) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut filled = 0;
+    while filled < CHUNK_SIZE {
+        match f.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
 /// The chunks of a file, the first naming the expected digest.
 pub fn file_chunks(
     path: PathBuf,
@@ -115,17 +129,8 @@ pub fn file_chunks(
                 Some(f) => f,
                 None => tokio::fs::File::open(&path).await.ok()?,
             };
-            let mut buf = vec![0u8; CHUNK_SIZE];
-            let mut filled = 0;
-            while filled < CHUNK_SIZE {
-                match f.read(&mut buf[filled..]).await {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(_) => return None,
-                }
-            }
-            buf.truncate(filled);
-            let last = filled < CHUNK_SIZE;
+            let buf = read_chunk(&mut f).await.ok()?;
+            let last = buf.len() < CHUNK_SIZE;
             let chunk = Chunk {
                 data: buf,
                 digest: digest.clone().unwrap_or_default(),

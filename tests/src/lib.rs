@@ -353,18 +353,23 @@ pub fn submit(c: &CoordinatorProc, spec: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// All events of a campaign from the durable log, in order (reads until the terminal event).
-pub async fn all_events(c: &CoordinatorProc, id: &str) -> Vec<pb::Event> {
-    use futures::StreamExt;
+/// A campaign's event stream from sequence number `from`.
+pub async fn watch_from(c: &CoordinatorProc, id: &str, from: u64) -> tonic::Streaming<pb::Event> {
     let mut client = c.campaigns(c.token.as_deref()).await;
-    let mut s = client
+    client
         .watch(pb::WatchRequest {
             campaign_id: id.to_string(),
-            from_seq: 1,
+            from_seq: from,
         })
         .await
         .expect("watch")
-        .into_inner();
+        .into_inner()
+}
+
+/// All events of a campaign from the durable log, in order (reads until the terminal event).
+pub async fn all_events(c: &CoordinatorProc, id: &str) -> Vec<pb::Event> {
+    use futures::StreamExt;
+    let mut s = watch_from(c, id, 1).await;
     let mut out = Vec::new();
     while let Some(e) = s.next().await {
         out.push(e.expect("event"));
@@ -381,15 +386,7 @@ pub async fn wait_event(
 ) -> pb::Event {
     use futures::StreamExt;
     let fut = async {
-        let mut client = c.campaigns(c.token.as_deref()).await;
-        let mut s = client
-            .watch(pb::WatchRequest {
-                campaign_id: id.to_string(),
-                from_seq: 1,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
+        let mut s = watch_from(c, id, 1).await;
         while let Some(e) = s.next().await {
             let e = e.expect("event");
             if pred(&e) {
