@@ -24,12 +24,21 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A free loopback port.
+/// A free loopback port, never the same one twice in a process (a coordinator restarted on its
+/// port must not find it taken by another test's server).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running `coordinator serve`.
@@ -246,6 +255,35 @@ impl WorkerProc {
         }
         WorkerProc {
             child: Some(cmd.spawn().expect("start scripted worker")),
+            log,
+        }
+    }
+
+    /// Starts the production `worker join` binary.
+    pub fn real(url: &str, work_dir: &Path, devices: &str) -> WorkerProc {
+        std::fs::create_dir_all(work_dir).expect("work dir");
+        let log = work_dir.join("worker.log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log");
+        let child = Command::new(bin("worker"))
+            .args([
+                "join",
+                "--coordinator",
+                url,
+                "--devices",
+                devices,
+                "--work-dir",
+            ])
+            .arg(work_dir)
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("start worker");
+        WorkerProc {
+            child: Some(child),
             log,
         }
     }

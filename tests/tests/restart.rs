@@ -144,19 +144,7 @@ fn workers_register_again_when_the_coordinator_lost_its_state_and_real_workers_j
         .collect();
     let mut coord = CoordinatorProc::start(&fx.path().join("data"), &args);
     // The production worker binary joins (it runs no task kinds yet) and so does a scripted one.
-    let mut real = std::process::Command::new(bin("worker"))
-        .args([
-            "join",
-            "--coordinator",
-            &coord.url(),
-            "--devices",
-            "cpu:2",
-            "--work-dir",
-        ])
-        .arg(fx.path().join("real"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let real = WorkerProc::real(&coord.url(), &fx.path().join("real"), "cpu:2");
     let scripted = WorkerProc::scripted(&coord.url(), &fx.path().join("w"), &[]);
     assert!(
         eventually(Duration::from_secs(20), || scrape(&metrics)
@@ -187,6 +175,5 @@ fn workers_register_again_when_the_coordinator_lost_its_state_and_real_workers_j
         "{m}"
     );
     assert!(m.contains("distillery_tasks{state=\"failed\"} 0"), "{m}");
-    let _ = real.kill();
-    let _ = real.wait();
+    assert!(real.log_text().contains("registered"));
 }
