@@ -8,17 +8,23 @@ use std::time::{Duration, Instant};
 use distillery_proto::client::{CampaignClient, Target, WorkerClient};
 use distillery_proto::v1 as pb;
 
-/// A binary built by `cargo test --workspace` next to the test executable.
+/// A binary of this crate, built by cargo before its integration tests run. `coordinator` and
+/// `worker` are the production entry points (`*-under-test` call the same `cli::main`).
 pub fn bin(name: &str) -> PathBuf {
+    let file = match name {
+        "coordinator" => "coordinator-under-test",
+        "worker" => "worker-under-test",
+        other => other,
+    };
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps");
-    let p = dir.join(name);
+    let p = dir.join(file);
     assert!(
         p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`",
+        "{} is missing: run the tests with `cargo test`",
         p.display()
     );
     p

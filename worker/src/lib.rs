@@ -3,6 +3,8 @@
 //! do.
 
 pub mod agent;
+pub mod cli;
 pub mod devices;
+pub mod model;
 pub mod runner;
 pub mod tasks;

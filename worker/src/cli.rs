@@ -1,0 +1,140 @@
+//! The `worker` command line (DESIGN.md §4).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::agent::{Agent, AgentConfig};
+use crate::devices::parse_devices;
+use clap::{Parser, Subcommand};
+use distillery_proto::client::Target;
+
+#[derive(Parser)]
+#[command(
+    name = "worker",
+    version,
+    about = "Distillery worker: joins a coordinator and runs its tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a coordinator and run tasks until stopped.
+    Join {
+        #[arg(long, env = "DISTILLERY_ADDR")]
+        coordinator: String,
+        /// cpu, cpu:N or cuda:0,1,...
+        #[arg(long, default_value = "cpu")]
+        devices: String,
+        #[arg(long, default_value = "./distillery-work")]
+        work_dir: PathBuf,
+        /// Bearer token (role `worker`).
+        #[arg(long, env = "DISTILLERY_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// CA certificate (PEM) for an https coordinator.
+        #[arg(long, env = "DISTILLERY_CA_CERT")]
+        ca_cert: Option<String>,
+        /// Labels, `key=value`, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+}
+
+/// Runs the `worker` command line; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return 0;
+            }
+            let first = distillery_proto::client::one_line_usage_error(&e.render().to_string());
+            eprintln!("worker: {first} (see `worker --help`)");
+            return 2;
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let code = match cli.command {
+        Command::Join {
+            coordinator,
+            devices,
+            work_dir,
+            token,
+            ca_cert,
+            labels,
+        } => {
+            let devices = match parse_devices(&devices) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("worker: {e}");
+                    return 2;
+                }
+            };
+            let mut label_map = BTreeMap::new();
+            for l in labels {
+                let Some((k, v)) = l.split_once('=') else {
+                    eprintln!("worker: --label {l:?}: expected key=value");
+                    return 2;
+                };
+                label_map.insert(k.to_string(), v.to_string());
+            }
+            let cfg = AgentConfig {
+                target: Target {
+                    url: coordinator,
+                    token,
+                    ca_cert,
+                },
+                devices,
+                work_dir,
+                host: hostname::get()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "unknown".into()),
+                labels: label_map,
+            };
+            join(cfg)
+        }
+    };
+    code
+}
+
+fn join(cfg: AgentConfig) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        let agent = match Agent::new(cfg, Arc::new(crate::tasks::builtin())) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("worker: {e:#}");
+                return 2;
+            }
+        };
+        tokio::select! {
+            r = agent.run() => match r {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("worker: {e:#}");
+                    1
+                }
+            },
+            _ = tokio::signal::ctrl_c() => 0,
+        }
+    })
+}

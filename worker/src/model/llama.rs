@@ -1,0 +1,340 @@
+//! A trainable Llama-family decoder in candle: logits for every position, causal attention
+//! with GQA and RoPE, SwiGLU MLP, RMSNorm, tied or untied embeddings. Every op is one candle
+//! differentiates (DESIGN.md §6: the fused `rms_norm`, `softmax_last_dim`, `rope` record no
+//! backward op), and the parameters are `Var`s named exactly as in Hugging Face checkpoints.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder, VarMap};
+
+use super::config::LlamaConfig;
+
+/// A linear layer over `[.., in]` with weight `[out, in]` (Hugging Face layout).
+#[derive(Clone, Debug)]
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Linear> {
+        let w = vb.get_with_hints(
+            (out_dim, in_dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let b = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.w.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    attn_norm: Tensor,
+    mlp_norm: Tensor,
+}
+
+/// Activations of one layer, recorded when a [`Probe`] is passed (tensors share storage with
+/// the forward pass: recording copies nothing).
+#[derive(Clone, Debug)]
+pub struct LayerActivations {
+    pub layer: usize,
+    /// Hidden state entering the layer `[B, T, hidden]`.
+    pub input: Tensor,
+    /// Output of `input_layernorm` `[B, T, hidden]`.
+    pub attn_norm: Tensor,
+    /// Input of `o_proj` `[B, T, heads * head_dim]`.
+    pub o_proj_input: Tensor,
+    /// Output of `post_attention_layernorm` `[B, T, hidden]`.
+    pub mlp_norm: Tensor,
+    /// Input of `down_proj`, `act(gate) * up` `[B, T, intermediate]`.
+    pub down_proj_input: Tensor,
+    /// Hidden state leaving the layer `[B, T, hidden]`.
+    pub output: Tensor,
+}
+
+/// Collects [`LayerActivations`] during a forward pass.
+#[derive(Default, Debug)]
+pub struct Probe {
+    pub layers: Vec<LayerActivations>,
+}
+
+/// Options of a forward pass.
+#[derive(Default)]
+pub struct ForwardOptions<'a> {
+    /// Layers to skip (their input passes through unchanged).
+    pub skip_layers: &'a [usize],
+    /// Where to record activations, if anywhere.
+    pub probe: Option<&'a mut Probe>,
+}
+
+/// The model. Its parameters live in `varmap` under Hugging Face names.
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub varmap: VarMap,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+const NEG_INF: f64 = -1e9;
+
+impl Llama {
+    /// A model with freshly initialized parameters (normal(0, initializer_range), norms at 1).
+    pub fn new(config: LlamaConfig, dtype: DType, device: &Device) -> Result<Llama> {
+        Self::from_varmap(config, VarMap::new(), dtype, device)
+    }
+
+    /// Builds the model over `varmap`: parameters already in it are used (shapes checked),
+    /// missing ones are created and initialized.
+    pub fn from_varmap(
+        config: LlamaConfig,
+        varmap: VarMap,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Llama> {
+        config
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let c = &config;
+        let std = c.initializer_range;
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
+        let m = vb.pp("model");
+        let embed = m.get_with_hints(
+            (c.vocab_size, h),
+            "embed_tokens.weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let l = m.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let mlp = l.pp("mlp");
+            layers.push(Layer {
+                q: Linear::new(&a.pp("q_proj"), h, nh * hd, c.attention_bias, std)?,
+                k: Linear::new(&a.pp("k_proj"), h, nkv * hd, c.attention_bias, std)?,
+                v: Linear::new(&a.pp("v_proj"), h, nkv * hd, c.attention_bias, std)?,
+                o: Linear::new(&a.pp("o_proj"), nh * hd, h, false, std)?,
+                gate: Linear::new(
+                    &mlp.pp("gate_proj"),
+                    h,
+                    c.intermediate_size,
+                    c.mlp_bias,
+                    std,
+                )?,
+                up: Linear::new(&mlp.pp("up_proj"), h, c.intermediate_size, c.mlp_bias, std)?,
+                down: Linear::new(
+                    &mlp.pp("down_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                    std,
+                )?,
+                attn_norm: l.get_with_hints(h, "input_layernorm.weight", Init::Const(1.0))?,
+                mlp_norm: l.get_with_hints(
+                    h,
+                    "post_attention_layernorm.weight",
+                    Init::Const(1.0),
+                )?,
+            });
+        }
+        let norm = m.get_with_hints(h, "norm.weight", Init::Const(1.0))?;
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            vb.get_with_hints(
+                (c.vocab_size, h),
+                "lm_head.weight",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: std,
+                },
+            )?
+        };
+        Ok(Llama {
+            config,
+            varmap,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every trainable parameter with its Hugging Face name, sorted by name.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Logits `[B, T, vocab]` for token ids `[B, T]` (u32).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_with(ids, ForwardOptions::default())
+    }
+
+    /// [`Llama::forward`] with layers skipped and/or activations recorded.
+    pub fn forward_with(&self, ids: &Tensor, mut opts: ForwardOptions<'_>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = &self.config;
+        let mut h =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, c.hidden_size))?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let mask = self.causal_mask(t)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if opts.skip_layers.contains(&i) {
+                continue;
+            }
+            let input = h.clone();
+            let attn_norm = rms_norm(&h, &layer.attn_norm, c.rms_norm_eps)?;
+            let (attn, o_proj_input) = self.attention(layer, &attn_norm, &cos, &sin, &mask)?;
+            h = (h + attn)?;
+            let mlp_norm = rms_norm(&h, &layer.mlp_norm, c.rms_norm_eps)?;
+            let down_proj_input =
+                (layer.gate.forward(&mlp_norm)?.silu()? * layer.up.forward(&mlp_norm)?)?;
+            h = (h + layer.down.forward(&down_proj_input)?)?;
+            if let Some(p) = opts.probe.as_deref_mut() {
+                p.layers.push(LayerActivations {
+                    layer: i,
+                    input,
+                    attn_norm,
+                    o_proj_input,
+                    mlp_norm,
+                    down_proj_input,
+                    output: h.clone(),
+                });
+            }
+        }
+        let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?;
+        h.broadcast_matmul(&self.lm_head.t()?)
+    }
+
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let q = rope(&heads(l.q.forward(x)?, nh)?, cos, sin)?;
+        let k = rope(&heads(l.k.forward(x)?, nkv)?, cos, sin)?;
+        let v = heads(l.v.forward(x)?, nkv)?;
+        let k = repeat_kv(k, nh / nkv)?;
+        let v = repeat_kv(v, nh / nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores =
+            (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let y = probs
+            .matmul(&v.contiguous()?)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        Ok((l.o.forward(&y)?, y))
+    }
+
+    /// cos and sin tables `[T, head_dim]` (frequencies repeated for both halves, as HF does).
+    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let inv = self.config.inv_freq();
+        let hd = self.config.head_dim();
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for p in 0..t {
+            for _half in 0..2 {
+                for f in &inv {
+                    // HF computes the angles in f32.
+                    let a = (p as f32 * *f as f32) as f64;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, hd), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, hd), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn causal_mask(&self, t: usize) -> Result<Tensor> {
+        let m: Vec<f64> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { NEG_INF } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)
+    }
+}
+
+/// RMSNorm from differentiable ops: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+/// Rotary embedding, HF layout (`rotate_half`), over `[B, H, T, hd]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// `[B, KV, T, hd]` -> `[B, KV * n, T, hd]`, each KV head repeated for its group.
+fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x);
+    }
+    let (b, kv, t, hd) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, hd))?
+        .contiguous()?
+        .reshape((b, kv * n, t, hd))
+}
+
+#[cfg(test)]
+mod tests;

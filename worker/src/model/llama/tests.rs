@@ -1,0 +1,264 @@
+use candle_core::{DType, Device, IndexOp, Tensor};
+
+use super::*;
+
+pub(crate) fn tiny(tied: bool, kv: usize, bias: bool) -> LlamaConfig {
+    LlamaConfig::from_json(&format!(
+        r#"{{"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": {kv},
+            "num_hidden_layers": 2, "vocab_size": 40, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": {tied}, "attention_bias": {bias}, "initializer_range": 0.2}}"#
+    ))
+    .expect("tiny config")
+}
+
+fn ids(b: usize, t: usize, seed: u32) -> Tensor {
+    let v: Vec<u32> = (0..b * t)
+        .map(|i| (i as u32 * 7 + seed * 13 + 3) % 40)
+        .collect();
+    Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+}
+
+/// A fixed random weighting of the logits, so the loss is a plain linear functional.
+fn weights(shape: &[usize], dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|i| ((i as f64 * 0.618_033_988_7).fract() - 0.5) * 2.0)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn loss(m: &Llama, x: &Tensor, w: &Tensor) -> Tensor {
+    (m.forward(x).unwrap() * w).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn every_parameter_gets_a_nonzero_gradient() {
+    for (tied, kv, bias) in [(false, 2, false), (true, 4, true), (true, 1, false)] {
+        let m = Llama::new(tiny(tied, kv, bias), DType::F32, &Device::Cpu).unwrap();
+        let x = ids(2, 7, 1);
+        let logits = m.forward(&x).unwrap();
+        assert_eq!(logits.dims(), &[2, 7, 40]);
+        let l = (logits * weights(&[2, 7, 40], DType::F32))
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = l.backward().unwrap();
+        let vars = m.named_vars();
+        let expect = 1 + 2 * 9 + 1 + usize::from(!tied) + if bias { 2 * 3 } else { 0 };
+        assert_eq!(
+            vars.len(),
+            expect,
+            "{:?}",
+            vars.iter().map(|v| &v.0).collect::<Vec<_>>()
+        );
+        for (name, var) in vars {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name} has no gradient"));
+            let norm = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{name} has a zero gradient");
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_in_f64() {
+    let m = Llama::new(tiny(false, 2, true), DType::F64, &Device::Cpu).unwrap();
+    let x = ids(1, 5, 2);
+    let w = weights(&[1, 5, 40], DType::F64);
+    let grads = loss(&m, &x, &w).backward().unwrap();
+    let eps = 1e-6;
+    for (name, var) in m.named_vars() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let shape = var.as_tensor().shape().clone();
+        // A few elements of every parameter: first, last, and one in between.
+        for idx in [0, orig.len() / 2 + 1, orig.len() - 1] {
+            let eval = |delta: f64| {
+                let mut p = orig.clone();
+                p[idx] += delta;
+                var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&m, &x, &w).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            eval(0.0);
+            let err = (numeric - g[idx]).abs() / numeric.abs().max(g[idx].abs()).max(1e-3);
+            assert!(
+                err < 1e-5,
+                "{name}[{idx}]: autograd {} vs finite difference {numeric}",
+                g[idx]
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_is_causal() {
+    let m = Llama::new(tiny(true, 2, false), DType::F32, &Device::Cpu).unwrap();
+    let a = ids(1, 6, 3);
+    let mut v = a.to_vec2::<u32>().unwrap();
+    v[0][5] = (v[0][5] + 1) % 40;
+    let b = Tensor::new(v, &Device::Cpu).unwrap();
+    let la = m.forward(&a).unwrap();
+    let lb = m.forward(&b).unwrap();
+    let diff = |t: usize| {
+        (la.i((0, t)).unwrap() - lb.i((0, t)).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for t in 0..5 {
+        assert_eq!(diff(t), 0.0, "position {t} saw a later token");
+    }
+    assert!(diff(5) > 0.0);
+}
+
+#[test]
+fn grouped_query_attention_equals_full_attention_with_repeated_kv_heads() {
+    let gqa = Llama::new(tiny(false, 2, false), DType::F64, &Device::Cpu).unwrap();
+    let mha = Llama::new(tiny(false, 4, false), DType::F64, &Device::Cpu).unwrap();
+    let hd = gqa.config.head_dim();
+    for (name, var) in mha.named_vars() {
+        let src = gqa.varmap.data().lock().unwrap()[&name].as_tensor().clone();
+        let value = if name.contains("k_proj") || name.contains("v_proj") {
+            // [kv * hd, in] -> each KV head's rows twice, in group order.
+            let heads: Vec<Tensor> = (0..2)
+                .flat_map(|h| {
+                    let rows = src.narrow(0, h * hd, hd).unwrap();
+                    [rows.clone(), rows]
+                })
+                .collect();
+            Tensor::cat(&heads, 0).unwrap()
+        } else {
+            src
+        };
+        var.set(&value).unwrap();
+    }
+    let x = ids(2, 6, 4);
+    let d = (gqa.forward(&x).unwrap() - mha.forward(&x).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(d < 1e-12, "max diff {d}");
+}
+
+#[test]
+fn a_skipped_layer_equals_a_layer_whose_outputs_are_zero() {
+    let m = Llama::new(tiny(false, 2, false), DType::F64, &Device::Cpu).unwrap();
+    let x = ids(1, 5, 5);
+    let skipped = m
+        .forward_with(
+            &x,
+            ForwardOptions {
+                skip_layers: &[1],
+                probe: None,
+            },
+        )
+        .unwrap();
+    for (name, var) in m.named_vars() {
+        if name.starts_with("model.layers.1.")
+            && (name.contains("o_proj") || name.contains("down_proj"))
+        {
+            var.set(&var.as_tensor().zeros_like().unwrap()).unwrap();
+        }
+    }
+    let zeroed = m.forward(&x).unwrap();
+    let d = (skipped - zeroed)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(d < 1e-12, "max diff {d}");
+}
+
+#[test]
+fn the_probe_records_what_the_forward_pass_computed() {
+    let m = Llama::new(tiny(false, 2, false), DType::F64, &Device::Cpu).unwrap();
+    let x = ids(2, 4, 6);
+    let mut probe = Probe::default();
+    let logits = m
+        .forward_with(
+            &x,
+            ForwardOptions {
+                skip_layers: &[],
+                probe: Some(&mut probe),
+            },
+        )
+        .unwrap();
+    assert_eq!(probe.layers.len(), 2);
+    let l0 = &probe.layers[0];
+    assert_eq!(l0.o_proj_input.dims(), &[2, 4, 16 * 2]);
+    assert_eq!(l0.down_proj_input.dims(), &[2, 4, 48]);
+    // Layer 1's input is layer 0's output, and the final norm of the last output gives the logits.
+    let d = (&probe.layers[1].input - &l0.output)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    let norm = m.varmap.data().lock().unwrap()["model.norm.weight"]
+        .as_tensor()
+        .clone();
+    let head = m.varmap.data().lock().unwrap()["lm_head.weight"]
+        .as_tensor()
+        .clone();
+    let again = rms_norm(&probe.layers[1].output, &norm, 1e-5)
+        .unwrap()
+        .broadcast_matmul(&head.t().unwrap())
+        .unwrap();
+    let d = (again - logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(d < 1e-12);
+    // A naive RMSNorm over one row.
+    let row: Vec<f64> = l0.input.i((0, 0)).unwrap().to_vec1().unwrap();
+    let rms = (row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64 + 1e-5).sqrt();
+    let w: Vec<f64> = m.varmap.data().lock().unwrap()["model.layers.0.input_layernorm.weight"]
+        .as_tensor()
+        .to_vec1()
+        .unwrap();
+    let got: Vec<f64> = l0.attn_norm.i((0, 0)).unwrap().to_vec1().unwrap();
+    for k in 0..row.len() {
+        assert!((got[k] - row[k] / rms * w[k]).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,9 @@
+//! The model core: Llama-family config, a trainable candle implementation, and Hugging Face
+//! directory I/O.
+
+pub mod config;
+pub mod io;
+pub mod llama;
+
+pub use config::LlamaConfig;
+pub use llama::{ForwardOptions, Llama, Probe};
