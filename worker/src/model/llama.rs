@@ -89,6 +89,24 @@ pub struct ForwardOptions<'a> {
     pub probe: Option<&'a mut Probe>,
 }
 
+/// Keys and values of the positions seen so far, per layer (`[B, KV, len, head_dim]`).
+#[derive(Default, Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// The model. Its parameters live in `varmap` under Hugging Face names.
 pub struct Llama {
     pub config: LlamaConfig,
@@ -214,22 +232,43 @@ impl Llama {
     }
 
     /// [`Llama::forward`] with layers skipped and/or activations recorded.
-    pub fn forward_with(&self, ids: &Tensor, mut opts: ForwardOptions<'_>) -> Result<Tensor> {
+    pub fn forward_with(&self, ids: &Tensor, opts: ForwardOptions<'_>) -> Result<Tensor> {
+        self.run(ids, opts, None)
+    }
+
+    /// Logits for `ids` `[B, T]` continuing the sequence held in `cache` (empty: from the
+    /// start); the cache is extended with the new keys and values.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.run(ids, ForwardOptions::default(), Some(cache))
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        mut opts: ForwardOptions<'_>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = &self.config;
+        let start = cache.as_ref().map_or(0, |k| k.len);
+        if let Some(k) = cache.as_deref_mut() {
+            k.layers.resize(self.layers.len(), None);
+        }
         let mut h =
             self.embed
                 .index_select(&ids.flatten_all()?, 0)?
                 .reshape((b, t, c.hidden_size))?;
-        let (cos, sin) = self.rope_tables(t)?;
-        let mask = self.causal_mask(t)?;
+        let (cos, sin) = self.rope_tables(start, t)?;
+        let mask = self.causal_mask(start, t)?;
         for (i, layer) in self.layers.iter().enumerate() {
             if opts.skip_layers.contains(&i) {
                 continue;
             }
             let input = h.clone();
             let attn_norm = rms_norm(&h, &layer.attn_norm, c.rms_norm_eps)?;
-            let (attn, o_proj_input) = self.attention(layer, &attn_norm, &cos, &sin, &mask)?;
+            let past = cache.as_deref_mut().map(|k| &mut k.layers[i]);
+            let (attn, o_proj_input) =
+                self.attention(layer, &attn_norm, &cos, &sin, &mask, past)?;
             h = (h + attn)?;
             let mlp_norm = rms_norm(&h, &layer.mlp_norm, c.rms_norm_eps)?;
             let down_proj_input =
@@ -247,6 +286,9 @@ impl Llama {
                 });
             }
         }
+        if let Some(k) = cache {
+            k.len += t;
+        }
         let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?;
         h.broadcast_matmul(&self.lm_head.t()?)
     }
@@ -258,6 +300,7 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
+        past: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -266,6 +309,18 @@ impl Llama {
         let q = rope(&heads(l.q.forward(x)?, nh)?, cos, sin)?;
         let k = rope(&heads(l.k.forward(x)?, nkv)?, cos, sin)?;
         let v = heads(l.v.forward(x)?, nkv)?;
+        // With a cache, attend over the stored keys/values followed by the new ones.
+        let (k, v) = match past {
+            None => (k, v),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -279,13 +334,14 @@ impl Llama {
         Ok((l.o.forward(&y)?, y))
     }
 
-    /// cos and sin tables `[T, head_dim]` (frequencies repeated for both halves, as HF does).
-    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos and sin tables `[T, head_dim]` for positions `start..start + t` (frequencies
+    /// repeated for both halves, as HF does).
+    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let inv = self.config.inv_freq();
         let hd = self.config.head_dim();
         let mut cos = Vec::with_capacity(t * hd);
         let mut sin = Vec::with_capacity(t * hd);
-        for p in 0..t {
+        for p in start..start + t {
             for _half in 0..2 {
                 for f in &inv {
                     // HF computes the angles in f32.
@@ -300,11 +356,13 @@ impl Llama {
         Ok((cos, sin))
     }
 
-    fn causal_mask(&self, t: usize) -> Result<Tensor> {
+    /// `[T, start + T]`: query `i` (at position `start + i`) sees keys up to its own position.
+    fn causal_mask(&self, start: usize, t: usize) -> Result<Tensor> {
+        let total = start + t;
         let m: Vec<f64> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { NEG_INF } else { 0.0 }))
+            .flat_map(|i| (0..total).map(move |j| if j > start + i { NEG_INF } else { 0.0 }))
             .collect();
-        Tensor::from_vec(m, (t, t), &self.device)?.to_dtype(self.dtype)
+        Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)
     }
 }
 

@@ -2,8 +2,9 @@
 //! directory I/O.
 
 pub mod config;
+pub mod generate;
 pub mod io;
 pub mod llama;
 
 pub use config::LlamaConfig;
-pub use llama::{ForwardOptions, Llama, Probe};
+pub use llama::{ForwardOptions, KvCache, Llama, Probe};
