@@ -5,6 +5,7 @@ pub mod config;
 pub mod generate;
 pub mod io;
 pub mod llama;
+pub mod perplexity;
 
 pub use config::LlamaConfig;
 pub use llama::{ForwardOptions, KvCache, Llama, Probe};

@@ -1,0 +1,152 @@
+//! Perplexity over a tokenized corpus with strided windows (each window keeps earlier tokens as
+//! context and scores only targets not scored before), plus bits per byte, so models with
+//! different tokenizers compare.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::llama::Llama;
+
+/// Summed negative log-likelihood and what it was over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Perplexity {
+    /// Sum of -ln p(target) over scored targets.
+    pub nll_sum: f64,
+    /// Targets scored (every token but the first).
+    pub tokens: usize,
+    /// UTF-8 bytes of the text the tokens encode.
+    pub bytes: usize,
+}
+
+impl Perplexity {
+    pub fn perplexity(&self) -> f64 {
+        (self.nll_sum / self.tokens.max(1) as f64).exp()
+    }
+
+    pub fn bits_per_byte(&self) -> f64 {
+        self.nll_sum / std::f64::consts::LN_2 / self.bytes.max(1) as f64
+    }
+
+    /// Sums two results (e.g. documents or shards).
+    pub fn merge(self, o: Perplexity) -> Perplexity {
+        Perplexity {
+            nll_sum: self.nll_sum + o.nll_sum,
+            tokens: self.tokens + o.tokens,
+            bytes: self.bytes + o.bytes,
+        }
+    }
+}
+
+/// Scores `tokens` (encoding `bytes` bytes of text) in windows of `window` tokens advancing by
+/// `stride` (at most `window - 1`, so every target has at least one token of context).
+pub fn perplexity(
+    model: &Llama,
+    tokens: &[u32],
+    bytes: usize,
+    window: usize,
+    stride: usize,
+) -> Result<Perplexity> {
+    if window < 2 {
+        return Err(candle_core::Error::Msg(format!(
+            "perplexity window {window} must be at least 2"
+        )));
+    }
+    let stride = stride.clamp(1, window - 1);
+    let mut nll_sum = 0.0;
+    let mut scored_to = 1; // targets are tokens[1..]; tokens[..scored_to] are done
+    let mut begin = 0;
+    while scored_to < tokens.len() {
+        let end = (begin + window).min(tokens.len());
+        let ids = Tensor::new(&tokens[begin..end], model.device())?.unsqueeze(0)?;
+        let logp =
+            candle_nn::ops::log_softmax(&model.forward(&ids)?.to_dtype(DType::F64)?, D::Minus1)?;
+        let logp = logp.squeeze(0)?;
+        // Position p predicts tokens[begin + p + 1]; score the targets not scored yet.
+        let first = scored_to.max(begin + 1);
+        let positions: Vec<u32> = (first..end).map(|j| (j - begin - 1) as u32).collect();
+        let targets: Vec<u32> = tokens[first..end].to_vec();
+        let pos = Tensor::new(positions.as_slice(), model.device())?;
+        let tgt = Tensor::new(targets.as_slice(), model.device())?.unsqueeze(1)?;
+        let picked = logp.index_select(&pos, 0)?.gather(&tgt, 1)?;
+        nll_sum -= picked.sum_all()?.to_scalar::<f64>()?;
+        scored_to = end;
+        begin += stride;
+    }
+    Ok(Perplexity {
+        nll_sum,
+        tokens: tokens.len().saturating_sub(1),
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, IndexOp};
+
+    use super::*;
+    use crate::model::LlamaConfig;
+
+    fn model() -> Llama {
+        let c = LlamaConfig::from_json(
+            r#"{"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "num_hidden_layers": 2, "vocab_size": 40, "initializer_range": 0.3}"#,
+        )
+        .unwrap();
+        Llama::new(c, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// Naive: one pass, -ln softmax by hand for every next token.
+    fn naive(m: &Llama, toks: &[u32]) -> f64 {
+        let logits = m
+            .forward(
+                &Tensor::new(toks, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap();
+        let mut nll = 0.0;
+        for t in 0..toks.len() - 1 {
+            let row: Vec<f32> = logits.i((0, t)).unwrap().to_vec1().unwrap();
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|v| (*v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[toks[t + 1] as usize] as f64;
+        }
+        nll
+    }
+
+    #[test]
+    fn one_window_equals_the_naive_sum_and_strides_score_every_target_once() {
+        let m = model();
+        let toks: Vec<u32> = (0..23).map(|i| (i * 11 + 5) % 40).collect();
+        let whole = perplexity(&m, &toks, 100, 64, 32).unwrap();
+        assert!(
+            (whole.nll_sum - naive(&m, &toks)).abs() < 1e-3,
+            "{} vs {}",
+            whole.nll_sum,
+            naive(&m, &toks)
+        );
+        assert_eq!(whole.tokens, 22);
+        assert!(
+            (whole.bits_per_byte() - whole.nll_sum / std::f64::consts::LN_2 / 100.0).abs() < 1e-12
+        );
+        for (window, stride) in [(2, 1), (5, 4), (8, 3), (8, 100), (23, 1)] {
+            let r = perplexity(&m, &toks, 100, window, stride).unwrap();
+            assert_eq!(r.tokens, 22);
+            // Less context than one window can only cost likelihood on average; it must stay finite.
+            assert!(
+                r.nll_sum.is_finite() && r.nll_sum > 0.0,
+                "{window}/{stride}"
+            );
+        }
+        // Windows of exactly two tokens score each target from its predecessor alone.
+        let pairs: f64 = (0..22).map(|i| naive(&m, &toks[i..i + 2])).sum();
+        let r = perplexity(&m, &toks, 100, 2, 1).unwrap();
+        assert!((r.nll_sum - pairs).abs() < 1e-3);
+        assert!(perplexity(&m, &toks, 1, 1, 1).is_err());
+    }
+}
