@@ -6,6 +6,7 @@ pub mod generate;
 pub mod io;
 pub mod llama;
 pub mod perplexity;
+pub mod tokenizer;
 
 pub use config::LlamaConfig;
 pub use llama::{ForwardOptions, KvCache, Llama, Probe};
