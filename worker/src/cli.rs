@@ -22,6 +22,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write a tiny random Llama with a byte-level tokenizer as a Hugging Face directory.
+    MakeTestModel {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        hidden: usize,
+        #[arg(long, default_value_t = 256)]
+        intermediate: usize,
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 2)]
+        kv_heads: usize,
+        /// Tie the output head to the embeddings.
+        #[arg(long)]
+        tied: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Join a coordinator and run tasks until stopped.
     Join {
         #[arg(long, env = "DISTILLERY_ADDR")]
@@ -65,6 +85,41 @@ pub fn main() -> i32 {
         .with_writer(std::io::stderr)
         .try_init();
     let code = match cli.command {
+        Command::MakeTestModel {
+            out,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            tied,
+            seed,
+        } => {
+            let spec = crate::model::test_model::TestModelSpec {
+                hidden_size: hidden,
+                intermediate_size: intermediate,
+                num_layers: layers,
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                tie_word_embeddings: tied,
+                seed,
+            };
+            match crate::model::test_model::write_test_model(&out, &spec) {
+                Ok(m) => {
+                    let params: usize = m
+                        .named_vars()
+                        .iter()
+                        .map(|(_, v)| v.as_tensor().elem_count())
+                        .sum();
+                    println!("{} ({params} parameters)", out.display());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("worker: make-test-model: {e}");
+                    2
+                }
+            }
+        }
         Command::Join {
             coordinator,
             devices,

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod io;
 pub mod llama;
 pub mod perplexity;
+pub mod test_model;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;
