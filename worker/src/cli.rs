@@ -41,6 +41,15 @@ enum Command {
         tied: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Also write it as a GGUF file (F32 tensors, as llama.cpp's converter lays them out).
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+    },
+    /// Convert any loadable model (Hugging Face directory or .gguf) to a Hugging Face directory.
+    Convert {
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Join a coordinator and run tasks until stopped.
     Join {
@@ -85,6 +94,21 @@ pub fn main() -> i32 {
         .with_writer(std::io::stderr)
         .try_init();
     let code = match cli.command {
+        Command::Convert { input, out } => match crate::model::io::convert(&input, &out) {
+            Ok(m) => {
+                let params: usize = m
+                    .named_vars()
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().elem_count())
+                    .sum();
+                println!("{} ({params} parameters)", out.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("worker: convert: {e}");
+                2
+            }
+        },
         Command::MakeTestModel {
             out,
             hidden,
@@ -94,6 +118,7 @@ pub fn main() -> i32 {
             kv_heads,
             tied,
             seed,
+            gguf,
         } => {
             let spec = crate::model::test_model::TestModelSpec {
                 hidden_size: hidden,
@@ -104,7 +129,25 @@ pub fn main() -> i32 {
                 tie_word_embeddings: tied,
                 seed,
             };
-            match crate::model::test_model::write_test_model(&out, &spec) {
+            let written = crate::model::test_model::write_test_model(&out, &spec).and_then(|m| {
+                if let Some(g) = &gguf {
+                    let tok = crate::model::tokenizer::byte_level().map_err(|e| {
+                        crate::model::io::ModelIoError::Invalid {
+                            path: g.display().to_string(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    crate::model::gguf::write_gguf(
+                        &m,
+                        g,
+                        &|_, _| candle_core::quantized::GgmlDType::F32,
+                        Some(&tok),
+                        Some(crate::model::tokenizer::CHATML_TEMPLATE),
+                    )?;
+                }
+                Ok(m)
+            });
+            match written {
                 Ok(m) => {
                     let params: usize = m
                         .named_vars()

@@ -185,6 +185,52 @@ pub fn save_dir(model: &Llama, dir: &Path, source: Option<&Path>) -> Result<(), 
     Ok(())
 }
 
+/// Loads any model this code reads: a Hugging Face directory or a `.gguf` file, and writes it
+/// as a Hugging Face directory (tokenizer and chat template carried over).
+pub fn convert(input: &Path, out: &Path) -> Result<Llama, ModelIoError> {
+    if input.is_dir() {
+        let m = load_dir(input, DType::F32, &Device::Cpu)?;
+        save_dir(&m, out, Some(input))?;
+        return Ok(m);
+    }
+    if input.extension().is_some_and(|e| e == "gguf") {
+        let g = super::gguf::load_gguf(input, DType::F32, &Device::Cpu)?;
+        save_dir(&g.model, out, None)?;
+        let io = |source| ModelIoError::Io {
+            path: out.display().to_string(),
+            source,
+        };
+        if let Some(t) = &g.tokenizer {
+            t.save(out.join("tokenizer.json"), true)
+                .map_err(|e| invalid(out, e.to_string()))?;
+        }
+        let mut tc = serde_json::Map::new();
+        tc.insert(
+            "tokenizer_class".into(),
+            serde_json::json!("PreTrainedTokenizerFast"),
+        );
+        for (k, v) in [
+            ("bos_token", &g.bos_token),
+            ("eos_token", &g.eos_token),
+            ("chat_template", &g.chat_template),
+        ] {
+            if let Some(v) = v {
+                tc.insert(k.into(), serde_json::json!(v));
+            }
+        }
+        std::fs::write(
+            out.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tc).unwrap_or_default(),
+        )
+        .map_err(io)?;
+        return Ok(g.model);
+    }
+    Err(invalid(
+        input,
+        "is neither a Hugging Face model directory nor a .gguf file",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

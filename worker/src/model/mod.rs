@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod io;
 pub mod llama;
 pub mod perplexity;
