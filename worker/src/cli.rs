@@ -45,6 +45,17 @@ enum Command {
         #[arg(long)]
         gguf: Option<PathBuf>,
     },
+    /// Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models).
+    Serve {
+        /// Hugging Face directory or .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: std::net::SocketAddr,
+        /// The model id clients name (default: the file or folder name).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Convert any loadable model (Hugging Face directory or .gguf) to a Hugging Face directory.
     Convert {
         input: PathBuf,
@@ -94,6 +105,36 @@ pub fn main() -> i32 {
         .with_writer(std::io::stderr)
         .try_init();
     let code = match cli.command {
+        Command::Serve {
+            model,
+            listen,
+            name,
+        } => {
+            let served = match crate::serve::load_served(&model, name) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("worker: serve: {e}");
+                    return 2;
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("worker: cannot start the async runtime: {e}");
+                    return 1;
+                }
+            };
+            match rt.block_on(crate::serve::serve(served, listen)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("worker: serve: cannot listen on {listen}: {e}");
+                    1
+                }
+            }
+        }
         Command::Convert { input, out } => match crate::model::io::convert(&input, &out) {
             Ok(m) => {
                 let params: usize = m

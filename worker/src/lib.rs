@@ -7,4 +7,5 @@ pub mod cli;
 pub mod devices;
 pub mod model;
 pub mod runner;
+pub mod serve;
 pub mod tasks;
