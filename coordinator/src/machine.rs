@@ -1249,7 +1249,7 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn campaign_mut_checked(&self, id: &str) -> Result<CampaignState, MachineError> {
+    fn campaign_state(&self, id: &str) -> Result<CampaignState, MachineError> {
         self.s
             .campaigns
             .get(id)
@@ -1258,7 +1258,7 @@ impl Tx<'_> {
     }
 
     fn cancel(&mut self, id: &str, now: Millis) -> Result<(), MachineError> {
-        let st = self.campaign_mut_checked(id)?;
+        let st = self.campaign_state(id)?;
         if st.is_terminal() {
             return Err(MachineError::InvalidState(format!(
                 "campaign {id} is already {}",
@@ -1270,7 +1270,7 @@ impl Tx<'_> {
     }
 
     fn pause(&mut self, id: &str, now: Millis) -> Result<(), MachineError> {
-        let st = self.campaign_mut_checked(id)?;
+        let st = self.campaign_state(id)?;
         if !matches!(st, CampaignState::Pending | CampaignState::Running) {
             return Err(MachineError::InvalidState(format!(
                 "campaign {id} is {} and cannot be paused",
@@ -1296,7 +1296,7 @@ impl Tx<'_> {
     }
 
     fn resume(&mut self, id: &str, now: Millis) -> Result<(), MachineError> {
-        let st = self.campaign_mut_checked(id)?;
+        let st = self.campaign_state(id)?;
         if st != CampaignState::Paused {
             return Err(MachineError::InvalidState(format!(
                 "campaign {id} is {}, not paused",

@@ -38,8 +38,6 @@ pub trait StateStore: Send + Sync + 'static {
     fn flush(&self) -> futures::future::BoxFuture<'_, Result<(), StoreError>>;
     /// Events with `seq >= from`, in order, at most `limit`.
     fn events_from(&self, from: u64, limit: usize) -> Result<Vec<pb::Event>, StoreError>;
-    /// Number of events in the log.
-    fn event_count(&self) -> usize;
 }
 
 /// sled-backed store with trees `campaigns`, `tasks`, `leases`, `workers`, `events`, `meta`.
@@ -217,10 +215,6 @@ impl StateStore for SledStore {
             out.push(e);
         }
         Ok(out)
-    }
-
-    fn event_count(&self) -> usize {
-        self.events.len()
     }
 }
 

@@ -149,15 +149,14 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::model::LlamaConfig;
 
     fn model() -> Llama {
-        let c = LlamaConfig::from_json(
-            r#"{"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "num_hidden_layers": 2, "vocab_size": 40, "initializer_range": 0.5}"#,
-        )
-        .unwrap();
-        Llama::new(c, DType::F32, &Device::Cpu).unwrap()
+        // Seeded weights: the same model on every run.
+        let spec = crate::model::test_model::TestModelSpec {
+            seed: 1,
+            ..Default::default()
+        };
+        crate::model::test_model::test_model(&spec, DType::F32, &Device::Cpu).unwrap()
     }
 
     #[test]
