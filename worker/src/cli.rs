@@ -135,21 +135,9 @@ pub fn main() -> i32 {
                 }
             }
         }
-        Command::Convert { input, out } => match crate::model::io::convert(&input, &out) {
-            Ok(m) => {
-                let params: usize = m
-                    .named_vars()
-                    .iter()
-                    .map(|(_, v)| v.as_tensor().elem_count())
-                    .sum();
-                println!("{} ({params} parameters)", out.display());
-                0
-            }
-            Err(e) => {
-                eprintln!("worker: convert: {e}");
-                2
-            }
-        },
+        Command::Convert { input, out } => {
+            written("convert", &out, crate::model::io::convert(&input, &out))
+        }
         Command::MakeTestModel {
             out,
             hidden,
@@ -170,7 +158,7 @@ pub fn main() -> i32 {
                 tie_word_embeddings: tied,
                 seed,
             };
-            let written = crate::model::test_model::write_test_model(&out, &spec).and_then(|m| {
+            let result = crate::model::test_model::write_test_model(&out, &spec).and_then(|m| {
                 if let Some(g) = &gguf {
                     let tok = crate::model::tokenizer::byte_level().map_err(|e| {
                         crate::model::io::ModelIoError::Invalid {
@@ -188,21 +176,7 @@ pub fn main() -> i32 {
                 }
                 Ok(m)
             });
-            match written {
-                Ok(m) => {
-                    let params: usize = m
-                        .named_vars()
-                        .iter()
-                        .map(|(_, v)| v.as_tensor().elem_count())
-                        .sum();
-                    println!("{} ({params} parameters)", out.display());
-                    0
-                }
-                Err(e) => {
-                    eprintln!("worker: make-test-model: {e}");
-                    2
-                }
-            }
+            written("make-test-model", &out, result)
         }
         Command::Join {
             coordinator,
@@ -276,4 +250,22 @@ fn join(cfg: AgentConfig) -> i32 {
             _ = tokio::signal::ctrl_c() => 0,
         }
     })
+}
+
+/// Prints where a model was written and its size, or the error; the exit code.
+fn written(
+    what: &str,
+    out: &std::path::Path,
+    r: Result<crate::model::Llama, crate::model::io::ModelIoError>,
+) -> i32 {
+    match r {
+        Ok(m) => {
+            println!("{} ({} parameters)", out.display(), m.num_params());
+            0
+        }
+        Err(e) => {
+            eprintln!("worker: {what}: {e}");
+            2
+        }
+    }
 }

@@ -226,6 +226,14 @@ impl Llama {
         v
     }
 
+    /// Number of parameters (a tied head counted once).
+    pub fn num_params(&self) -> usize {
+        self.named_vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum()
+    }
+
     /// Logits `[B, T, vocab]` for token ids `[B, T]` (u32).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.forward_with(ids, ForwardOptions::default())
