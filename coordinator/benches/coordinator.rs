@@ -229,6 +229,7 @@ async fn build_history(dir: &Path, n: usize) -> usize {
                 .iter()
                 .map(|k| k.to_string())
                 .collect(),
+            nonce: 0,
             now: 1,
         },
     );

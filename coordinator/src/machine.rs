@@ -319,6 +319,9 @@ pub enum Event {
         labels: BTreeMap<String, String>,
         version: String,
         task_kinds: Vec<String>,
+        /// Random bits from the shell that make worker ids unique across data dirs: a worker
+        /// that outlives a coordinator whose state was lost must never share an id.
+        nonce: u32,
         now: Millis,
     },
     Poll {
@@ -507,8 +510,20 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
             labels,
             version,
             task_kinds,
+            nonce,
             now,
-        } => tx.register(host, devices, labels, version, task_kinds, now),
+        } => tx.register(
+            Worker {
+                id: String::new(),
+                host,
+                devices,
+                labels,
+                version,
+                task_kinds,
+                registered_ms: now,
+            },
+            nonce,
+        ),
         Event::Poll {
             worker,
             free_devices,
@@ -699,41 +714,24 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn register(
-        &mut self,
-        host: String,
-        devices: Vec<String>,
-        labels: BTreeMap<String, String>,
-        version: String,
-        task_kinds: Vec<String>,
-        now: Millis,
-    ) -> Result<(), MachineError> {
-        if devices.is_empty() {
+    fn register(&mut self, mut w: Worker, nonce: u32) -> Result<(), MachineError> {
+        if w.devices.is_empty() {
             return Err(MachineError::InvalidArgument(
                 "a worker must offer at least one device".into(),
             ));
         }
-        let unique: BTreeSet<&String> = devices.iter().collect();
-        if unique.len() != devices.len() {
+        let unique: BTreeSet<&String> = w.devices.iter().collect();
+        if unique.len() != w.devices.len() {
             return Err(MachineError::InvalidArgument(format!(
-                "devices {devices:?} name a device twice"
+                "devices {:?} name a device twice",
+                w.devices
             )));
         }
         self.s.meta.next_worker += 1;
         self.t.dirty.meta = true;
-        let id = format!("w{:06}", self.s.meta.next_worker);
-        self.s.workers.insert(
-            id.clone(),
-            Worker {
-                id: id.clone(),
-                host,
-                devices,
-                labels,
-                version,
-                task_kinds,
-                registered_ms: now,
-            },
-        );
+        let id = format!("w{:06}-{nonce:08x}", self.s.meta.next_worker);
+        w.id = id.clone();
+        self.s.workers.insert(id.clone(), w);
         self.t.dirty.workers.insert(id.clone());
         self.t.reply = Reply::WorkerId(id);
         Ok(())

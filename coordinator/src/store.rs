@@ -276,6 +276,7 @@ mod tests {
                     labels: Default::default(),
                     version: "0".into(),
                     task_kinds: vec![],
+                    nonce: 0,
                     now: 5,
                 },
             )

@@ -81,6 +81,7 @@ impl WorkerService for Workers {
                 labels: to_btree(r.labels),
                 version: r.version,
                 task_kinds: r.task_kinds,
+                nonce: rand::random(),
                 now: now_ms(),
             })
             .await?

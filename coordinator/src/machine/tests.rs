@@ -47,6 +47,7 @@ fn register(st: &mut State, devices: &[&str]) -> String {
             labels: BTreeMap::new(),
             version: "0".into(),
             task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
+            nonce: 7,
             now: 0,
         },
     )
@@ -650,6 +651,7 @@ impl Harness {
                 labels: BTreeMap::new(),
                 version: "0".into(),
                 task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
+                nonce: u32::from(*n),
                 now,
             },
             Op::Poll(w, m) => {
