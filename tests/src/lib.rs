@@ -243,30 +243,23 @@ pub struct WorkerProc {
 impl WorkerProc {
     /// Starts the scripted worker against `url` with `env` knobs (see `scripted-worker`).
     pub fn scripted(url: &str, work_dir: &Path, env: &[(&str, String)]) -> WorkerProc {
-        std::fs::create_dir_all(work_dir).expect("work dir");
-        let log = work_dir.join("worker.log");
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log");
         let mut cmd = Command::new(bin("scripted-worker"));
-        cmd.args(["--coordinator", url, "--devices", "cpu", "--work-dir"])
-            .arg(work_dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(logf);
+        cmd.args(["--coordinator", url, "--devices", "cpu"]);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        WorkerProc {
-            child: Some(cmd.spawn().expect("start scripted worker")),
-            log,
-        }
+        Self::spawn(cmd, work_dir)
     }
 
     /// Starts the production `worker join` binary.
     pub fn real(url: &str, work_dir: &Path, devices: &str) -> WorkerProc {
+        let mut cmd = Command::new(bin("worker"));
+        cmd.args(["join", "--coordinator", url, "--devices", devices]);
+        Self::spawn(cmd, work_dir)
+    }
+
+    /// Runs `cmd --work-dir DIR` with its log in `DIR/worker.log`.
+    fn spawn(mut cmd: Command, work_dir: &Path) -> WorkerProc {
         std::fs::create_dir_all(work_dir).expect("work dir");
         let log = work_dir.join("worker.log");
         let logf = std::fs::OpenOptions::new()
@@ -274,16 +267,10 @@ impl WorkerProc {
             .append(true)
             .open(&log)
             .expect("log");
-        let child = Command::new(bin("worker"))
-            .args([
-                "join",
-                "--coordinator",
-                url,
-                "--devices",
-                devices,
-                "--work-dir",
-            ])
+        let child = cmd
+            .arg("--work-dir")
             .arg(work_dir)
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 use distillery_tests::bin;
 use distillery_worker::model::io::load_dir;
+use distillery_worker::model::max_abs_diff;
 
 #[test]
 fn a_gguf_test_model_converts_back_to_the_same_model() {
@@ -37,14 +38,7 @@ fn a_gguf_test_model_converts_back_to_the_same_model() {
     let a = load_dir(&hf, DType::F32, &Device::Cpu).unwrap();
     let b = load_dir(&back, DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::new(&[[1u32, 100, 200, 256, 7]], &Device::Cpu).unwrap();
-    let d = (a.forward(&ids).unwrap() - b.forward(&ids).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&a.forward(&ids).unwrap(), &b.forward(&ids).unwrap()).unwrap();
     assert_eq!(d, 0.0);
     assert!(back.join("tokenizer.json").is_file());
     let tc: serde_json::Value =

@@ -149,6 +149,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::model::max_abs_diff;
 
     fn model() -> Llama {
         // Seeded weights: the same model on every run.
@@ -211,14 +212,7 @@ mod tests {
             )
             .unwrap();
         let both = Tensor::cat(&[&first, &rest], 1).unwrap();
-        let d = (both - full)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&both, &full).unwrap();
         assert!(d < 1e-5, "cached vs full logits differ by {d}");
         assert_eq!(cache.len(), 7);
     }

@@ -234,6 +234,7 @@ pub fn convert(input: &Path, out: &Path) -> Result<Llama, ModelIoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::max_abs_diff;
 
     fn tiny(tied: bool) -> LlamaConfig {
         LlamaConfig::from_json(&format!(
@@ -242,17 +243,6 @@ mod tests {
                 "bos_token_id": 1, "custom_field": "kept"}}"#
         ))
         .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]
@@ -278,7 +268,7 @@ mod tests {
                 Some(&serde_json::json!("kept"))
             );
             assert_eq!(
-                max_diff(&m.forward(&ids).unwrap(), &back.forward(&ids).unwrap()),
+                max_abs_diff(&m.forward(&ids).unwrap(), &back.forward(&ids).unwrap()).unwrap(),
                 0.0
             );
         }
@@ -316,7 +306,7 @@ mod tests {
         let mut rounded = 0;
         for (name, var) in back.named_vars() {
             let orig = m.varmap.data().lock().unwrap()[&name].as_tensor().clone();
-            let d = max_diff(&orig, var.as_tensor());
+            let d = max_abs_diff(&orig, var.as_tensor()).unwrap();
             assert!(d < 2e-2, "{name}: {d} is more than half-precision rounding");
             rounded += usize::from(d > 0.0);
         }

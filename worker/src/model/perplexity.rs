@@ -25,15 +25,6 @@ impl Perplexity {
     pub fn bits_per_byte(&self) -> f64 {
         self.nll_sum / std::f64::consts::LN_2 / self.bytes.max(1) as f64
     }
-
-    /// Sums two results (e.g. documents or shards).
-    pub fn merge(self, o: Perplexity) -> Perplexity {
-        Perplexity {
-            nll_sum: self.nll_sum + o.nll_sum,
-            tokens: self.tokens + o.tokens,
-            bytes: self.bytes + o.bytes,
-        }
-    }
 }
 
 /// Scores `tokens` (encoding `bytes` bytes of text) in windows of `window` tokens advancing by

@@ -137,6 +137,7 @@ pub fn write_test_model(dir: &Path, s: &TestModelSpec) -> Result<Llama, ModelIoE
 mod tests {
     use super::*;
     use crate::model::io::load_dir;
+    use crate::model::max_abs_diff;
 
     #[test]
     fn a_test_model_is_deterministic_and_loads_back() {
@@ -156,14 +157,7 @@ mod tests {
             .unwrap();
         let a = m.forward(&x).unwrap();
         for other in [again, back] {
-            let d = (&a - other.forward(&x).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&a, &other.forward(&x).unwrap()).unwrap();
             assert_eq!(d, 0.0);
         }
         assert_eq!(a.dims(), &[1, 5, 260]);

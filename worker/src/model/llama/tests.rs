@@ -1,3 +1,4 @@
+use crate::model::max_abs_diff;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::*;
@@ -150,16 +151,7 @@ fn attention_is_causal() {
     let b = Tensor::new(v, &Device::Cpu).unwrap();
     let la = m.forward(&a).unwrap();
     let lb = m.forward(&b).unwrap();
-    let diff = |t: usize| {
-        (la.i((0, t)).unwrap() - lb.i((0, t)).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let diff = |t: usize| max_abs_diff(&la.i((0, t)).unwrap(), &lb.i((0, t)).unwrap()).unwrap();
     for t in 0..5 {
         assert_eq!(diff(t), 0.0, "position {t} saw a later token");
     }
@@ -188,14 +180,7 @@ fn grouped_query_attention_equals_full_attention_with_repeated_kv_heads() {
         var.set(&value).unwrap();
     }
     let x = ids(2, 6, 4);
-    let d = (gqa.forward(&x).unwrap() - mha.forward(&x).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let d = max_abs_diff(&gqa.forward(&x).unwrap(), &mha.forward(&x).unwrap()).unwrap();
     assert!(d < 1e-12, "max diff {d}");
 }
 
@@ -220,14 +205,7 @@ fn a_skipped_layer_equals_a_layer_whose_outputs_are_zero() {
         }
     }
     let zeroed = m.forward(&x).unwrap();
-    let d = (skipped - zeroed)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let d = max_abs_diff(&skipped, &zeroed).unwrap();
     assert!(d < 1e-12, "max diff {d}");
 }
 
@@ -250,14 +228,7 @@ fn the_probe_records_what_the_forward_pass_computed() {
     assert_eq!(l0.o_proj_input.dims(), &[2, 4, 16 * 2]);
     assert_eq!(l0.down_proj_input.dims(), &[2, 4, 48]);
     // Layer 1's input is layer 0's output, and the final norm of the last output gives the logits.
-    let d = (&probe.layers[1].input - &l0.output)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let d = max_abs_diff(&probe.layers[1].input, &l0.output).unwrap();
     assert_eq!(d, 0.0);
     let norm = m.varmap.data().lock().unwrap()["model.norm.weight"]
         .as_tensor()
@@ -269,14 +240,7 @@ fn the_probe_records_what_the_forward_pass_computed() {
         .unwrap()
         .broadcast_matmul(&head.t().unwrap())
         .unwrap();
-    let d = (again - logits)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let d = max_abs_diff(&again, &logits).unwrap();
     assert!(d < 1e-12);
     // A naive RMSNorm over one row.
     let row: Vec<f64> = l0.input.i((0, 0)).unwrap().to_vec1().unwrap();
