@@ -33,10 +33,10 @@ impl Linear {
         Ok(Linear { w, b })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.w.t()?)?;
+    fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&param(&self.w, grad).t()?)?;
         match &self.b {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&param(b, grad)),
             None => Ok(y),
         }
     }
@@ -83,6 +83,10 @@ pub struct Probe {
 /// Options of a forward pass.
 #[derive(Default)]
 pub struct ForwardOptions<'a> {
+    /// Record the graph so the logits can be differentiated with respect to the parameters.
+    /// Off (the default), the pass reads detached weights and uses candle's fused kernels
+    /// (which record no backward op), and frees each activation as soon as it is consumed.
+    pub grad: bool,
     /// Layers to skip (their input passes through unchanged).
     pub skip_layers: &'a [usize],
     /// Where to record activations, if anywhere.
@@ -119,7 +123,9 @@ pub struct Llama {
     device: Device,
 }
 
-const NEG_INF: f64 = -1e9;
+/// Masked attention scores: finite where differentiated (so no `inf - inf` can reach a
+/// gradient), -inf in inference (exp(-inf) takes the fast path; exp(-1e9) the slow underflow one).
+const MASKED_TRAIN: f64 = -1e9;
 
 impl Llama {
     /// A model with freshly initialized parameters (normal(0, initializer_range), norms at 1).
@@ -234,9 +240,21 @@ impl Llama {
             .sum()
     }
 
-    /// Logits `[B, T, vocab]` for token ids `[B, T]` (u32).
+    /// Logits `[B, T, vocab]` for token ids `[B, T]` (u32), for inference: no gradient flows
+    /// back from them (see [`Llama::forward_train`]).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.forward_with(ids, ForwardOptions::default())
+    }
+
+    /// [`Llama::forward`] recording the graph: `logits.backward()` reaches every parameter.
+    pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_with(
+            ids,
+            ForwardOptions {
+                grad: true,
+                ..Default::default()
+            },
+        )
     }
 
     /// [`Llama::forward`] with layers skipped and/or activations recorded.
@@ -258,30 +276,30 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = &self.config;
+        let g = opts.grad;
         let start = cache.as_ref().map_or(0, |k| k.len);
         if let Some(k) = cache.as_deref_mut() {
             k.layers.resize(self.layers.len(), None);
         }
-        let mut h =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, c.hidden_size))?;
+        let mut h = param(&self.embed, g)
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c.hidden_size))?;
         let (cos, sin) = self.rope_tables(start, t)?;
-        let mask = self.causal_mask(start, t)?;
+        let mask = self.causal_mask(start, t, if g { MASKED_TRAIN } else { f64::NEG_INFINITY })?;
         for (i, layer) in self.layers.iter().enumerate() {
             if opts.skip_layers.contains(&i) {
                 continue;
             }
             let input = h.clone();
-            let attn_norm = rms_norm(&h, &layer.attn_norm, c.rms_norm_eps)?;
+            let attn_norm = norm(&h, &layer.attn_norm, c.rms_norm_eps, g)?;
             let past = cache.as_deref_mut().map(|k| &mut k.layers[i]);
             let (attn, o_proj_input) =
-                self.attention(layer, &attn_norm, &cos, &sin, &mask, past)?;
+                self.attention(layer, &attn_norm, &cos, &sin, &mask, past, g)?;
             h = (h + attn)?;
-            let mlp_norm = rms_norm(&h, &layer.mlp_norm, c.rms_norm_eps)?;
+            let mlp_norm = norm(&h, &layer.mlp_norm, c.rms_norm_eps, g)?;
             let down_proj_input =
-                (layer.gate.forward(&mlp_norm)?.silu()? * layer.up.forward(&mlp_norm)?)?;
-            h = (h + layer.down.forward(&down_proj_input)?)?;
+                (layer.gate.forward(&mlp_norm, g)?.silu()? * layer.up.forward(&mlp_norm, g)?)?;
+            h = (h + layer.down.forward(&down_proj_input, g)?)?;
             if let Some(p) = opts.probe.as_deref_mut() {
                 p.layers.push(LayerActivations {
                     layer: i,
@@ -297,8 +315,8 @@ impl Llama {
         if let Some(k) = cache {
             k.len += t;
         }
-        let h = rms_norm(&h, &self.norm, c.rms_norm_eps)?;
-        h.broadcast_matmul(&self.lm_head.t()?)
+        let h = norm(&h, &self.norm, c.rms_norm_eps, g)?;
+        h.broadcast_matmul(&param(&self.lm_head, g).t()?)
     }
 
     fn attention(
@@ -309,14 +327,27 @@ impl Llama {
         sin: &Tensor,
         mask: &Tensor,
         past: Option<&mut Option<(Tensor, Tensor)>>,
+        g: bool,
     ) -> Result<(Tensor, Tensor)> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = rope(&heads(l.q.forward(x)?, nh)?, cos, sin)?;
-        let k = rope(&heads(l.k.forward(x)?, nkv)?, cos, sin)?;
-        let v = heads(l.v.forward(x)?, nkv)?;
+        let rot = |y: Tensor| -> Result<Tensor> {
+            if g || y.dtype() == DType::F64 {
+                rope(&y, cos, sin)
+            } else {
+                let half = hd / 2;
+                candle_nn::rotary_emb::rope(
+                    &y.contiguous()?,
+                    &cos.narrow(1, 0, half)?.contiguous()?,
+                    &sin.narrow(1, 0, half)?.contiguous()?,
+                )
+            }
+        };
+        let q = rot(heads(l.q.forward(x, g)?, nh)?)?;
+        let k = rot(heads(l.k.forward(x, g)?, nkv)?)?;
+        let v = heads(l.v.forward(x, g)?, nkv)?;
         // With a cache, attend over the stored keys/values followed by the new ones.
         let (k, v) = match past {
             None => (k, v),
@@ -334,12 +365,16 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         let scores =
             (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = if g || scores.dtype() == DType::F64 {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let y = probs
             .matmul(&v.contiguous()?)?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok((l.o.forward(&y)?, y))
+        Ok((l.o.forward(&y, g)?, y))
     }
 
     /// cos and sin tables `[T, head_dim]` for positions `start..start + t` (frequencies
@@ -365,12 +400,32 @@ impl Llama {
     }
 
     /// `[T, start + T]`: query `i` (at position `start + i`) sees keys up to its own position.
-    fn causal_mask(&self, start: usize, t: usize) -> Result<Tensor> {
+    fn causal_mask(&self, start: usize, t: usize, masked: f64) -> Result<Tensor> {
         let total = start + t;
         let m: Vec<f64> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j > start + i { NEG_INF } else { 0.0 }))
+            .flat_map(|i| (0..total).map(move |j| if j > start + i { masked } else { 0.0 }))
             .collect();
         Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)
+    }
+}
+
+/// The parameter as the pass reads it: itself when differentiating, else a detached view of
+/// the same storage (so the pass builds no graph and keeps no activation alive).
+fn param(w: &Tensor, grad: bool) -> Tensor {
+    if grad {
+        w.clone()
+    } else {
+        w.detach()
+    }
+}
+
+/// RMSNorm: the composed, differentiable form when differentiating (or in f64, which the
+/// fused kernels lack), else candle's fused kernel.
+fn norm(x: &Tensor, w: &Tensor, eps: f64, grad: bool) -> Result<Tensor> {
+    if grad || x.dtype() == DType::F64 {
+        rms_norm(x, &param(w, grad), eps)
+    } else {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &w.detach(), eps as f32)
     }
 }
 

@@ -59,7 +59,10 @@ fn reseed(m: &Llama, seed: u64) {
 }
 
 fn loss(m: &Llama, x: &Tensor, w: &Tensor) -> Tensor {
-    (m.forward(x).unwrap() * w).unwrap().sum_all().unwrap()
+    (m.forward_train(x).unwrap() * w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
 }
 
 #[test]
@@ -67,7 +70,7 @@ fn every_parameter_gets_a_nonzero_gradient() {
     for (tied, kv, bias) in [(false, 2, false), (true, 4, true), (true, 1, false)] {
         let m = Llama::new(tiny(tied, kv, bias), DType::F32, &Device::Cpu).unwrap();
         let x = ids(2, 7, 1);
-        let logits = m.forward(&x).unwrap();
+        let logits = m.forward_train(&x).unwrap();
         assert_eq!(logits.dims(), &[2, 7, 40]);
         let l = (logits * weights(&[2, 7, 40], DType::F32))
             .unwrap()
@@ -193,7 +196,7 @@ fn a_skipped_layer_equals_a_layer_whose_outputs_are_zero() {
             &x,
             ForwardOptions {
                 skip_layers: &[1],
-                probe: None,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -218,8 +221,8 @@ fn the_probe_records_what_the_forward_pass_computed() {
         .forward_with(
             &x,
             ForwardOptions {
-                skip_layers: &[],
                 probe: Some(&mut probe),
+                ..Default::default()
             },
         )
         .unwrap();
@@ -252,5 +255,38 @@ fn the_probe_records_what_the_forward_pass_computed() {
     let got: Vec<f64> = l0.attn_norm.i((0, 0)).unwrap().to_vec1().unwrap();
     for k in 0..row.len() {
         assert!((got[k] - row[k] / rms * w[k]).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn the_inference_pass_equals_the_differentiable_one_and_builds_no_graph() {
+    for dtype in [DType::F32, DType::F64] {
+        // (F64 runs the composed ops either way; F32 compares the fused kernels with them.)
+        let m = Llama::new(tiny(false, 2, true), dtype, &Device::Cpu).unwrap();
+        let x = ids(2, 9, 8);
+        let fused = m.forward(&x).unwrap();
+        let composed = m.forward_train(&x).unwrap();
+        let d = max_abs_diff(&fused, &composed).unwrap();
+        let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+        assert!(d < tol, "{dtype:?}: max diff {d}");
+        // With a KV cache too, token by token.
+        let mut cache = KvCache::default();
+        let mut steps = Vec::new();
+        for t in 0..9 {
+            steps.push(
+                m.forward_cached(&x.narrow(1, t, 1).unwrap(), &mut cache)
+                    .unwrap(),
+            );
+        }
+        let d = max_abs_diff(&Tensor::cat(&steps, 1).unwrap(), &composed).unwrap();
+        assert!(d < tol * 10.0, "{dtype:?} cached: max diff {d}");
+        // No parameter is reachable from the inference logits.
+        let grads = fused.sum_all().unwrap().backward().unwrap();
+        for (name, var) in m.named_vars() {
+            assert!(
+                grads.get(var.as_tensor()).is_none(),
+                "{name} got a gradient"
+            );
+        }
     }
 }
