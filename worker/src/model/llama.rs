@@ -286,6 +286,12 @@ impl Llama {
             .reshape((b, t, c.hidden_size))?;
         let (cos, sin) = self.rope_tables(start, t)?;
         let mask = self.causal_mask(start, t, if g { MASKED_TRAIN } else { f64::NEG_INFINITY })?;
+        let pass = Pass {
+            cos,
+            sin,
+            mask,
+            grad: g,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             if opts.skip_layers.contains(&i) {
                 continue;
@@ -293,8 +299,7 @@ impl Llama {
             let input = h.clone();
             let attn_norm = norm(&h, &layer.attn_norm, c.rms_norm_eps, g)?;
             let past = cache.as_deref_mut().map(|k| &mut k.layers[i]);
-            let (attn, o_proj_input) =
-                self.attention(layer, &attn_norm, &cos, &sin, &mask, past, g)?;
+            let (attn, o_proj_input) = self.attention(layer, &attn_norm, &pass, past)?;
             h = (h + attn)?;
             let mlp_norm = norm(&h, &layer.mlp_norm, c.rms_norm_eps, g)?;
             let down_proj_input =
@@ -323,12 +328,10 @@ impl Llama {
         &self,
         l: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        pass: &Pass,
         past: Option<&mut Option<(Tensor, Tensor)>>,
-        g: bool,
     ) -> Result<(Tensor, Tensor)> {
+        let (cos, sin, mask, g) = (&pass.cos, &pass.sin, &pass.mask, pass.grad);
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
@@ -407,6 +410,17 @@ impl Llama {
             .collect();
         Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)
     }
+}
+
+/// What every layer of one pass shares.
+struct Pass {
+    /// RoPE tables `[T, head_dim]`.
+    cos: Tensor,
+    sin: Tensor,
+    /// Causal mask `[T, start + T]`.
+    mask: Tensor,
+    /// Differentiable pass (see [`ForwardOptions::grad`]).
+    grad: bool,
 }
 
 /// The parameter as the pass reads it: itself when differentiating, else a detached view of
