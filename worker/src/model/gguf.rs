@@ -9,18 +9,17 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::Tokenizer;
 
 use super::config::LlamaConfig;
 use super::io::{from_tensors, ModelIoError};
 use super::llama::Llama;
+use super::tokenizer::{self, GgufVocab};
 
 /// An imported GGUF model.
 pub struct GgufModel {
     pub model: Llama,
-    /// Rebuilt from `tokenizer.ggml.*` when the vocabulary is byte-level BPE (`gpt2`).
+    /// Rebuilt from `tokenizer.ggml.*`: byte-level BPE (`gpt2`) or SentencePiece BPE (`llama`).
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
@@ -224,60 +223,68 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
     })
 }
 
-/// A byte-level BPE tokenizer from `tokenizer.ggml.*` (`model = "gpt2"`); `None` for
-/// vocabularies this build does not rebuild (SentencePiece `llama`).
+/// The tokenizer from `tokenizer.ggml.*`: byte-level BPE (`gpt2`) or SentencePiece BPE
+/// (`llama`); `None` when the file has no vocabulary or another kind (said on stderr).
 fn tokenizer_from_meta(
     c: &gguf_file::Content,
     path: &Path,
 ) -> Result<Option<Tokenizer>, ModelIoError> {
-    let model = meta(c, "tokenizer.ggml.model")
+    let Some(model) = meta(c, "tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok())
-        .cloned();
-    if model.as_deref() != Some("gpt2") {
+        .cloned()
+    else {
+        return Ok(None);
+    };
+    if model != "gpt2" && model != "llama" {
+        eprintln!(
+            "note: {}: tokenizer model {model:?} is not rebuilt (gpt2 and llama are); the model loads without a tokenizer",
+            path.display()
+        );
         return Ok(None);
     }
-    let tokens = meta(c, "tokenizer.ggml.tokens")
-        .and_then(|v| v.to_vec().ok())
-        .ok_or_else(|| invalid(path, "has no tokenizer.ggml.tokens"))?;
-    let types: Vec<i32> = meta(c, "tokenizer.ggml.token_type")
-        .and_then(|v| v.to_vec().ok())
+    let array = |key: &str| meta(c, key).and_then(|v| v.to_vec().ok());
+    let tokens = array("tokenizer.ggml.tokens")
+        .ok_or_else(|| invalid(path, "has no tokenizer.ggml.tokens"))?
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.to_string()
+                .cloned()
+                .map_err(|e| invalid(path, format!("token {i}: {e}")))
+        })
+        .collect::<Result<Vec<String>, _>>()?;
+    let types = array("tokenizer.ggml.token_type")
         .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
+        .unwrap_or_else(|| vec![1; tokens.len()]);
+    let scores = array("tokenizer.ggml.scores")
+        .map(|v| v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect())
         .unwrap_or_default();
-    let merges: Vec<(String, String)> = meta(c, "tokenizer.ggml.merges")
-        .and_then(|v| v.to_vec().ok())
+    let merges = array("tokenizer.ggml.merges")
         .map(|v| {
             v.iter()
-                .filter_map(|m| m.to_string().ok())
-                .filter_map(|m| {
-                    m.split_once(' ')
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                })
+                .filter_map(|m| m.to_string().ok().cloned())
                 .collect()
         })
         .unwrap_or_default();
-    let mut vocab = tokenizers::models::bpe::Vocab::default();
-    let mut specials = Vec::new();
-    for (i, t) in tokens.iter().enumerate() {
-        let s = t
-            .to_string()
-            .map_err(|e| invalid(path, format!("token {i}: {e}")))?
-            .clone();
-        // Control (3) and user-defined (4) tokens are matched whole, never split.
-        if matches!(types.get(i), Some(3) | Some(4)) {
-            specials.push(AddedToken::from(s.clone(), true));
-        }
-        vocab.insert(s, i as u32);
-    }
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| invalid(path, format!("tokenizer: {e}")))?;
-    let mut t = Tokenizer::new(bpe);
-    t.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
-    t.with_decoder(Some(ByteLevel::new(false, false, false)));
-    t.add_special_tokens(specials)
-        .map_err(|e| invalid(path, format!("tokenizer: {e}")))?;
-    Ok(Some(t))
+    let add_bos = meta(c, "tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(model == "llama");
+    let vocab = GgufVocab {
+        add_bos: meta_usize(c, "tokenizer.ggml.bos_token_id")
+            .filter(|_| add_bos)
+            .map(|b| b as u32),
+        model,
+        tokens,
+        types,
+        scores,
+        merges,
+    };
+    let built = if vocab.model == "llama" {
+        tokenizer::sentencepiece_bpe(&vocab)
+    } else {
+        tokenizer::byte_level_bpe(&vocab)
+    };
+    built.map(Some).map_err(|e| invalid(path, e.to_string()))
 }
 
 /// Writes `model` as llama.cpp does (arch `llama`, Q/K permuted), each tensor in the type
@@ -340,40 +347,34 @@ pub fn write_gguf(
         ("llama.vocab_size".into(), Value::U32(c.vocab_size as u32)),
     ];
     if let Some(t) = tokenizer {
-        let mut by_id: Vec<(u32, String)> =
-            t.get_vocab(true).into_iter().map(|(s, i)| (i, s)).collect();
-        by_id.sort();
-        let specials: std::collections::BTreeSet<u32> = t
-            .get_added_tokens_decoder()
-            .iter()
-            .filter(|(_, a)| a.special)
-            .map(|(i, _)| *i)
-            .collect();
-        meta.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
-        meta.push((
-            "tokenizer.ggml.tokens".into(),
-            Value::Array(
-                by_id
-                    .iter()
-                    .map(|(_, s)| Value::String(s.clone()))
-                    .collect(),
-            ),
-        ));
+        let v = tokenizer::to_gguf_vocab(t).map_err(|e| invalid(path, e.to_string()))?;
+        let strings =
+            |xs: &[String]| Value::Array(xs.iter().map(|s| Value::String(s.clone())).collect());
+        meta.push(("tokenizer.ggml.model".into(), Value::String(v.model)));
+        meta.push(("tokenizer.ggml.tokens".into(), strings(&v.tokens)));
         meta.push((
             "tokenizer.ggml.token_type".into(),
-            Value::Array(
-                by_id
-                    .iter()
-                    .map(|(i, _)| Value::I32(if specials.contains(i) { 3 } else { 1 }))
-                    .collect(),
-            ),
+            Value::Array(v.types.into_iter().map(Value::I32).collect()),
         ));
-        meta.push(("tokenizer.ggml.merges".into(), Value::Array(Vec::new())));
+        if !v.scores.is_empty() {
+            meta.push((
+                "tokenizer.ggml.scores".into(),
+                Value::Array(v.scores.into_iter().map(Value::F32).collect()),
+            ));
+        }
+        meta.push(("tokenizer.ggml.merges".into(), strings(&v.merges)));
+        meta.push((
+            "tokenizer.ggml.add_bos_token".into(),
+            Value::Bool(v.add_bos.is_some()),
+        ));
+        let id = |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v.as_u64());
+        // The BOS the tokenizer prepends is the one llama.cpp must prepend.
+        let bos = v.add_bos.map(u64::from).or(id(&c.bos_token_id));
         for (k, v) in [
-            ("tokenizer.ggml.bos_token_id", &c.bos_token_id),
-            ("tokenizer.ggml.eos_token_id", &c.eos_token_id),
+            ("tokenizer.ggml.bos_token_id", bos),
+            ("tokenizer.ggml.eos_token_id", id(&c.eos_token_id)),
         ] {
-            if let Some(id) = v.as_ref().and_then(|v| v.as_u64()) {
+            if let Some(id) = v {
                 meta.push((k.into(), Value::U32(id as u32)));
             }
         }

@@ -158,3 +158,44 @@ fn names_map_both_ways() {
     );
     assert!(hf_name("blk.0.ssm_in.weight").is_none());
 }
+
+#[test]
+fn sentencepiece_and_merged_bpe_vocabularies_survive_a_gguf_round_trip() {
+    let m = test_model(&TestModelSpec::default(), DType::F32, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (vocab, texts) in [
+        (
+            tokenizer::spm_test_vocab(),
+            ["the then", "é and the ant", "<s>athena</s>"],
+        ),
+        (
+            tokenizer::bpe_test_vocab(),
+            ["hello hell", "shell<|endoftext|>", "Grüße"],
+        ),
+    ] {
+        let orig = if vocab.model == "llama" {
+            tokenizer::sentencepiece_bpe(&vocab).unwrap()
+        } else {
+            tokenizer::byte_level_bpe(&vocab).unwrap()
+        };
+        let p = dir.path().join(format!("{}.gguf", vocab.model));
+        write_gguf(&m, &p, &|_, _| GgmlDType::F32, Some(&orig), None).unwrap();
+        let g = load_gguf(&p, DType::F32, &Device::Cpu).unwrap();
+        let back = g.tokenizer.as_ref().expect("a rebuilt tokenizer");
+        for text in texts {
+            for special in [false, true] {
+                let a = tokenizer::encode(&orig, text, special).unwrap();
+                assert_eq!(
+                    tokenizer::encode(back, text, special).unwrap(),
+                    a,
+                    "{}: {text:?}",
+                    vocab.model
+                );
+                assert_eq!(
+                    tokenizer::decode(back, &a, false).unwrap(),
+                    tokenizer::decode(&orig, &a, false).unwrap()
+                );
+            }
+        }
+    }
+}
