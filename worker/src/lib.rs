@@ -4,8 +4,10 @@
 
 pub mod agent;
 pub mod cli;
+pub mod data;
 pub mod devices;
 pub mod model;
+pub mod prune;
 pub mod runner;
 pub mod serve;
 pub mod tasks;

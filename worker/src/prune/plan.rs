@@ -1,0 +1,423 @@
+//! What stays (pure): from importance scores and a target shape, the kept layers, embedding
+//! channels, MLP neurons and attention heads. Top-k per axis, the same count in every layer,
+//! `head_dim` and the KV groups kept, every group keeping the same number of heads. A parameter
+//! budget is turned into a shape first ([`choose_shape`]).
+
+use distillery_proto::shape::param_count;
+use distillery_proto::v1::ModelShape;
+
+use crate::model::LlamaConfig;
+
+/// Why no plan could be made.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct PlanError(pub String);
+
+fn err<T>(m: impl Into<String>) -> Result<T, PlanError> {
+    Err(PlanError(m.into()))
+}
+
+/// What a round asks for: any subset of the axes, or a parameter budget.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Target {
+    pub hidden_size: Option<u32>,
+    pub intermediate_size: Option<u32>,
+    pub num_attention_heads: Option<u32>,
+    pub num_layers: Option<u32>,
+    /// Fraction of the source's parameters.
+    pub params: Option<f64>,
+    /// With a budget: drop layers rather than narrow the model.
+    pub prefer_depth: bool,
+}
+
+/// Per-axis importance, higher = more important.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    /// `[layer][intermediate]`
+    pub neuron: Vec<Vec<f64>>,
+    /// `[layer][heads]`
+    pub head: Vec<Vec<f64>>,
+    /// `[hidden]`
+    pub channel: Vec<f64>,
+    /// `[layer]`
+    pub depth: Vec<f64>,
+}
+
+/// What stays. Indices refer to the source model and are ascending.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepPlan {
+    pub layers: Vec<usize>,
+    pub channels: Vec<usize>,
+    /// Per kept layer, in `layers` order.
+    pub neurons: Vec<Vec<usize>>,
+    /// Per kept layer, in `layers` order.
+    pub heads: Vec<Vec<usize>>,
+    pub shape: ModelShape,
+}
+
+/// The shape of a model config, with its parameter count.
+pub fn shape_of(c: &LlamaConfig) -> ModelShape {
+    let mut s = ModelShape {
+        hidden_size: c.hidden_size as u32,
+        intermediate_size: c.intermediate_size as u32,
+        num_attention_heads: c.num_attention_heads as u32,
+        num_key_value_heads: c.num_kv_heads() as u32,
+        num_layers: c.num_hidden_layers as u32,
+        vocab_size: c.vocab_size as u32,
+        tie_word_embeddings: c.tie_word_embeddings,
+        params: 0,
+        head_dim: c.head_dim() as u32,
+        attention_bias: c.attention_bias,
+    };
+    s.params = param_count(&s);
+    s
+}
+
+fn with(src: &ModelShape, h: u32, i: u32, heads: u32, layers: u32) -> ModelShape {
+    let mut s = *src;
+    // The head dimension stays what it was, whatever hidden / heads becomes.
+    s.head_dim = distillery_proto::shape::head_dim(src);
+    s.hidden_size = h;
+    s.intermediate_size = i;
+    s.num_attention_heads = heads;
+    s.num_layers = layers;
+    s.params = param_count(&s);
+    s
+}
+
+/// Width steps the budget search takes on an axis of size `dim` (Model-Optimizer searches
+/// multiples of 64 on real models; tiny models get finer steps).
+fn step(dim: u32) -> u32 {
+    match dim {
+        d if d >= 1024 => 64,
+        d if d >= 256 => 32,
+        _ => 8,
+    }
+}
+
+/// Candidate sizes of a width axis: the source size and multiples of its step down to half.
+fn candidates(dim: u32) -> Vec<u32> {
+    let s = step(dim);
+    let mut v = vec![dim];
+    let mut x = dim / s * s;
+    while x >= dim.div_ceil(2) && x > 0 {
+        if x != dim {
+            v.push(x);
+        }
+        x -= s;
+    }
+    v
+}
+
+/// The shape a round prunes to. Explicit axes are taken as given (missing ones keep the
+/// source's size). A parameter budget searches, like Model-Optimizer's Minitron mode, the
+/// allowed steps of hidden size, MLP width and heads (whole heads per KV group, each axis down to
+/// half) for the largest model within budget, and among those within 1% of it the one whose
+/// axes shrink most evenly; with `prefer_depth` it drops layers instead.
+pub fn choose_shape(src: &ModelShape, t: &Target) -> Result<ModelShape, PlanError> {
+    let kv = src.num_key_value_heads.max(1);
+    let Some(frac) = t.params else {
+        let s = with(
+            src,
+            t.hidden_size.unwrap_or(src.hidden_size),
+            t.intermediate_size.unwrap_or(src.intermediate_size),
+            t.num_attention_heads.unwrap_or(src.num_attention_heads),
+            t.num_layers.unwrap_or(src.num_layers),
+        );
+        for (name, want, have) in [
+            ("hidden_size", s.hidden_size, src.hidden_size),
+            (
+                "intermediate_size",
+                s.intermediate_size,
+                src.intermediate_size,
+            ),
+            (
+                "num_attention_heads",
+                s.num_attention_heads,
+                src.num_attention_heads,
+            ),
+            ("num_layers", s.num_layers, src.num_layers),
+        ] {
+            if want == 0 || want > have {
+                return err(format!(
+                    "target {name} {want} must be between 1 and the source's {have}"
+                ));
+            }
+        }
+        if s.num_attention_heads % kv != 0 {
+            return err(format!(
+                "target num_attention_heads {} must divide evenly into {kv} KV groups",
+                s.num_attention_heads
+            ));
+        }
+        return Ok(s);
+    };
+    if !(frac.is_finite() && frac > 0.0 && frac <= 1.0) {
+        return err(format!("parameter budget {frac} must be in (0, 1]"));
+    }
+    let budget = (frac * src.params.max(param_count(src)) as f64).floor() as u64;
+    if t.prefer_depth {
+        let layers = (1..=src.num_layers).rev().find(|l| {
+            param_count(&with(
+                src,
+                src.hidden_size,
+                src.intermediate_size,
+                src.num_attention_heads,
+                *l,
+            )) <= budget
+        });
+        return match layers {
+            Some(l) => Ok(with(
+                src,
+                src.hidden_size,
+                src.intermediate_size,
+                src.num_attention_heads,
+                l,
+            )),
+            None => err(format!(
+                "even one layer exceeds the budget of {budget} parameters ({frac} of {})",
+                src.params
+            )),
+        };
+    }
+    let per_group = src.num_attention_heads / kv;
+    let head_choices: Vec<u32> = (per_group.div_ceil(2)..=per_group)
+        .rev()
+        .map(|g| g * kv)
+        .collect();
+    let mut feasible = Vec::new();
+    for h in candidates(src.hidden_size) {
+        for i in candidates(src.intermediate_size) {
+            for heads in &head_choices {
+                let s = with(src, h, i, *heads, src.num_layers);
+                if s.params <= budget {
+                    feasible.push(s);
+                }
+            }
+        }
+    }
+    let Some(best) = feasible.iter().map(|s| s.params).max() else {
+        return err(format!(
+            "no width-pruned shape (each axis down to half) fits {frac} of the source's {} parameters; use a larger budget, explicit axes, or prefer = \"depth\"",
+            src.params
+        ));
+    };
+    let shrink = |s: &ModelShape| {
+        let r = [
+            f64::from(s.hidden_size) / f64::from(src.hidden_size),
+            f64::from(s.intermediate_size) / f64::from(src.intermediate_size),
+            f64::from(s.num_attention_heads) / f64::from(src.num_attention_heads),
+        ];
+        r.iter().cloned().fold(f64::MIN, f64::max) - r.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    feasible
+        .into_iter()
+        .filter(|s| s.params as f64 >= 0.99 * best as f64)
+        .min_by(|a, b| {
+            shrink(a)
+                .total_cmp(&shrink(b))
+                .then(b.params.cmp(&a.params))
+        })
+        .ok_or_else(|| PlanError("no feasible shape".into()))
+}
+
+/// The `k` highest-scoring indices (ties: lower index first), ascending.
+pub fn top_k(scores: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b)));
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
+}
+
+/// Chooses what stays to reach `target` from `src` given `scores`.
+pub fn plan(src: &ModelShape, scores: &Scores, target: &ModelShape) -> Result<KeepPlan, PlanError> {
+    let (l, h) = (src.num_layers as usize, src.hidden_size as usize);
+    let (nh, kv) = (
+        src.num_attention_heads as usize,
+        src.num_key_value_heads.max(1) as usize,
+    );
+    let ok = scores.neuron.len() == l
+        && scores.head.len() == l
+        && scores.depth.len() == l
+        && scores.channel.len() == h
+        && scores
+            .neuron
+            .iter()
+            .all(|n| n.len() == src.intermediate_size as usize)
+        && scores.head.iter().all(|x| x.len() == nh);
+    if !ok {
+        return err("the scores do not match the source model's shape (were they computed on another model?)");
+    }
+    let (th, ti, tnh, tl) = (
+        target.hidden_size as usize,
+        target.intermediate_size as usize,
+        target.num_attention_heads as usize,
+        target.num_layers as usize,
+    );
+    if th > h || ti > src.intermediate_size as usize || tnh > nh || tl > l || tnh % kv != 0 {
+        return err(format!(
+            "target shape {th}/{ti}/{tnh}/{tl} (hidden/intermediate/heads/layers) is not a pruning of {h}/{}/{nh}/{l} with {kv} KV groups",
+            src.intermediate_size
+        ));
+    }
+    let layers = top_k(&scores.depth, tl);
+    let per_group = nh / kv;
+    let keep_per_group = tnh / kv;
+    let heads = layers
+        .iter()
+        .map(|&li| {
+            (0..kv)
+                .flat_map(|g| {
+                    let group = &scores.head[li][g * per_group..(g + 1) * per_group];
+                    top_k(group, keep_per_group)
+                        .into_iter()
+                        .map(move |j| g * per_group + j)
+                })
+                .collect()
+        })
+        .collect();
+    Ok(KeepPlan {
+        neurons: layers
+            .iter()
+            .map(|&li| top_k(&scores.neuron[li], ti))
+            .collect(),
+        heads,
+        channels: top_k(&scores.channel, th),
+        layers,
+        shape: *target,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm() -> ModelShape {
+        let mut s = ModelShape {
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            num_layers: 30,
+            vocab_size: 49152,
+            tie_word_embeddings: true,
+            ..Default::default()
+        };
+        s.params = param_count(&s);
+        s
+    }
+
+    #[test]
+    fn top_k_keeps_the_highest_in_source_order_and_breaks_ties_by_index() {
+        assert_eq!(top_k(&[0.1, 5.0, 3.0, 5.0, 0.0], 3), vec![1, 2, 3]);
+        assert_eq!(top_k(&[1.0, 1.0, 1.0], 2), vec![0, 1]);
+        assert_eq!(top_k(&[f64::NAN, 1.0, 2.0], 2), vec![0, 2]);
+    }
+
+    #[test]
+    fn heads_are_ranked_within_their_kv_group_and_every_group_keeps_the_same_count() {
+        let src = ModelShape {
+            hidden_size: 8,
+            intermediate_size: 4,
+            num_attention_heads: 6,
+            num_key_value_heads: 2,
+            num_layers: 2,
+            vocab_size: 10,
+            ..Default::default()
+        };
+        // Group 0 = heads 0..3, group 1 = heads 3..6. Globally the three best heads are all in
+        // group 0, but each group must keep two.
+        let scores = Scores {
+            neuron: vec![vec![1.0, 0.0, 3.0, 2.0], vec![0.0, 1.0, 2.0, 3.0]],
+            head: vec![vec![9.0, 8.0, 7.0, 1.0, 3.0, 2.0]; 2],
+            channel: (0..8).map(f64::from).collect(),
+            depth: vec![0.5, 0.1],
+        };
+        let target = with(&src, 5, 2, 4, 1);
+        let p = plan(&src, &scores, &target).unwrap();
+        assert_eq!(p.layers, vec![0]);
+        assert_eq!(p.heads, vec![vec![0, 1, 4, 5]]);
+        assert_eq!(p.neurons, vec![vec![2, 3]]);
+        assert_eq!(p.channels, vec![3, 4, 5, 6, 7]);
+        // Heads that do not divide into the groups are refused.
+        assert!(plan(&src, &scores, &with(&src, 8, 4, 3, 2)).is_err());
+    }
+
+    #[test]
+    fn explicit_targets_fill_missing_axes_from_the_source() {
+        let src = smollm();
+        let s = choose_shape(
+            &src,
+            &Target {
+                hidden_size: Some(512),
+                num_layers: Some(26),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.hidden_size,
+                s.intermediate_size,
+                s.num_attention_heads,
+                s.num_layers
+            ),
+            (512, 1536, 9, 26)
+        );
+        assert_eq!(s.head_dim, 64);
+        let e = choose_shape(
+            &src,
+            &Target {
+                num_attention_heads: Some(8),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.0.contains("3 KV groups"), "{e}");
+    }
+
+    #[test]
+    fn a_parameter_budget_picks_the_largest_balanced_width_shape_within_it() {
+        let src = smollm();
+        let s = choose_shape(
+            &src,
+            &Target {
+                params: Some(0.7),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let budget = (0.7 * src.params as f64) as u64;
+        assert!(s.params <= budget, "{} > {budget}", s.params);
+        assert!(s.params as f64 > 0.68 * src.params as f64, "{}", s.params);
+        assert_eq!(s.num_layers, 30, "width is preferred");
+        assert_eq!(s.hidden_size % 32, 0);
+        assert_eq!(s.intermediate_size % 64, 0);
+        assert_eq!(s.num_attention_heads % 3, 0);
+        // Depth when asked: the most layers that fit, width untouched.
+        let d = choose_shape(
+            &src,
+            &Target {
+                params: Some(0.7),
+                prefer_depth: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((d.hidden_size, d.intermediate_size), (576, 1536));
+        assert!(d.params <= budget);
+        let one_more = with(&src, 576, 1536, 9, d.num_layers + 1);
+        assert!(one_more.params > budget);
+        // A budget no half-width model meets is refused with the way out.
+        let e = choose_shape(
+            &src,
+            &Target {
+                params: Some(0.1),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.0.contains("prefer = \"depth\""), "{e}");
+    }
+}

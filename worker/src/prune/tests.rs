@@ -1,0 +1,254 @@
+use candle_core::{DType, Device, Tensor};
+
+use super::apply::apply;
+use super::importance::{score, DepthScores, Importance};
+use super::plan::{plan, shape_of, top_k, KeepPlan};
+use super::*;
+use crate::model::max_abs_diff;
+use crate::model::test_model::{test_model, TestModelSpec};
+use crate::model::Llama;
+
+fn sequences(n: usize, t: usize, seed: u32) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            (0..t)
+                .map(|j| {
+                    ((i as u32 * 31 + j as u32 * 17 + seed * 7).wrapping_mul(2654435761u32) >> 7)
+                        % 256
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn model(spec: TestModelSpec) -> Llama {
+    test_model(&spec, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn set(m: &Llama, name: &str, f: impl Fn(&mut Vec<Vec<f32>>)) {
+    let vars = m.varmap.data().lock().unwrap();
+    let var = &vars[name];
+    let t = var.as_tensor();
+    let mut rows: Vec<Vec<f32>> = if t.rank() == 1 {
+        vec![t.to_vec1().unwrap()]
+    } else {
+        t.to_vec2().unwrap()
+    };
+    f(&mut rows);
+    let flat: Vec<f32> = rows.concat();
+    var.set(&Tensor::from_vec(flat, t.shape().clone(), &Device::Cpu).unwrap())
+        .unwrap();
+}
+
+fn scored(m: &Llama) -> Importance {
+    score(m, &sequences(6, 16, 1), 2, |_, _| true).unwrap()
+}
+
+fn ids() -> Tensor {
+    Tensor::new(sequences(2, 12, 9), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn pruning_to_the_source_shape_reproduces_its_logits_exactly() {
+    for tied in [false, true] {
+        let m = model(TestModelSpec {
+            tie_word_embeddings: tied,
+            seed: 4,
+            ..Default::default()
+        });
+        let src = shape_of(&m.config);
+        let s = scores(&scored(&m), &[]).unwrap();
+        let p = plan(&src, &s, &src).unwrap();
+        let pruned = apply(&m, &p).unwrap();
+        assert_eq!(pruned.config.hidden_size, m.config.hidden_size);
+        let d = max_abs_diff(
+            &m.forward(&ids()).unwrap(),
+            &pruned.forward(&ids()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(d, 0.0, "tied={tied}");
+    }
+}
+
+#[test]
+fn a_neuron_whose_weights_are_zero_scores_zero_and_goes_first() {
+    let m = model(TestModelSpec::default());
+    for w in ["gate_proj", "up_proj"] {
+        set(&m, &format!("model.layers.1.mlp.{w}.weight"), |r| {
+            r[37].iter_mut().for_each(|x| *x = 0.0)
+        });
+    }
+    let n = scored(&m).neuron_scores();
+    assert_eq!(n[1][37], 0.0);
+    assert!(n[1].iter().enumerate().all(|(i, v)| i == 37 || *v > 0.0));
+    let kept = top_k(&n[1], n[1].len() - 1);
+    assert!(!kept.contains(&37) && kept.len() == 255);
+}
+
+#[test]
+fn a_silent_head_goes_first_within_its_kv_group() {
+    // 4 heads in 2 KV groups of 2. Head 0 attends uniformly (zero query), so its output is the
+    // running mean of near-zero-mean values; head 1 (same group, same values) attends sharply.
+    // Group 1's heads are both made uniform, so globally the two weakest heads would be 2 and 3,
+    // yet each group must keep one.
+    let m = model(TestModelSpec {
+        seed: 7,
+        ..Default::default()
+    });
+    let hd = m.config.head_dim();
+    set(&m, "model.layers.0.self_attn.q_proj.weight", |r| {
+        for (i, row) in r.iter_mut().enumerate() {
+            let head = i / hd;
+            let s = if head == 1 { 40.0 } else { 0.0 };
+            row.iter_mut().for_each(|x| *x *= s);
+        }
+    });
+    let imp = score(&m, &sequences(6, 48, 3), 3, |_, _| true).unwrap();
+    let h = imp.head_scores();
+    assert!(h[0][0] < 0.7 * h[0][1], "{:?}", h[0]);
+    let src = shape_of(&m.config);
+    let s = scores(&imp, &[]).unwrap();
+    let mut target = src;
+    target.num_attention_heads = 2;
+    let p = plan(&src, &s, &target).unwrap();
+    assert!(
+        p.heads[0].contains(&1) && !p.heads[0].contains(&0),
+        "{:?}",
+        p.heads[0]
+    );
+    assert_eq!(p.heads[0].iter().filter(|h| **h >= 2).count(), 1);
+}
+
+#[test]
+fn an_identity_layer_has_zero_block_importance_and_is_removed_first() {
+    let m = model(TestModelSpec {
+        num_layers: 3,
+        ..Default::default()
+    });
+    for w in ["self_attn.o_proj", "mlp.down_proj"] {
+        set(&m, &format!("model.layers.1.{w}.weight"), |r| {
+            r.iter_mut().flatten().for_each(|x| *x = 0.0)
+        });
+    }
+    let imp = scored(&m);
+    let bi = imp.block_importance();
+    assert!(bi[1].abs() < 1e-6, "{bi:?}");
+    assert!(bi[0] > 1e-3 && bi[2] > 1e-3, "{bi:?}");
+    let src = shape_of(&m.config);
+    let mut target = src;
+    target.num_layers = 2;
+    let p = plan(&src, &scores(&imp, &[]).unwrap(), &target).unwrap();
+    assert_eq!(p.layers, vec![0, 2]);
+    // The pruned model computes exactly what the source computes with that layer skipped.
+    let pruned = apply(&m, &p).unwrap();
+    let skipped = m
+        .forward_with(
+            &ids(),
+            crate::model::llama::ForwardOptions {
+                skip_layers: &[1],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&skipped, &pruned.forward(&ids()).unwrap()).unwrap(),
+        0.0
+    );
+    // Perplexity depth scores agree: skipping the identity layer changes nothing.
+    let d = DepthScores::compute(&m, &sequences(4, 16, 2), 2, &[0, 1, 2], |_, _| true).unwrap();
+    assert!(
+        (d.ppl_skip[1] - d.ppl_full).abs() < 1e-4 * d.ppl_full,
+        "{d:?}"
+    );
+    // (On a random model skipping a real layer may help or hurt; the score is the increase.)
+    let s = scores(&imp, &[d.clone()]).unwrap();
+    for l in 0..3 {
+        assert_eq!(s.depth[l], d.ppl_skip[l] - d.ppl_full);
+    }
+    // Depth scores from several groups must cover every layer.
+    let partial = DepthScores {
+        layers: vec![0, 2],
+        ppl_skip: vec![1.0, 2.0],
+        ppl_full: 1.0,
+    };
+    assert!(scores(&imp, &[partial]).unwrap_err().contains("[1]"));
+}
+
+#[test]
+fn a_channel_scaled_up_by_the_norm_weights_ranks_highest() {
+    let m = model(TestModelSpec::default());
+    for l in 0..2 {
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            set(&m, &format!("model.layers.{l}.{n}.weight"), |r| {
+                r[0][13] *= 8.0
+            });
+        }
+    }
+    let c = scored(&m).channel_scores();
+    let best = top_k(&c, 1);
+    assert_eq!(best, vec![13], "{c:?}");
+}
+
+#[test]
+fn three_shards_merge_to_the_unsharded_scores() {
+    let m = model(TestModelSpec {
+        seed: 2,
+        ..Default::default()
+    });
+    let all = sequences(9, 16, 5);
+    let whole = score(&m, &all, 4, |_, _| true).unwrap();
+    let mut merged = Importance::new(&m.config);
+    let dir = tempfile::tempdir().unwrap();
+    for k in 0..3 {
+        let shard: Vec<Vec<u32>> = all.iter().skip(k).step_by(3).cloned().collect();
+        let part = score(&m, &shard, 2, |_, _| true).unwrap();
+        // Through the artifact format, as the tasks do.
+        let p = dir.path().join(format!("s{k}.safetensors"));
+        part.save(&p).unwrap();
+        merged.merge(&Importance::load(&p).unwrap()).unwrap();
+    }
+    assert_eq!(merged.sequences, 9);
+    let close = |a: &[Vec<f64>], b: &[Vec<f64>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .all(|(x, y)| (x - y).abs() <= 1e-5 * x.abs().max(y.abs()).max(1e-12))
+    };
+    assert!(close(&merged.neuron, &whole.neuron));
+    assert!(close(&merged.attn, &whole.attn));
+    assert!(close(&merged.attn_norm, &whole.attn_norm));
+    assert!(close(&merged.mlp_norm, &whole.mlp_norm));
+    assert!(close(&[merged.bi_sum.clone()], &[whole.bi_sum.clone()]));
+    assert_eq!(merged.bi_tokens, whole.bi_tokens);
+    // And the plans they lead to are the same.
+    let src = shape_of(&m.config);
+    let mut target = src;
+    target.hidden_size = 48;
+    target.intermediate_size = 128;
+    let a: KeepPlan = plan(&src, &scores(&merged, &[]).unwrap(), &target).unwrap();
+    let b = plan(&src, &scores(&whole, &[]).unwrap(), &target).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn combined_pruning_yields_a_model_of_the_target_shape_and_size() {
+    let m = model(TestModelSpec {
+        num_layers: 3,
+        tie_word_embeddings: true,
+        ..Default::default()
+    });
+    let src = shape_of(&m.config);
+    let mut target = src;
+    target.hidden_size = 48;
+    target.intermediate_size = 192;
+    target.num_attention_heads = 2;
+    target.num_layers = 2;
+    target.params = distillery_proto::shape::param_count(&target);
+    let p = plan(&src, &scores(&scored(&m), &[]).unwrap(), &target).unwrap();
+    let pruned = apply(&m, &p).unwrap();
+    assert_eq!(pruned.num_params() as u64, target.params);
+    assert_eq!(pruned.config.head_dim(), m.config.head_dim());
+    assert_eq!(pruned.config.num_kv_heads(), 2);
+    let logits = pruned.forward(&ids()).unwrap();
+    assert_eq!(logits.dims(), &[2, 12, m.config.vocab_size]);
+}
