@@ -144,7 +144,7 @@ pub fn choose_shape(src: &ModelShape, t: &Target) -> Result<ModelShape, PlanErro
                 ));
             }
         }
-        if s.num_attention_heads % kv != 0 {
+        if !s.num_attention_heads.is_multiple_of(kv) {
             return err(format!(
                 "target num_attention_heads {} must divide evenly into {kv} KV groups",
                 s.num_attention_heads
@@ -255,7 +255,12 @@ pub fn plan(src: &ModelShape, scores: &Scores, target: &ModelShape) -> Result<Ke
         target.num_attention_heads as usize,
         target.num_layers as usize,
     );
-    if th > h || ti > src.intermediate_size as usize || tnh > nh || tl > l || tnh % kv != 0 {
+    if th > h
+        || ti > src.intermediate_size as usize
+        || tnh > nh
+        || tl > l
+        || !tnh.is_multiple_of(kv)
+    {
         return err(format!(
             "target shape {th}/{ti}/{tnh}/{tl} (hidden/intermediate/heads/layers) is not a pruning of {h}/{}/{nh}/{l} with {kv} KV groups",
             src.intermediate_size

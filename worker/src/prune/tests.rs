@@ -161,7 +161,7 @@ fn an_identity_layer_has_zero_block_importance_and_is_removed_first() {
         "{d:?}"
     );
     // (On a random model skipping a real layer may help or hurt; the score is the increase.)
-    let s = scores(&imp, &[d.clone()]).unwrap();
+    let s = scores(&imp, std::slice::from_ref(&d)).unwrap();
     for l in 0..3 {
         assert_eq!(s.depth[l], d.ppl_skip[l] - d.ppl_full);
     }
@@ -218,7 +218,10 @@ fn three_shards_merge_to_the_unsharded_scores() {
     assert!(close(&merged.attn, &whole.attn));
     assert!(close(&merged.attn_norm, &whole.attn_norm));
     assert!(close(&merged.mlp_norm, &whole.mlp_norm));
-    assert!(close(&[merged.bi_sum.clone()], &[whole.bi_sum.clone()]));
+    assert!(close(
+        std::slice::from_ref(&merged.bi_sum),
+        std::slice::from_ref(&whole.bi_sum)
+    ));
     assert_eq!(merged.bi_tokens, whole.bi_tokens);
     // And the plans they lead to are the same.
     let src = shape_of(&m.config);
