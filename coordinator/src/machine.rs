@@ -1632,7 +1632,11 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
             index: r.index,
             state: r.state.as_str().into(),
             phase: r.phase.as_str().into(),
-            target: c.spec.rounds.get(r.index as usize).and_then(|s| s.target),
+            target: c
+                .spec
+                .rounds
+                .get(r.index as usize)
+                .and_then(|s| s.target.clone()),
             artifacts: r.artifacts.clone().into_iter().collect(),
             metrics: r.metrics.clone().into_iter().collect(),
             extensions: r.extensions,

@@ -125,6 +125,7 @@ struct RawTarget {
     num_attention_heads: Option<u32>,
     num_layers: Option<u32>,
     params: Option<f64>,
+    prefer: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -532,6 +533,20 @@ impl Validator<'_> {
                 "cannot be combined with explicit axes: give either a parameter budget or a shape",
             ));
         }
+        if let Some(p) = &t.prefer {
+            if t.params.is_none() {
+                return Err(SpecError::new(
+                    format!("{f}.target.prefer"),
+                    "only applies to a parameter budget (target.params)",
+                ));
+            }
+            if p != "width" && p != "depth" {
+                return Err(SpecError::new(
+                    format!("{f}.target.prefer"),
+                    format!("{p:?} must be \"width\" or \"depth\""),
+                ));
+            }
+        }
         if let Some(p) = t.params {
             if !(p.is_finite() && p > 0.0 && p <= 1.0) {
                 return Err(SpecError::new(
@@ -661,6 +676,7 @@ impl Validator<'_> {
                 num_attention_heads: t.num_attention_heads,
                 num_layers: t.num_layers,
                 params: t.params,
+                prefer: t.prefer.clone().unwrap_or_default(),
             }),
             depth_importance: r.depth_importance,
             distill: Some(pb::DistillSpec {

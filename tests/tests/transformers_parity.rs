@@ -142,3 +142,77 @@ fn logits_equal_transformers_for_loaded_and_saved_models() {
         }
     }
 }
+
+#[test]
+fn pruned_directories_load_in_transformers_with_our_logits() {
+    use distillery_worker::prune::{apply::apply, importance::score, plan, scores};
+    let Some(py) = python() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must provide the transformers environment (.ci/run creates .venv-parity)"
+        );
+        eprintln!("SKIPPED pruned_directories_load_in_transformers_with_our_logits: no Python with transformers");
+        return;
+    };
+    let ids: Vec<Vec<u32>> = vec![(0..12).map(|i| (i * 37 + 5) % 256).collect()];
+    let calib: Vec<Vec<u32>> = (0..6)
+        .map(|s| (0..16).map(|i| (i * 13 + s * 29 + 3) % 256).collect())
+        .collect();
+    // (tied, kv heads, hidden, intermediate, heads, layers) of the target; the source is 4 heads
+    // in 2 KV groups (or 4), 3 layers, hidden 64, intermediate 256.
+    let cases = [
+        ("width-only GQA tied", true, 2, (48, 160, 2, 3)),
+        ("depth-only untied", false, 4, (64, 256, 4, 2)),
+        ("combined GQA untied", false, 2, (40, 96, 2, 2)),
+        ("combined MHA tied", true, 4, (56, 128, 4, 1)),
+    ];
+    for (label, tied, kv, (h, i, nh, l)) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let spec = TestModelSpec {
+            tie_word_embeddings: tied,
+            num_kv_heads: kv,
+            num_layers: 3,
+            seed: 21,
+            ..Default::default()
+        };
+        write_test_model(&src, &spec).unwrap();
+        let m = load_dir(&src, DType::F32, &Device::Cpu).unwrap();
+        let imp = score(&m, &calib, 3, |_, _| true).unwrap();
+        let s = plan::shape_of(&m.config);
+        let target = plan::choose_shape(
+            &s,
+            &plan::Target {
+                hidden_size: Some(h),
+                intermediate_size: Some(i),
+                num_attention_heads: Some(nh),
+                num_layers: Some(l),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let keep = plan::plan(&s, &scores(&imp, &[]).unwrap(), &target).unwrap();
+        let pruned = apply(&m, &keep).unwrap();
+        let out = dir.path().join("pruned");
+        save_dir(&pruned, &out, Some(&src)).unwrap();
+        let back = load_dir(&out, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(back.num_params() as u64, target.params, "{label}");
+        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
+        let mine: Vec<f32> = back
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (theirs, shape) = hf_logits(&py, &out, &ids);
+        assert_eq!(shape, vec![1, 12, 260], "{label}");
+        let max = mine
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{label}: max |ours - transformers| = {max:e}");
+        assert!(max <= 1e-4, "{label}: max |ours - transformers| = {max}");
+    }
+}

@@ -179,6 +179,18 @@ const BAD: &[(&str, &str, &str, &str)] = &[
         "fraction",
     ),
     (
+        "target = { num_layers = 2 }",
+        "target = { params = 0.5, prefer = \"breadth\" }",
+        "rounds[1].target.prefer",
+        "\"width\" or \"depth\"",
+    ),
+    (
+        "target = { num_layers = 2 }",
+        "target = { num_layers = 2, prefer = \"depth\" }",
+        "rounds[1].target.prefer",
+        "parameter budget",
+    ),
+    (
         "distill = { tokens = 1000 }",
         "distill = { tokens = 1000, lr = 0.0 }",
         "rounds[1].distill.lr",

@@ -2,6 +2,9 @@
 //! [`KindRegistry`] dispatches an assignment to the runner registered for its kind; a worker only
 //! advertises (and so only receives) the kinds registered here.
 
+pub mod common;
+pub mod prune;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -41,8 +44,8 @@ impl TaskRunner for KindRegistry {
     }
 }
 
-/// The runners built into this worker. The ML task kinds (score, prune, distill, perplexity,
+/// The runners built into this worker. The remaining ML task kinds (distill, perplexity,
 /// generate, judge) register here as they land.
 pub fn builtin() -> KindRegistry {
-    KindRegistry::default()
+    KindRegistry::default().with(Arc::new(prune::PruneTasks))
 }
