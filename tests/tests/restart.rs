@@ -143,7 +143,7 @@ fn workers_register_again_when_the_coordinator_lost_its_state_and_real_workers_j
         .chain(["--metrics-listen", metrics.as_str()])
         .collect();
     let mut coord = CoordinatorProc::start(&fx.path().join("data"), &args);
-    // The production worker binary joins (it runs no task kinds yet) and so does a scripted one.
+    // The production worker binary joins and so does a scripted one.
     let real = WorkerProc::real(&coord.url(), &fx.path().join("real"), "cpu:2");
     let scripted = WorkerProc::scripted(&coord.url(), &fx.path().join("w"), &[]);
     assert!(
@@ -163,6 +163,10 @@ fn workers_register_again_when_the_coordinator_lost_its_state_and_real_workers_j
         scrape(&metrics)
     );
     assert!(scripted.wait_log("registering again", Duration::from_secs(1)));
+    // The campaign's teacher here is a config without weights, which only the scripted worker
+    // can "run"; the real one has shown it registers and leaves.
+    let mut real = real;
+    real.kill();
     let id = submit(
         &coord,
         &write_spec(fx.path(), "s.toml", &spec_toml(1, 1, "")),

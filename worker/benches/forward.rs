@@ -1,6 +1,7 @@
 //! Forward benchmark (not a test): tokens/s and GFLOP/s of our Llama for SmolLM2-135M's shape
 //! (hidden 576, 30 layers, 9 heads / 3 KV heads, intermediate 1536, vocab 49152, random
-//! weights, f32) against transformers + PyTorch on the same machine and threads, in one run.
+//! weights, f32) against transformers + PyTorch on the same machine and threads, in one run;
+//! and the Minitron scoring pass (forward + importance accumulation) against the plain forward.
 //!
 //! `cargo bench -p distillery-worker --bench forward` (env: BENCH_SEQ = 256, BENCH_REPS = 3, BENCH_ROUNDS = 3;
 //! the PyTorch side needs DISTILLERY_PYTHON or the `.venv-parity` that `.ci/run` creates).
@@ -10,6 +11,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use distillery_worker::model::{Llama, LlamaConfig};
+use distillery_worker::prune::importance::Importance;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
@@ -84,17 +86,29 @@ fn main() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         v["seconds"].as_f64()
     };
+    let score_round = || {
+        let start = Instant::now();
+        for _ in 0..reps {
+            let mut imp = Importance::new(&model.config);
+            imp.accumulate(&model, &x).expect("score");
+        }
+        start.elapsed().as_secs_f64() / reps as f64
+    };
     // Timings on this machine are noisy: both sides run in alternating rounds and each reports
     // its best round (the mean of `reps` forwards).
     let mut best_ours = f64::INFINITY;
     let mut best_torch = f64::INFINITY;
+    let mut best_score = f64::INFINITY;
     for _ in 0..rounds {
         best_ours = best_ours.min(ours_round());
+        best_score = best_score.min(score_round());
         if let Some(t) = py.as_ref().and_then(&torch_round) {
             best_torch = best_torch.min(t);
         }
     }
-    let report = |label: &str, secs: f64| {
+    // Scoring stops after the last layer: no final norm, no lm_head.
+    let score_flops_per_token = flops_per_token - 2.0 * v * h;
+    let report_with = |label: &str, secs: f64, flops_per_token: f64| {
         let tps = (batch * seq) as f64 / secs;
         println!(
             "  {label:<24}{tps:>7.0} tokens/s   {:>6.1} GFLOP/s   {secs:.3} s/forward",
@@ -102,12 +116,19 @@ fn main() {
         );
         tps
     };
+    let report = |label: &str, secs: f64| report_with(label, secs, flops_per_token);
     println!("machine: {threads} threads; SmolLM2-135M shape, batch {batch} x {seq} tokens, f32; best of {rounds} rounds of {reps}");
     let ours = report("distillery (candle)", best_ours);
     if best_torch.is_finite() {
         let theirs = report("PyTorch (transformers)", best_torch);
         println!("  ratio distillery / PyTorch: {:.2}x", ours / theirs);
-    } else {
+    }
+    let scoring = report_with("Minitron scoring pass", best_score, score_flops_per_token);
+    println!(
+        "  ratio scoring / plain forward: {:.2}x (activations of every layer reduced to importance sums)",
+        scoring / ours
+    );
+    if !best_torch.is_finite() {
         println!("  PyTorch baseline: skipped (no Python with torch; set DISTILLERY_PYTHON or run .ci/run)");
     }
 }

@@ -91,6 +91,9 @@ pub struct ForwardOptions<'a> {
     pub skip_layers: &'a [usize],
     /// Where to record activations, if anywhere.
     pub probe: Option<&'a mut Probe>,
+    /// Stop after the last layer and return its hidden state `[B, T, hidden]` instead of the
+    /// logits (scoring needs only the layers' activations).
+    pub hidden_only: bool,
 }
 
 /// Keys and values of the positions seen so far, per layer (`[B, KV, len, head_dim]`).
@@ -319,6 +322,9 @@ impl Llama {
         }
         if let Some(k) = cache {
             k.len += t;
+        }
+        if opts.hidden_only {
+            return Ok(h);
         }
         let h = norm(&h, &self.norm, c.rms_norm_eps, g)?;
         h.broadcast_matmul(&param(&self.lm_head, g).t()?)

@@ -75,6 +75,7 @@ impl Importance {
             batch,
             ForwardOptions {
                 probe: Some(&mut probe),
+                hidden_only: true,
                 ..Default::default()
             },
         )?;

@@ -1,0 +1,126 @@
+//! The Score and Prune phases end to end: the real `coordinator` and two `worker join`
+//! processes score a real tiny teacher in 3 calibration shards plus 2 skip-layer perplexity
+//! groups, then prune it; the pruned model is an artifact a client can fetch and load.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use distillery_tests::*;
+use distillery_worker::model::io::load_dir;
+use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
+
+const FAST: &[&str] = &[
+    "--lease-timeout-ms",
+    "5000",
+    "--heartbeat-interval-ms",
+    "300",
+    "--poll-timeout-ms",
+    "2000",
+    "--backoff-base-ms",
+    "100",
+];
+
+#[test]
+fn score_and_prune_phases_produce_the_pruned_model_through_real_workers() {
+    let fx = tempfile::tempdir().unwrap();
+    let teacher = fx.path().join("teacher");
+    let spec = TestModelSpec {
+        num_layers: 4,
+        seed: 5,
+        ..Default::default()
+    };
+    write_test_model(&teacher, &spec).unwrap();
+    let text: String = (0..40)
+        .map(|i| format!("{{\"text\": \"Document {i}: the quick brown fox jumps over the lazy dog, {} times.\"}}\n", i * 7))
+        .collect();
+    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
+        std::fs::write(fx.path().join(f), &text).unwrap();
+    }
+    let toml = format!(
+        "name = \"prune-e2e\"\nseed = 3\n[teacher]\nmodel = \"{}\"\n[data]\n\
+         calibration = {{ path = \"calib.jsonl\", samples = 12, seq_len = 32 }}\n\
+         train = [ {{ name = \"web\", path = \"web.jsonl\" }} ]\n\
+         validation = [ {{ name = \"web\", path = \"web-val.jsonl\" }} ]\n\
+         [scheduling]\nscore_shards = 3\ndepth_groups = 2\n\
+         [[rounds]]\ntarget = {{ hidden_size = 48, intermediate_size = 192, num_attention_heads = 2, num_layers = 3 }}\n\
+         depth_importance = \"perplexity\"\n\
+         distill = {{ tokens = 1000 }}\n",
+        teacher.display()
+    );
+    let spec_path = write_spec(fx.path(), "c.toml", &toml);
+    let coord = CoordinatorProc::start(&fx.path().join("data"), FAST);
+    let _w1 = WorkerProc::real(&coord.url(), &fx.path().join("w1"), "cpu");
+    let _w2 = WorkerProc::real(&coord.url(), &fx.path().join("w2"), "cpu");
+    let id = submit(&coord, &spec_path);
+
+    // This build has no distillation runner yet, so the campaign waits in Distill once the
+    // pruned model exists.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let round = loop {
+        let v = coord.status_json(Some(&id));
+        assert_ne!(v["state"], "failed", "campaign failed: {v}");
+        let r = v["rounds"][0].clone();
+        if r["artifacts"]["pruned"].is_string() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no pruned model yet: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(round["phase"], "distill", "{round}");
+    for k in [
+        "scores.0",
+        "scores.1",
+        "scores.2",
+        "depth_scores.0",
+        "depth_scores.1",
+        "scores",
+    ] {
+        assert!(round["artifacts"][k].is_string(), "no {k}: {round}");
+    }
+    let shape = &round["metrics"]["shape"];
+    assert_eq!(shape["hidden_size"], 48.0);
+    assert_eq!(shape["intermediate_size"], 192.0);
+    assert_eq!(shape["num_attention_heads"], 2.0);
+    assert_eq!(shape["num_layers"], 3.0);
+
+    // The pruned model, fetched like a user would, has that shape and that parameter count.
+    let out = fx.path().join("pruned");
+    let got = coord.cli(&[
+        "artifact",
+        "get",
+        round["artifacts"]["pruned"].as_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let m = load_dir(&out, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        (
+            m.config.hidden_size,
+            m.config.intermediate_size,
+            m.config.num_attention_heads,
+            m.config.num_hidden_layers,
+            m.config.head_dim()
+        ),
+        (48, 192, 2, 3, 16)
+    );
+    assert_eq!(round["params"], serde_json::json!(m.num_params() as u64));
+    assert!(out.join("tokenizer.json").is_file());
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("distillery_prune.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["calibration_sequences"], 12);
+    assert_eq!(record["kept"]["layers"].as_array().unwrap().len(), 3);
+    let x = Tensor::new(&[[72u32, 101, 108, 108, 111]], &Device::Cpu).unwrap();
+    let logits = m.forward(&x).unwrap();
+    assert_eq!(logits.dims(), &[1, 5, 260]);
+
+    let c = coord.cli(&["cancel", &id]);
+    assert!(c.status.success());
+    let v = wait_terminal(&coord, &id, Duration::from_secs(20));
+    assert_eq!(v["state"], "cancelled");
+}
