@@ -77,7 +77,7 @@ pub fn load_served(path: &Path, name: Option<String>) -> Result<ServedModel, Mod
         let tok = g.tokenizer.ok_or_else(|| {
             invalid(
                 path,
-                "its vocabulary is not byte-level BPE; convert it with a tokenizer.json first",
+                "its tokenizer could not be rebuilt from the GGUF metadata; convert it and add a tokenizer.json",
             )
         })?;
         (g.model, tok, g.chat_template, g.bos_token, g.eos_token)
