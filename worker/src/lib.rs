@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod collective;
 pub mod data;
 pub mod devices;
 pub mod model;

@@ -1,0 +1,350 @@
+//! A TCP ring for CPU ranks. Each rank connects to the next and accepts the previous one; an
+//! all-reduce splits each bucket into `world_size` chunks, reduce-scatters them around the ring
+//! (after `n - 1` steps rank r holds the full sum of one chunk) and all-gathers the sums. Every
+//! step sends and receives at once (a sender thread), so no rank blocks on a full socket.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::{Collective, CollectiveError};
+
+/// Floats per bucket: bounds the scratch memory, and lets a bucket's sum be used while later
+/// ones are in flight (in a later version).
+pub const BUCKET: usize = 1 << 20;
+
+/// One rank's links in the ring.
+pub struct Ring {
+    rank: usize,
+    n: usize,
+    next: Option<TcpStream>,
+    prev: Option<TcpStream>,
+    bucket: usize,
+}
+
+fn err(m: impl Into<String>) -> CollectiveError {
+    CollectiveError(m.into())
+}
+
+/// Binds this rank's listener on `ip` (port chosen by the system); its address goes to the
+/// other ranks through the rendezvous.
+pub fn bind(ip: IpAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::new(ip, 0))
+}
+
+impl Ring {
+    /// Connects rank `rank` of `addrs.len()` ranks: to `addrs[rank + 1]`, and accepts rank
+    /// `rank - 1` on `listener`. Fails after `timeout` if a peer does not show up. Once
+    /// connected, a peer silent for `io_timeout` fails the collective.
+    pub fn connect(
+        rank: usize,
+        listener: TcpListener,
+        addrs: &[SocketAddr],
+        timeout: Duration,
+        io_timeout: Duration,
+    ) -> Result<Ring, CollectiveError> {
+        let n = addrs.len();
+        if rank >= n {
+            return Err(err(format!("rank {rank} of {n}")));
+        }
+        if n == 1 {
+            return Ok(Ring {
+                rank,
+                n,
+                next: None,
+                prev: None,
+                bucket: BUCKET,
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        let target = addrs[(rank + 1) % n];
+        let want_prev = (rank + n - 1) % n;
+        let (next, prev) = std::thread::scope(|s| {
+            let connector = s.spawn(move || -> Result<TcpStream, CollectiveError> {
+                loop {
+                    match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                        Ok(mut st) => {
+                            st.write_all(&(rank as u32).to_le_bytes())?;
+                            return Ok(st);
+                        }
+                        Err(e) if Instant::now() < deadline => {
+                            let _ = e;
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(e) => {
+                            return Err(err(format!("rank {rank}: cannot reach {target}: {e}")))
+                        }
+                    }
+                }
+            });
+            listener.set_nonblocking(true)?;
+            let prev = loop {
+                match listener.accept() {
+                    Ok((mut st, _)) => {
+                        st.set_nonblocking(false)?;
+                        st.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        let mut b = [0u8; 4];
+                        st.read_exact(&mut b)?;
+                        let r = u32::from_le_bytes(b) as usize;
+                        if r != want_prev {
+                            return Err(err(format!(
+                                "rank {rank}: expected rank {want_prev} to connect, got rank {r}"
+                            )));
+                        }
+                        break st;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(err(format!(
+                                "rank {rank}: rank {want_prev} did not connect within {timeout:?}"
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let next = connector
+                .join()
+                .map_err(|_| err("connector thread panicked"))??;
+            Ok::<_, CollectiveError>((next, prev))
+        })?;
+        for st in [&next, &prev] {
+            st.set_nodelay(true)?;
+            st.set_read_timeout(Some(io_timeout))?;
+            st.set_write_timeout(Some(io_timeout))?;
+        }
+        Ok(Ring {
+            rank,
+            n,
+            next: Some(next),
+            prev: Some(prev),
+            bucket: BUCKET,
+        })
+    }
+
+    /// Sets the bucket size (floats).
+    pub fn with_bucket(mut self, floats: usize) -> Ring {
+        self.bucket = floats.max(1);
+        self
+    }
+
+    /// Sends `out` to the next rank while receiving `inp.len()` bytes from the previous one.
+    fn exchange(&mut self, out: &[u8], inp: &mut [u8]) -> Result<(), CollectiveError> {
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
+            return Err(err("ring not connected"));
+        };
+        std::thread::scope(|s| {
+            let sender = s.spawn(move || next.write_all(out));
+            let r = prev.read_exact(inp);
+            let w = sender.join().map_err(|_| err("sender thread panicked"))?;
+            w?;
+            r?;
+            Ok(())
+        })
+    }
+
+    fn reduce_bucket(&mut self, x: &mut [f32]) -> Result<(), CollectiveError> {
+        let n = self.n;
+        let bounds: Vec<usize> = (0..=n).map(|i| i * x.len() / n).collect();
+        let chunk = |i: usize| bounds[i]..bounds[i + 1];
+        let mut out = Vec::new();
+        let mut inp = Vec::new();
+        // Reduce-scatter: after step s, chunk (rank - s - 1) holds s + 2 ranks' contributions.
+        for s in 0..n - 1 {
+            let send = chunk((self.rank + n - s) % n);
+            let recv = chunk((self.rank + 2 * n - s - 1) % n);
+            to_bytes(&x[send], &mut out);
+            inp.resize(recv.len() * 4, 0);
+            self.exchange(&out, &mut inp)?;
+            for (v, b) in x[recv].iter_mut().zip(inp.chunks_exact(4)) {
+                *v += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        // All-gather: rank r owns the full sum of chunk r + 1; pass the sums around.
+        for s in 0..n - 1 {
+            let send = chunk((self.rank + 1 + n - s) % n);
+            let recv = chunk((self.rank + n - s) % n);
+            to_bytes(&x[send], &mut out);
+            inp.resize(recv.len() * 4, 0);
+            self.exchange(&out, &mut inp)?;
+            for (v, b) in x[recv].iter_mut().zip(inp.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_bytes(x: &[f32], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(x.len() * 4);
+    for v in x {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+impl Collective for Ring {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.n
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        if self.n == 1 {
+            return Ok(());
+        }
+        let b = self.bucket;
+        for bucket in buf.chunks_mut(b) {
+            self.reduce_bucket(bucket)?;
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
+        if self.n == 1 {
+            return Ok(());
+        }
+        let last = (root + self.n - 1) % self.n;
+        if self.rank != root {
+            let prev = self
+                .prev
+                .as_mut()
+                .ok_or_else(|| err("ring not connected"))?;
+            let mut len = [0u8; 8];
+            prev.read_exact(&mut len)?;
+            buf.resize(u64::from_le_bytes(len) as usize, 0);
+            prev.read_exact(buf)?;
+        }
+        if self.rank != last {
+            let next = self
+                .next
+                .as_mut()
+                .ok_or_else(|| err("ring not connected"))?;
+            next.write_all(&(buf.len() as u64).to_le_bytes())?;
+            next.write_all(buf)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// Runs `f` on `n` connected ranks in threads and returns their results in rank order.
+    pub(crate) fn gang<T: Send>(
+        n: usize,
+        bucket: usize,
+        f: impl Fn(&mut Ring) -> T + Sync,
+    ) -> Vec<T> {
+        let listeners: Vec<TcpListener> = (0..n)
+            .map(|_| bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(r, l)| {
+                    let addrs = addrs.clone();
+                    let f = &f;
+                    s.spawn(move || {
+                        let mut ring = Ring::connect(
+                            r,
+                            l,
+                            &addrs,
+                            Duration::from_secs(10),
+                            Duration::from_secs(10),
+                        )
+                        .unwrap()
+                        .with_bucket(bucket);
+                        f(&mut ring)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn the_ring_sum_equals_a_plain_sum_for_sizes_that_do_not_divide_evenly() {
+        for n in [2usize, 3, 4] {
+            for len in [0usize, 1, 2, 5, 7, 1000, 10_007] {
+                // Small buckets (many rounds) on the small sizes only: debug builds are slow.
+                let buckets: &[usize] = if len <= 100 {
+                    &[3, 1 << 20]
+                } else {
+                    &[1 << 20]
+                };
+                for &bucket in buckets {
+                    let input = |r: usize| -> Vec<f32> {
+                        (0..len)
+                            .map(|i| ((i * 7 + r * 13) % 97) as f32 - 40.0)
+                            .collect()
+                    };
+                    let inputs: Vec<Vec<f32>> = (0..n).map(input).collect();
+                    let want: Vec<f32> = (0..len)
+                        .map(|i| inputs.iter().map(|v| v[i]).sum())
+                        .collect();
+                    let got = gang(n, bucket, |ring| {
+                        let mut v = input(ring.rank());
+                        ring.all_reduce_sum(&mut v).unwrap();
+                        v
+                    });
+                    for (r, v) in got.iter().enumerate() {
+                        assert_eq!(v, &want, "n={n} len={len} bucket={bucket} rank={r}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_mean_and_barrier_reach_every_rank() {
+        let got = gang(3, 1 << 20, |ring| {
+            let mut b = if ring.rank() == 1 {
+                b"from rank one".to_vec()
+            } else {
+                Vec::new()
+            };
+            ring.broadcast(&mut b, 1).unwrap();
+            let mut m = vec![ring.rank() as f32; 5];
+            ring.all_reduce_mean(&mut m).unwrap();
+            ring.barrier().unwrap();
+            (b, m)
+        });
+        for (b, m) in got {
+            assert_eq!(b, b"from rank one");
+            assert_eq!(m, vec![1.0; 5]);
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_fails_the_collective_instead_of_hanging() {
+        let l0 = bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let l1 = bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addrs = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+        let a2 = addrs.clone();
+        let h = std::thread::spawn(move || {
+            // Rank 1 connects, then goes away.
+            let ring = Ring::connect(1, l1, &a2, Duration::from_secs(10), Duration::from_secs(10));
+            drop(ring);
+        });
+        let mut r0 = Ring::connect(
+            0,
+            l0,
+            &addrs,
+            Duration::from_secs(10),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        h.join().unwrap();
+        let mut v = vec![1.0f32; 1000];
+        assert!(r0.all_reduce_sum(&mut v).is_err());
+    }
+}
