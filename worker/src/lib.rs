@@ -7,6 +7,7 @@ pub mod cli;
 pub mod collective;
 pub mod data;
 pub mod devices;
+pub mod distill;
 pub mod model;
 pub mod prune;
 pub mod runner;
