@@ -53,8 +53,8 @@ fn score_and_prune_phases_produce_the_pruned_model_through_real_workers() {
     let _w2 = WorkerProc::real(&coord.url(), &fx.path().join("w2"), "cpu");
     let id = submit(&coord, &spec_path);
 
-    // This build has no distillation runner yet, so the campaign waits in Distill once the
-    // pruned model exists.
+    // The default evaluation needs perplexity tasks, which this build does not run yet, so the
+    // campaign goes on to Distill and then waits in Evaluate.
     let deadline = Instant::now() + Duration::from_secs(120);
     let round = loop {
         let v = coord.status_json(Some(&id));
@@ -66,7 +66,10 @@ fn score_and_prune_phases_produce_the_pruned_model_through_real_workers() {
         assert!(Instant::now() < deadline, "no pruned model yet: {v}");
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(round["phase"], "distill", "{round}");
+    assert!(
+        matches!(round["phase"].as_str(), Some("distill" | "evaluate")),
+        "{round}"
+    );
     for k in [
         "scores.0",
         "scores.1",

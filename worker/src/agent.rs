@@ -224,6 +224,7 @@ impl Shared {
                 cancel: cancel.clone(),
                 work_dir: work_dir.clone(),
                 cache_dir: me.cfg.work_dir.join("cache"),
+                coordinator_url: me.cfg.target.url.clone(),
             };
             let runner = me.runner.clone();
             let result = tokio::task::spawn_blocking(move || {

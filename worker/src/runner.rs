@@ -65,6 +65,7 @@ pub struct TaskContext {
     pub(crate) cancel: Arc<AtomicBool>,
     pub(crate) work_dir: PathBuf,
     pub(crate) cache_dir: PathBuf,
+    pub(crate) coordinator_url: String,
 }
 
 fn status_to_error(what: &str, s: &tonic::Status) -> TaskError {
@@ -80,6 +81,39 @@ impl TaskContext {
     /// The lease this run holds.
     pub fn lease(&self) -> &pb::LeaseRef {
         &self.lease
+    }
+
+    /// The IP address other ranks of a gang can reach this worker at: `DISTILLERY_ADVERTISE_IP`
+    /// when set, else the local address of the route to the coordinator.
+    pub fn advertise_ip(&self) -> std::net::IpAddr {
+        use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs, UdpSocket};
+        if let Some(ip) = std::env::var("DISTILLERY_ADVERTISE_IP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            return ip;
+        }
+        let hostport = self
+            .coordinator_url
+            .split("://")
+            .nth(1)
+            .unwrap_or_default()
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let route = || -> Option<IpAddr> {
+            let addr = hostport.to_socket_addrs().ok()?.next()?;
+            let s = UdpSocket::bind(if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            })
+            .ok()?;
+            s.connect(addr).ok()?;
+            Some(s.local_addr().ok()?.ip())
+        };
+        route().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
     }
 
     /// A scratch folder for this assignment.

@@ -3,6 +3,7 @@
 //! advertises (and so only receives) the kinds registered here.
 
 pub mod common;
+pub mod distill;
 pub mod prune;
 
 use std::collections::BTreeMap;
@@ -44,8 +45,10 @@ impl TaskRunner for KindRegistry {
     }
 }
 
-/// The runners built into this worker. The remaining ML task kinds (distill, perplexity,
-/// generate, judge) register here as they land.
+/// The runners built into this worker. The evaluation kinds (perplexity, generate, judge)
+/// register here as they land.
 pub fn builtin() -> KindRegistry {
-    KindRegistry::default().with(Arc::new(prune::PruneTasks))
+    KindRegistry::default()
+        .with(Arc::new(prune::PruneTasks))
+        .with(Arc::new(distill::DistillTask))
 }

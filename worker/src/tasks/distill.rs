@@ -1,0 +1,298 @@
+//! The `distill` gang task: every rank loads the teacher and the pruned student, meets the others
+//! at the coordinator's rendezvous to build the ring (or NCCL on GPUs), resumes from the last
+//! checkpoint when there is one, and trains. Rank 0 streams progress (step, tokens, loss, tokens/s,
+//! learning rate, domain weights), uploads a checkpoint every `checkpoint_every` steps, and
+//! uploads the student at the end. If any rank dies the coordinator re-leases the whole gang,
+//! which resumes from the last checkpoint.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use distillery_proto::v1 as pb;
+
+use super::common::{self, fatal, input, report};
+use crate::collective::{ring, Collective, CollectiveError, Solo};
+use crate::distill::data::Domain;
+use crate::distill::train::{DynamicBatchLoading, TrainConfig, TrainError, Trainer};
+use crate::model::io;
+use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
+
+/// Validation sequences per domain used for dynamic batch loading.
+const DBL_VALIDATION_SEQUENCES: usize = 16;
+/// Training sequences read per domain (the sampler cycles through them).
+const MAX_SEQUENCES_PER_DOMAIN: usize = 1 << 20;
+
+/// Runs `distill`.
+pub struct DistillTask;
+
+impl TaskRunner for DistillTask {
+    fn kinds(&self) -> Vec<String> {
+        vec!["distill".into()]
+    }
+
+    fn run(&self, task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+        distill(task, ctx)
+    }
+}
+
+fn train_err(e: TrainError, ctx: &TaskContext) -> TaskError {
+    if ctx.cancelled() {
+        return TaskError::cancelled();
+    }
+    match e {
+        // A peer died or the network broke: the gang restarts from its last checkpoint.
+        TrainError::Collective(c) => TaskError::retryable(c.to_string()),
+        other => fatal(other),
+    }
+}
+
+/// The ring of this gang: each rank publishes its listener's address at the rendezvous.
+fn connect_ring(
+    ctx: &TaskContext,
+    rank: usize,
+    world: usize,
+) -> Result<Box<dyn Collective>, TaskError> {
+    if world == 1 {
+        return Ok(Box::new(Solo));
+    }
+    let listener = ring::bind(ctx.advertise_ip())
+        .map_err(|e| TaskError::retryable(format!("ring listener: {e}")))?;
+    let me = listener
+        .local_addr()
+        .map_err(|e| TaskError::retryable(format!("ring listener: {e}")))?;
+    let payloads = ctx.rendezvous("ring", me.to_string().as_bytes())?;
+    let addrs: Vec<SocketAddr> = payloads
+        .iter()
+        .map(|p| {
+            String::from_utf8_lossy(p).parse().map_err(|_| {
+                fatal(format!(
+                    "rendezvous: {:?} is not an address",
+                    String::from_utf8_lossy(p)
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if addrs.len() != world {
+        return Err(fatal(format!(
+            "rendezvous returned {} addresses for {world} ranks",
+            addrs.len()
+        )));
+    }
+    let r = ring::Ring::connect(
+        rank,
+        listener,
+        &addrs,
+        Duration::from_secs(60),
+        Duration::from_secs(120),
+    )
+    .map_err(|e: CollectiveError| TaskError::retryable(e.to_string()))?;
+    Ok(Box::new(r))
+}
+
+fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+    let gang = task.gang.clone().unwrap_or(pb::GangInfo {
+        gang_id: String::new(),
+        rank: 0,
+        world_size: 1,
+    });
+    let (rank, world) = (gang.rank as usize, gang.world_size.max(1) as usize);
+    let spec = task
+        .spec
+        .as_ref()
+        .ok_or_else(|| fatal("the assignment carries no campaign spec"))?;
+    let round = spec
+        .rounds
+        .get(task.round as usize)
+        .ok_or_else(|| fatal(format!("the campaign spec has no round {}", task.round)))?;
+    let d = round.distill.unwrap_or_default();
+    let data = spec
+        .data
+        .as_ref()
+        .ok_or_else(|| fatal("the campaign spec has no [data]"))?;
+    let tokens: u64 = task
+        .params
+        .get("tokens")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(d.tokens);
+    let device = common::device(task)?;
+    let student_dir = common::model_dir(ctx, input(task, "pruned")?)?;
+    let teacher_dir = common::model_dir(ctx, input(task, "teacher")?)?;
+    let teacher = common::load_model(&teacher_dir, &device)?;
+    let student = common::load_model(&student_dir, &device)?;
+    let tok = common::load_tokenizer(&student_dir)?;
+    let eos = common::eos_id(&student);
+    let seq_len = d.seq_len.max(2) as usize;
+    let read = |path: &str, field: &str, max: usize| -> Result<Vec<Vec<u32>>, TaskError> {
+        crate::data::load_sequences(Path::new(path), &tok, eos, seq_len + 1, max)
+            .map_err(|e| fatal(format!("{field}: {e}")))
+    };
+    let mut domains = Vec::new();
+    let mut weights = Vec::new();
+    for (i, t) in data.train.iter().enumerate() {
+        domains.push(Domain {
+            name: t.name.clone(),
+            sequences: read(
+                &t.path,
+                &format!("data.train[{i}]"),
+                MAX_SEQUENCES_PER_DOMAIN,
+            )?,
+        });
+        weights.push(if t.weight > 0.0 { t.weight } else { 1.0 });
+    }
+    if domains.is_empty() {
+        return Err(fatal("data.train is empty"));
+    }
+    let (dynamic, validation) = match &data.dynamic_batch_loading {
+        None => (None, Vec::new()),
+        Some(dbl) => {
+            let mut refs = Vec::new();
+            let mut val = Vec::new();
+            for t in &data.train {
+                refs.push(*dbl.reference_loss.get(&t.name).ok_or_else(|| {
+                    fatal(format!(
+                        "data.dynamic_batch_loading has no reference loss for {:?}",
+                        t.name
+                    ))
+                })?);
+                let v = data
+                    .validation
+                    .iter()
+                    .find(|v| v.name == t.name)
+                    .ok_or_else(|| fatal(format!("no validation set for domain {:?}", t.name)))?;
+                val.push(read(&v.path, "data.validation", DBL_VALIDATION_SEQUENCES)?);
+            }
+            (
+                Some(DynamicBatchLoading {
+                    reference: refs,
+                    update_every: u64::from(dbl.update_every.max(1)),
+                }),
+                val,
+            )
+        }
+    };
+    let micro = d.micro_batch.max(1) as usize;
+    let global_batch = micro * world;
+    let total_steps = tokens.div_ceil((global_batch * seq_len) as u64).max(1);
+    let cfg = TrainConfig {
+        seq_len,
+        micro_batch: micro,
+        global_batch,
+        total_steps,
+        lr: d.lr,
+        warmup_steps: u64::from(d.warmup_steps),
+        temperature: if d.temperature > 0.0 {
+            d.temperature
+        } else {
+            1.0
+        },
+        ce_weight: d.ce_weight,
+        seed: spec.seed ^ u64::from(task.round).wrapping_mul(0x9E37_79B9),
+        max_grad_norm: 1.0,
+        weight_decay: 0.01,
+        dynamic,
+    };
+    let mut coll = connect_ring(ctx, rank, world)?;
+    let names: Vec<String> = domains.iter().map(|x| x.name.clone()).collect();
+    let mut trainer = Trainer::new(
+        student,
+        Some(&teacher),
+        cfg.clone(),
+        coll.as_mut(),
+        domains,
+        &weights,
+        validation,
+    );
+    let start_from = if task.resume_checkpoint.is_empty() {
+        task.inputs.get("init_checkpoint").cloned()
+    } else {
+        Some(task.resume_checkpoint.clone())
+    };
+    if let Some(ck) = &start_from {
+        let dir = ctx.fetch(ck)?;
+        trainer
+            .load_checkpoint(&dir)
+            .map_err(|e| train_err(e, ctx))?;
+        tracing::info!(
+            rank,
+            step = trainer.step,
+            "distill: resumed from checkpoint"
+        );
+    }
+    let resumed_from = trainer.step;
+    let every = u64::from(d.checkpoint_every.max(1));
+    let mut last_loss = f64::NAN;
+    let started = Instant::now();
+    let first_step = trainer.step;
+    while trainer.step < total_steps {
+        if ctx.cancelled() {
+            return Err(TaskError::cancelled());
+        }
+        let t0 = Instant::now();
+        let s = trainer.train_step().map_err(|e| train_err(e, ctx))?;
+        last_loss = s.loss;
+        tracing::info!(rank, step = s.step, loss = s.loss, "distill step");
+        if rank != 0 {
+            continue;
+        }
+        let tps = (global_batch * seq_len) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let mut metrics = vec![
+            ("step", s.step as f64),
+            ("total_steps", total_steps as f64),
+            ("tokens", s.tokens as f64),
+            ("loss", s.loss),
+            ("kl", s.kl),
+            ("lr", s.lr),
+            ("grad_norm", s.grad_norm),
+            ("tokens_per_s", tps),
+        ];
+        let weight_keys: Vec<String> = names.iter().map(|n| format!("weight.{n}")).collect();
+        for (k, w) in weight_keys.iter().zip(&trainer.data.weights) {
+            metrics.push((k.as_str(), *w));
+        }
+        let msg = format!(
+            "distill step {}/{total_steps} loss {:.4} lr {:.2e} {tps:.0} tok/s",
+            s.step, s.loss, s.lr
+        );
+        let checkpoint = if s.step.is_multiple_of(every) && s.step < total_steps {
+            let dir = ctx.work_dir().join(format!("checkpoint-{}", s.step));
+            trainer
+                .save_checkpoint(&dir, Some(&student_dir))
+                .map_err(|e| train_err(e, ctx))?;
+            let digest = ctx.upload_dir(&dir)?;
+            let _ = std::fs::remove_dir_all(&dir);
+            tracing::info!(step = s.step, %digest, "distill: checkpoint uploaded");
+            Some(digest)
+        } else {
+            None
+        };
+        let m: BTreeMap<String, f64> = metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        if checkpoint.is_some() {
+            ctx.progress(m, checkpoint.as_deref(), &msg)?;
+        } else if !report(ctx, &metrics, &msg) {
+            return Err(TaskError::cancelled());
+        }
+    }
+    let mut out = TaskOutput::default();
+    if rank == 0 {
+        let dir = ctx.work_dir().join("student");
+        let _ = std::fs::remove_dir_all(&dir);
+        io::save_dir(&trainer.student, &dir, Some(&student_dir)).map_err(fatal)?;
+        out.outputs.insert("student".into(), ctx.upload_dir(&dir)?);
+        let secs = started.elapsed().as_secs_f64();
+        out.metrics = BTreeMap::from([
+            ("distill.steps".into(), trainer.step as f64),
+            ("distill.tokens".into(), trainer.tokens as f64),
+            ("distill.final_loss".into(), last_loss),
+            ("distill.world_size".into(), world as f64),
+            ("distill.resumed_from_step".into(), resumed_from as f64),
+            (
+                "distill.tokens_per_s".into(),
+                ((trainer.step - first_step) as f64 * (global_batch * seq_len) as f64)
+                    / secs.max(1e-9),
+            ),
+        ]);
+    }
+    Ok(out)
+}
