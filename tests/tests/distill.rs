@@ -34,7 +34,13 @@ fn spec(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
         let text: String = (0..200)
             .map(|i| format!("{{\"text\": \"Line {i}: a small model learns from a larger one, step by step, token by token.\"}}\n"))
             .collect();
-        for f in ["calib.jsonl", "web.jsonl", "code.jsonl", "web-val.jsonl", "code-val.jsonl"] {
+        for f in [
+            "calib.jsonl",
+            "web.jsonl",
+            "code.jsonl",
+            "web-val.jsonl",
+            "code-val.jsonl",
+        ] {
             std::fs::write(dir.join(f), &text).unwrap();
         }
     }
@@ -76,7 +82,11 @@ fn a_gang_survives_sigkill_of_a_rank_and_ends_bit_identical_to_an_uninterrupted_
         }
         let v = coord.status_json(Some(&id));
         assert_eq!(v["state"], "running", "{v}");
-        assert!(Instant::now() < deadline, "no checkpoint: {v}\n{}", w1.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint: {v}\n{}",
+            w1.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Kill the rank that is not uploading checkpoints if we can tell, else either.
@@ -96,13 +106,18 @@ fn a_gang_survives_sigkill_of_a_rank_and_ends_bit_identical_to_an_uninterrupted_
     let resumed = d["resumed_from_step"].as_f64().unwrap();
     assert!(resumed >= 4.0 && resumed < 64.0, "resumed from {resumed}");
     let interrupted = student_of(&v);
-    eprintln!("interrupted run resumed from step {resumed}; student {interrupted}; distill metrics {d}");
+    eprintln!(
+        "interrupted run resumed from step {resumed}; student {interrupted}; distill metrics {d}"
+    );
 
     // The same campaign again, uninterrupted, on whichever workers are alive.
     let id2 = submit(&coord, &spec(fx.path(), "straight"));
     let v2 = wait_terminal(&coord, &id2, Duration::from_secs(240));
     assert_eq!(v2["state"], "succeeded", "{v2}");
-    assert_eq!(v2["rounds"][0]["metrics"]["distill"]["resumed_from_step"], 0.0);
+    assert_eq!(
+        v2["rounds"][0]["metrics"]["distill"]["resumed_from_step"],
+        0.0
+    );
     assert_eq!(
         student_of(&v2),
         interrupted,

@@ -62,6 +62,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// GPU checks (builds with the cuda feature): NCCL all-reduce, a distillation step, throughput.
+    GpuCheck {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+    },
     /// Join a coordinator and run tasks until stopped.
     Join {
         #[arg(long, env = "DISTILLERY_ADDR")]
@@ -135,6 +140,7 @@ pub fn main() -> i32 {
                 }
             }
         }
+        Command::GpuCheck { device } => crate::gpu_check::run(&device),
         Command::Convert { input, out } => {
             written("convert", &out, crate::model::io::convert(&input, &out))
         }

@@ -8,6 +8,7 @@ pub mod collective;
 pub mod data;
 pub mod devices;
 pub mod distill;
+pub mod gpu_check;
 pub mod model;
 pub mod prune;
 pub mod runner;

@@ -1,8 +1,10 @@
 //! Collectives for data-parallel training: all-reduce of flat f32 buffers, broadcast, barrier.
 //! [`Solo`] is one rank; [`ring::Ring`] is a TCP ring for CPU ranks (reduce-scatter then
-//! all-gather, bucketed). Rank 0's peers learn each other's addresses through the coordinator's
+//! all-gather, bucketed); `nccl::Nccl` (feature `cuda`) is NCCL for GPU ranks. Rank 0's peers learn each other's addresses through the coordinator's
 //! rendezvous (see `tasks/distill.rs`).
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 
 /// Why a collective failed (a peer died or the network broke): the gang must restart.
@@ -17,7 +19,7 @@ impl From<std::io::Error> for CollectiveError {
 }
 
 /// What every rank of a gang calls in the same order.
-pub trait Collective: Send {
+pub trait Collective {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Every rank ends with the element-wise sum over ranks.

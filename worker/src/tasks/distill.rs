@@ -48,15 +48,34 @@ fn train_err(e: TrainError, ctx: &TaskContext) -> TaskError {
     }
 }
 
-/// The ring of this gang: each rank publishes its listener's address at the rendezvous.
-fn connect_ring(
+/// The gang's collective: NCCL on GPUs (rank 0's unique id shared at the rendezvous), else a TCP
+/// ring (each rank publishes its listener's address at the rendezvous).
+fn connect_collective(
     ctx: &TaskContext,
+    device: &candle_core::Device,
     rank: usize,
     world: usize,
 ) -> Result<Box<dyn Collective>, TaskError> {
     if world == 1 {
         return Ok(Box::new(Solo));
     }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use crate::collective::nccl;
+        let mine = if rank == 0 {
+            nccl::new_id().map_err(|e| fatal(e))?
+        } else {
+            Vec::new()
+        };
+        let ids = ctx.rendezvous("nccl", &mine)?;
+        let id = ids
+            .first()
+            .ok_or_else(|| fatal("rendezvous returned no NCCL id"))?;
+        let c = nccl::Nccl::connect(device, rank, world, id)
+            .map_err(|e| TaskError::retryable(e.to_string()))?;
+        return Ok(Box::new(c));
+    }
+    let _ = device;
     let listener = ring::bind(ctx.advertise_ip())
         .map_err(|e| TaskError::retryable(format!("ring listener: {e}")))?;
     let me = listener
@@ -193,7 +212,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         weight_decay: 0.01,
         dynamic,
     };
-    let mut coll = connect_ring(ctx, rank, world)?;
+    let mut coll = connect_collective(ctx, &device, rank, world)?;
     let names: Vec<String> = domains.iter().map(|x| x.name.clone()).collect();
     let mut trainer = Trainer::new(
         student,
