@@ -104,7 +104,7 @@ fn a_gang_survives_sigkill_of_a_rank_and_ends_bit_identical_to_an_uninterrupted_
     assert_eq!(d["tokens"], 8192.0);
     assert!(d["final_loss"].as_f64().unwrap().is_finite());
     let resumed = d["resumed_from_step"].as_f64().unwrap();
-    assert!(resumed >= 4.0 && resumed < 64.0, "resumed from {resumed}");
+    assert!((4.0..64.0).contains(&resumed), "resumed from {resumed}");
     let interrupted = student_of(&v);
     eprintln!(
         "interrupted run resumed from step {resumed}; student {interrupted}; distill metrics {d}"
