@@ -129,8 +129,11 @@ impl Ring {
         self
     }
 
-    /// Sends `out` to the next rank while receiving `inp.len()` bytes from the previous one.
-    fn exchange(&mut self, out: &[u8], inp: &mut [u8]) -> Result<(), CollectiveError> {
+    /// Sends `out` to the next rank while receiving `inp.len()` floats from the previous one
+    /// (native byte order: every rank of a gang runs this same build).
+    fn exchange(&mut self, out: &[f32], inp: &mut [f32]) -> Result<(), CollectiveError> {
+        let out: &[u8] = bytemuck::cast_slice(out);
+        let inp: &mut [u8] = bytemuck::cast_slice_mut(inp);
         let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
             return Err(err("ring not connected"));
         };
@@ -148,39 +151,29 @@ impl Ring {
         let n = self.n;
         let bounds: Vec<usize> = (0..=n).map(|i| i * x.len() / n).collect();
         let chunk = |i: usize| bounds[i]..bounds[i + 1];
-        let mut out = Vec::new();
-        let mut inp = Vec::new();
+        let mut out: Vec<f32> = Vec::new();
+        let mut inp: Vec<f32> = Vec::new();
         // Reduce-scatter: after step s, chunk (rank - s - 1) holds s + 2 ranks' contributions.
         for s in 0..n - 1 {
             let send = chunk((self.rank + n - s) % n);
             let recv = chunk((self.rank + 2 * n - s - 1) % n);
-            to_bytes(&x[send], &mut out);
-            inp.resize(recv.len() * 4, 0);
+            out.clear();
+            out.extend_from_slice(&x[send]);
+            inp.resize(recv.len(), 0.0);
             self.exchange(&out, &mut inp)?;
-            for (v, b) in x[recv].iter_mut().zip(inp.chunks_exact(4)) {
-                *v += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            for (v, r) in x[recv].iter_mut().zip(&inp) {
+                *v += r;
             }
         }
         // All-gather: rank r owns the full sum of chunk r + 1; pass the sums around.
         for s in 0..n - 1 {
             let send = chunk((self.rank + 1 + n - s) % n);
             let recv = chunk((self.rank + n - s) % n);
-            to_bytes(&x[send], &mut out);
-            inp.resize(recv.len() * 4, 0);
-            self.exchange(&out, &mut inp)?;
-            for (v, b) in x[recv].iter_mut().zip(inp.chunks_exact(4)) {
-                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
+            out.clear();
+            out.extend_from_slice(&x[send]);
+            self.exchange(&out, &mut x[recv])?;
         }
         Ok(())
-    }
-}
-
-fn to_bytes(x: &[f32], out: &mut Vec<u8>) {
-    out.clear();
-    out.reserve(x.len() * 4);
-    for v in x {
-        out.extend_from_slice(&v.to_le_bytes());
     }
 }
 
