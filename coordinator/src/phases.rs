@@ -355,17 +355,8 @@ pub fn merge_metrics(into: &mut BTreeMap<String, f64>, from: &BTreeMap<String, f
     }
 }
 
-/// Derived judge figures from summed counts.
+/// Derived judge figures from summed counts (win rate, bootstrap interval, position
+/// consistency, mean lengths of winners and losers).
 pub fn finish_judge_metrics(m: &mut BTreeMap<String, f64>) {
-    let (w, t, l) = (
-        m.get("judge.wins").copied(),
-        m.get("judge.ties").copied(),
-        m.get("judge.losses").copied(),
-    );
-    if let (Some(w), Some(t), Some(l)) = (w, t, l) {
-        let n = w + t + l;
-        if n > 0.0 && !m.contains_key("judge.win_rate") {
-            m.insert("judge.win_rate".into(), (w + t / 2.0) / n);
-        }
-    }
+    distillery_proto::judge_stats::derive(m);
 }

@@ -13,4 +13,5 @@ pub use v1::*;
 
 pub mod artifact;
 pub mod client;
+pub mod judge_stats;
 pub mod shape;

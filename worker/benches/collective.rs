@@ -13,7 +13,10 @@ use distillery_worker::collective::ring::{bind, Ring};
 use distillery_worker::collective::Collective;
 
 fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn loopback_copy(bytes: usize, reps: usize) -> f64 {
@@ -56,8 +59,14 @@ fn ring(n: usize, floats: usize, reps: usize) -> f64 {
             .map(|(r, l)| {
                 let addrs = addrs.clone();
                 s.spawn(move || {
-                    let mut ring = Ring::connect(r, l, &addrs, Duration::from_secs(10), Duration::from_secs(60))
-                        .expect("ring");
+                    let mut ring = Ring::connect(
+                        r,
+                        l,
+                        &addrs,
+                        Duration::from_secs(10),
+                        Duration::from_secs(60),
+                    )
+                    .expect("ring");
                     let mut buf = vec![r as f32; floats];
                     ring.barrier().expect("barrier");
                     let mut best = f64::INFINITY;
@@ -84,9 +93,14 @@ fn main() {
     let copy_gbs = bytes as f64 / copy / 1e9;
     println!(
         "machine: {} threads; buffer {mib} MiB f32; best of {reps}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     );
-    println!("  loopback copy (one stream)     {copy_gbs:>6.2} GB/s   {:.3} s", copy);
+    println!(
+        "  loopback copy (one stream)     {copy_gbs:>6.2} GB/s   {:.3} s",
+        copy
+    );
     for n in [2usize, 4] {
         let t = ring(n, bytes / 4, reps);
         let algo = bytes as f64 / t / 1e9;

@@ -17,7 +17,10 @@ use distillery_worker::model::{Llama, LlamaConfig};
 use distillery_worker::prune::plan::{choose_shape, shape_of, Target};
 
 fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn main() {
@@ -25,7 +28,9 @@ fn main() {
     let reps = env_usize("BENCH_REPS", 2);
     let rounds = env_usize("BENCH_ROUNDS", 2);
     let batch = 1;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let teacher_json = serde_json::json!({
         "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
         "head_dim": 64, "num_hidden_layers": 30, "vocab_size": 49152, "rms_norm_eps": 1e-5,
@@ -62,7 +67,11 @@ fn main() {
     let domains = vec![Domain {
         name: "synthetic".into(),
         sequences: (0..64u32)
-            .map(|i| (0..=seq as u32).map(|j| (i * 7919 + j * 104_729) % 49152).collect())
+            .map(|i| {
+                (0..=seq as u32)
+                    .map(|j| (i * 7919 + j * 104_729) % 49152)
+                    .collect()
+            })
             .collect(),
     }];
     let cfg = TrainConfig {
@@ -80,12 +89,23 @@ fn main() {
         dynamic: None,
     };
     let mut solo = Solo;
-    let mut t = Trainer::new(student, Some(&teacher), cfg, &mut solo, domains, &[1.0], vec![]);
+    let mut t = Trainer::new(
+        student,
+        Some(&teacher),
+        cfg,
+        &mut solo,
+        domains,
+        &[1.0],
+        vec![],
+    );
     t.train_step().expect("warm-up step");
-    let py = std::env::var("DISTILLERY_PYTHON").map(PathBuf::from).ok().or_else(|| {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-parity/bin/python");
-        p.exists().then_some(p)
-    });
+    let py = std::env::var("DISTILLERY_PYTHON")
+        .map(PathBuf::from)
+        .ok()
+        .or_else(|| {
+            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-parity/bin/python");
+            p.exists().then_some(p)
+        });
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/bench_distill.py");
     let mut best_ours = f64::INFINITY;
     for _ in 0..rounds {
@@ -104,7 +124,10 @@ fn main() {
             .output()
             .ok()?;
         if !out.status.success() {
-            println!("  PyTorch baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+            println!(
+                "  PyTorch baseline failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             return None;
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;

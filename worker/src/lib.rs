@@ -9,6 +9,7 @@ pub mod data;
 pub mod devices;
 pub mod distill;
 pub mod gpu_check;
+pub mod judge;
 pub mod model;
 pub mod prune;
 pub mod runner;

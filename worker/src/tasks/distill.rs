@@ -274,7 +274,8 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
             "distill step {}/{total_steps} loss {:.4} lr {:.2e} {tps:.0} tok/s",
             s.step, s.loss, s.lr
         );
-        let checkpoint = if s.step.is_multiple_of(every) && s.step < total_steps {
+        // The last step checkpoints too, so a gate extension continues from the end.
+        let checkpoint = if s.step.is_multiple_of(every) || s.step == total_steps {
             let dir = ctx.work_dir().join(format!("checkpoint-{}", s.step));
             trainer
                 .save_checkpoint(&dir, Some(&student_dir))
