@@ -1,5 +1,5 @@
 //! Distillation benchmark (not a test): tokens/s of one KD step (teacher forward, student forward
-//! + backward, all-reduce, clipping, AdamW) with SmolLM2-135M's shape as the teacher and the 70%
+//! and backward, all-reduce, clipping, AdamW) with SmolLM2-135M's shape as the teacher and the 70%
 //! student the parameter-budget search picks, random weights, f32, against PyTorch doing the same
 //! step (tests/python/bench_distill.py) on the same machine and threads, in one run.
 //!

@@ -32,6 +32,8 @@ pub struct ServedModel {
     pub bos_token: String,
     pub eos_token: String,
     next_id: AtomicU64,
+    /// Chat completion requests received (`/metrics`).
+    requests: AtomicU64,
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> ModelIoError {
@@ -90,6 +92,7 @@ pub fn load_served(path: &Path, name: Option<String>) -> Result<ServedModel, Mod
         bos_token: bos.unwrap_or_default(),
         eos_token: eos.unwrap_or_default(),
         next_id: AtomicU64::new(1),
+        requests: AtomicU64::new(0),
     })
 }
 
@@ -153,6 +156,7 @@ pub fn router(model: Arc<ServedModel>) -> Router {
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -175,7 +179,17 @@ async fn models(State(m): State<Arc<ServedModel>>) -> Response {
     Json(json!({"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "distillery"}]})).into_response()
 }
 
+/// Prometheus text: how many chat completions this server has been asked for.
+async fn metrics(State(m): State<Arc<ServedModel>>) -> Response {
+    format!(
+        "# TYPE distillery_serve_chat_requests_total counter\ndistillery_serve_chat_requests_total {}\n",
+        m.requests.load(Ordering::SeqCst)
+    )
+    .into_response()
+}
+
 async fn chat(State(m): State<Arc<ServedModel>>, body: Bytes) -> Response {
+    m.requests.fetch_add(1, Ordering::SeqCst);
     let req: ChatRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {

@@ -240,6 +240,9 @@ pub struct Job {
     pub user: String,
 }
 
+/// A slot name, the first answer and the second (pairwise).
+type Side<'a> = (&'a str, &'a [String], Option<&'a [String]>);
+
 /// The prompts of an evaluation: per question, both orders (pairwise) or both answers (graded).
 pub fn jobs(
     mode: Mode,
@@ -259,7 +262,7 @@ pub fn jobs(
             .answers
             .get(&id)
             .ok_or_else(|| format!("the baseline has no answer to question {id}"))?;
-        let pairs: Vec<(&str, &[String], Option<&[String]>)> = match mode {
+        let pairs: Vec<Side<'_>> = match mode {
             Mode::Pairwise => vec![
                 ("student_first", s, Some(b)),
                 ("baseline_first", b, Some(s)),
@@ -288,6 +291,16 @@ fn verdict_of(mode: Mode, raw: &str, prompt: &str) -> Option<Verdict> {
     }
 }
 
+/// How [`judge_all`] runs.
+pub struct JudgeOptions<'a> {
+    /// The template's name (part of the cache key).
+    pub template: &'a str,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Extra asks for a verdict that did not parse.
+    pub retries: u32,
+}
+
 /// Judges every job: cached judgments are reused (the judge is not asked), the rest go to the
 /// backend from `concurrency` threads; an unparseable answer is asked again up to `retries`
 /// times, then recorded as unparsed. `progress(done, total, asked)` after each judgment.
@@ -296,11 +309,10 @@ pub fn judge_all(
     jobs: &[Job],
     backend: &dyn Backend,
     cache: &Cache,
-    template_name: &str,
-    concurrency: usize,
-    retries: u32,
+    opts: &JudgeOptions<'_>,
     progress: &(dyn Fn(usize, usize, usize) + Sync),
 ) -> Result<Vec<Judgment>, String> {
+    let (template_name, concurrency, retries) = (opts.template, opts.concurrency, opts.retries);
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let asked = AtomicUsize::new(0);

@@ -80,7 +80,12 @@ fn run(mode: Mode, b: &dyn Backend, cache: &Cache) -> Vec<Judgment> {
     )
     .unwrap();
     let name = template(mode).unwrap().name;
-    judge_all(mode, &jobs, b, cache, &name, 3, 2, &|_, _, _| {}).unwrap()
+    let opts = JudgeOptions {
+        template: &name,
+        concurrency: 3,
+        retries: 2,
+    };
+    judge_all(mode, &jobs, b, cache, &opts, &|_, _, _| {}).unwrap()
 }
 
 #[test]
@@ -228,4 +233,94 @@ fn questions_load_from_mt_bench_jsonl_and_bad_lines_are_named() {
     assert_eq!(q[1].reference.as_deref(), Some(&["d".to_string()][..]));
     std::fs::write(&p, "{\"question_id\": 1, \"turns\": []}\n").unwrap();
     assert!(load_questions(&p).unwrap_err().contains("question.jsonl:1"));
+}
+
+#[test]
+fn the_bundled_question_set_loads() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/questions.jsonl");
+    let q = load_questions(&p).unwrap();
+    assert_eq!(q.len(), 8);
+    assert!(q.iter().any(|q| q.turns.len() == 2));
+    assert!(q.iter().filter(|q| q.reference.is_some()).count() >= 3);
+}
+
+/// An OpenAI-compatible server that always prefers the first position, and answers the very first
+/// request with 429 (the backend must retry).
+fn position_biased_server() -> (String, std::sync::Arc<AtomicUsize>) {
+    use axum::routing::post;
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move |body: axum::Json<serde_json::Value>| {
+            let c = c.clone();
+            async move {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                assert_eq!(body["messages"][0]["role"], "system");
+                if n == 0 {
+                    return (axum::http::StatusCode::TOO_MANY_REQUESTS, "slow down")
+                        .into_response();
+                }
+                axum::Json(
+                    serde_json::json!({"choices": [{"message": {"role": "assistant",
+                    "content": "The first answer is better.\n[[A]]"}}]}),
+                )
+                .into_response()
+            }
+        }),
+    );
+    use axum::response::IntoResponse;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(l.local_addr().unwrap()).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    let addr = rx.recv().unwrap();
+    (format!("http://{addr}/v1"), count)
+}
+
+#[test]
+fn over_http_a_position_biased_judge_gives_all_ties_and_zero_consistency() {
+    let (url, count) = position_biased_server();
+    let mut b =
+        super::backend::OpenAi::new(&url, "judge", 64, std::time::Duration::from_secs(10)).unwrap();
+    b.backoff = std::time::Duration::from_millis(10);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let js = run(Mode::Pairwise, &b, &cache);
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        6 + 1,
+        "6 prompts plus the refused first try"
+    );
+    let m = metrics(Mode::Pairwise, &js, &answers("s", "S"), &answers("t", "T"));
+    let mut s: BTreeMap<String, f64> = m
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("sum.").map(|k| (k.to_string(), *v)))
+        .collect();
+    derive(&mut s);
+    assert_eq!(
+        (s["judge.wins"], s["judge.ties"], s["judge.losses"]),
+        (0.0, 3.0, 0.0)
+    );
+    assert_eq!(s["judge.position_consistency"], 0.0);
+    // A server that refuses outright is an error, not a verdict.
+    let bad = super::backend::OpenAi::new(
+        "http://127.0.0.1:9/v1",
+        "judge",
+        8,
+        std::time::Duration::from_secs(2),
+    )
+    .unwrap();
+    let mut bad = bad;
+    bad.max_retries = 1;
+    bad.backoff = std::time::Duration::from_millis(1);
+    assert!(bad.chat("s", "u").is_err());
 }

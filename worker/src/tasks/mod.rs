@@ -4,6 +4,7 @@
 
 pub mod common;
 pub mod distill;
+pub mod eval;
 pub mod prune;
 
 use std::collections::BTreeMap;
@@ -45,10 +46,10 @@ impl TaskRunner for KindRegistry {
     }
 }
 
-/// The runners built into this worker. The evaluation kinds (perplexity, generate, judge)
-/// register here as they land.
+/// The runners built into this worker: every task kind a campaign needs.
 pub fn builtin() -> KindRegistry {
     KindRegistry::default()
         .with(Arc::new(prune::PruneTasks))
         .with(Arc::new(distill::DistillTask))
+        .with(Arc::new(eval::EvalTasks))
 }

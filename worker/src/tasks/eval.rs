@@ -1,0 +1,298 @@
+//! The Evaluate and Judge phases: `perplexity` (per validation domain, student or teacher),
+//! `generate` (answers to the campaign's questions with the model's chat template, greedy,
+//! bounded tokens, multi-turn) and `judge` (a shard of the questions put to the judge).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use distillery_proto::v1 as pb;
+
+use super::common::{self, fatal, input, param_usize, report};
+use crate::judge::backend::{Backend, Local, OpenAi};
+use crate::judge::{self, Answers, Cache, Mode};
+use crate::model::generate::{generate, SamplingParams};
+use crate::model::perplexity::perplexity;
+use crate::model::tokenizer::{self, Message};
+use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
+
+/// Tokens scored per validation domain.
+const MAX_EVAL_TOKENS: usize = 1 << 15;
+/// Judge requests in flight at once (per judge task).
+const JUDGE_CONCURRENCY: usize = 4;
+/// Extra asks for a verdict that did not parse.
+const JUDGE_RETRIES: u32 = 2;
+
+/// Runs `perplexity`, `generate` and `judge`.
+pub struct EvalTasks;
+
+impl TaskRunner for EvalTasks {
+    fn kinds(&self) -> Vec<String> {
+        vec!["perplexity".into(), "generate".into(), "judge".into()]
+    }
+
+    fn run(&self, task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+        match task.kind.as_str() {
+            "perplexity" => perplexity_task(task, ctx),
+            "generate" => generate_task(task, ctx),
+            "judge" => judge_task(task, ctx),
+            k => Err(fatal(format!("EvalTasks cannot run {k:?}"))),
+        }
+    }
+}
+
+/// The model a role names: the teacher, or the round's distilled student.
+fn role_model(task: &pb::TaskAssignment) -> Result<(&str, &str), TaskError> {
+    let role = task
+        .params
+        .get("role")
+        .map(String::as_str)
+        .unwrap_or("student");
+    let name = if role == "teacher" {
+        "teacher"
+    } else {
+        "student"
+    };
+    Ok((role, input(task, name)?))
+}
+
+fn perplexity_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+    let (role, model_ref) = role_model(task)?;
+    let device = common::device(task)?;
+    let dir = common::model_dir(ctx, model_ref)?;
+    let model = common::load_model(&dir, &device)?;
+    let tok = common::load_tokenizer(&dir)?;
+    let eos = common::eos_id(&model);
+    let data = task
+        .spec
+        .as_ref()
+        .and_then(|s| s.data.as_ref())
+        .ok_or_else(|| fatal("the campaign spec has no [data]"))?;
+    let window = model.config.max_position_embeddings.clamp(2, 512);
+    let mut metrics = BTreeMap::new();
+    let (mut nll, mut tokens, mut bytes) = (0.0, 0usize, 0usize);
+    for (i, v) in data.validation.iter().enumerate() {
+        let docs = crate::data::read_documents(Path::new(&v.path))
+            .map_err(|e| fatal(format!("data.validation[{i}]: {e}")))?;
+        let mut ids = Vec::new();
+        let mut b = 0;
+        for d in &docs {
+            if ids.len() >= MAX_EVAL_TOKENS {
+                break;
+            }
+            ids.extend(tokenizer::encode(&tok, d, false).map_err(fatal)?);
+            ids.extend(eos);
+            b += d.len() + 1;
+        }
+        if ids.len() < 2 {
+            return Err(fatal(format!(
+                "data.validation[{i}] ({}) has no text to score",
+                v.path
+            )));
+        }
+        let p = perplexity(&model, &ids, b, window, window / 2).map_err(fatal)?;
+        metrics.insert(format!("domain_perplexity.{}", v.name), p.perplexity());
+        metrics.insert(
+            format!("domain_bits_per_byte.{}", v.name),
+            p.bits_per_byte(),
+        );
+        nll += p.nll_sum;
+        tokens += p.tokens;
+        bytes += p.bytes;
+        if !report(
+            ctx,
+            &[("perplexity.domains_done", (i + 1) as f64)],
+            &format!(
+                "{role} perplexity: {}/{} domains",
+                i + 1,
+                data.validation.len()
+            ),
+        ) {
+            return Err(TaskError::cancelled());
+        }
+    }
+    metrics.insert("perplexity".into(), (nll / tokens.max(1) as f64).exp());
+    metrics.insert(
+        "bits_per_byte".into(),
+        nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
+    );
+    Ok(TaskOutput {
+        outputs: BTreeMap::new(),
+        metrics,
+    })
+}
+
+fn judge_spec(task: &pb::TaskAssignment) -> Result<pb::JudgeSpec, TaskError> {
+    task.spec
+        .as_ref()
+        .and_then(|s| s.evaluation.as_ref())
+        .and_then(|e| e.judge.clone())
+        .ok_or_else(|| fatal("the campaign spec has no [evaluation.judge]"))
+}
+
+fn generate_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+    let (role, model_ref) = role_model(task)?;
+    let j = judge_spec(task)?;
+    let questions = judge::load_questions(Path::new(&j.questions)).map_err(fatal)?;
+    let dir = common::model_dir(ctx, model_ref)?;
+    let served = crate::serve::load_served(&dir, Some(role.to_string())).map_err(fatal)?;
+    let eos = served.tokenizer.token_to_id(&served.eos_token);
+    let params = SamplingParams {
+        max_tokens: j.max_tokens.max(1) as usize,
+        stop: eos.into_iter().collect(),
+        ..Default::default()
+    };
+    let mut answers = Answers {
+        model: role.to_string(),
+        ..Default::default()
+    };
+    for (qi, q) in questions.iter().enumerate() {
+        let mut msgs: Vec<Message> = Vec::new();
+        let mut outs = Vec::new();
+        for turn in &q.turns {
+            msgs.push(Message {
+                role: "user".into(),
+                content: turn.clone(),
+            });
+            let prompt = tokenizer::render_chat(
+                &served.chat_template,
+                &msgs,
+                true,
+                &served.bos_token,
+                &served.eos_token,
+            )
+            .map_err(fatal)?;
+            let ids = tokenizer::encode(&served.tokenizer, &prompt, false).map_err(fatal)?;
+            let g = generate(&served.model, &ids, &params).map_err(fatal)?;
+            let text = tokenizer::decode(&served.tokenizer, &g.tokens, true).map_err(fatal)?;
+            msgs.push(Message {
+                role: "assistant".into(),
+                content: text.clone(),
+            });
+            outs.push(text);
+        }
+        answers.answers.insert(q.id(), outs);
+        if !report(
+            ctx,
+            &[
+                ("generate.questions", (qi + 1) as f64),
+                ("generate.total", questions.len() as f64),
+            ],
+            &format!("{role} answers: {}/{}", qi + 1, questions.len()),
+        ) {
+            return Err(TaskError::cancelled());
+        }
+    }
+    let path = ctx.work_dir().join("answers.json");
+    answers.save(&path).map_err(fatal)?;
+    Ok(TaskOutput {
+        outputs: BTreeMap::from([("answers".into(), ctx.upload_file(&path)?)]),
+        metrics: BTreeMap::new(),
+    })
+}
+
+/// The judge a spec names.
+pub fn backend_for(j: &pb::JudgeSpec, ctx: &TaskContext) -> Result<Box<dyn Backend>, TaskError> {
+    match j.backend.as_str() {
+        "openai" => Ok(Box::new(
+            OpenAi::new(
+                &j.base_url,
+                &j.model,
+                j.max_tokens.max(1),
+                Duration::from_secs(300),
+            )
+            .map_err(fatal)?,
+        )),
+        "local" => {
+            let dir = common::model_dir(ctx, &format!("path:{}", j.model))?;
+            let served = crate::serve::load_served(&dir, None).map_err(fatal)?;
+            Ok(Box::new(Local {
+                served,
+                max_tokens: j.max_tokens.max(1),
+            }))
+        }
+        other => Err(fatal(format!(
+            "judge backend {other:?} is not openai or local"
+        ))),
+    }
+}
+
+fn judge_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+    let j = judge_spec(task)?;
+    let mode = Mode::parse(
+        task.params
+            .get("mode")
+            .map(String::as_str)
+            .unwrap_or(&j.mode),
+    )
+    .map_err(fatal)?;
+    let (shard, shards) = (
+        param_usize(task, "shard")?,
+        param_usize(task, "shards")?.max(1),
+    );
+    let questions: Vec<judge::Question> = judge::load_questions(Path::new(&j.questions))
+        .map_err(fatal)?
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % shards == shard)
+        .map(|(_, q)| q)
+        .collect();
+    let student = Answers::load(&ctx.fetch(input(task, "answers")?)?).map_err(fatal)?;
+    let baseline = Answers::load(&ctx.fetch(input(task, "baseline_answers")?)?).map_err(fatal)?;
+    let jobs = judge::jobs(mode, &questions, &student, &baseline).map_err(fatal)?;
+    let backend = backend_for(&j, ctx)?;
+    // The cache lives beside the task folders, so every task of this worker shares it.
+    let cache_dir = ctx
+        .work_dir()
+        .parent()
+        .unwrap_or(ctx.work_dir())
+        .join("judge-cache");
+    let cache = Cache::open(&cache_dir).map_err(fatal)?;
+    let template = judge::template(mode).map_err(fatal)?;
+    let progress = |done: usize, total: usize, asked: usize| {
+        let _ = report(
+            ctx,
+            &[
+                ("judge.done", done as f64),
+                ("judge.total", total as f64),
+                ("judge.asked", asked as f64),
+            ],
+            &format!(
+                "judging shard {}/{shards}: {done}/{total} ({asked} asked)",
+                shard + 1
+            ),
+        );
+    };
+    let judgments = judge::judge_all(
+        mode,
+        &jobs,
+        backend.as_ref(),
+        &cache,
+        &judge::JudgeOptions {
+            template: &template.name,
+            concurrency: JUDGE_CONCURRENCY,
+            retries: JUDGE_RETRIES,
+        },
+        &progress,
+    )
+    .map_err(|e| {
+        if ctx.cancelled() {
+            TaskError::cancelled()
+        } else {
+            TaskError::retryable(e)
+        }
+    })?;
+    let path = ctx.work_dir().join("judgments.jsonl");
+    let mut text = String::new();
+    for jd in &judgments {
+        text.push_str(&serde_json::to_string(jd).map_err(fatal)?);
+        text.push('\n');
+    }
+    std::fs::write(&path, text)
+        .map_err(|e| TaskError::retryable(format!("{}: {e}", path.display())))?;
+    let metrics = judge::stats::metrics(mode, &judgments, &student, &baseline);
+    Ok(TaskOutput {
+        outputs: BTreeMap::from([("judgments".into(), ctx.upload_file(&path)?)]),
+        metrics,
+    })
+}
