@@ -141,10 +141,20 @@ pub fn calibration(
     .map_err(|e| fatal(format!("data.calibration: {e}")))
 }
 
+/// Progress metrics as reported: under `progress.`, so the latest progress the coordinator keeps
+/// in a round's metrics never overwrites a result (`perplexity`, `judge.*`, ...).
+pub fn progress_metrics(metrics: &[(&str, f64)]) -> BTreeMap<String, f64> {
+    metrics
+        .iter()
+        .map(|(k, v)| (format!("progress.{k}"), *v))
+        .collect()
+}
+
 /// Reports progress, mapping a lost lease to cancellation; returns whether to go on.
 pub fn report(ctx: &TaskContext, metrics: &[(&str, f64)], message: &str) -> bool {
-    let m: BTreeMap<String, f64> = metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-    ctx.progress(m, None, message).is_ok() && !ctx.cancelled()
+    ctx.progress(progress_metrics(metrics), None, message)
+        .is_ok()
+        && !ctx.cancelled()
 }
 
 /// Inputs named `name` or `name.N`, in N order.

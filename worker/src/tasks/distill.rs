@@ -257,16 +257,19 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         }
         let tps = (global_batch * seq_len) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let mut metrics = vec![
-            ("step", s.step as f64),
-            ("total_steps", total_steps as f64),
-            ("tokens", s.tokens as f64),
-            ("loss", s.loss),
-            ("kl", s.kl),
-            ("lr", s.lr),
-            ("grad_norm", s.grad_norm),
-            ("tokens_per_s", tps),
+            ("distill.step", s.step as f64),
+            ("distill.total_steps", total_steps as f64),
+            ("distill.tokens", s.tokens as f64),
+            ("distill.loss", s.loss),
+            ("distill.kl", s.kl),
+            ("distill.lr", s.lr),
+            ("distill.grad_norm", s.grad_norm),
+            ("distill.tokens_per_s", tps),
         ];
-        let weight_keys: Vec<String> = names.iter().map(|n| format!("weight.{n}")).collect();
+        let weight_keys: Vec<String> = names
+            .iter()
+            .map(|n| format!("distill.weight.{n}"))
+            .collect();
         for (k, w) in weight_keys.iter().zip(&trainer.data.weights) {
             metrics.push((k.as_str(), *w));
         }
@@ -287,7 +290,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         } else {
             None
         };
-        let m: BTreeMap<String, f64> = metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let m = common::progress_metrics(&metrics);
         if checkpoint.is_some() {
             ctx.progress(m, checkpoint.as_deref(), &msg)?;
         } else if !report(ctx, &metrics, &msg) {

@@ -1,0 +1,192 @@
+//! Evaluation end to end: a whole campaign round (score, prune, distill, evaluate, judge, gate)
+//! through the real coordinator and `worker join`, judged by the project's own `worker serve` on
+//! loopback as an OpenAI-compatible judge. The same campaign again asks the judge nothing new
+//! (counted at the server's /metrics).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use distillery_tests::*;
+use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
+
+const FAST: &[&str] = &[
+    "--lease-timeout-ms",
+    "5000",
+    "--heartbeat-interval-ms",
+    "300",
+    "--poll-timeout-ms",
+    "2000",
+    "--backoff-base-ms",
+    "100",
+];
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn judge_requests(addr: &str) -> u64 {
+    let text = http_get(addr, "/metrics").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("distillery_serve_chat_requests_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no request counter in {text:?}"))
+}
+
+#[test]
+fn a_full_round_is_judged_over_http_and_a_repeat_asks_the_judge_nothing() {
+    let fx = tempfile::tempdir().unwrap();
+    let d = fx.path();
+    let teacher = d.join("teacher");
+    write_test_model(
+        &teacher,
+        &TestModelSpec {
+            num_layers: 2,
+            seed: 12,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let judge_dir = d.join("judge");
+    write_test_model(
+        &judge_dir,
+        &TestModelSpec {
+            seed: 99,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let text: String = (0..60)
+        .map(|i| format!("{{\"text\": \"Note {i}: rain falls on the hills and the river runs to the sea.\"}}\n"))
+        .collect();
+    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
+        std::fs::write(d.join(f), &text).unwrap();
+    }
+    std::fs::write(
+        d.join("questions.jsonl"),
+        "{\"question_id\": 1, \"category\": \"writing\", \"turns\": [\"Say hi.\", \"Say bye.\"]}\n\
+         {\"question_id\": 2, \"category\": \"math\", \"turns\": [\"2+2?\"], \"reference\": [\"4\"]}\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _judge = Server(
+        Command::new(bin("worker"))
+            .args([
+                "serve",
+                "--model",
+                judge_dir.to_str().unwrap(),
+                "--listen",
+                &addr,
+                "--name",
+                "judge",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("worker serve"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(&addr, "/v1/models").is_none() {
+        assert!(Instant::now() < deadline, "worker serve did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let spec = |name: &str| {
+        let toml = format!(
+            "name = \"{name}\"\nseed = 5\n[teacher]\nmodel = \"{}\"\n[data]\n\
+             calibration = {{ path = \"calib.jsonl\", samples = 4, seq_len = 32 }}\n\
+             train = [ {{ name = \"web\", path = \"web.jsonl\" }} ]\n\
+             validation = [ {{ name = \"web\", path = \"web-val.jsonl\" }} ]\n\
+             [[rounds]]\ntarget = {{ hidden_size = 48, intermediate_size = 192 }}\n\
+             distill = {{ tokens = 512, seq_len = 32, micro_batch = 2, world_size = 1, lr = 0.003, checkpoint_every = 4 }}\n\
+             [evaluation]\nperplexity = true\n\
+             judge = {{ backend = \"openai\", base_url = \"http://{addr}/v1\", model = \"judge\", mode = \"pairwise\", questions = \"questions.jsonl\", baseline = \"teacher\", max_tokens = 12 }}\n\
+             [gate]\nmax_perplexity_ratio = 1000.0\n",
+            teacher.display()
+        );
+        write_spec(d, &format!("{name}.toml"), &toml)
+    };
+    let coord = CoordinatorProc::start(&d.join("data"), FAST);
+    let _w = WorkerProc::real(&coord.url(), &d.join("w1"), "cpu");
+
+    let id = submit(&coord, &spec("first"));
+    let v = wait_terminal(&coord, &id, Duration::from_secs(300));
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let r = &v["rounds"][0];
+    let m = &r["metrics"];
+    assert!(m["perplexity"].as_f64().unwrap() > 1.0, "{m}");
+    assert!(m["teacher_perplexity"].as_f64().unwrap() > 1.0, "{m}");
+    let j = &m["judge"];
+    let counted: f64 = ["wins", "ties", "losses", "unparsed"]
+        .iter()
+        .map(|k| j[*k].as_f64().unwrap_or(0.0))
+        .sum();
+    assert_eq!(counted, 2.0, "every question is accounted for: {j}");
+    assert!(r["artifacts"]["judgments"].is_string(), "{r}");
+    assert!(r["artifacts"]["answers"].is_string(), "{r}");
+    let asked = judge_requests(&addr);
+    // Two questions, both orders, at most 1 + 2 retries each.
+    assert!((4..=12).contains(&asked), "asked {asked}");
+
+    // The judgments artifact holds every prompt, raw output and verdict.
+    let out = d.join("judgments");
+    let got = coord.cli(&[
+        "artifact",
+        "get",
+        r["artifacts"]["judgments"].as_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let file = if out.is_dir() {
+        std::fs::read_dir(&out)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+    } else {
+        out.clone()
+    };
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert!(lines
+        .iter()
+        .all(|l| l["user"].is_string() && l["raw"].is_string() && !l["verdict"].is_null()));
+
+    // The same campaign again: same student, same answers, same prompts: the judge is not asked.
+    let id2 = submit(&coord, &spec("second"));
+    let v2 = wait_terminal(&coord, &id2, Duration::from_secs(300));
+    assert_eq!(v2["state"], "succeeded", "{v2}");
+    assert_eq!(
+        judge_requests(&addr),
+        asked,
+        "the repeated evaluation asked the judge again"
+    );
+    assert_eq!(
+        v2["rounds"][0]["metrics"]["judge"],
+        v["rounds"][0]["metrics"]["judge"]
+    );
+}
