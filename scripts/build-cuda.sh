@@ -49,4 +49,7 @@ export LIBRARY_PATH=$H/lib64:$H/lib64/stubs
 cd "$ROOT"
 export CARGO_TARGET_DIR=$ROOT/target/cuda   # keeps the CPU build in target/ untouched
 cargo build --release -p distillery-worker --features cuda --bin worker
-echo "built $ROOT/target/cuda/release/worker with the cuda feature (sm_${CUDA_COMPUTE_CAP})"
+# A stripped, compressed copy small enough to carry to a GPU machine (gpu-check.sh takes it as is).
+strip --strip-all -o "$CARGO_TARGET_DIR/release/worker.carry" "$CARGO_TARGET_DIR/release/worker"
+gzip -9 -f "$CARGO_TARGET_DIR/release/worker.carry"
+echo "built $ROOT/target/cuda/release/worker with the cuda feature (sm_${CUDA_COMPUTE_CAP}); to carry: $CARGO_TARGET_DIR/release/worker.carry.gz ($(du -h "$CARGO_TARGET_DIR/release/worker.carry.gz" | cut -f1))"

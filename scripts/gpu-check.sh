@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the GPU checks where a GPU is present: NCCL all-reduce = CPU sum, a distillation step on
 # the GPU = the same step on the CPU, and distillation throughput (SmolLM2-135M shape).
-# Usage: scripts/gpu-check.sh [WORKER_BINARY] [cuda:N]  (binary from scripts/build-cuda.sh).
+# Usage: scripts/gpu-check.sh [WORKER_BINARY[.gz]] [cuda:N]  (from scripts/build-cuda.sh).
 # Without a GPU it says so and exits 0 (skipped).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,6 +10,9 @@ DEV=${2:-cuda:0}
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "SKIPPED gpu-check: no GPU here (nvidia-smi finds none)"
   exit 0
+fi
+if [[ "$BIN" == *.gz ]]; then
+  gunzip -c "$BIN" > /tmp/distillery-worker && chmod +x /tmp/distillery-worker && BIN=/tmp/distillery-worker
 fi
 # CUDA runtime libraries: from the CUDA_HOME the build made, or from the machine's Python
 # (PyTorch's nvidia-* wheels), or the system's.
