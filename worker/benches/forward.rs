@@ -20,7 +20,11 @@ fn env_usize(k: &str, d: usize) -> usize {
         .unwrap_or(d)
 }
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    distillery_worker::tune_allocator();
     let seq = env_usize("BENCH_SEQ", 256);
     let reps = env_usize("BENCH_REPS", 3);
     let rounds = env_usize("BENCH_ROUNDS", 3);
