@@ -16,7 +16,6 @@ pub mod runner;
 pub mod serve;
 pub mod tasks;
 
-
 /// mimalloc's `mi_option_purge_delay` (see mimalloc.h).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
