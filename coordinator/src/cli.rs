@@ -94,6 +94,21 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Everything on this machine: writes a corpus, trains a small teacher, starts an embedded
+    /// coordinator with in-process workers, runs the two-round example campaign, prints a report.
+    Demo {
+        /// In-process workers (each offers one CPU slot).
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Where the data, the teacher, the coordinator's state and the student go.
+        #[arg(long, default_value = "./distillery-demo")]
+        dir: PathBuf,
+        /// Teacher training budget in seconds (and steps).
+        #[arg(long, default_value_t = 60)]
+        teacher_seconds: u64,
+        #[arg(long, default_value_t = 600)]
+        teacher_steps: u64,
+    },
     /// Fetch artifacts.
     Artifact {
         #[command(subcommand)]
@@ -241,6 +256,20 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Artifact {
             command: ArtifactCommand::Get { what, out, client },
         } => artifact_get(&client, &what, &out).await,
+        Command::Demo {
+            workers,
+            dir,
+            teacher_seconds,
+            teacher_steps,
+        } => {
+            crate::demo::run(crate::demo::DemoArgs {
+                workers,
+                dir,
+                teacher_seconds,
+                teacher_steps,
+            })
+            .await
+        }
     }
 }
 
@@ -660,27 +689,43 @@ async fn artifact_get(client: &ClientOpts, what: &str, out: &Path) -> Result<i32
             parse_digest(&student).map_err(|e| CliError::other(e.to_string()))?
         }
     };
+    println!("{}", fetch_artifact(&mut c, &digest, out).await?);
+    Ok(0)
+}
+
+/// Downloads an artifact (`sha256:<hex>` or the hex) into `out`: a directory artifact becomes
+/// its files, a file artifact a file named by its digest. Returns a one-line summary.
+pub async fn fetch_artifact(
+    c: &mut CampaignClient,
+    reference: &str,
+    out: &Path,
+) -> Result<String, CliError> {
+    let digest = parse_digest(reference).map_err(|e| CliError::input(e.to_string()))?;
     std::fs::create_dir_all(out)
         .map_err(|e| CliError::input(format!("--out {}: {e}", out.display())))?;
     let blob = out.join(format!(".{digest}.download"));
-    download(&mut c, &digest, &blob).await?;
+    download(c, &digest, &blob).await?;
     let bytes =
         std::fs::read(&blob).map_err(|e| CliError::other(format!("{}: {e}", blob.display())))?;
     if let Some(m) = DirManifest::parse(&bytes) {
         for f in &m.files {
             let dest =
                 artifact::safe_join(out, &f.path).map_err(|e| CliError::other(e.to_string()))?;
-            download(&mut c, &f.digest, &dest).await?;
+            download(c, &f.digest, &dest).await?;
         }
         let _ = std::fs::remove_file(&blob);
-        println!("{} ({} files) -> {}", digest, m.files.len(), out.display());
+        Ok(format!(
+            "{} ({} files) -> {}",
+            digest,
+            m.files.len(),
+            out.display()
+        ))
     } else {
         let dest = out.join(&digest);
         std::fs::rename(&blob, &dest)
             .map_err(|e| CliError::other(format!("{}: {e}", dest.display())))?;
-        println!("{} -> {}", digest, dest.display());
+        Ok(format!("{} -> {}", digest, dest.display()))
     }
-    Ok(0)
 }
 
 async fn download(c: &mut CampaignClient, digest: &str, dest: &Path) -> Result<(), CliError> {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod artifacts;
 pub mod auth;
 pub mod cli;
+pub mod demo;
 pub mod engine;
 pub mod machine;
 pub mod phases;

@@ -1,6 +1,12 @@
 //! The `coordinator` binary's exact entry point, built by this crate so that `cargo test` builds it
 //! before the end-to-end tests run (cargo builds only a package's own binaries for its tests).
 
+// The demo runs workers in-process: mimalloc keeps large blocks for reuse (see
+// `distillery_worker::tune_allocator`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    distillery_worker::tune_allocator();
     std::process::exit(distillery_coordinator::cli::main());
 }

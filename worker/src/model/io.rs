@@ -171,7 +171,12 @@ pub fn save_dir(model: &Llama, dir: &Path, source: Option<&Path>) -> Result<(), 
         })
         .collect();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-    if let Some(src) = source {
+    // Copying a file onto itself would truncate it: saving into the source folder keeps its files.
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    if let Some(src) = source.filter(|s| !same(s, dir)) {
         for f in TOKENIZER_FILES {
             let from = src.join(f);
             if from.is_file() {
@@ -270,6 +275,12 @@ mod tests {
             assert_eq!(
                 max_abs_diff(&m.forward(&ids).unwrap(), &back.forward(&ids).unwrap()).unwrap(),
                 0.0
+            );
+            // Saving over the folder it came from keeps its tokenizer files intact.
+            save_dir(&back, out.path(), Some(out.path())).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(out.path().join("tokenizer.json")).unwrap(),
+                "{}"
             );
         }
     }

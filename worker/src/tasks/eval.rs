@@ -68,7 +68,17 @@ fn perplexity_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskO
         .as_ref()
         .and_then(|s| s.data.as_ref())
         .ok_or_else(|| fatal("the campaign spec has no [data]"))?;
-    let window = model.config.max_position_embeddings.clamp(2, 512);
+    // Score at the context length the campaign trains at (the round's distillation, else the
+    // calibration sequences): a model is not judged on positions it never saw.
+    let spec = task.spec.as_ref();
+    let seq_len = spec
+        .and_then(|s| s.rounds.get(task.round as usize))
+        .and_then(|r| r.distill)
+        .map(|d| d.seq_len as usize)
+        .filter(|n| *n >= 2)
+        .or_else(|| data.calibration.as_ref().map(|c| c.seq_len as usize))
+        .unwrap_or(512);
+    let window = seq_len.min(model.config.max_position_embeddings).max(2);
     let mut metrics = BTreeMap::new();
     let (mut nll, mut tokens, mut bytes) = (0.0, 0usize, 0usize);
     for (i, v) in data.validation.iter().enumerate() {
