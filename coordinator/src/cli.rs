@@ -619,12 +619,20 @@ pub async fn watch(
             failures = 0;
             next = e.seq + 1;
             let m: BTreeMap<String, f64> = e.metrics.clone().into_iter().collect();
-            let line = match (e.kind.as_str(), m.get("step"), m.get("total_steps")) {
+            // Distillation progress (workers report it under `progress.distill.*`).
+            let get = |k: &str| m.get(&format!("progress.distill.{k}")).or_else(|| m.get(k));
+            let line = match (e.kind.as_str(), get("step"), get("total_steps")) {
                 ("task_progress", Some(s), Some(t)) => {
-                    let loss = m
-                        .get("loss")
-                        .map(|l| format!(" loss {l:.4}"))
-                        .unwrap_or_default();
+                    let mut extra = String::new();
+                    if let Some(l) = get("loss") {
+                        extra.push_str(&format!(" loss {l:.4}"));
+                    }
+                    if let Some(lr) = get("lr") {
+                        extra.push_str(&format!(" lr {lr:.2e}"));
+                    }
+                    if let Some(tps) = get("tokens_per_s") {
+                        extra.push_str(&format!(" {tps:.0} tok/s"));
+                    }
                     format!(
                         "{} round {} {:<8} {} {} step {}/{}{}",
                         clock(e.time_ms),
@@ -634,7 +642,7 @@ pub async fn watch(
                         bar(*s, *t),
                         s,
                         t,
-                        loss
+                        extra
                     )
                 }
                 _ => format!("{} {}", clock(e.time_ms), e.message),

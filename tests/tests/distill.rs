@@ -123,5 +123,13 @@ fn a_gang_survives_sigkill_of_a_rank_and_ends_bit_identical_to_an_uninterrupted_
         interrupted,
         "the resumed student differs from the uninterrupted one"
     );
+    // `watch` replays the distillation's progress: steps, loss, learning rate, tokens/s.
+    let w = coord.cli(&["watch", &id2]);
+    let text = String::from_utf8_lossy(&w.stdout);
+    assert!(w.status.success(), "{text}");
+    assert!(
+        text.contains("step 64/64 loss ") && text.contains(" lr ") && text.contains("tok/s"),
+        "{text}"
+    );
     w1.kill();
 }
