@@ -190,3 +190,131 @@ fn a_full_round_is_judged_over_http_and_a_repeat_asks_the_judge_nothing() {
         v["rounds"][0]["metrics"]["judge"]
     );
 }
+
+/// A minimal OpenAI-compatible judge: answers every chat completion with "[[A]]" after `delay`,
+/// counting requests. Returns its base URL.
+fn slow_judge(delay: Duration, count: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    std::thread::sleep(delay);
+                    let reply = r#"{"choices": [{"message": {"role": "assistant", "content": "A reads better. [[A]]"}}]}"#;
+                    let mut w = &conn;
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                        reply.len()
+                    );
+                }
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+#[test]
+fn a_judge_task_resumed_on_another_worker_does_not_ask_again_what_was_checkpointed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let fx = tempfile::tempdir().unwrap();
+    let d = fx.path();
+    let teacher = d.join("teacher");
+    write_test_model(
+        &teacher,
+        &TestModelSpec {
+            seed: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let text: String = (0..40)
+        .map(|i| {
+            format!("{{\"text\": \"Entry {i}: the wind moves over the field in long waves.\"}}\n")
+        })
+        .collect();
+    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
+        std::fs::write(d.join(f), &text).unwrap();
+    }
+    let questions: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"question_id\": {i}, \"category\": \"c{}\", \"turns\": [\"Q{i}?\"]}}\n",
+                i % 3
+            )
+        })
+        .collect();
+    std::fs::write(d.join("questions.jsonl"), questions).unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let url = slow_judge(Duration::from_millis(250), count.clone());
+    let toml = format!(
+        "name = \"judge-resume\"\nseed = 2\n[teacher]\nmodel = \"{}\"\n[data]\n\
+         calibration = {{ path = \"calib.jsonl\", samples = 2, seq_len = 32 }}\n\
+         train = [ {{ name = \"web\", path = \"web.jsonl\" }} ]\n\
+         validation = [ {{ name = \"web\", path = \"web-val.jsonl\" }} ]\n\
+         [[rounds]]\ntarget = {{ intermediate_size = 192 }}\n\
+         distill = {{ tokens = 128, seq_len = 32, micro_batch = 2, world_size = 1 }}\n\
+         [evaluation]\nperplexity = false\n\
+         judge = {{ backend = \"openai\", base_url = \"{url}\", model = \"judge\", mode = \"pairwise\", questions = \"questions.jsonl\", baseline = \"teacher\", max_tokens = 4 }}\n",
+        teacher.display()
+    );
+    let coord = CoordinatorProc::start(&d.join("data"), FAST);
+    let mut w1 = WorkerProc::real(&coord.url(), &d.join("w1"), "cpu");
+    let id = submit(&coord, &write_spec(d, "c.toml", &toml));
+    // Kill the worker once the judge task has checkpointed at least 8 of its 24 judgments.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while count.load(Ordering::SeqCst) < 14 {
+        assert!(
+            Instant::now() < deadline,
+            "the judge was not asked: {}",
+            coord.status_json(Some(&id))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w1.kill();
+    let asked_before = count.load(Ordering::SeqCst);
+    let _w2 = WorkerProc::real(&coord.url(), &d.join("w2"), "cpu");
+    let v = wait_terminal(&coord, &id, Duration::from_secs(240));
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let j = &v["rounds"][0]["metrics"]["judge"];
+    // A judge that always says "[[A]]": every question is a tie, consistency 0.
+    assert_eq!(j["ties"], 12.0, "{j}");
+    assert_eq!(j["position_consistency"], 0.0, "{j}");
+    let total = count.load(Ordering::SeqCst);
+    eprintln!("judge asked {total} times for 24 prompts, {asked_before} before the kill");
+    // 24 prompts; at most the ones judged after the last checkpoint (< 8) plus those in flight
+    // at the kill (4) are asked twice. Without the checkpoint the new worker would re-ask all
+    // of the first worker's 14+.
+    assert!(
+        total < 24 + 12,
+        "asked {total} times for 24 prompts ({asked_before} before the kill)\n{}\n{}",
+        w1.log_text(),
+        _w2.log_text()
+    );
+}

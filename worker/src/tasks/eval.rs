@@ -259,19 +259,64 @@ fn judge_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput
         .join("judge-cache");
     let cache = Cache::open(&cache_dir).map_err(fatal)?;
     let template = judge::template(mode).map_err(fatal)?;
+    let judge_id = backend.id();
+    let keys: Vec<String> = jobs
+        .iter()
+        .map(|jb| Cache::key(&judge_id, &template.name, &jb.system, &jb.user))
+        .collect();
+    // A re-leased attempt (maybe on another worker) starts from the judgments its predecessor
+    // checkpointed: they go into this worker's cache, so the judge is not asked again.
+    if !task.resume_checkpoint.is_empty() {
+        let p = ctx.fetch(&task.resume_checkpoint)?;
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| TaskError::retryable(format!("{}: {e}", p.display())))?;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let jd: judge::Judgment =
+                serde_json::from_str(line).map_err(|e| fatal(format!("judge checkpoint: {e}")))?;
+            cache.put(&jd).map_err(fatal)?;
+        }
+        tracing::info!("judge: resumed from checkpoint {}", task.resume_checkpoint);
+    }
+    let checkpointing = std::sync::Mutex::new(());
     let progress = |done: usize, total: usize, asked: usize| {
-        let _ = report(
-            ctx,
-            &[
-                ("judge.done", done as f64),
-                ("judge.total", total as f64),
-                ("judge.asked", asked as f64),
-            ],
-            &format!(
-                "judging shard {}/{shards}: {done}/{total} ({asked} asked)",
-                shard + 1
-            ),
+        let metrics = [
+            ("judge.done", done as f64),
+            ("judge.total", total as f64),
+            ("judge.asked", asked as f64),
+        ];
+        let msg = format!(
+            "judging shard {}/{shards}: {done}/{total} ({asked} asked)",
+            shard + 1
         );
+        // Every 8 judgments, what is judged so far becomes the task's checkpoint.
+        if done.is_multiple_of(8) && done < total {
+            if let Ok(_guard) = checkpointing.try_lock() {
+                let path = ctx.work_dir().join(format!("judged-{done}.jsonl"));
+                let text: String = keys
+                    .iter()
+                    .filter_map(|k| cache.get(k))
+                    .filter_map(|jd| serde_json::to_string(&jd).ok())
+                    .map(|l| l + "\n")
+                    .collect();
+                let uploaded = std::fs::write(&path, text)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| ctx.upload_file(&path).map_err(|e| e.to_string()))
+                    .and_then(|d| {
+                        ctx.progress(common::progress_metrics(&metrics), Some(&d), &msg)
+                            .map(|_| d)
+                            .map_err(|e| e.to_string())
+                    });
+                let _ = std::fs::remove_file(&path);
+                match uploaded {
+                    Ok(d) => {
+                        tracing::info!(done, %d, "judge: checkpoint uploaded");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(done, "judge: checkpoint failed: {e}"),
+                }
+            }
+        }
+        let _ = report(ctx, &metrics, &msg);
     };
     let judgments = judge::judge_all(
         mode,
