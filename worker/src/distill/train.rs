@@ -81,6 +81,12 @@ pub struct Trainer<'a> {
     names: Vec<String>,
     decay: Vec<bool>,
     pub opt: AdamW,
+    /// f32 copies of the parameters (the values the vars hold), updated in place each step.
+    params: Vec<Vec<f32>>,
+    /// Gradient accumulators, and the flat all-reduce buffer: kept across steps, so a step does
+    /// not map (and the kernel zero) hundreds of MB of fresh pages.
+    grads: Vec<Vec<f32>>,
+    flat: Vec<f32>,
     pub data: DataState,
     pub step: u64,
     pub tokens: u64,
@@ -108,7 +114,11 @@ impl<'a> Trainer<'a> {
         let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
         let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
         let decay = vars.iter().map(|(_, v)| v.rank() >= 2).collect();
+        let grads: Vec<Vec<f32>> = sizes.iter().map(|n| vec![0.0; *n]).collect();
         Trainer {
+            params: Vec::new(),
+            grads,
+            flat: Vec::new(),
             opt: AdamW::new(&sizes, cfg.weight_decay),
             data: DataState::new(weights),
             student,
@@ -122,6 +132,17 @@ impl<'a> Trainer<'a> {
             step: 0,
             tokens: 0,
         }
+    }
+
+    /// Re-reads the f32 parameter copies from the student's vars.
+    fn sync_params(&mut self) -> Result<(), TrainError> {
+        self.params = self
+            .student
+            .named_vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(())
     }
 
     /// Sequences this rank processes per step.
@@ -154,10 +175,11 @@ impl<'a> Trainer<'a> {
         let t = cfg.seq_len;
         let norm = (cfg.global_batch * t) as f64;
         let vars = self.student.named_vars();
-        let mut grads: Vec<Vec<f32>> = vars
-            .iter()
-            .map(|(_, v)| vec![0.0; v.elem_count()])
-            .collect();
+        if self.params.len() != vars.len() {
+            self.sync_params()?;
+        }
+        let mut grads = std::mem::take(&mut self.grads);
+        grads.iter_mut().for_each(|g| g.fill(0.0));
         let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
         let dev = self.student.device().clone();
         for micro in mine.chunks(cfg.micro_batch.max(1)) {
@@ -190,7 +212,8 @@ impl<'a> Trainer<'a> {
             }
         }
         // One all-reduce for every gradient and the two loss sums.
-        let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().map(Vec::len).sum::<usize>() + 2);
+        let mut flat = std::mem::take(&mut self.flat);
+        flat.clear();
         for g in &grads {
             flat.extend_from_slice(g);
         }
@@ -205,15 +228,13 @@ impl<'a> Trainer<'a> {
             g.copy_from_slice(&flat[off..off + n]);
             off += n;
         }
+        self.flat = flat;
         let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm);
         let lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.total_steps);
-        let mut params: Vec<Vec<f32>> = vars
-            .iter()
-            .map(|(_, v)| v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1())
-            .collect::<candle_core::Result<_>>()?;
-        self.opt.update(&mut params, &grads, &self.decay, lr);
-        for ((_, v), p) in vars.iter().zip(params) {
-            let t = Tensor::from_vec(p, v.shape().clone(), &Device::Cpu)?
+        self.opt.update(&mut self.params, &grads, &self.decay, lr);
+        self.grads = grads;
+        for ((_, v), p) in vars.iter().zip(&self.params) {
+            let t = Tensor::from_slice(p, v.shape().clone(), &Device::Cpu)?
                 .to_dtype(v.dtype())?
                 .to_device(&dev)?;
             v.set(&t)?;
@@ -345,6 +366,7 @@ impl<'a> Trainer<'a> {
         self.tokens = num("tokens")?;
         self.opt.step = num("adam_step")?;
         self.data = serde_json::from_value(state["data"].clone()).map_err(|e| ck_err(&p, e))?;
+        self.sync_params()?;
         if self.data.cursors.len() != self.domains.len() {
             return Err(ck_err(&p, "the checkpoint has another number of domains"));
         }
