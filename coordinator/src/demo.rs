@@ -249,7 +249,7 @@ pub fn report(c: &pb::Campaign, student_dir: &Path) -> String {
         let _ = writeln!(
             s,
             "{:<6} {:>10} {:>12} {:>12} {:>8} {:>22} {:>10} {:>9}",
-            r["index"],
+            r["index"].as_u64().unwrap_or(0),
             r["params"].as_u64().map_or("-".into(), |p| p.to_string()),
             opt(ppl, 2),
             opt(tppl, 2),
