@@ -181,7 +181,10 @@ impl<'a> Trainer<'a> {
         let mut grads = std::mem::take(&mut self.grads);
         if grads.len() != vars.len() {
             // A previous step failed half-way: start the buffers again.
-            grads = vars.iter().map(|(_, v)| vec![0.0; v.elem_count()]).collect();
+            grads = vars
+                .iter()
+                .map(|(_, v)| vec![0.0; v.elem_count()])
+                .collect();
         }
         grads.iter_mut().for_each(|g| g.fill(0.0));
         let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
