@@ -178,6 +178,22 @@ impl CoordinatorProc {
         cmd.output().expect("run coordinator cli")
     }
 
+    /// `artifact get WHAT --out OUT`, which must succeed.
+    pub fn artifact_get(&self, what: &str, out: &Path) {
+        let got = self.cli(&[
+            "artifact",
+            "get",
+            what,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+        ]);
+        assert!(
+            got.status.success(),
+            "artifact get {what}: {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+    }
+
     /// `status ID --json`, parsed.
     pub fn status_json(&self, id: Option<&str>) -> serde_json::Value {
         let mut args = vec!["status", "--json"];
@@ -347,6 +363,17 @@ pub fn fixture() -> tempfile::TempDir {
     dir
 }
 
+/// Writes `docs` as a JSONL corpus (`{"text": ...}` per line) into each of `files` under `dir`.
+pub fn write_corpus(dir: &Path, files: &[&str], docs: impl IntoIterator<Item = String>) {
+    let text: String = docs
+        .into_iter()
+        .map(|d| serde_json::json!({ "text": d }).to_string() + "\n")
+        .collect();
+    for f in files {
+        std::fs::write(dir.join(f), &text).expect("write corpus");
+    }
+}
+
 /// A spec with `rounds` rounds of the given distillation world size, plus `extra` TOML.
 pub fn spec_toml(rounds: usize, world_size: u32, extra: &str) -> String {
     let mut s = String::from(
@@ -457,16 +484,34 @@ pub fn wait_terminal(c: &CoordinatorProc, id: &str, timeout: Duration) -> serde_
     }
 }
 
-/// `GET /metrics` from a coordinator's `--metrics-listen` address.
-pub fn scrape(addr: &str) -> String {
+/// `GET path` from `addr`: the whole response, or `None` when nothing answers there.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .expect("request");
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .ok()?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out
+    Some(out)
 }
+
+/// `GET /metrics` from a coordinator's `--metrics-listen` address (or any server with one).
+pub fn scrape(addr: &str) -> String {
+    http_get(addr, "/metrics").expect("metrics endpoint")
+}
+
+/// Coordinator timings for end-to-end tests that run real ML tasks: a lost worker's lease
+/// expires in 5 s, heartbeats every 300 ms.
+pub const ML_TIMING: &[&str] = &[
+    "--lease-timeout-ms",
+    "5000",
+    "--heartbeat-interval-ms",
+    "300",
+    "--poll-timeout-ms",
+    "2000",
+    "--backoff-base-ms",
+    "100",
+];
 
 /// Waits until `f` holds, polling every 50 ms.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

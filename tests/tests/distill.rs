@@ -8,17 +8,6 @@ use std::time::{Duration, Instant};
 use distillery_tests::*;
 use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
 
-const FAST: &[&str] = &[
-    "--lease-timeout-ms",
-    "4000",
-    "--heartbeat-interval-ms",
-    "300",
-    "--poll-timeout-ms",
-    "2000",
-    "--backoff-base-ms",
-    "100",
-];
-
 fn spec(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     let teacher = dir.join("teacher");
     if !teacher.exists() {
@@ -31,18 +20,13 @@ fn spec(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
             },
         )
         .unwrap();
-        let text: String = (0..200)
-            .map(|i| format!("{{\"text\": \"Line {i}: a small model learns from a larger one, step by step, token by token.\"}}\n"))
-            .collect();
-        for f in [
-            "calib.jsonl",
-            "web.jsonl",
-            "code.jsonl",
-            "web-val.jsonl",
-            "code-val.jsonl",
-        ] {
-            std::fs::write(dir.join(f), &text).unwrap();
-        }
+        write_corpus(
+            dir,
+            &["calib.jsonl", "web.jsonl", "code.jsonl", "web-val.jsonl", "code-val.jsonl"],
+            (0..200).map(|i| {
+                format!("Line {i}: a small model learns from a larger one, step by step, token by token.")
+            }),
+        );
     }
     let toml = format!(
         "name = \"{name}\"\nseed = 11\n[teacher]\nmodel = \"{}\"\n[data]\n\
@@ -68,7 +52,7 @@ fn student_of(v: &serde_json::Value) -> String {
 #[test]
 fn a_gang_survives_sigkill_of_a_rank_and_ends_bit_identical_to_an_uninterrupted_run() {
     let fx = tempfile::tempdir().unwrap();
-    let coord = CoordinatorProc::start(&fx.path().join("data"), FAST);
+    let coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);
     let mut w1 = WorkerProc::real(&coord.url(), &fx.path().join("w1"), "cpu");
     let mut w2 = WorkerProc::real(&coord.url(), &fx.path().join("w2"), "cpu");
 

@@ -9,17 +9,6 @@ use std::time::{Duration, Instant};
 use distillery_tests::*;
 use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
 
-const FAST: &[&str] = &[
-    "--lease-timeout-ms",
-    "5000",
-    "--heartbeat-interval-ms",
-    "300",
-    "--poll-timeout-ms",
-    "2000",
-    "--backoff-base-ms",
-    "100",
-];
-
 struct Server(Child);
 
 impl Drop for Server {
@@ -29,18 +18,8 @@ impl Drop for Server {
     }
 }
 
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
 fn judge_requests(addr: &str) -> u64 {
-    let text = http_get(addr, "/metrics").unwrap_or_default();
+    let text = scrape(addr);
     text.lines()
         .find_map(|l| l.strip_prefix("distillery_serve_chat_requests_total "))
         .and_then(|v| v.trim().parse().ok())
@@ -70,12 +49,12 @@ fn a_full_round_is_judged_over_http_and_a_repeat_asks_the_judge_nothing() {
         },
     )
     .unwrap();
-    let text: String = (0..60)
-        .map(|i| format!("{{\"text\": \"Note {i}: rain falls on the hills and the river runs to the sea.\"}}\n"))
-        .collect();
-    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
-        std::fs::write(d.join(f), &text).unwrap();
-    }
+    write_corpus(
+        d,
+        &["calib.jsonl", "web.jsonl", "web-val.jsonl"],
+        (0..60)
+            .map(|i| format!("Note {i}: rain falls on the hills and the river runs to the sea.")),
+    );
     std::fs::write(
         d.join("questions.jsonl"),
         "{\"question_id\": 1, \"category\": \"writing\", \"turns\": [\"Say hi.\", \"Say bye.\"]}\n\
@@ -120,7 +99,7 @@ fn a_full_round_is_judged_over_http_and_a_repeat_asks_the_judge_nothing() {
         );
         write_spec(d, &format!("{name}.toml"), &toml)
     };
-    let coord = CoordinatorProc::start(&d.join("data"), FAST);
+    let coord = CoordinatorProc::start(&d.join("data"), ML_TIMING);
     let _w = WorkerProc::real(&coord.url(), &d.join("w1"), "cpu");
 
     let id = submit(&coord, &spec("first"));
@@ -144,18 +123,7 @@ fn a_full_round_is_judged_over_http_and_a_repeat_asks_the_judge_nothing() {
 
     // The judgments artifact holds every prompt, raw output and verdict.
     let out = d.join("judgments");
-    let got = coord.cli(&[
-        "artifact",
-        "get",
-        r["artifacts"]["judgments"].as_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        got.status.success(),
-        "{}",
-        String::from_utf8_lossy(&got.stderr)
-    );
+    coord.artifact_get(r["artifacts"]["judgments"].as_str().unwrap(), &out);
     let file = if out.is_dir() {
         std::fs::read_dir(&out)
             .unwrap()
@@ -254,14 +222,11 @@ fn a_judge_task_resumed_on_another_worker_does_not_ask_again_what_was_checkpoint
         },
     )
     .unwrap();
-    let text: String = (0..40)
-        .map(|i| {
-            format!("{{\"text\": \"Entry {i}: the wind moves over the field in long waves.\"}}\n")
-        })
-        .collect();
-    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
-        std::fs::write(d.join(f), &text).unwrap();
-    }
+    write_corpus(
+        d,
+        &["calib.jsonl", "web.jsonl", "web-val.jsonl"],
+        (0..40).map(|i| format!("Entry {i}: the wind moves over the field in long waves.")),
+    );
     let questions: String = (0..12)
         .map(|i| {
             format!(
@@ -284,7 +249,7 @@ fn a_judge_task_resumed_on_another_worker_does_not_ask_again_what_was_checkpoint
          judge = {{ backend = \"openai\", base_url = \"{url}\", model = \"judge\", mode = \"pairwise\", questions = \"questions.jsonl\", baseline = \"teacher\", max_tokens = 4 }}\n",
         teacher.display()
     );
-    let coord = CoordinatorProc::start(&d.join("data"), FAST);
+    let coord = CoordinatorProc::start(&d.join("data"), ML_TIMING);
     let mut w1 = WorkerProc::real(&coord.url(), &d.join("w1"), "cpu");
     let id = submit(&coord, &write_spec(d, "c.toml", &toml));
     // Kill the worker once the judge task has checkpointed at least 8 of its 24 judgments.

@@ -9,17 +9,6 @@ use distillery_tests::*;
 use distillery_worker::model::io::load_dir;
 use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
 
-const FAST: &[&str] = &[
-    "--lease-timeout-ms",
-    "5000",
-    "--heartbeat-interval-ms",
-    "300",
-    "--poll-timeout-ms",
-    "2000",
-    "--backoff-base-ms",
-    "100",
-];
-
 #[test]
 fn score_and_prune_phases_produce_the_pruned_model_through_real_workers() {
     let fx = tempfile::tempdir().unwrap();
@@ -30,12 +19,16 @@ fn score_and_prune_phases_produce_the_pruned_model_through_real_workers() {
         ..Default::default()
     };
     write_test_model(&teacher, &spec).unwrap();
-    let text: String = (0..40)
-        .map(|i| format!("{{\"text\": \"Document {i}: the quick brown fox jumps over the lazy dog, {} times.\"}}\n", i * 7))
-        .collect();
-    for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
-        std::fs::write(fx.path().join(f), &text).unwrap();
-    }
+    write_corpus(
+        fx.path(),
+        &["calib.jsonl", "web.jsonl", "web-val.jsonl"],
+        (0..40).map(|i| {
+            format!(
+                "Document {i}: the quick brown fox jumps over the lazy dog, {} times.",
+                i * 7
+            )
+        }),
+    );
     let toml = format!(
         "name = \"prune-e2e\"\nseed = 3\n[teacher]\nmodel = \"{}\"\n[data]\n\
          calibration = {{ path = \"calib.jsonl\", samples = 12, seq_len = 32 }}\n\
@@ -48,7 +41,7 @@ fn score_and_prune_phases_produce_the_pruned_model_through_real_workers() {
         teacher.display()
     );
     let spec_path = write_spec(fx.path(), "c.toml", &toml);
-    let coord = CoordinatorProc::start(&fx.path().join("data"), FAST);
+    let coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);
     let _w1 = WorkerProc::real(&coord.url(), &fx.path().join("w1"), "cpu");
     let _w2 = WorkerProc::real(&coord.url(), &fx.path().join("w2"), "cpu");
     let id = submit(&coord, &spec_path);
@@ -88,18 +81,7 @@ fn score_and_prune_phases_produce_the_pruned_model_through_real_workers() {
 
     // The pruned model, fetched like a user would, has that shape and that parameter count.
     let out = fx.path().join("pruned");
-    let got = coord.cli(&[
-        "artifact",
-        "get",
-        round["artifacts"]["pruned"].as_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        got.status.success(),
-        "{}",
-        String::from_utf8_lossy(&got.stderr)
-    );
+    coord.artifact_get(round["artifacts"]["pruned"].as_str().unwrap(), &out);
     let m = load_dir(&out, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(
         (

@@ -16,6 +16,29 @@ fn python() -> Option<PathBuf> {
     venv.exists().then_some(venv)
 }
 
+/// The Python to run, or `None` after saying why `test` skips (never on CI, which must have it).
+fn python_or_skip(test: &str) -> Option<PathBuf> {
+    let py = python();
+    if py.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must provide the transformers environment (.ci/run creates .venv-parity)"
+        );
+        eprintln!(
+            "SKIPPED {test}: no Python with transformers (set DISTILLERY_PYTHON or run .ci/run)"
+        );
+    }
+    py
+}
+
+/// Largest |a - b| over two logit vectors.
+fn max_abs_gap(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 fn hf_logits(py: &PathBuf, dir: &std::path::Path, ids: &[Vec<u32>]) -> (Vec<f32>, Vec<usize>) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/hf_logits.py");
     let out = std::process::Command::new(py)
@@ -71,12 +94,7 @@ fn hf_logits(py: &PathBuf, dir: &std::path::Path, ids: &[Vec<u32>]) -> (Vec<f32>
 
 #[test]
 fn logits_equal_transformers_for_loaded_and_saved_models() {
-    let Some(py) = python() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must provide the transformers environment (.ci/run creates .venv-parity)"
-        );
-        eprintln!("SKIPPED logits_equal_transformers_for_loaded_and_saved_models: no Python with transformers (set DISTILLERY_PYTHON or run .ci/run)");
+    let Some(py) = python_or_skip("logits_equal_transformers_for_loaded_and_saved_models") else {
         return;
     };
     let ids = vec![
@@ -124,11 +142,7 @@ fn logits_equal_transformers_for_loaded_and_saved_models() {
         for d in [&src, &saved] {
             let (theirs, shape) = hf_logits(&py, d, &ids);
             assert_eq!(shape, vec![2, 14, 260]);
-            let max = mine
-                .iter()
-                .zip(&theirs)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let max = max_abs_gap(&mine, &theirs);
             eprintln!(
                 "{}: max |ours - transformers| = {max:e} over {} logits",
                 d.display(),
@@ -146,12 +160,7 @@ fn logits_equal_transformers_for_loaded_and_saved_models() {
 #[test]
 fn pruned_directories_load_in_transformers_with_our_logits() {
     use distillery_worker::prune::{apply::apply, importance::score, plan, scores};
-    let Some(py) = python() else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must provide the transformers environment (.ci/run creates .venv-parity)"
-        );
-        eprintln!("SKIPPED pruned_directories_load_in_transformers_with_our_logits: no Python with transformers");
+    let Some(py) = python_or_skip("pruned_directories_load_in_transformers_with_our_logits") else {
         return;
     };
     let ids: Vec<Vec<u32>> = vec![(0..12).map(|i| (i * 37 + 5) % 256).collect()];
@@ -207,11 +216,7 @@ fn pruned_directories_load_in_transformers_with_our_logits() {
             .unwrap();
         let (theirs, shape) = hf_logits(&py, &out, &ids);
         assert_eq!(shape, vec![1, 12, 260], "{label}");
-        let max = mine
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max = max_abs_gap(&mine, &theirs);
         eprintln!("{label}: max |ours - transformers| = {max:e}");
         assert!(max <= 1e-4, "{label}: max |ours - transformers| = {max}");
     }

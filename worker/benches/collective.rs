@@ -12,12 +12,8 @@ use std::time::{Duration, Instant};
 use distillery_worker::collective::ring::{bind, Ring};
 use distillery_worker::collective::Collective;
 
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
+mod common;
+use common::env_usize;
 
 fn loopback_copy(bytes: usize, reps: usize) -> f64 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");

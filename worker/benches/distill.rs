@@ -6,7 +6,8 @@
 //! `cargo bench -p distillery-worker --bench distill` (env BENCH_SEQ = 256, BENCH_REPS = 2,
 //! BENCH_ROUNDS = 2; PyTorch via DISTILLERY_PYTHON or the `.venv-parity` that `.ci/run` creates).
 
-use std::path::PathBuf;
+mod common;
+use common::{env_usize, python, script};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -15,13 +16,6 @@ use distillery_worker::distill::data::Domain;
 use distillery_worker::distill::train::{TrainConfig, Trainer};
 use distillery_worker::model::{Llama, LlamaConfig};
 use distillery_worker::prune::plan::{choose_shape, shape_of, Target};
-
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -103,14 +97,8 @@ fn main() {
         vec![],
     );
     t.train_step().expect("warm-up step");
-    let py = std::env::var("DISTILLERY_PYTHON")
-        .map(PathBuf::from)
-        .ok()
-        .or_else(|| {
-            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-parity/bin/python");
-            p.exists().then_some(p)
-        });
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/bench_distill.py");
+    let py = python();
+    let script = script("bench_distill.py");
     let mut best_ours = f64::INFINITY;
     for _ in 0..rounds {
         let start = Instant::now();

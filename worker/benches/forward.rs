@@ -7,18 +7,14 @@
 //! the PyTorch side needs DISTILLERY_PYTHON or the `.venv-parity` that `.ci/run` creates).
 
 use std::path::PathBuf;
+
+mod common;
+use common::{env_usize, python, script};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use distillery_worker::model::{Llama, LlamaConfig};
 use distillery_worker::prune::importance::Importance;
-
-fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -53,14 +49,8 @@ fn main() {
     let per_layer = h * nh * hd + 2.0 * h * nkv * hd + nh * hd * h + 3.0 * h * inter;
     let flops_per_token = 2.0 * (l * per_layer + v * h) + l * 4.0 * seq as f64 * nh * hd;
 
-    let py = std::env::var("DISTILLERY_PYTHON")
-        .map(PathBuf::from)
-        .ok()
-        .or_else(|| {
-            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-parity/bin/python");
-            p.exists().then_some(p)
-        });
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/bench_forward.py");
+    let py = python();
+    let script = script("bench_forward.py");
     let ours_round = || {
         let start = Instant::now();
         for _ in 0..reps {

@@ -165,20 +165,32 @@ mod cuda {
                 "loss_cpu": sa.loss, "loss_gpu": sb.loss, "loss_after_20_steps": last})
         );
 
-        // 3. Distillation throughput, SmolLM2-135M shape teacher and a 70% student.
-        let shape = |h: usize, i: usize, layers: usize| {
+        // 3. Distillation throughput, SmolLM2-135M shape teacher and the 70% student the
+        //    parameter-budget search picks (as in benches/distill.rs).
+        let shape = |h: u32, i: u32, heads: u32, layers: u32| {
             LlamaConfig::from_json(
-                &serde_json::json!({"hidden_size": h, "intermediate_size": i, "num_attention_heads": 9,
+                &serde_json::json!({"hidden_size": h, "intermediate_size": i, "num_attention_heads": heads,
                     "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": layers, "vocab_size": 49152,
                     "tie_word_embeddings": true, "rope_theta": 100000.0, "max_position_embeddings": 8192})
                 .to_string(),
             )
             .map_err(|e| e.to_string())
         };
-        let teacher =
-            Llama::new(shape(576, 1536, 30)?, DType::F32, &gpu).map_err(|e| e.to_string())?;
-        let student =
-            Llama::new(shape(448, 1152, 28)?, DType::F32, &gpu).map_err(|e| e.to_string())?;
+        let tc = shape(576, 1536, 9, 30)?;
+        let target = crate::prune::plan::Target {
+            params: Some(0.7),
+            ..Default::default()
+        };
+        let s = crate::prune::plan::choose_shape(&crate::prune::plan::shape_of(&tc), &target)
+            .map_err(|e| e.to_string())?;
+        let teacher = Llama::new(tc, DType::F32, &gpu).map_err(|e| e.to_string())?;
+        let sc = shape(
+            s.hidden_size,
+            s.intermediate_size,
+            s.num_attention_heads,
+            s.num_layers,
+        )?;
+        let student = Llama::new(sc, DType::F32, &gpu).map_err(|e| e.to_string())?;
         let (seq, micro) = (512, 8);
         let mut solo = Solo;
         let mut t = Trainer::new(

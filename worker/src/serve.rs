@@ -262,7 +262,14 @@ async fn chat(State(m): State<Arc<ServedModel>>, body: Bytes) -> Response {
     let id = m.next_id.fetch_add(1, Ordering::Relaxed);
     let mm = m.clone();
     let result = tokio::task::spawn_blocking(move || {
-        complete(&mm, &messages, max_tokens, temperature, top_p, seed, &stops)
+        let params = SamplingParams {
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            stop: Vec::new(),
+        };
+        mm.complete(&messages, params, &stops)
     })
     .await;
     match result {
@@ -292,56 +299,54 @@ async fn chat(State(m): State<Arc<ServedModel>>, body: Bytes) -> Response {
 }
 
 /// Renders the chat, generates, and cuts at the first stop string.
-fn complete(
-    m: &ServedModel,
-    messages: &[Message],
-    max_tokens: usize,
-    temperature: f64,
-    top_p: f64,
-    seed: u64,
-    stops: &[String],
-) -> Result<(String, &'static str, usize, usize), String> {
-    let prompt =
-        tokenizer::render_chat(&m.chat_template, messages, true, &m.bos_token, &m.eos_token)
-            .map_err(|e| e.to_string())?;
-    let ids = tokenizer::encode(&m.tokenizer, &prompt, false).map_err(|e| e.to_string())?;
-    if ids.is_empty() {
-        return Err("the rendered prompt is empty".into());
+impl ServedModel {
+    /// The assistant's reply to `messages`, rendered with the model's chat template and generated
+    /// with `p` (its stop tokens become the model's EOS); generation also ends at any of
+    /// `stops`. Returns the text, the finish reason (`stop` or `length`), and the prompt and
+    /// completion token counts. Used by the HTTP API, answer generation and the local judge.
+    pub fn complete(
+        &self,
+        messages: &[Message],
+        mut p: SamplingParams,
+        stops: &[String],
+    ) -> Result<(String, &'static str, usize, usize), String> {
+        let m = self;
+        let max_tokens = p.max_tokens;
+        let prompt =
+            tokenizer::render_chat(&m.chat_template, messages, true, &m.bos_token, &m.eos_token)
+                .map_err(|e| e.to_string())?;
+        let ids = tokenizer::encode(&m.tokenizer, &prompt, false).map_err(|e| e.to_string())?;
+        if ids.is_empty() {
+            return Err("the rendered prompt is empty".into());
+        }
+        let limit = m.model.config.max_position_embeddings;
+        if ids.len() + max_tokens > limit {
+            return Err(format!(
+                "prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context of {limit}",
+                ids.len()
+            ));
+        }
+        p.stop = m.tokenizer.token_to_id(&m.eos_token).into_iter().collect();
+        let g = generate(&m.model, &ids, &p).map_err(|e| e.to_string())?;
+        let mut tokens = g.tokens.clone();
+        let mut finish = if g.finish == FinishReason::Stop {
+            "stop"
+        } else {
+            "length"
+        };
+        if finish == "stop" {
+            tokens.pop();
+        }
+        let mut text = tokenizer::decode(&m.tokenizer, &tokens, true).map_err(|e| e.to_string())?;
+        if let Some(cut) = stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text.truncate(cut);
+            finish = "stop";
+        }
+        Ok((text, finish, ids.len(), g.tokens.len()))
     }
-    let limit = m.model.config.max_position_embeddings;
-    if ids.len() + max_tokens > limit {
-        return Err(format!(
-            "prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context of {limit}",
-            ids.len()
-        ));
-    }
-    let eos: Vec<u32> = m.tokenizer.token_to_id(&m.eos_token).into_iter().collect();
-    let p = SamplingParams {
-        max_tokens,
-        temperature,
-        top_p,
-        seed,
-        stop: eos.clone(),
-    };
-    let g = generate(&m.model, &ids, &p).map_err(|e| e.to_string())?;
-    let mut tokens = g.tokens.clone();
-    let mut finish = if g.finish == FinishReason::Stop {
-        "stop"
-    } else {
-        "length"
-    };
-    if finish == "stop" {
-        tokens.pop();
-    }
-    let mut text = tokenizer::decode(&m.tokenizer, &tokens, true).map_err(|e| e.to_string())?;
-    if let Some(cut) = stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-    {
-        text.truncate(cut);
-        finish = "stop";
-    }
-    Ok((text, finish, ids.len(), g.tokens.len()))
 }

@@ -88,7 +88,7 @@ fn max_weight_diff(a: &Llama, b: &Llama) -> f64 {
 
 fn mean_ppl(m: &Llama, seqs: &[Vec<u32>]) -> f64 {
     let rows: Vec<Vec<u32>> = seqs.iter().map(|s| s[..24].to_vec()).collect();
-    crate::prune::importance::mean_nll(m, &rows, 4, &[])
+    crate::model::perplexity::mean_nll(m, &rows, 4, &[])
         .unwrap()
         .exp()
 }

@@ -264,7 +264,7 @@ impl<'a> Trainer<'a> {
         let mut out = Vec::new();
         for seqs in &self.validation {
             let rows: Vec<Vec<u32>> = seqs.iter().map(|s| s[..t].to_vec()).collect();
-            let n = crate::prune::importance::mean_nll(
+            let n = crate::model::perplexity::mean_nll(
                 &self.student,
                 &rows,
                 self.cfg.micro_batch,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle_core::{Tensor, D};
 
 use super::parse::Pairwise;
-use crate::model::generate::{generate, SamplingParams};
+use crate::model::generate::SamplingParams;
 use crate::model::tokenizer::{self, Message};
 use crate::serve::ServedModel;
 
@@ -134,24 +134,29 @@ pub struct Local {
     pub max_tokens: u32,
 }
 
+/// A system + user conversation.
+fn messages(system: &str, user: &str) -> [Message; 2] {
+    [
+        Message {
+            role: "system".into(),
+            content: system.into(),
+        },
+        Message {
+            role: "user".into(),
+            content: user.into(),
+        },
+    ]
+}
+
 impl Local {
     fn prompt(&self, system: &str, user: &str) -> Result<String, BackendError> {
-        let msgs = [
-            Message {
-                role: "system".into(),
-                content: system.into(),
-            },
-            Message {
-                role: "user".into(),
-                content: user.into(),
-            },
-        ];
+        let s = &self.served;
         tokenizer::render_chat(
-            &self.served.chat_template,
-            &msgs,
+            &s.chat_template,
+            &messages(system, user),
             true,
-            &self.served.bos_token,
-            &self.served.eos_token,
+            &s.bos_token,
+            &s.eos_token,
         )
         .map_err(|e| BackendError(e.to_string()))
     }
@@ -171,19 +176,14 @@ impl Backend for Local {
     }
 
     fn chat(&self, system: &str, user: &str) -> Result<String, BackendError> {
-        let prompt = self.prompt(system, user)?;
-        let ids = tokenizer::encode(&self.served.tokenizer, &prompt, false)
-            .map_err(|e| BackendError(e.to_string()))?;
-        let eos = self.served.tokenizer.token_to_id(&self.served.eos_token);
         let params = SamplingParams {
             max_tokens: self.max_tokens as usize,
-            stop: eos.into_iter().collect(),
             ..Default::default()
         };
-        let out =
-            generate(&self.served.model, &ids, &params).map_err(|e| BackendError(e.to_string()))?;
-        tokenizer::decode(&self.served.tokenizer, &out.tokens, true)
-            .map_err(|e| BackendError(e.to_string()))
+        self.served
+            .complete(&messages(system, user), params, &[])
+            .map(|(text, ..)| text)
+            .map_err(BackendError)
     }
 
     /// The verdict whose label ("A", "B" or "C" after the prompt and "[[") is most probable.

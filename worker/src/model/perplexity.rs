@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::llama::Llama;
+use super::llama::{ForwardOptions, Llama};
 
 /// Summed negative log-likelihood and what it was over.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,6 +67,40 @@ pub fn perplexity(
         tokens: tokens.len().saturating_sub(1),
         bytes,
     })
+}
+
+/// Mean next-token negative log-likelihood of `sequences` with `skip` layers skipped.
+pub fn mean_nll(
+    model: &Llama,
+    sequences: &[Vec<u32>],
+    batch: usize,
+    skip: &[usize],
+) -> Result<f64> {
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for chunk in sequences.chunks(batch.max(1)) {
+        let ids = Tensor::new(chunk.to_vec(), model.device())?;
+        let t = ids.dim(1)?;
+        if t < 2 {
+            continue;
+        }
+        let logits = model.forward_with(
+            &ids,
+            ForwardOptions {
+                skip_layers: skip,
+                ..Default::default()
+            },
+        )?;
+        let logp = candle_nn::ops::log_softmax(
+            &logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?,
+            D::Minus1,
+        )?;
+        let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?;
+        let picked = logp.gather(&targets.contiguous()?, D::Minus1)?;
+        sum -= picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        n += picked.elem_count();
+    }
+    Ok(sum / n.max(1) as f64)
 }
 
 #[cfg(test)]

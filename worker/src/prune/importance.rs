@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::model::llama::{ForwardOptions, Probe};
+use crate::model::perplexity::mean_nll;
 use crate::model::{Llama, LlamaConfig};
 
 /// Sums of squares per layer and channel, plus Block Importance sums.
@@ -255,40 +256,6 @@ pub fn score(
         }
     }
     Ok(imp)
-}
-
-/// Mean next-token negative log-likelihood of `sequences` with `skip` layers skipped.
-pub fn mean_nll(
-    model: &Llama,
-    sequences: &[Vec<u32>],
-    batch: usize,
-    skip: &[usize],
-) -> candle_core::Result<f64> {
-    let mut sum = 0.0;
-    let mut n = 0usize;
-    for chunk in sequences.chunks(batch.max(1)) {
-        let ids = Tensor::new(chunk.to_vec(), model.device())?;
-        let t = ids.dim(1)?;
-        if t < 2 {
-            continue;
-        }
-        let logits = model.forward_with(
-            &ids,
-            ForwardOptions {
-                skip_layers: skip,
-                ..Default::default()
-            },
-        )?;
-        let logp = candle_nn::ops::log_softmax(
-            &logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?,
-            D::Minus1,
-        )?;
-        let targets = ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?;
-        let picked = logp.gather(&targets.contiguous()?, D::Minus1)?;
-        sum -= picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        n += picked.elem_count();
-    }
-    Ok(sum / n.max(1) as f64)
 }
 
 /// Depth importance by perplexity for some layers: the calibration perplexity with each layer

@@ -11,7 +11,7 @@ use distillery_proto::v1 as pb;
 use super::common::{self, fatal, input, param_usize, report};
 use crate::judge::backend::{Backend, Local, OpenAi};
 use crate::judge::{self, Answers, Cache, Mode};
-use crate::model::generate::{generate, SamplingParams};
+use crate::model::generate::SamplingParams;
 use crate::model::perplexity::perplexity;
 use crate::model::tokenizer::{self, Message};
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
@@ -146,10 +146,8 @@ fn generate_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOut
     let questions = judge::load_questions(Path::new(&j.questions)).map_err(fatal)?;
     let dir = common::model_dir(ctx, model_ref)?;
     let served = crate::serve::load_served(&dir, Some(role.to_string())).map_err(fatal)?;
-    let eos = served.tokenizer.token_to_id(&served.eos_token);
     let params = SamplingParams {
         max_tokens: j.max_tokens.max(1) as usize,
-        stop: eos.into_iter().collect(),
         ..Default::default()
     };
     let mut answers = Answers {
@@ -164,17 +162,9 @@ fn generate_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOut
                 role: "user".into(),
                 content: turn.clone(),
             });
-            let prompt = tokenizer::render_chat(
-                &served.chat_template,
-                &msgs,
-                true,
-                &served.bos_token,
-                &served.eos_token,
-            )
-            .map_err(fatal)?;
-            let ids = tokenizer::encode(&served.tokenizer, &prompt, false).map_err(fatal)?;
-            let g = generate(&served.model, &ids, &params).map_err(fatal)?;
-            let text = tokenizer::decode(&served.tokenizer, &g.tokens, true).map_err(fatal)?;
+            let (text, ..) = served
+                .complete(&msgs, params.clone(), &[])
+                .map_err(|e| fatal(format!("question {}: {e}", q.id())))?;
             msgs.push(Message {
                 role: "assistant".into(),
                 content: text.clone(),
