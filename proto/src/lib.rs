@@ -13,5 +13,6 @@ pub use v1::*;
 
 pub mod artifact;
 pub mod client;
+pub mod gguf;
 pub mod judge_stats;
 pub mod shape;
