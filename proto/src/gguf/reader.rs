@@ -210,9 +210,12 @@ impl Array {
         }
     }
 
+    /// String elements. Here and in the other element getters an empty array of any element
+    /// type counts as empty: some writers (candle's) cannot know an empty array's type.
     pub fn as_strings(&self) -> Option<&[String]> {
         match self {
             Array::String(v) => Some(v),
+            a if a.is_empty() => Some(&[]),
             _ => None,
         }
     }
@@ -221,6 +224,7 @@ impl Array {
     /// does not fit).
     pub fn to_i64s(&self) -> Option<Vec<i64>> {
         Some(match self {
+            a if a.is_empty() => Vec::new(),
             Array::U8(v) => v.iter().map(|&x| i64::from(x)).collect(),
             Array::I8(v) => v.iter().map(|&x| i64::from(x)).collect(),
             Array::U16(v) => v.iter().map(|&x| i64::from(x)).collect(),
@@ -239,6 +243,7 @@ impl Array {
     /// Float elements (float32 or float64), as f32.
     pub fn to_f32s(&self) -> Option<Vec<f32>> {
         match self {
+            a if a.is_empty() => Some(Vec::new()),
             Array::F32(v) => Some(v.clone()),
             Array::F64(v) => Some(v.iter().map(|&x| x as f32).collect()),
             _ => None,

@@ -23,6 +23,8 @@ pub enum ModelIoError {
     },
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Gguf(#[from] distillery_proto::gguf::GgufError),
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> ModelIoError {

@@ -164,12 +164,12 @@ impl TestFile {
             b.extend(ty.0.to_le_bytes());
             b.extend(offset.to_le_bytes());
             data.extend(bytes);
-            while data.len() % 32 != 0 {
+            while !data.len().is_multiple_of(32) {
                 data.push(0);
             }
             offset = data.len() as u64;
         }
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         b.extend(data);

@@ -48,7 +48,7 @@ fn file(version: u32, kvs: &[Vec<u8>], infos: &[Vec<u8>], align: usize, data: &[
     for x in kvs.iter().chain(infos) {
         b.extend(x);
     }
-    while b.len() % align != 0 {
+    while !b.len().is_multiple_of(align) {
         b.push(0);
     }
     b.extend(data);
