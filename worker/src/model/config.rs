@@ -834,7 +834,14 @@ impl LlamaConfig {
                     json!({"full_attention": rope_json(&self.rope()), "sliding_attention": rope_json(&local)}),
                 );
                 put("hidden_activation", json!(self.hidden_act));
-                put("query_pre_attn_scalar", json!(self.query_pre_attn_scalar));
+                // transformers' config is strictly typed: an integer stays an integer.
+                let q = self.query_pre_attn_scalar.unwrap_or(256.0);
+                let q = if q.fract() == 0.0 && q.abs() < 1e15 {
+                    json!(q as i64)
+                } else {
+                    json!(q)
+                };
+                put("query_pre_attn_scalar", q);
                 put("final_logit_softcapping", Value::Null);
                 put("attn_logit_softcapping", Value::Null);
                 put("use_bidirectional_attention", json!(false));
