@@ -43,43 +43,13 @@ pub fn read_shape(path: &Path) -> Result<ModelShape, ShapeError> {
     }
 }
 
-/// Shape from the text of a Hugging Face `config.json`.
+/// Shape from the text of a Hugging Face `config.json`, read by the same code that loads the
+/// model (so a config the worker would refuse is refused at submit time, with the same words).
 pub fn from_hf_config(path: &Path, text: &str) -> Result<ModelShape, ShapeError> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| invalid(path, format!("is not valid JSON: {e}")))?;
-    let get = |k: &str| -> Result<u32, ShapeError> {
-        v.get(k)
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| {
-                invalid(
-                    path,
-                    format!("has no integer `{k}`; is this a Llama-family config?"),
-                )
-            })
-    };
-    let heads = get("num_attention_heads")?;
-    let mut s = ModelShape {
-        hidden_size: get("hidden_size")?,
-        intermediate_size: get("intermediate_size")?,
-        num_attention_heads: heads,
-        num_key_value_heads: get("num_key_value_heads").unwrap_or(heads),
-        num_layers: get("num_hidden_layers")?,
-        vocab_size: get("vocab_size")?,
-        tie_word_embeddings: v
-            .get("tie_word_embeddings")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false),
-        params: 0,
-        head_dim: get("head_dim").unwrap_or(0),
-        attention_bias: v
-            .get("attention_bias")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false)
-            || v.get("model_type").and_then(serde_json::Value::as_str) == Some("qwen2"),
-    };
+    let c = distillery_worker::model::LlamaConfig::from_json(text)
+        .map_err(|e| invalid(path, e.to_string()))?;
+    let s = distillery_worker::prune::plan::shape_of(&c);
     check_heads(path, &s)?;
-    s.params = param_count(&s);
     Ok(s)
 }
 
@@ -247,6 +217,8 @@ fn from_gguf(path: &Path) -> Result<ModelShape, ShapeError> {
         params: 0,
         head_dim: int("attention.key_length").unwrap_or(0),
         attention_bias: arch == "qwen2",
+        qk_norm: matches!(arch.as_str(), "qwen3" | "gemma3"),
+        norms_per_layer: if arch == "gemma3" { 4 } else { 2 },
     };
     check_heads(path, &s)?;
     s.params = param_count(&s);

@@ -40,57 +40,116 @@ fn max_abs_gap(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn hf_logits(py: &PathBuf, dir: &std::path::Path, ids: &[Vec<u32>]) -> (Vec<f32>, Vec<usize>) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/hf_logits.py");
-    let out = std::process::Command::new(py)
-        .arg(script)
-        .arg(dir)
-        .arg(serde_json::to_string(ids).unwrap())
+    let r = hf_batch(py, &[(dir.to_path_buf(), ids.to_vec(), 0)]).remove(0);
+    (r.logits, r.shape)
+}
+
+/// What transformers computed for one model directory.
+struct HfResult {
+    logits: Vec<f32>,
+    shape: Vec<usize>,
+    /// Each row's greedy continuation, when asked for.
+    generated: Vec<Vec<u32>>,
+}
+
+/// Runs a python script with a JSON document on stdin and returns its JSON stdout.
+fn python_json(py: &PathBuf, script: &str, input: serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let mut child = std::process::Command::new(py)
+        .arg(&script)
+        .arg("--batch")
         .env("TRANSFORMERS_OFFLINE", "1")
         .env("HF_HUB_OFFLINE", "1")
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run python");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "transformers failed: {}",
+        "{} failed: {}",
+        script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from hf_logits.py");
-    assert_eq!(
-        v["missing"],
-        serde_json::json!([]),
-        "transformers found weights missing in {}",
-        dir.display()
-    );
-    assert_eq!(
-        v["unexpected"],
-        serde_json::json!([]),
-        "transformers found unexpected weights in {}",
-        dir.display()
-    );
-    let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap();
-    let relevant: Vec<&String> = warnings
+    if out.stdout.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).expect("JSON from python")
+}
+
+/// transformers' logits (and, with `new_tokens` > 0, greedy continuations) for each
+/// `(dir, ids, new_tokens)`, in one python process; asserts each loaded without missing or
+/// unexpected weights and without warnings about them.
+fn hf_batch(py: &PathBuf, jobs: &[(PathBuf, Vec<Vec<u32>>, usize)]) -> Vec<HfResult> {
+    let input: Vec<serde_json::Value> = jobs
         .iter()
-        .filter(|w| {
-            w.contains("not initialized")
-                || w.contains("not used")
-                || w.contains("newly initialized")
+        .map(|(d, ids, n)| serde_json::json!({"dir": d, "ids": ids, "new_tokens": n}))
+        .collect();
+    let out = python_json(py, "hf_logits.py", serde_json::json!(input));
+    let results = out.as_array().expect("a list of results").clone();
+    assert_eq!(results.len(), jobs.len());
+    results
+        .into_iter()
+        .zip(jobs)
+        .map(|(v, (dir, _, _))| {
+            assert_eq!(
+                v["missing"],
+                serde_json::json!([]),
+                "transformers found weights missing in {}",
+                dir.display()
+            );
+            assert_eq!(
+                v["unexpected"],
+                serde_json::json!([]),
+                "transformers found unexpected weights in {}",
+                dir.display()
+            );
+            let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap();
+            let relevant: Vec<&String> = warnings
+                .iter()
+                .filter(|w| {
+                    w.contains("not initialized")
+                        || w.contains("not used")
+                        || w.contains("newly initialized")
+                })
+                .collect();
+            assert!(
+                relevant.is_empty(),
+                "{}: loading warned: {relevant:?}",
+                dir.display()
+            );
+            HfResult {
+                logits: serde_json::from_value(v["logits"].clone()).unwrap(),
+                shape: serde_json::from_value(v["shape"].clone()).unwrap(),
+                generated: serde_json::from_value(v["generated"].clone()).unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Tiny random models made and saved by transformers itself (hf_make_model.py), each
+/// `(arch, dir, dtype, shard_bytes)`.
+fn hf_make(py: &PathBuf, models: &[(&str, PathBuf, &str, usize)]) {
+    let jobs: Vec<serde_json::Value> = models
+        .iter()
+        .map(|(arch, out, dtype, shard)| {
+            serde_json::json!({"arch": arch, "out": out, "dtype": dtype, "shard_bytes": shard})
         })
         .collect();
-    assert!(relevant.is_empty(), "loading warned: {relevant:?}");
-    let logits = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    let shape = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    (logits, shape)
+    python_json(py, "hf_make_model.py", serde_json::json!(jobs));
 }
+
+const ARCHS: &[&str] = &["llama3", "mistral", "qwen2", "qwen3", "gemma3"];
 
 #[test]
 fn logits_equal_transformers_for_loaded_and_saved_models() {
@@ -158,6 +217,87 @@ fn logits_equal_transformers_for_loaded_and_saved_models() {
 }
 
 #[test]
+fn every_architecture_saved_by_transformers_loads_saves_and_generates_like_transformers() {
+    use distillery_worker::model::generate::{generate, SamplingParams};
+    let Some(py) = python_or_skip(
+        "every_architecture_saved_by_transformers_loads_saves_and_generates_like_transformers",
+    ) else {
+        return;
+    };
+    // Longer than every sliding window (5) in the models, so windows matter.
+    let ids: Vec<Vec<u32>> = vec![
+        (0..14).map(|i| (i * 37 + 5) % 300).collect(),
+        (0..14).map(|i| (i * 101 + 17) % 300).collect(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    // Each architecture in both dtypes; sharding alternates so every combination is seen.
+    let models: Vec<(&str, PathBuf, &str, usize)> = ARCHS
+        .iter()
+        .enumerate()
+        .flat_map(|(k, arch)| {
+            [("float32", k % 2 == 0), ("bfloat16", k % 2 == 1)].map(|(dtype, sharded)| {
+                let d = dir.path().join(format!("{arch}-{dtype}"));
+                (*arch, d, dtype, if sharded { 150_000 } else { 0 })
+            })
+        })
+        .collect();
+    hf_make(&py, &models);
+    let prompts: Vec<Vec<u32>> = ids.iter().map(|r| r[..6].to_vec()).collect();
+    let mut jobs = Vec::new();
+    let mut ours = Vec::new();
+    for (arch, src, dtype, shard) in &models {
+        let label = format!(
+            "{arch} {dtype} {}",
+            if *shard > 0 { "sharded" } else { "single file" }
+        );
+        assert_eq!(
+            src.join("model.safetensors.index.json").is_file(),
+            *shard > 0,
+            "{label}"
+        );
+        let m = load_dir(src, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let saved = src.with_extension("saved");
+        save_dir(&m, &saved, Some(src)).unwrap();
+        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
+        let logits: Vec<f32> = m
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let greedy: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let params = SamplingParams {
+                    max_tokens: 10,
+                    ..Default::default()
+                };
+                generate(&m, p, &params).unwrap().tokens
+            })
+            .collect();
+        for d in [src.clone(), saved] {
+            jobs.push((d.clone(), ids.clone(), 0));
+            jobs.push((d.clone(), prompts.clone(), 10));
+            ours.push((
+                format!("{label} {}", d.display()),
+                logits.clone(),
+                greedy.clone(),
+            ));
+        }
+    }
+    let theirs = hf_batch(&py, &jobs);
+    for (k, (label, logits, greedy)) in ours.iter().enumerate() {
+        let (full, gen) = (&theirs[2 * k], &theirs[2 * k + 1]);
+        assert_eq!(full.shape, vec![2, 14, 300], "{label}");
+        let max = max_abs_gap(logits, &full.logits);
+        eprintln!("{label}: max |ours - transformers| = {max:e}");
+        assert!(max <= 1e-4, "{label}: max |ours - transformers| = {max}");
+        assert_eq!(greedy, &gen.generated, "{label}: greedy generation differs");
+    }
+}
+
+#[test]
 fn pruned_directories_load_in_transformers_with_our_logits() {
     use distillery_worker::prune::{apply::apply, importance::score, plan, scores};
     let Some(py) = python_or_skip("pruned_directories_load_in_transformers_with_our_logits") else {
@@ -219,5 +359,81 @@ fn pruned_directories_load_in_transformers_with_our_logits() {
         let max = max_abs_gap(&mine, &theirs);
         eprintln!("{label}: max |ours - transformers| = {max:e}");
         assert!(max <= 1e-4, "{label}: max |ours - transformers| = {max}");
+    }
+}
+
+#[test]
+fn pruned_models_of_every_architecture_load_in_transformers_with_our_logits() {
+    use distillery_worker::prune::{apply::apply, importance::score, plan, scores};
+    let Some(py) =
+        python_or_skip("pruned_models_of_every_architecture_load_in_transformers_with_our_logits")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let models: Vec<(&str, PathBuf, &str, usize)> = ARCHS
+        .iter()
+        .map(|a| (*a, dir.path().join(a), "float32", 0))
+        .collect();
+    hf_make(&py, &models);
+    let ids: Vec<Vec<u32>> = vec![(0..12).map(|i| (i * 37 + 5) % 300).collect()];
+    let calib: Vec<Vec<u32>> = (0..6)
+        .map(|s| (0..16).map(|i| (i * 13 + s * 29 + 3) % 300).collect())
+        .collect();
+    let mut jobs = Vec::new();
+    let mut ours = Vec::new();
+    for (arch, src, _, _) in &models {
+        let m = load_dir(src, DType::F32, &Device::Cpu).unwrap();
+        let imp = score(&m, &calib, 3, |_, _| true).unwrap();
+        let s = plan::shape_of(&m.config);
+        // Narrower everywhere and one layer fewer (for Gemma 3 and Qwen2 that mixes the kinds
+        // of the kept layers).
+        let target = plan::choose_shape(
+            &s,
+            &plan::Target {
+                hidden_size: Some(48),
+                intermediate_size: Some(64),
+                num_attention_heads: Some(2),
+                num_layers: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let keep = plan::plan(&s, &scores(&imp, &[]).unwrap(), &target).unwrap();
+        let pruned = apply(&m, &keep).unwrap();
+        let kept_types: Vec<_> = keep
+            .layers
+            .iter()
+            .map(|&l| m.config.layer_types[l])
+            .collect();
+        assert_eq!(pruned.config.layer_types, kept_types, "{arch}");
+        let out = src.with_extension("pruned");
+        save_dir(&pruned, &out, Some(src)).unwrap();
+        let back = load_dir(&out, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            back.num_params() as u64,
+            target.params,
+            "{arch}: parameter count"
+        );
+        assert_eq!(back.config.layer_types, kept_types, "{arch}");
+        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
+        let mine: Vec<f32> = back
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        jobs.push((out, ids.clone(), 0));
+        ours.push((arch.to_string(), mine));
+    }
+    for ((arch, mine), theirs) in ours.iter().zip(hf_batch(&py, &jobs)) {
+        assert_eq!(theirs.shape, vec![1, 12, 300], "{arch}");
+        let max = max_abs_gap(mine, &theirs.logits);
+        eprintln!("pruned {arch}: max |ours - transformers| = {max:e}");
+        assert!(
+            max <= 1e-4,
+            "pruned {arch}: max |ours - transformers| = {max}"
+        );
     }
 }

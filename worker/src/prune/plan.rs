@@ -68,6 +68,8 @@ pub fn shape_of(c: &LlamaConfig) -> ModelShape {
         params: 0,
         head_dim: c.head_dim() as u32,
         attention_bias: c.attention_bias,
+        qk_norm: c.arch().qk_norm(),
+        norms_per_layer: if c.arch().gemma() { 4 } else { 2 },
     };
     s.params = param_count(&s);
     s
