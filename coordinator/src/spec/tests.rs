@@ -310,7 +310,10 @@ fn a_gguf_teacher_shape_is_read_from_its_metadata() {
     // The worker's import refuses a truncated file, so submit does too, with its words.
     std::fs::write(&p, &b[..b.len() - 1]).unwrap();
     let e = source_model::read_shape(&p).unwrap_err().to_string();
-    assert!(e.contains("token_embd.weight") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("token_embd.weight") && e.contains("truncated"),
+        "{e}"
+    );
     std::fs::write(&p, b"GGUX").unwrap();
     assert!(source_model::read_shape(&p)
         .unwrap_err()

@@ -6,7 +6,7 @@
 use std::fmt;
 
 /// A ggml tensor type id as stored in a GGUF tensor info.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GgmlType(pub u32);
 
 /// How a type packs elements: `elements` values per block of `bytes` bytes. Rows are whole
