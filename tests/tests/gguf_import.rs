@@ -57,7 +57,10 @@ fn converted_models_of_every_architecture_import_with_transformers_config_and_lo
     for ((arch, logits), t) in ours.iter().zip(&theirs) {
         assert_eq!(t.shape, vec![2, 12, 300], "{arch}");
         let max = max_abs_gap(logits, &t.logits);
-        eprintln!("{arch}: GGUF import, max |ours - transformers| = {max:e} over {} logits", t.logits.len());
+        eprintln!(
+            "{arch}: GGUF import, max |ours - transformers| = {max:e} over {} logits",
+            t.logits.len()
+        );
         assert!(max <= 1e-4, "{arch}: max |ours - transformers| = {max}");
     }
 }

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use distillery_proto::gguf::{self as format, dequant, Fixup, GgufFile};
 use tokenizers::Tokenizer;
 
-use super::config::LlamaConfig;
+use super::config::{Arch, LayerType, LlamaConfig, RopeScaling};
 use super::io::{from_tensors, ModelIoError};
 use super::llama::Llama;
 use super::tokenizer::{self, GgufVocab};
@@ -212,7 +212,9 @@ fn tokenizer_from_meta(f: &GgufFile) -> Result<Option<Tokenizer>, ModelIoError> 
 }
 
 /// Writes `model` as llama.cpp does (arch `llama`, Q/K permuted), each tensor in the type
-/// `quant(hf_name, dims)` chooses, with a byte-level tokenizer's vocabulary when given.
+/// `quant(hf_name, dims)` chooses, with a byte-level tokenizer's vocabulary when given. Only
+/// plain Llama models (what the test models are): other architectures, RoPE scaling or sliding
+/// windows would need metadata this writer does not produce, so they are refused.
 pub fn write_gguf(
     model: &Llama,
     path: &Path,
@@ -221,6 +223,18 @@ pub fn write_gguf(
     chat_template: Option<&str>,
 ) -> Result<(), ModelIoError> {
     let c = &model.config;
+    if c.arch() != Arch::Llama
+        || c.rope_scaling != RopeScaling::Default
+        || c.layer_types.iter().any(|t| *t != LayerType::Full)
+    {
+        return Err(invalid(
+            path,
+            format!(
+                "write_gguf writes plain Llama models only, not this {} model (RoPE {:?})",
+                c.model_type, c.rope_scaling
+            ),
+        ));
+    }
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
         ("general.name".into(), Value::String("distillery".into())),
