@@ -402,7 +402,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("multiple of num_attention_heads 9") && e.contains("504"), "{e}");
+        assert!(
+            e.contains("multiple of num_attention_heads 9") && e.contains("504"),
+            "{e}"
+        );
         assert_eq!(s.head_dim, 64);
         let e = choose_shape(
             &src,
