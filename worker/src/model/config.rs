@@ -48,7 +48,8 @@ impl Arch {
         }
     }
 
-    fn from_model_type(t: &str) -> Option<Arch> {
+    /// The architecture of a `model_type`.
+    pub fn from_model_type(t: &str) -> Option<Arch> {
         Some(match t {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,

@@ -592,4 +592,4 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
