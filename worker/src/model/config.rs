@@ -643,12 +643,13 @@ impl LlamaConfig {
         if arch == Arch::Llama && sliding_window.is_some() {
             return bad("sliding_window is not a llama key (use model_type \"mistral\")");
         }
-        if layer_types.contains(&LayerType::Sliding) && arch == Arch::Mistral {
-            if layer_types.contains(&LayerType::Full) {
-                return bad(
-                    "mistral applies its sliding window to every layer; layer_types mixes kinds",
-                );
-            }
+        if arch == Arch::Mistral
+            && layer_types.contains(&LayerType::Sliding)
+            && layer_types.contains(&LayerType::Full)
+        {
+            return bad(
+                "mistral applies its sliding window to every layer; layer_types mixes kinds",
+            );
         }
 
         let mut extra = Map::new();
