@@ -118,6 +118,7 @@ fn a_model_mixing_every_type_loads_like_the_reference_dequantization() {
         num_kv_heads: 2,
         tie_word_embeddings: false,
         seed: 5,
+        ..Default::default()
     };
     // (HF name part, type); candle writes its types, gguf-py requantizes the IQ4 ones.
     let plan: &[(&str, &str)] = &[
