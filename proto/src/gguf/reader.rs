@@ -583,7 +583,11 @@ impl GgufFile {
                     dims[0], layout.elements
                 )));
             }
-            let n_bytes = elements / layout.elements * layout.bytes;
+            let Some(n_bytes) = (elements / layout.elements).checked_mul(layout.bytes) else {
+                return Err(c.malformed(format!(
+                    "tensor {name:?} has dimensions {dims:?} whose size in bytes overflows"
+                )));
+            };
             if offset % alignment != 0 {
                 return Err(c.malformed(format!(
                     "tensor {name:?} starts at offset {offset}, not a multiple of the alignment {alignment}"

@@ -212,6 +212,14 @@ fn lying_counts_are_refused_before_anything_is_allocated() {
         &[],
     ));
     assert!(e.contains("overflows"), "{e}");
+    let e = error(&file(
+        3,
+        &[],
+        &[tensor_info("t", &[1 << 62], 0, 0)],
+        32,
+        &[],
+    ));
+    assert!(e.contains("size in bytes overflows"), "{e}");
     // Dimensions that fit in u64 but whose data is not in the file.
     let e = error(&file(
         3,
