@@ -86,12 +86,13 @@ def generate(dest: Path) -> None:
 
 class BuildPyWithStubs(build_py):
     def run(self) -> None:
+        editable = getattr(self, "editable_mode", False)
+        built = Path(self.build_lib) / "distillery_client"
+        if not editable:
+            # pip builds in place: a module removed from src/ must not survive in build/.
+            shutil.rmtree(built, ignore_errors=True)
         super().run()
-        if getattr(self, "editable_mode", False):
-            dest = HERE / "src" / "distillery_client" / "_proto"
-        else:
-            dest = Path(self.build_lib) / "distillery_client" / "_proto"
-        generate(dest)
+        generate(HERE / "src" / "distillery_client" / "_proto" if editable else built / "_proto")
 
 
 class SdistWithProtos(sdist):
