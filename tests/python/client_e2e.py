@@ -11,8 +11,9 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
@@ -95,15 +96,19 @@ def campaign(cfg: dict[str, Any]) -> dict[str, Any]:
         "files": sorted(p.relative_to(out / "student").as_posix() for p in by_id.files),
         "on_disk": files_of(out / "student"),
     }
-    by_digest = c.download_artifact(report["status"]["rounds"][0]["artifacts"]["student"], out / "again")
+    by_digest = c.download_artifact(
+        report["status"]["rounds"][0]["artifacts"]["student"], out / "again"
+    )
     report["download_by_digest_same"] = by_digest.digest == by_id.digest and files_of(
         out / "again"
     ) == files_of(out / "student")
-    pruned = c.download_artifact(report["status"]["rounds"][0]["artifacts"]["pruned"], out / "pruned")
+    c.download_artifact(report["status"]["rounds"][0]["artifacts"]["pruned"], out / "pruned")
     report["pruned_files"] = sorted(files_of(out / "pruned"))
 
     # A second campaign, submitted as TOML text, cancelled: its watch ends on the cancellation.
-    cid2 = c.submit(text.replace('name = "py-client"', 'name = "py-client-cancelled"'), spec_dir=spec.parent)
+    cid2 = c.submit(
+        text.replace('name = "py-client"', 'name = "py-client-cancelled"'), spec_dir=spec.parent
+    )
     report["cancelled"] = state_name(c.cancel(cid2).state)
     last = list(c.watch(cid2))[-1]
     report["cancelled_watch_last"] = {"kind": last.kind, "state": state_name(last.state)}

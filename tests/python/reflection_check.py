@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -42,15 +43,27 @@ class _Header(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientIntercept
         md = list(d.metadata or []) + [self.pair]
         return _Details(d.method, d.timeout, md, d.credentials, d.wait_for_ready, d.compression)
 
-    def intercept_unary_unary(self, cont: Callable[..., Any], d: grpc.ClientCallDetails, req: Any) -> Any:
+    def intercept_unary_unary(
+        self, cont: Callable[..., Any], d: grpc.ClientCallDetails, req: Any
+    ) -> Any:
         return cont(self._details(d), req)
 
-    def intercept_stream_stream(self, cont: Callable[..., Any], d: grpc.ClientCallDetails, reqs: Iterator[Any]) -> Any:
+    def intercept_stream_stream(
+        self, cont: Callable[..., Any], d: grpc.ClientCallDetails, reqs: Iterator[Any]
+    ) -> Any:
         return cont(self._details(d), reqs)
 
 
 class _Details(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        method: str,
+        timeout: float | None,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: bool | None,
+        compression: Any,
+    ) -> None:
         self.method = method
         self.timeout = timeout
         self.metadata = metadata
@@ -93,9 +106,7 @@ def v1(channel: grpc.Channel) -> dict[str, Any]:
                 files.append(descriptor_pb2.FileDescriptorProto.FromString(raw))
         else:
             raise SystemExit(f"v1 reflection answered {resp}")
-    messages = {
-        f".{f.package}.{m.name}": m for f in files for m in f.message_type
-    }
+    messages = {f".{f.package}.{m.name}": m for f in files for m in f.message_type}
     methods = {}
     for service, name in METHODS:
         package, short = service.rsplit(".", 1)
@@ -111,7 +122,7 @@ def v1(channel: grpc.Channel) -> dict[str, Any]:
 
 
 def list_code(channel: grpc.Channel) -> str:
-    call = channel.unary_unary("/distillery.v1.CampaignService/List")
+    call: Any = channel.unary_unary("/distillery.v1.CampaignService/List")
     try:
         call(b"", timeout=10)
         return "OK"

@@ -292,6 +292,23 @@ async fn the_python_client_runs_a_campaign_against_the_real_coordinator() {
         .unwrap()
         .contains(&json!("config.json")));
 
+    // The example script does the same in a dozen lines.
+    let example = std::process::Command::new(&py)
+        .arg(repo_root().join("clients/python/examples/run_campaign.py"))
+        .arg(&spec)
+        .arg("--out")
+        .arg(d.join("example-student"))
+        .args(["--addr", &coord.url(), "--token", CLIENT])
+        .env("GRPC_VERBOSITY", "ERROR")
+        .output()
+        .expect("run the example");
+    let said = String::from_utf8_lossy(&example.stderr);
+    assert!(example.status.success(), "{said}");
+    let example_id = String::from_utf8_lossy(&example.stdout).trim().to_string();
+    assert_eq!(coord.status_json(Some(&example_id))["state"], "succeeded");
+    assert!(said.contains("step 8/8"), "{said}");
+    assert!(d.join("example-student/model.safetensors").is_file());
+
     // Cancel, and the errors a user meets.
     assert_eq!(v["cancelled"], "cancelled");
     assert_eq!(

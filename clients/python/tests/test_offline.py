@@ -42,7 +42,10 @@ class Digests(unittest.TestCase):
 
 class Manifests(unittest.TestCase):
     def test_only_versioned_well_formed_manifests_count(self) -> None:
-        good = {"distillery_dir": 1, "files": [{"path": "a/b.json", "digest": "ab" * 32, "size": 3}]}
+        good = {
+            "distillery_dir": 1,
+            "files": [{"path": "a/b.json", "digest": "ab" * 32, "size": 3}],
+        }
         entries = parse_manifest(json.dumps(good).encode())
         self.assertIsNotNone(entries)
         assert entries is not None
@@ -127,7 +130,13 @@ class StatusJson(unittest.TestCase):
         self.assertIsNone(round0["metrics"]["perplexity"])
         self.assertEqual(
             round0["target"],
-            {"hidden_size": None, "intermediate_size": None, "num_attention_heads": None, "num_layers": 2, "params": None},
+            {
+                "hidden_size": None,
+                "intermediate_size": None,
+                "num_attention_heads": None,
+                "num_layers": 2,
+                "params": None,
+            },
         )
 
 

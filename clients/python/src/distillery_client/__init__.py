@@ -20,9 +20,9 @@ from .errors import ArtifactError, DistilleryError, RpcError
 from .status import campaign_dict, is_terminal, state_name
 
 __all__ = [
+    "DEFAULT_ADDR",
     "ArtifactError",
     "Client",
-    "DEFAULT_ADDR",
     "DistilleryError",
     "Download",
     "RpcError",

@@ -41,7 +41,7 @@ def source_digest(client_dir: Path, proto_root: Path) -> str:
 def installed_digest() -> str | None:
     """The digest recorded when this package was installed, or None without generated stubs."""
     try:
-        from distillery_client._proto import _build  # type: ignore[attr-defined]
+        from distillery_client._proto import _build
     except ImportError:
         return None
     return str(_build.SOURCE_DIGEST)

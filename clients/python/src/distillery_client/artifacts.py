@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Protocol
 
 from .errors import ArtifactError
 
@@ -23,10 +24,10 @@ _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 def parse_digest(s: str) -> str:
     """The 64 lowercase hex characters of a digest, given with or without ``sha256:``."""
-    hex_ = s[len("sha256:") :] if s.startswith("sha256:") else s
+    hex_ = s.removeprefix("sha256:")
     if not _HEX64.fullmatch(hex_):
         raise ArtifactError(
-            f"{s!r} is not a sha256 digest: expect 64 hex characters, optionally after \"sha256:\""
+            f'{s!r} is not a sha256 digest: expect 64 hex characters, optionally after "sha256:"'
         )
     return hex_.lower()
 
@@ -48,7 +49,7 @@ class ManifestEntry:
     size: int
 
 
-def parse_manifest(blob: bytes) -> Optional[list[ManifestEntry]]:
+def parse_manifest(blob: bytes) -> list[ManifestEntry] | None:
     """The files of a directory manifest, or None when ``blob`` is not one (a plain file)."""
     try:
         doc = json.loads(blob)
@@ -89,7 +90,14 @@ def safe_join(root: Path, rel: str) -> Path:
     return root.joinpath(*parts)
 
 
-def receive_to_file(chunks: Iterable[object], dest: Path, expected: str) -> tuple[str, int]:
+class ChunkLike(Protocol):
+    """A ``Chunk`` message: bytes, and the digest the last one of a download carries."""
+
+    data: bytes
+    digest: str
+
+
+def receive_to_file(chunks: Iterable[ChunkLike], dest: Path, expected: str) -> tuple[str, int]:
     """Writes a stream of ``Chunk`` messages to ``dest`` through a temporary file renamed at the
     end, checking the sha256 against ``expected`` and against any digest a chunk carries.
     Returns (digest, size); on a mismatch or error nothing is left at ``dest``."""
@@ -101,13 +109,11 @@ def receive_to_file(chunks: Iterable[object], dest: Path, expected: str) -> tupl
     try:
         with open(tmp, "wb") as f:
             for chunk in chunks:
-                digest = getattr(chunk, "digest")
-                if digest:
-                    announced = parse_digest(digest)
-                data = getattr(chunk, "data")
-                h.update(data)
-                size += len(data)
-                f.write(data)
+                if chunk.digest:
+                    announced = parse_digest(chunk.digest)
+                h.update(chunk.data)
+                size += len(chunk.data)
+                f.write(chunk.data)
             f.flush()
             os.fsync(f.fileno())
         actual = h.hexdigest()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any
 
 import grpc
 
@@ -24,7 +25,7 @@ MAX_MESSAGE_BYTES = 16 << 20
 # A manifest lists a model's files; anything this large is a file artifact, not a manifest.
 _MAX_MANIFEST_BYTES = 64 << 20
 
-SpecInput = Union[str, "os.PathLike[str]", spec_pb2.CampaignSpec]
+SpecInput = str | os.PathLike[str] | spec_pb2.CampaignSpec
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _target(addr: str) -> tuple[str, bool]:
     return netloc, tls
 
 
-def _token_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
+def _token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     if not token:
         return ()
     if any(not (0x20 <= ord(ch) < 0x7F) for ch in token):
@@ -80,10 +81,10 @@ class Client:
     def __init__(
         self,
         addr: str = DEFAULT_ADDR,
-        token: Optional[str] = None,
-        ca_cert: Union[str, "os.PathLike[str]", bytes, None] = None,
+        token: str | None = None,
+        ca_cert: str | os.PathLike[str] | bytes | None = None,
         *,
-        timeout: Optional[float] = 60.0,
+        timeout: float | None = 60.0,
     ) -> None:
         target, tls = _target(addr)
         self.addr = addr
@@ -94,7 +95,7 @@ class Client:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         if tls:
-            root: Optional[bytes]
+            root: bytes | None
             if ca_cert is None:
                 root = None
             elif isinstance(ca_cert, bytes):
@@ -110,10 +111,11 @@ class Client:
             if ca_cert is not None:
                 raise ValueError(f"ca_cert is given but {addr!r} is not an https:// URL")
             self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = campaign_pb2_grpc.CampaignServiceStub(self._channel)
+        # The grpc plugin writes no type stubs for the service classes.
+        self._stub = campaign_pb2_grpc.CampaignServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     @classmethod
-    def from_env(cls, **overrides: object) -> "Client":
+    def from_env(cls, **overrides: object) -> Client:
         """A client configured like the CLI: ``DISTILLERY_ADDR`` (default
         ``http://127.0.0.1:7070``), ``DISTILLERY_TOKEN``, ``DISTILLERY_CA_CERT``; keyword
         arguments win."""
@@ -128,7 +130,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:  # noqa: PYI034 (3.10 has no typing.Self)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -136,7 +138,7 @@ class Client:
 
     # -- campaigns ------------------------------------------------------------------------
 
-    def submit(self, spec: SpecInput, *, spec_dir: Union[str, "os.PathLike[str]", None] = None) -> str:
+    def submit(self, spec: SpecInput, *, spec_dir: str | os.PathLike[str] | None = None) -> str:
         """Submits a campaign; returns its id.
 
         ``spec`` is a spec file's path (``os.PathLike``, or a ``str`` without a newline), TOML
@@ -163,31 +165,36 @@ class Client:
             if spec_dir is not None:
                 base = Path(spec_dir)
             req = campaign_pb2.SubmitRequest(spec_toml=text, spec_dir=str(base.resolve()))
-        return self._unary("submit", self._stub.Submit, req).campaign_id
+        campaign_id: str = self._unary("submit", self._stub.Submit, req).campaign_id
+        return campaign_id
 
     def status(self, campaign_id: str) -> campaign_pb2.Campaign:
         """One campaign: state, error, rounds with their phase, metrics and artifacts, task
         counts. :func:`distillery_client.campaign_dict` turns it into ``status --json``'s object."""
-        return self._unary(
+        c: campaign_pb2.Campaign = self._unary(
             "status", self._stub.Get, campaign_pb2.GetCampaignRequest(campaign_id=campaign_id)
         )
+        return c
 
-    def list(self) -> Sequence[campaign_pb2.Campaign]:
+    def list(self) -> list[campaign_pb2.Campaign]:
         """Every campaign the coordinator holds."""
-        return self._unary("list", self._stub.List, campaign_pb2.ListCampaignsRequest()).campaigns
+        r: campaign_pb2.ListCampaignsResponse = self._unary(
+            "list", self._stub.List, campaign_pb2.ListCampaignsRequest()
+        )
+        return list(r.campaigns)
 
     def cancel(self, campaign_id: str) -> campaign_pb2.Campaign:
         """Cancels a campaign; its running tasks stop within one heartbeat."""
-        return self._unary("cancel", self._stub.Cancel, campaign_pb2.CampaignRef(campaign_id=campaign_id))
+        return self._control("cancel", self._stub.Cancel, campaign_id)
 
     def pause(self, campaign_id: str) -> campaign_pb2.Campaign:
         """Pauses a campaign: running tasks stop and are re-leased, from their last checkpoint,
         on resume."""
-        return self._unary("pause", self._stub.Pause, campaign_pb2.CampaignRef(campaign_id=campaign_id))
+        return self._control("pause", self._stub.Pause, campaign_id)
 
     def resume(self, campaign_id: str) -> campaign_pb2.Campaign:
         """Resumes a paused campaign."""
-        return self._unary("resume", self._stub.Resume, campaign_pb2.CampaignRef(campaign_id=campaign_id))
+        return self._control("resume", self._stub.Resume, campaign_id)
 
     def watch(
         self,
@@ -243,7 +250,7 @@ class Client:
 
     # -- artifacts ------------------------------------------------------------------------
 
-    def download_artifact(self, what: str, out_dir: Union[str, "os.PathLike[str]"]) -> Download:
+    def download_artifact(self, what: str, out_dir: str | os.PathLike[str]) -> Download:
         """Downloads an artifact into ``out_dir``, as ``coordinator artifact get WHAT --out DIR``:
         ``what`` is a digest (``sha256:<hex>`` or the hex) or a campaign id (its latest round's
         student). A directory artifact becomes its files under ``out_dir`` (every manifest path
@@ -276,13 +283,13 @@ class Client:
             dest = out / digest
             os.replace(blob, dest)
             return Download(digest=digest, directory=False, files=[dest])
-        dests = [safe_join(out, e.path) for e in entries]
-        for e in entries:
-            parse_digest(e.digest)
-        for e, dest in zip(entries, dests):
-            _, size = self._download(e.digest, dest)
-            if size != e.size:
-                raise ArtifactError(f"{e.path}: manifest says {e.size} bytes, received {size}")
+        dests = [safe_join(out, f.path) for f in entries]
+        for f in entries:
+            parse_digest(f.digest)
+        for f, dest in zip(entries, dests):
+            _, size = self._download(f.digest, dest)
+            if size != f.size:
+                raise ArtifactError(f"{f.path}: manifest says {f.size} bytes, received {size}")
         blob.unlink()
         return Download(digest=digest, directory=True, files=dests)
 
@@ -297,7 +304,13 @@ class Client:
         finally:
             stream.cancel()
 
-    def _unary(self, what: str, method, request):  # type: ignore[no-untyped-def]
+    def _control(self, what: str, method: Any, campaign_id: str) -> campaign_pb2.Campaign:
+        c: campaign_pb2.Campaign = self._unary(
+            what, method, campaign_pb2.CampaignRef(campaign_id=campaign_id)
+        )
+        return c
+
+    def _unary(self, what: str, method: Any, request: Any) -> Any:
         try:
             return method(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:

@@ -21,7 +21,7 @@ class RpcError(DistilleryError):
         super().__init__(f"{what}: {code.name}: {details}")
 
     @classmethod
-    def wrap(cls, what: str, e: grpc.RpcError) -> "RpcError":
+    def wrap(cls, what: str, e: grpc.RpcError) -> RpcError:
         code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
         details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
         return cls(what, code, details)
