@@ -491,3 +491,63 @@ async fn oversized_messages_are_refused() {
         "{e:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toml_spec_sent_as_text_is_parsed_by_the_coordinator_like_the_cli_parses_it() {
+    let fx = fixture();
+    let coord = CoordinatorProc::start(&fx.path().join("data"), &[]);
+    let text = spec_toml(2, 1, "");
+    let path = write_spec(fx.path(), "s.toml", &text);
+    let dir = fx.path().to_str().unwrap().to_string();
+    let mut c = coord.campaigns(None).await;
+    let submit = |spec: Option<pb::CampaignSpec>, toml: &str, dir: &str| pb::SubmitRequest {
+        spec,
+        spec_toml: toml.to_string(),
+        spec_dir: dir.to_string(),
+    };
+    let refused = |r: Result<tonic::Response<pb::SubmitResponse>, tonic::Status>| {
+        let e = r.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        e.message().to_string()
+    };
+    let cli_spec = distillery_coordinator::spec::load_file(&path).unwrap();
+    // One of spec and spec_toml; an absolute folder for the relative paths.
+    let both = refused(c.submit(submit(Some(cli_spec.clone()), &text, &dir)).await);
+    assert!(both.contains("both"), "{both}");
+    let neither = refused(c.submit(submit(None, "", "")).await);
+    assert!(neither.contains("spec_toml"), "{neither}");
+    let relative = refused(c.submit(submit(None, &text, "spec-folder")).await);
+    assert!(relative.contains("spec_dir"), "{relative}");
+    // The parser's own errors, with the field path and where it looked.
+    let missing = refused(
+        c.submit(submit(
+            None,
+            &text.replace("\"web.jsonl\"", "\"gone.jsonl\""),
+            &dir,
+        ))
+        .await,
+    );
+    assert!(
+        missing.starts_with("data.train[0].path: ") && missing.contains("gone.jsonl"),
+        "{missing}"
+    );
+    assert_eq!(
+        coord.status_json(None)["campaigns"],
+        serde_json::json!([]),
+        "refused submissions changed nothing"
+    );
+
+    // Accepted, it is the very spec `coordinator submit` sends (absolute paths, teacher shape).
+    let id = c
+        .submit(submit(None, &text, &dir))
+        .await
+        .expect("accepted")
+        .into_inner()
+        .campaign_id;
+    let got = c
+        .get(pb::GetCampaignRequest { campaign_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.spec, Some(cli_spec));
+}
