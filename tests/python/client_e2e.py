@@ -3,6 +3,7 @@ tests/tests/python_client.rs to check against the coordinator and the Rust CLI.
 
 usage: client_e2e.py campaign CONFIG_JSON   (addr, client_token, worker_token, spec, out)
        client_e2e.py tls HTTPS_ADDR PLAIN_ADDR CA_PEM
+       client_e2e.py watch ADDR TOKEN CAMPAIGN_ID MARKER_FILE
 """
 
 from __future__ import annotations
@@ -146,11 +147,23 @@ def tls(https_addr: str, plain_addr: str, ca: str) -> dict[str, Any]:
     }
 
 
+def watch(addr: str, token: str, cid: str, marker: str) -> dict[str, Any]:
+    """Follows a campaign to its end, writing MARKER after the first event (so the test knows
+    the stream is open before it restarts the coordinator)."""
+    events = []
+    for e in Client(addr, token=token).watch(cid):
+        events.append({"seq": e.seq, "kind": e.kind, "state": state_name(e.state)})
+        Path(marker).touch()
+    return {"events": events}
+
+
 def main() -> None:
     if sys.argv[1] == "campaign":
         out = campaign(json.loads(sys.argv[2]))
     elif sys.argv[1] == "tls":
         out = tls(*sys.argv[2:5])
+    elif sys.argv[1] == "watch":
+        out = watch(*sys.argv[2:6])
     else:
         raise SystemExit(__doc__)
     json.dump(out, sys.stdout)

@@ -325,6 +325,75 @@ async fn the_python_client_runs_a_campaign_against_the_real_coordinator() {
     assert_eq!(v["unknown_digest"]["code"], "NOT_FOUND");
 }
 
+#[test]
+fn the_python_clients_watch_resumes_across_a_coordinator_restart() {
+    let Some(py) = python_client_or_skip("the_python_clients_watch_resumes_across_a_restart")
+    else {
+        return;
+    };
+    let fx = tempfile::tempdir().unwrap();
+    let d = fx.path();
+    let spec = tiny_campaign(&d.join("spec"));
+    let mut coord = CoordinatorProc::start(&d.join("data"), ML_TIMING);
+    let _w = WorkerProc::real(&coord.url(), &d.join("w1"), "cpu");
+    let id = submit(&coord, &spec);
+    let paused = coord.cli(&["pause", &id]);
+    assert!(paused.status.success());
+
+    // A watch is open on the paused campaign when the coordinator is SIGKILLed and restarted.
+    let marker = d.join("watching");
+    let watcher = std::process::Command::new(&py)
+        .arg(repo_root().join("tests/python/client_e2e.py"))
+        .args(["watch", &coord.url(), "", &id, marker.to_str().unwrap()])
+        .env("GRPC_VERBOSITY", "ERROR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the watcher");
+    assert!(
+        eventually(std::time::Duration::from_secs(20), || marker.exists()),
+        "the watch never started"
+    );
+    coord.restart();
+    let resumed = coord.cli(&["resume", &id]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let out = watcher.wait_with_output().expect("the watcher ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let events = v["events"].as_array().unwrap();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "every event once, in order, across the restart"
+    );
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["kind"].as_str(), last["state"].as_str()),
+        (Some("campaign_state"), Some("succeeded"))
+    );
+    // The pause was before the restart and the resume after it: what follows the pause is
+    // what the watch got from the restarted coordinator.
+    let pause = events
+        .iter()
+        .position(|e| e["kind"] == "campaign_state" && e["state"] == "paused")
+        .expect("the pause is in the log");
+    let after: Vec<&str> = events[pause + 1..]
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(after.first(), Some(&"campaign_state"), "{after:?}");
+    assert!(after.contains(&"task_succeeded"), "{after:?}");
+}
+
 /// `path -> sha256` of a directory artifact's manifest, read with the Rust client.
 async fn manifest_digests(
     coord: &CoordinatorProc,

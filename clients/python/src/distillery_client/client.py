@@ -93,6 +93,8 @@ class Client:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Reconnect to a restarted coordinator within seconds, not grpc's default 2 minutes.
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
         if tls:
             root: bytes | None
