@@ -13,6 +13,7 @@ without and with TOKEN.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -142,4 +143,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # A hung coordinator fails the test instead of stalling the suite (SIGALRM ends the process).
+    signal.alarm(60)
     main()
