@@ -101,6 +101,7 @@ async fn throughput(workers: usize, tasks: usize) {
     let id = cc
         .submit(pb::SubmitRequest {
             spec: Some(campaign_spec(tasks)),
+            ..Default::default()
         })
         .await
         .expect("submit")

@@ -378,7 +378,10 @@ async fn submit(path: &Path, wait: bool, client: &ClientOpts) -> Result<i32, Cli
         spec::load_file(path).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let mut c = connect(client).await?;
     let id = c
-        .submit(pb::SubmitRequest { spec: Some(spec) })
+        .submit(pb::SubmitRequest {
+            spec: Some(spec),
+            ..Default::default()
+        })
         .await
         .map_err(|s| status_error("submit", s))?
         .into_inner()

@@ -364,7 +364,10 @@ pub async fn run(a: DemoArgs) -> Result<i32, CliError> {
         .campaigns(ch)
         .map_err(|e| CliError::other(e.to_string()))?;
     let id = c
-        .submit(pb::SubmitRequest { spec: Some(spec) })
+        .submit(pb::SubmitRequest {
+            spec: Some(spec),
+            ..Default::default()
+        })
         .await
         .map_err(|s| CliError::other(format!("submit: {}", s.message())))?
         .into_inner()

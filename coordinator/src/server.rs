@@ -96,10 +96,22 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     health_reporter
         .set_serving::<WorkerServiceServer<Workers>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(distillery_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: grpcurl and tonic speak v1, grpcio's Python reflection client
+    // and older tools only v1alpha; each lists every service served, both reflections included.
+    // Like health, reflection is not behind the auth interceptor: it reveals the public schema
+    // only (what `proto/` holds), and tools need it before they have a token.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(distillery_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let auth_c = opts.auth.clone();
     let campaigns = InterceptedService::new(
@@ -133,7 +145,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     }
     let router = builder
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(campaigns)
         .add_service(workers);
     let ticker = engine.spawn_ticker(opts.tick);

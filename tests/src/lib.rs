@@ -276,6 +276,21 @@ impl WorkerProc {
         Self::spawn(cmd, work_dir)
     }
 
+    /// Starts `worker join` with a bearer token (role `worker`).
+    pub fn real_with_token(url: &str, work_dir: &Path, devices: &str, token: &str) -> WorkerProc {
+        let mut cmd = Command::new(bin("worker"));
+        cmd.args([
+            "join",
+            "--coordinator",
+            url,
+            "--devices",
+            devices,
+            "--token",
+            token,
+        ]);
+        Self::spawn(cmd, work_dir)
+    }
+
     /// Runs `cmd --work-dir DIR` with its log in `DIR/worker.log`.
     fn spawn(mut cmd: Command, work_dir: &Path) -> WorkerProc {
         std::fs::create_dir_all(work_dir).expect("work dir");
@@ -525,4 +540,120 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// The repository's root (the tests crate's parent).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The Python with the tests' packages: `DISTILLERY_PYTHON`, or `.venv-parity` (which `.ci/run`
+/// creates from `tests/python/requirements.txt`).
+pub fn python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("DISTILLERY_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = repo_root().join(".venv-parity/bin/python");
+    venv.exists().then_some(venv)
+}
+
+/// The Python to run, or `None` after saying why `test` skips (never on CI, which must have it).
+pub fn python_or_skip(test: &str) -> Option<PathBuf> {
+    let py = python();
+    if py.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must provide the tests' Python environment (.ci/run creates .venv-parity)"
+        );
+        eprintln!(
+            "SKIPPED {test}: no Python with the tests' packages (set DISTILLERY_PYTHON or run .ci/run)"
+        );
+    }
+    py
+}
+
+/// A Python with `distillery_client` installed from this checkout's sources, or `None` after
+/// saying why `test` skips (never on CI). An install built from other sources fails the test:
+/// it would test code that is not in the tree.
+pub fn python_client_or_skip(test: &str) -> Option<PathBuf> {
+    let py = python_or_skip(test)?;
+    let installed = Command::new(&py)
+        .args(["-c", "import distillery_client"])
+        .output()
+        .expect("run python");
+    if !installed.status.success() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must install the Python client (.ci/run: pip install ./clients/python): {}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        eprintln!(
+            "SKIPPED {test}: distillery_client is not installed in {} (pip install ./clients/python, or run .ci/run)",
+            py.display()
+        );
+        return None;
+    }
+    let check = Command::new(&py)
+        .args(["-m", "distillery_client._source", "--check"])
+        .arg(repo_root())
+        .output()
+        .expect("run python");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    Some(py)
+}
+
+/// Runs `tests/python/SCRIPT` with `args` (no inherited `DISTILLERY_*` settings); returns its
+/// stdout parsed as JSON, failing the test with its stderr when it fails.
+pub fn run_python(py: &Path, script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(py)
+        .arg(repo_root().join("tests/python").join(script))
+        .args(args)
+        .env_remove("DISTILLERY_ADDR")
+        .env_remove("DISTILLERY_TOKEN")
+        .env_remove("DISTILLERY_CA_CERT")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // grpcio logs every failed handshake of the calls that are meant to fail.
+        .env("GRPC_VERBOSITY", "ERROR")
+        .output()
+        .expect("run python");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed:\n{stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON ({e}): {}\n{stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Writes a fresh CA (`ca.pem`) and a certificate for `localhost` signed by it (`tls.crt`,
+/// `tls.key`) into `dir`.
+pub fn write_tls_files(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: with rcgen's default name on both, OpenSSL/BoringSSL clients (grpcio)
+    // take the leaf for self-signed, since its issuer equals its subject.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Distillery test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &issuer).expect("certificate");
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write ca.pem");
+    std::fs::write(dir.join("tls.crt"), cert.pem()).expect("write tls.crt");
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write tls.key");
 }

@@ -4,28 +4,7 @@
 
 use std::path::PathBuf;
 
-pub fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("DISTILLERY_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-parity/bin/python");
-    venv.exists().then_some(venv)
-}
-
-/// The Python to run, or `None` after saying why `test` skips (never on CI, which must have it).
-pub fn python_or_skip(test: &str) -> Option<PathBuf> {
-    let py = python();
-    if py.is_none() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must provide the transformers environment (.ci/run creates .venv-parity)"
-        );
-        eprintln!(
-            "SKIPPED {test}: no Python with transformers (set DISTILLERY_PYTHON or run .ci/run)"
-        );
-    }
-    py
-}
+pub use crate::{python, python_or_skip};
 
 /// Largest |a - b| over two logit vectors.
 pub fn max_abs_gap(a: &[f32], b: &[f32]) -> f32 {

@@ -196,6 +196,7 @@ async fn tokens_and_roles_are_enforced() {
     let submit = as_worker
         .submit(pb::SubmitRequest {
             spec: Some(spec.clone()),
+            ..Default::default()
         })
         .await;
     assert_eq!(
@@ -225,7 +226,10 @@ async fn tokens_and_roles_are_enforced() {
 
     let mut ok_client = coord.campaigns(Some(client)).await;
     ok_client
-        .submit(pb::SubmitRequest { spec: Some(spec) })
+        .submit(pb::SubmitRequest {
+            spec: Some(spec),
+            ..Default::default()
+        })
         .await
         .expect("client may submit");
     let mut ok_worker = coord.workers(Some(worker)).await;
@@ -300,45 +304,151 @@ async fn artifact_names_are_digests_never_paths() {
     );
 }
 
+/// What one reflection version says: the services it lists, and for each `(service, method)`
+/// asked about, the method's input and output types from the file descriptor it returns.
+#[derive(Debug, PartialEq)]
+struct Reflected {
+    services: Vec<String>,
+    methods: Vec<(String, String)>,
+}
+
+/// The `(input, output)` types of `service.method` in encoded file descriptors.
+fn method_types(files: &[Vec<u8>], service: &str, method: &str) -> Option<(String, String)> {
+    use prost::Message;
+    let (package, name) = service.rsplit_once('.')?;
+    files.iter().find_map(|bytes| {
+        let f = prost_types::FileDescriptorProto::decode(bytes.as_slice()).ok()?;
+        if f.package() != package {
+            return None;
+        }
+        let s = f.service.iter().find(|s| s.name() == name)?;
+        let m = s.method.iter().find(|m| m.name() == method)?;
+        Some((m.input_type().to_string(), m.output_type().to_string()))
+    })
+}
+
+/// Asks one reflection version to list the services and describe `methods`, with `token` (or
+/// none) in the metadata.
+macro_rules! reflect {
+    ($version:ident, $target:expr, $methods:expr) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        let target: &distillery_proto::client::Target = $target;
+        let methods: &[(&str, &str)] = $methods;
+        let ch = target.channel().await.unwrap();
+        let token = distillery_proto::client::BearerToken::new(target.token.as_deref()).unwrap();
+        let mut r = ServerReflectionClient::with_interceptor(ch, token);
+        let mut reqs = vec![MessageRequest::ListServices(String::new())];
+        for (service, _) in methods {
+            reqs.push(MessageRequest::FileContainingSymbol(service.to_string()));
+        }
+        let n = reqs.len();
+        let reqs = reqs.into_iter().map(|m| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        });
+        let mut stream = r
+            .server_reflection_info(futures::stream::iter(reqs))
+            .await
+            .expect("reflection answers")
+            .into_inner();
+        let mut services = Vec::new();
+        let mut files: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..n {
+            let resp = stream.message().await.unwrap().expect("a response");
+            match resp.message_response {
+                Some(MessageResponse::ListServicesResponse(list)) => {
+                    services = list.service.into_iter().map(|s| s.name).collect();
+                }
+                Some(MessageResponse::FileDescriptorResponse(fd)) => {
+                    files.extend(fd.file_descriptor_proto)
+                }
+                other => panic!("unexpected reflection answer {other:?}"),
+            }
+        }
+        services.sort();
+        let methods = methods
+            .iter()
+            .map(|(s, m)| {
+                let (i, o) = method_types(&files, s, m)
+                    .unwrap_or_else(|| panic!("{s}.{m} is not described"));
+                (i, o)
+            })
+            .collect();
+        Reflected { services, methods }
+    }};
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_reflection_answer_without_a_token() {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
+async fn health_and_both_reflection_versions_answer_without_a_token() {
     let fx = fixture();
     let tokens = fx.path().join("tokens");
-    std::fs::write(&tokens, "client client-token-0123456789abcdef\n").unwrap();
+    let client = "client-token-0123456789abcdef";
+    std::fs::write(&tokens, format!("client {client}\n")).unwrap();
     let coord = CoordinatorProc::start(
         &fx.path().join("data"),
         &["--tokens", tokens.to_str().unwrap()],
     );
-    let ch = coord.target(None).channel().await.unwrap();
-    let mut r = ServerReflectionClient::new(ch);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+    let methods: &[(&str, &str)] = &[
+        ("distillery.v1.CampaignService", "Submit"),
+        ("distillery.v1.WorkerService", "PollTask"),
+        ("grpc.health.v1.Health", "Check"),
+    ];
+    let want = Reflected {
+        services: vec![
+            "distillery.v1.CampaignService".into(),
+            "distillery.v1.WorkerService".into(),
+            "grpc.health.v1.Health".into(),
+            "grpc.reflection.v1.ServerReflection".into(),
+            "grpc.reflection.v1alpha.ServerReflection".into(),
+        ],
+        methods: vec![
+            (
+                ".distillery.v1.SubmitRequest".into(),
+                ".distillery.v1.SubmitResponse".into(),
+            ),
+            (
+                ".distillery.v1.PollTaskRequest".into(),
+                ".distillery.v1.PollTaskResponse".into(),
+            ),
+            (
+                ".grpc.health.v1.HealthCheckRequest".into(),
+                ".grpc.health.v1.HealthCheckResponse".into(),
+            ),
+        ],
     };
-    let mut stream = r
-        .server_reflection_info(futures::stream::iter(vec![req]))
-        .await
-        .expect("reflection")
-        .into_inner();
-    let resp = stream.message().await.unwrap().expect("a response");
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("{resp:?}")
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "distillery.v1.CampaignService",
-        "distillery.v1.WorkerService",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "{want} missing from {names:?}"
+    // Schema and health are public; a token, right or wrong, changes nothing there.
+    for token in [None, Some(client), Some("not-a-token-at-all-000000")] {
+        let target = coord.target(token);
+        assert_eq!(reflect!(v1, &target, methods), want, "v1, token {token:?}");
+        assert_eq!(
+            reflect!(v1alpha, &target, methods),
+            want,
+            "v1alpha, token {token:?}"
+        );
+        let ch = target.channel().await.unwrap();
+        let health = tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "distillery.v1.CampaignService".into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner();
+        assert_eq!(
+            health.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
     }
+    // The services reflection describes still want the token.
+    let mut anon = coord.campaigns(None).await;
+    let e = anon.list(pb::ListCampaignsRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let mut ok = coord.campaigns(Some(client)).await;
+    ok.list(pb::ListCampaignsRequest {})
+        .await
+        .expect("client token works");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,4 +490,64 @@ async fn oversized_messages_are_refused() {
         ),
         "{e:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toml_spec_sent_as_text_is_parsed_by_the_coordinator_like_the_cli_parses_it() {
+    let fx = fixture();
+    let coord = CoordinatorProc::start(&fx.path().join("data"), &[]);
+    let text = spec_toml(2, 1, "");
+    let path = write_spec(fx.path(), "s.toml", &text);
+    let dir = fx.path().to_str().unwrap().to_string();
+    let mut c = coord.campaigns(None).await;
+    let submit = |spec: Option<pb::CampaignSpec>, toml: &str, dir: &str| pb::SubmitRequest {
+        spec,
+        spec_toml: toml.to_string(),
+        spec_dir: dir.to_string(),
+    };
+    let refused = |r: Result<tonic::Response<pb::SubmitResponse>, tonic::Status>| {
+        let e = r.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        e.message().to_string()
+    };
+    let cli_spec = distillery_coordinator::spec::load_file(&path).unwrap();
+    // One of spec and spec_toml; an absolute folder for the relative paths.
+    let both = refused(c.submit(submit(Some(cli_spec.clone()), &text, &dir)).await);
+    assert!(both.contains("both"), "{both}");
+    let neither = refused(c.submit(submit(None, "", "")).await);
+    assert!(neither.contains("spec_toml"), "{neither}");
+    let relative = refused(c.submit(submit(None, &text, "spec-folder")).await);
+    assert!(relative.contains("spec_dir"), "{relative}");
+    // The parser's own errors, with the field path and where it looked.
+    let missing = refused(
+        c.submit(submit(
+            None,
+            &text.replace("\"web.jsonl\"", "\"gone.jsonl\""),
+            &dir,
+        ))
+        .await,
+    );
+    assert!(
+        missing.starts_with("data.train[0].path: ") && missing.contains("gone.jsonl"),
+        "{missing}"
+    );
+    assert_eq!(
+        coord.status_json(None)["campaigns"],
+        serde_json::json!([]),
+        "refused submissions changed nothing"
+    );
+
+    // Accepted, it is the very spec `coordinator submit` sends (absolute paths, teacher shape).
+    let id = c
+        .submit(submit(None, &text, &dir))
+        .await
+        .expect("accepted")
+        .into_inner()
+        .campaign_id;
+    let got = c
+        .get(pb::GetCampaignRequest { campaign_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.spec, Some(cli_spec));
 }

@@ -1,5 +1,6 @@
 //! `CampaignService`: what clients call.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use distillery_proto::v1 as pb;
@@ -10,6 +11,7 @@ use super::{stream_artifact, BoxStream};
 use crate::artifacts::ArtifactStore;
 use crate::engine::{now_ms, Engine};
 use crate::machine::{campaign_view, Event, MachineError, Reply};
+use crate::spec::{self, FileChecks};
 
 pub struct Campaigns {
     pub engine: Arc<Engine>,
@@ -24,16 +26,42 @@ impl Campaigns {
     }
 }
 
+/// A spec sent as TOML text (clients without our parser), parsed and validated with the rules of
+/// `coordinator submit`; its files are checked, and the teacher's shape read, on this machine.
+async fn parse_toml(text: String, dir: String) -> Result<pb::CampaignSpec, Status> {
+    let base = PathBuf::from(&dir);
+    if !base.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "SubmitRequest.spec_dir {dir:?} is not an absolute path: send the spec file's folder, which relative paths in spec_toml resolve against"
+        )));
+    }
+    // Reads files (the teacher's config or GGUF header): off the reactor.
+    tokio::task::spawn_blocking(move || spec::parse(&text, &base, FileChecks::Local))
+        .await
+        .map_err(|e| Status::internal(format!("spec parser: {e}")))?
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
 #[tonic::async_trait]
 impl CampaignService for Campaigns {
     async fn submit(
         &self,
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
-        let spec = req
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("SubmitRequest.spec is missing"))?;
+        let req = req.into_inner();
+        let spec =
+            match (req.spec, req.spec_toml.is_empty()) {
+                (Some(spec), true) => spec,
+                (None, false) => parse_toml(req.spec_toml, req.spec_dir).await?,
+                (Some(_), false) => {
+                    return Err(Status::invalid_argument(
+                        "SubmitRequest has both spec and spec_toml: send one",
+                    ))
+                }
+                (None, true) => return Err(Status::invalid_argument(
+                    "SubmitRequest.spec is missing: send a CampaignSpec, or the TOML in spec_toml",
+                )),
+            };
         match self
             .engine
             .apply(Event::Submit {

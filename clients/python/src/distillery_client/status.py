@@ -1,0 +1,114 @@
+"""Campaigns as plain data: the object ``coordinator status ID --json`` prints (DESIGN.md §4),
+built the way ``campaign_json`` in ``coordinator/src/cli.rs`` builds it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._proto import campaign_pb2
+
+JSON = dict[str, Any]
+
+
+def state_name(state: int) -> str:
+    """``pending``, ``running``, ``paused``, ``succeeded``, ``failed``, ``cancelled`` (or
+    ``unknown``)."""
+    try:
+        name = campaign_pb2.CampaignState.Name(state)
+    except ValueError:
+        return "unknown"
+    short = name.removeprefix("CAMPAIGN_STATE_").lower()
+    return "unknown" if short == "unspecified" else short
+
+
+def is_terminal(state: int) -> bool:
+    return state_name(state) in ("succeeded", "failed", "cancelled")
+
+
+def _nest(flat: dict[str, float]) -> JSON:
+    """Dotted metric names as nested objects (``judge.win_rate`` -> ``{"judge": {"win_rate"}}``)."""
+    root: JSON = {}
+    for key in sorted(flat):
+        parts = key.split(".")
+        cur = root
+        for p in parts[:-1]:
+            if not isinstance(cur.get(p), dict):
+                cur[p] = {}
+            cur = cur[p]
+        cur[parts[-1]] = flat[key]
+    return root
+
+
+def _round(r: campaign_pb2.Round) -> JSON:
+    flat = dict(r.metrics)
+    metrics = _nest(flat)
+    for k in ("perplexity", "teacher_perplexity"):
+        metrics.setdefault(k, None)
+    judge = metrics.setdefault("judge", {})
+    if isinstance(judge, dict):
+        for k in (
+            "wins",
+            "ties",
+            "losses",
+            "win_rate",
+            "ci_low",
+            "ci_high",
+            "position_consistency",
+            "unparsed",
+        ):
+            judge.setdefault(k, None)
+    distill = metrics.setdefault("distill", {})
+    if isinstance(distill, dict):
+        for k in ("steps", "tokens", "final_loss", "world_size"):
+            distill.setdefault(k, None)
+    target = None
+    if r.HasField("target"):
+        t = r.target
+
+        def opt(field: str) -> Any:
+            return getattr(t, field) if t.HasField(field) else None
+
+        target = {
+            "hidden_size": opt("hidden_size"),
+            "intermediate_size": opt("intermediate_size"),
+            "num_attention_heads": opt("num_attention_heads"),
+            "num_layers": opt("num_layers"),
+            "params": opt("params"),
+        }
+    artifacts: JSON = dict(r.artifacts)
+    artifacts.setdefault("student", None)
+    params = flat.get("params")
+    return {
+        "index": r.index,
+        "state": r.state,
+        "phase": r.phase,
+        "params": int(params) if params is not None else None,
+        "target": target,
+        "artifacts": artifacts,
+        "metrics": metrics,
+        "extensions": r.extensions,
+    }
+
+
+def campaign_dict(c: campaign_pb2.Campaign) -> JSON:
+    """``id``, ``name``, ``state``, ``error``, ``created_ms``, ``updated_ms``, ``tasks`` and
+    ``rounds[]`` with ``index``, ``state``, ``phase``, ``params``, ``target``,
+    ``artifacts{student, ...}``, ``metrics{perplexity, teacher_perplexity, judge{...},
+    distill{...}, ...}`` and ``extensions``: equal to ``coordinator status ID --json``."""
+    t = c.tasks
+    return {
+        "id": c.id,
+        "name": c.name,
+        "state": state_name(c.state),
+        "error": c.error or None,
+        "created_ms": c.created_ms,
+        "updated_ms": c.updated_ms,
+        "tasks": {
+            "pending": t.pending,
+            "leased": t.leased,
+            "succeeded": t.succeeded,
+            "failed": t.failed,
+            "cancelled": t.cancelled,
+        },
+        "rounds": [_round(r) for r in c.rounds],
+    }
