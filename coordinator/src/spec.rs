@@ -370,6 +370,34 @@ impl Validator<'_> {
         };
         let data = self.data(raw.data)?;
         let evaluation = self.evaluation(raw.evaluation, &data)?;
+        let scheduling = match raw.scheduling {
+            None => default_scheduling(),
+            Some(s) => {
+                positive("scheduling.max_attempts", s.max_attempts)?;
+                positive("scheduling.score_shards", s.score_shards)?;
+                positive("scheduling.judge_shards", s.judge_shards)?;
+                pb::SchedulingSpec {
+                    max_attempts: s.max_attempts,
+                    score_shards: s.score_shards,
+                    depth_groups: s.depth_groups,
+                    judge_shards: s.judge_shards,
+                }
+            }
+        };
+        if raw.rounds.is_empty() {
+            return Err(SpecError::new(
+                "rounds",
+                "no [[rounds]]: add at least one round with a target",
+            ));
+        }
+        let mut rounds = Vec::with_capacity(raw.rounds.len());
+        let mut prev = Some(shape);
+        for (i, r) in raw.rounds.into_iter().enumerate() {
+            let (round, next) = self.round(i, r, prev.as_ref(), &data)?;
+            rounds.push(round);
+            prev = next;
+        }
+        let gate = self.gate(raw.gate, &evaluation)?;
         if let (FileChecks::Local, Some(j)) = (self.checks, &evaluation.judge) {
             // Answers are generated with chat templates: refuse now, not after the first
             // round's distillation, when one is missing or broken.
@@ -404,34 +432,6 @@ impl Validator<'_> {
                 })?;
             }
         }
-        let scheduling = match raw.scheduling {
-            None => default_scheduling(),
-            Some(s) => {
-                positive("scheduling.max_attempts", s.max_attempts)?;
-                positive("scheduling.score_shards", s.score_shards)?;
-                positive("scheduling.judge_shards", s.judge_shards)?;
-                pb::SchedulingSpec {
-                    max_attempts: s.max_attempts,
-                    score_shards: s.score_shards,
-                    depth_groups: s.depth_groups,
-                    judge_shards: s.judge_shards,
-                }
-            }
-        };
-        if raw.rounds.is_empty() {
-            return Err(SpecError::new(
-                "rounds",
-                "no [[rounds]]: add at least one round with a target",
-            ));
-        }
-        let mut rounds = Vec::with_capacity(raw.rounds.len());
-        let mut prev = Some(shape);
-        for (i, r) in raw.rounds.into_iter().enumerate() {
-            let (round, next) = self.round(i, r, prev.as_ref(), &data)?;
-            rounds.push(round);
-            prev = next;
-        }
-        let gate = self.gate(raw.gate, &evaluation)?;
         Ok(pb::CampaignSpec {
             name: raw.name,
             seed: raw.seed,

@@ -47,6 +47,92 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The Python of the tests' environment (transformers, gguf, openai, grpcio): env
+/// `DISTILLERY_PYTHON`, else the repository's `.venv-parity` that `.ci/run` creates.
+pub fn python() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("DISTILLERY_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-parity/bin/python");
+    venv.exists().then_some(venv)
+}
+
+/// The Python to run, or `None` after saying why `test` skips (never on CI, which must have it).
+pub fn python_or_skip(test: &str) -> Option<PathBuf> {
+    let py = python();
+    if py.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must provide the Python test environment (.ci/run creates .venv-parity)"
+        );
+        eprintln!(
+            "SKIPPED {test}: no Python with the tests' packages (set DISTILLERY_PYTHON or run .ci/run)"
+        );
+    }
+    py
+}
+
+/// A script under `tests/python/`.
+pub fn python_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
+
+/// A running `worker serve` on a loopback port, killed when dropped.
+pub struct ServeProc {
+    child: Child,
+    pub port: u16,
+}
+
+impl ServeProc {
+    /// Starts `worker serve --model MODEL --listen 127.0.0.1:PORT ARGS...` and waits until it
+    /// accepts connections (or exits, with its stderr in the panic).
+    pub fn start(model: &Path, args: &[&str]) -> ServeProc {
+        let port = free_port();
+        let child = Command::new(bin("worker"))
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("worker serve starts");
+        let mut p = ServeProc { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = p.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("worker serve exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "worker serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Its log is not needed once it serves; a full pipe must not block it.
+        if let Some(mut e) = p.child.stderr.take() {
+            std::thread::spawn(move || std::io::copy(&mut e, &mut std::io::sink()));
+        }
+        p
+    }
+
+    /// `http://127.0.0.1:PORT/v1`
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for ServeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `coordinator serve`.
 pub struct CoordinatorProc {
     child: Option<Child>,

@@ -5,31 +5,9 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use distillery_tests::python_or_skip;
 use distillery_worker::model::io::{load_dir, save_dir};
 use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
-
-fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("DISTILLERY_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-parity/bin/python");
-    venv.exists().then_some(venv)
-}
-
-/// The Python to run, or `None` after saying why `test` skips (never on CI, which must have it).
-fn python_or_skip(test: &str) -> Option<PathBuf> {
-    let py = python();
-    if py.is_none() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must provide the transformers environment (.ci/run creates .venv-parity)"
-        );
-        eprintln!(
-            "SKIPPED {test}: no Python with transformers (set DISTILLERY_PYTHON or run .ci/run)"
-        );
-    }
-    py
-}
 
 /// Largest |a - b| over two logit vectors.
 fn max_abs_gap(a: &[f32], b: &[f32]) -> f32 {

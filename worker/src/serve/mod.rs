@@ -281,11 +281,9 @@ impl ServedModel {
             if stop {
                 stopped = true;
             }
-            if !out.is_empty() || stop {
-                if !on_delta(&out, std::mem::take(&mut pending)) {
-                    cancelled = true;
-                    return false;
-                }
+            if (!out.is_empty() || stop) && !on_delta(&out, std::mem::take(&mut pending)) {
+                cancelled = true;
+                return false;
             }
             !stop
         })

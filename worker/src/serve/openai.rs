@@ -376,12 +376,14 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<GenRequest, ApiError> {
                     None => None,
                     Some(-1) | Some(0) => Some(0),
                     Some(n) if n > 0 => Some(n as usize),
-                    Some(n) => return Err(ApiError::bad(
-                        k,
-                        format!(
+                    Some(n) => {
+                        return Err(ApiError::bad(
+                            k,
+                            format!(
                             "top_k = {n}: must be a positive number of tokens, or 0 / -1 for all"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             "seed" => r.seed = integer(k, v)?.map(|s| s as u64),

@@ -109,7 +109,9 @@ fn deltas_add_up_to_the_answer_and_stop_strings_cut_it() {
     // A stop string taken from the middle of the answer cuts it there.
     let chars: Vec<char> = whole.text.chars().collect();
     let stop: String = chars[2..4].iter().collect();
-    let cut = m.answer(&prompt, greedy(40), &[stop.clone()]).unwrap();
+    let cut = m
+        .answer(&prompt, greedy(40), std::slice::from_ref(&stop))
+        .unwrap();
     assert_eq!(cut.finish, Finish::Stop);
     assert_eq!(cut.text, whole.text[..whole.text.find(&stop).unwrap()]);
     assert!(cut.completion_tokens < whole.completion_tokens || whole.finish == Finish::Stop);
