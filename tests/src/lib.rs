@@ -427,7 +427,7 @@ impl Drop for WorkerProc {
     }
 }
 
-/// A folder with a teacher (HF config only), data files and questions, for specs.
+/// A folder with a teacher (HF config and a chat template), data files and questions, for specs.
 pub fn fixture() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let m = dir.path().join("teacher");
@@ -438,6 +438,12 @@ pub fn fixture() -> tempfile::TempDir {
             "num_hidden_layers": 4, "vocab_size": 256, "tie_word_embeddings": true}"#,
     )
     .expect("config");
+    // Submitting a spec with a judge checks that the teacher's answers have a chat template.
+    std::fs::write(
+        m.join("chat_template.jinja"),
+        distillery_worker::model::chat::CHATML_TEMPLATE,
+    )
+    .expect("chat template");
     for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
         std::fs::write(dir.path().join(f), "{\"text\": \"hello world\"}\n").expect("data");
     }

@@ -472,3 +472,68 @@ fn a_model_without_a_chat_template_is_refused_until_one_is_given() {
         "the given template rendered the prompt"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_config_defaults_apply_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = make_model(dir.path());
+    // The authors decode greedily: requests without a temperature get greedy answers.
+    std::fs::write(
+        model.join("generation_config.json"),
+        r#"{"eos_token_id": 257, "do_sample": false, "max_new_tokens": 5}"#,
+    )
+    .unwrap();
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let answers = |base: String| {
+        let body = body.clone();
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..4 {
+                let (status, v) = post(&base, "chat/completions", &body).await;
+                assert_eq!(status, 200, "{v}");
+                out.push((
+                    chat_text(&v),
+                    v["usage"]["completion_tokens"].as_u64().unwrap(),
+                ));
+            }
+            out
+        }
+    };
+    let server = ServeProc::start(&model, &[]);
+    let auto = answers(server.base()).await;
+    assert!(
+        auto.iter().all(|a| *a == auto[0]),
+        "greedy by default: {auto:?}"
+    );
+    assert!(
+        auto.iter().all(|a| a.1 <= 5),
+        "max_new_tokens is the default budget"
+    );
+    drop(server);
+    // --generation-config none: OpenAI's defaults (temperature 1, a fresh seed each request).
+    let server = ServeProc::start(&model, &["--generation-config", "none"]);
+    let none = answers(server.base()).await;
+    assert!(none.iter().any(|a| *a != none[0]), "sampled: {none:?}");
+    drop(server);
+    // A field that would change the answer and is not implemented refuses the model, unless
+    // the file's sampling fields are not used.
+    std::fs::write(
+        model.join("generation_config.json"),
+        r#"{"eos_token_id": 257, "no_repeat_ngram_size": 3}"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("worker"))
+        .args(["serve", "--listen", "127.0.0.1:1", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no_repeat_ngram_size") && err.contains("--generation-config none"),
+        "{err}"
+    );
+    let server = ServeProc::start(&model, &["--generation-config", "none"]);
+    let (status, _) = post(&server.base(), "chat/completions", &body).await;
+    assert_eq!(status, 200);
+}

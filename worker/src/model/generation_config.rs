@@ -29,6 +29,16 @@ pub enum GenerationConfigError {
     },
 }
 
+/// How much of a generation config is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Stop tokens and sampling defaults; what cannot be honoured is an error.
+    Everything,
+    /// Only the stop tokens (greedy campaign answers, `--generation-config none`): the sampling
+    /// fields are not used, so none of them is refused.
+    StopTokens,
+}
+
 /// What a model's generation config asks for.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationConfig {
@@ -171,7 +181,11 @@ fn token_ids(v: &Value) -> Option<Vec<u32>> {
 
 impl GenerationConfig {
     /// Parses the text of a `generation_config.json` read from `path`.
-    pub fn parse(text: &str, path: &Path) -> Result<GenerationConfig, GenerationConfigError> {
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        reading: Reading,
+    ) -> Result<GenerationConfig, GenerationConfigError> {
         let shown = path.display().to_string();
         let invalid = |message: String| GenerationConfigError::Invalid {
             path: shown.clone(),
@@ -200,6 +214,9 @@ impl GenerationConfig {
                 .ok_or_else(|| invalid(format!("{field} = {x}: must be a whole number"))),
         };
         for (field, x) in obj {
+            if reading == Reading::StopTokens && field != "eos_token_id" {
+                continue;
+            }
             match field.as_str() {
                 "eos_token_id" => {
                     g.eos_token_ids = token_ids(x).ok_or_else(|| {
@@ -251,7 +268,10 @@ impl GenerationConfig {
 
     /// A Hugging Face directory's generation config: `generation_config.json`, or only the
     /// `eos_token_id` of `config.json` when there is no such file.
-    pub fn from_dir(dir: &Path) -> Result<GenerationConfig, GenerationConfigError> {
+    pub fn from_dir(
+        dir: &Path,
+        reading: Reading,
+    ) -> Result<GenerationConfig, GenerationConfigError> {
         let read = |p: &Path| match std::fs::read_to_string(p) {
             Ok(t) => Ok(Some(t)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -262,7 +282,7 @@ impl GenerationConfig {
         };
         let gc = dir.join("generation_config.json");
         if let Some(text) = read(&gc)? {
-            return GenerationConfig::parse(&text, &gc);
+            return GenerationConfig::parse(&text, &gc, reading);
         }
         let cfg = dir.join("config.json");
         let mut g = GenerationConfig {
@@ -297,7 +317,11 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<GenerationConfig, GenerationConfigError> {
-        GenerationConfig::parse(json, Path::new("generation_config.json"))
+        GenerationConfig::parse(
+            json,
+            Path::new("generation_config.json"),
+            Reading::Everything,
+        )
     }
 
     #[test]
@@ -337,6 +361,10 @@ mod tests {
             assert!(e.contains(field), "{e}");
             assert!(e.contains("--generation-config none"), "{e}");
             assert!(e.contains("generation_config.json"), "{e}");
+            // Read for its stop tokens only, the sampling fields are not looked at.
+            let p = Path::new("generation_config.json");
+            let g = GenerationConfig::parse(json, p, Reading::StopTokens).unwrap();
+            assert_eq!(g.temperature, None);
         }
         for (json, what) in [
             (r#"{"temperature": -1}"#, "temperature"),
@@ -359,7 +387,7 @@ mod tests {
             r#"{"eos_token_id": [3, 4], "bos_token_id": 1}"#,
         )
         .unwrap();
-        let g = GenerationConfig::from_dir(dir.path()).unwrap();
+        let g = GenerationConfig::from_dir(dir.path(), Reading::Everything).unwrap();
         assert_eq!(g.eos_token_ids, [3, 4]);
         assert_eq!(g.temperature, None);
         std::fs::write(
@@ -368,7 +396,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            GenerationConfig::from_dir(dir.path())
+            GenerationConfig::from_dir(dir.path(), Reading::StopTokens)
                 .unwrap()
                 .eos_token_ids,
             [9]

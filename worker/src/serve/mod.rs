@@ -21,7 +21,7 @@ pub use http::{router, serve};
 
 use crate::model::chat::{self, ChatTemplate, ChatTemplateError, Message, TemplateChoice};
 use crate::model::generate::{generate_with, FinishReason, SamplingParams, Step};
-use crate::model::generation_config::{GenerationConfig, GenerationConfigError};
+use crate::model::generation_config::{GenerationConfig, GenerationConfigError, Reading};
 use crate::model::io::{load_dir, ModelIoError};
 use crate::model::tokenizer;
 use crate::model::Llama;
@@ -47,7 +47,8 @@ pub struct ServeOptions {
     pub aliases: Vec<String>,
     pub chat_template: TemplateChoice,
     /// Apply `generation_config.json`'s sampling fields to requests that leave them out (as
-    /// vLLM does; `worker serve`). Off: requests get OpenAI's defaults, and campaign answers are
+    /// vLLM does; `worker serve`), refusing a model whose file asks for what is not implemented.
+    /// Off: only its stop tokens are used; requests get OpenAI's defaults, campaign answers are
     /// greedy.
     pub generation_defaults: bool,
 }
@@ -90,7 +91,17 @@ pub fn load_served(path: &Path, opts: ServeOptions) -> Result<ServedModel, LoadE
         let tok = tokenizer::load(&path.join("tokenizer.json"))
             .map_err(|e| invalid(path, format!("{e}; serving needs tokenizer.json")))?;
         let templates = chat::ModelTemplates::from_dir(path)?;
-        (model, tok, templates, GenerationConfig::from_dir(path)?)
+        let reading = if opts.generation_defaults {
+            Reading::Everything
+        } else {
+            Reading::StopTokens
+        };
+        (
+            model,
+            tok,
+            templates,
+            GenerationConfig::from_dir(path, reading)?,
+        )
     } else {
         let g = crate::model::gguf::load_gguf(path, DType::F32, &Device::Cpu)?;
         let tok = g.tokenizer.ok_or_else(|| {

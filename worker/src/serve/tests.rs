@@ -65,6 +65,7 @@ fn a_model_without_a_chat_template_is_refused_unless_one_is_given() {
     let m = load_served(
         dir.path(),
         ServeOptions {
+            generation_defaults: true,
             chat_template: TemplateChoice {
                 file: Some(file),
                 name: None,
@@ -83,11 +84,18 @@ fn a_model_without_a_chat_template_is_refused_unless_one_is_given() {
         r#"{"eos_token_id": 257, "num_beams": 4}"#,
     )
     .unwrap();
-    let e = load_served(dir.path(), ServeOptions::default())
+    let strict = ServeOptions {
+        generation_defaults: true,
+        ..Default::default()
+    };
+    let e = load_served(dir.path(), strict.clone())
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("num_beams") && e.contains("beam search"), "{e}");
+    // Campaign answers (greedy, the file's sampling fields unused) still load.
+    let m = load_served(dir.path(), ServeOptions::default()).unwrap();
+    assert_eq!(m.stop_tokens, [257]);
 }
 
 #[test]
