@@ -62,18 +62,14 @@ fn a_model_without_a_chat_template_is_refused_unless_one_is_given() {
     );
     let file = dir.path().join("mine.jinja");
     std::fs::write(&file, "{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
-    let m = load_served(
-        dir.path(),
-        ServeOptions {
-            generation_defaults: true,
-            chat_template: TemplateChoice {
-                file: Some(file),
-                name: None,
-            },
-            ..Default::default()
+    let given = ServeOptions {
+        chat_template: TemplateChoice {
+            file: Some(file),
+            name: None,
         },
-    )
-    .unwrap();
+        ..Default::default()
+    };
+    let m = load_served(dir.path(), given.clone()).unwrap();
     assert_eq!(
         m.chat_prompt(&[Message::new("user", "ab")]).unwrap(),
         [97, 98]
@@ -86,7 +82,7 @@ fn a_model_without_a_chat_template_is_refused_unless_one_is_given() {
     .unwrap();
     let strict = ServeOptions {
         generation_defaults: true,
-        ..Default::default()
+        ..given.clone()
     };
     let e = load_served(dir.path(), strict.clone())
         .err()
@@ -94,7 +90,7 @@ fn a_model_without_a_chat_template_is_refused_unless_one_is_given() {
         .to_string();
     assert!(e.contains("num_beams") && e.contains("beam search"), "{e}");
     // Campaign answers (greedy, the file's sampling fields unused) still load.
-    let m = load_served(dir.path(), ServeOptions::default()).unwrap();
+    let m = load_served(dir.path(), given).unwrap();
     assert_eq!(m.stop_tokens, [257]);
 }
 
@@ -181,4 +177,42 @@ fn the_same_seed_samples_the_same_answer() {
         .map(|s| m.answer(&prompt, p(s), &[]).unwrap().text)
         .collect();
     assert!(others.iter().any(|t| *t != a.text));
+}
+
+#[test]
+fn a_gguf_file_serves_with_its_own_template_or_is_refused_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = crate::model::test_model::test_model(
+        &TestModelSpec::default(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tok = tokenizer::byte_level().unwrap();
+    let f32 = |_: &str, _: &[usize]| candle_core::quantized::GgmlDType::F32;
+    let with = dir.path().join("with.gguf");
+    crate::model::gguf::write_gguf(&m, &with, &f32, Some(&tok), Some(chat::CHATML_TEMPLATE))
+        .unwrap();
+    let s = load_served(&with, ServeOptions::default()).unwrap();
+    assert!(
+        s.chat.source.ends_with("tokenizer.chat_template"),
+        "{}",
+        s.chat.source
+    );
+    assert_eq!(
+        s.chat_prompt(&[Message::new("user", "hi")]).unwrap().len(),
+        "S".len() + "user\nhi".len() + "E\nS".len() + "assistant\n".len()
+    );
+    let without = dir.path().join("without.gguf");
+    crate::model::gguf::write_gguf(&m, &without, &f32, Some(&tok), None).unwrap();
+    let e = load_served(&without, ServeOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("without.gguf")
+            && e.contains("GGUF tokenizer.chat_template")
+            && e.contains("--chat-template FILE"),
+        "{e}"
+    );
 }
