@@ -126,6 +126,7 @@ fn train_teacher(
         num_kv_heads: 2,
         tie_word_embeddings: true,
         seed: 1,
+        ..Default::default()
     };
     write_test_model(dir, &spec).map_err(|e| err(&e))?;
     let model =

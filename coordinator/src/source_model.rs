@@ -2,11 +2,9 @@
 //! metadata and tensor names of a GGUF file. Used at submit time to check targets, and that the
 //! models whose answers a campaign generates have a chat template.
 
-use std::collections::HashMap;
-use std::io::{BufReader, Read};
 use std::path::Path;
 
-use distillery_proto::shape::param_count;
+use distillery_proto::gguf::{GgufError, GgufFile};
 use distillery_proto::v1::ModelShape;
 
 /// Why a model's shape could not be read.
@@ -14,6 +12,9 @@ use distillery_proto::v1::ModelShape;
 pub enum ShapeError {
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    /// The GGUF reader's error, which names the file.
+    #[error("{0}")]
+    Gguf(#[from] GgufError),
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> ShapeError {
@@ -80,43 +81,13 @@ pub fn read_shape(path: &Path) -> Result<ModelShape, ShapeError> {
     }
 }
 
-/// Shape from the text of a Hugging Face `config.json`.
+/// Shape from the text of a Hugging Face `config.json`, read by the same code that loads the
+/// model (so a config the worker would refuse is refused at submit time, with the same words).
 pub fn from_hf_config(path: &Path, text: &str) -> Result<ModelShape, ShapeError> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| invalid(path, format!("is not valid JSON: {e}")))?;
-    let get = |k: &str| -> Result<u32, ShapeError> {
-        v.get(k)
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| {
-                invalid(
-                    path,
-                    format!("has no integer `{k}`; is this a Llama-family config?"),
-                )
-            })
-    };
-    let heads = get("num_attention_heads")?;
-    let mut s = ModelShape {
-        hidden_size: get("hidden_size")?,
-        intermediate_size: get("intermediate_size")?,
-        num_attention_heads: heads,
-        num_key_value_heads: get("num_key_value_heads").unwrap_or(heads),
-        num_layers: get("num_hidden_layers")?,
-        vocab_size: get("vocab_size")?,
-        tie_word_embeddings: v
-            .get("tie_word_embeddings")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false),
-        params: 0,
-        head_dim: get("head_dim").unwrap_or(0),
-        attention_bias: v
-            .get("attention_bias")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false)
-            || v.get("model_type").and_then(serde_json::Value::as_str) == Some("qwen2"),
-    };
+    let c = distillery_worker::model::LlamaConfig::from_json(text)
+        .map_err(|e| invalid(path, e.to_string()))?;
+    let s = distillery_worker::prune::plan::shape_of(&c);
     check_heads(path, &s)?;
-    s.params = param_count(&s);
     Ok(s)
 }
 
@@ -136,156 +107,12 @@ fn check_heads(path: &Path, s: &ModelShape) -> Result<(), ShapeError> {
     Ok(())
 }
 
-/// GGUF metadata value, as far as shapes need it.
-enum Meta {
-    Int(u64),
-    Str(String),
-    ArrayLen(u64),
-    Other,
-}
-
-struct GgufReader<R: Read> {
-    r: R,
-}
-
-impl<R: Read> GgufReader<R> {
-    fn bytes<const N: usize>(&mut self) -> std::io::Result<[u8; N]> {
-        let mut b = [0u8; N];
-        self.r.read_exact(&mut b)?;
-        Ok(b)
-    }
-    fn u32(&mut self) -> std::io::Result<u32> {
-        Ok(u32::from_le_bytes(self.bytes::<4>()?))
-    }
-    fn u64(&mut self) -> std::io::Result<u64> {
-        Ok(u64::from_le_bytes(self.bytes::<8>()?))
-    }
-    fn string(&mut self) -> std::io::Result<String> {
-        let n = self.u64()?;
-        if n > 1 << 24 {
-            return Err(std::io::Error::other("string longer than 16 MiB"));
-        }
-        let mut b = vec![0u8; n as usize];
-        self.r.read_exact(&mut b)?;
-        Ok(String::from_utf8_lossy(&b).into_owned())
-    }
-    fn skip(&mut self, n: u64) -> std::io::Result<()> {
-        std::io::copy(&mut (&mut self.r).take(n), &mut std::io::sink())?;
-        Ok(())
-    }
-    fn value(&mut self, ty: u32) -> std::io::Result<Meta> {
-        Ok(match ty {
-            0 | 1 => Meta::Int(u64::from(self.bytes::<1>()?[0])),
-            2 | 3 => Meta::Int(u64::from(u16::from_le_bytes(self.bytes::<2>()?))),
-            4 | 5 => Meta::Int(u64::from(self.u32()?)),
-            6 => {
-                self.skip(4)?;
-                Meta::Other
-            }
-            7 => {
-                self.skip(1)?;
-                Meta::Other
-            }
-            8 => Meta::Str(self.string()?),
-            9 => {
-                let elem = self.u32()?;
-                let n = self.u64()?;
-                match elem {
-                    0 | 1 | 7 => self.skip(n)?,
-                    2 | 3 => self.skip(n * 2)?,
-                    4..=6 => self.skip(n * 4)?,
-                    10..=12 => self.skip(n * 8)?,
-                    _ => {
-                        for _ in 0..n {
-                            self.value(elem)?;
-                        }
-                    }
-                }
-                Meta::ArrayLen(n)
-            }
-            10 | 11 => Meta::Int(self.u64()?),
-            12 => {
-                self.skip(8)?;
-                Meta::Other
-            }
-            t => return Err(std::io::Error::other(format!("unknown metadata type {t}"))),
-        })
-    }
-}
-
+/// Shape of a GGUF file: its metadata and tensor list turned into the `config.json` the worker's
+/// import builds (the same code, `distillery_proto::gguf`), then read like any config. A file
+/// the worker would refuse (truncated, a tensor type it cannot dequantize, metadata that changes
+/// the math) is refused here with the same message.
 fn from_gguf(path: &Path) -> Result<ModelShape, ShapeError> {
-    let f = std::fs::File::open(path).map_err(|e| invalid(path, format!("cannot open: {e}")))?;
-    let mut g = GgufReader {
-        r: BufReader::new(f),
-    };
-    let io = |e: std::io::Error| invalid(path, format!("is not a readable GGUF file: {e}"));
-    if &g.bytes::<4>().map_err(io)? != b"GGUF" {
-        return Err(invalid(
-            path,
-            "has no GGUF magic: is it a llama.cpp model file?",
-        ));
-    }
-    let version = g.u32().map_err(io)?;
-    if version < 2 {
-        return Err(invalid(
-            path,
-            format!("is GGUF version {version}; convert it with a current llama.cpp"),
-        ));
-    }
-    let n_tensors = g.u64().map_err(io)?;
-    let n_kv = g.u64().map_err(io)?;
-    let mut meta = HashMap::new();
-    for _ in 0..n_kv {
-        let key = g.string().map_err(io)?;
-        let ty = g.u32().map_err(io)?;
-        meta.insert(key, g.value(ty).map_err(io)?);
-    }
-    let mut has_output = false;
-    for _ in 0..n_tensors {
-        let name = g.string().map_err(io)?;
-        let dims = g.u32().map_err(io)?;
-        g.skip(u64::from(dims) * 8 + 4 + 8).map_err(io)?;
-        has_output |= name == "output.weight";
-    }
-    let arch = match meta.get("general.architecture") {
-        Some(Meta::Str(s)) => s.clone(),
-        _ => return Err(invalid(path, "has no general.architecture")),
-    };
-    let int = |k: &str| -> Result<u32, ShapeError> {
-        match meta.get(&format!("{arch}.{k}")) {
-            Some(Meta::Int(v)) => {
-                u32::try_from(*v).map_err(|_| invalid(path, format!("{arch}.{k} is too large")))
-            }
-            _ => Err(invalid(
-                path,
-                format!("has no {arch}.{k}; is this a Llama-family model?"),
-            )),
-        }
-    };
-    let heads = int("attention.head_count")?;
-    let vocab = match (meta.get("tokenizer.ggml.tokens"), int("vocab_size")) {
-        (_, Ok(v)) => v,
-        (Some(Meta::ArrayLen(n)), _) => u32::try_from(*n).unwrap_or(u32::MAX),
-        _ => {
-            return Err(invalid(
-                path,
-                "has neither a vocab_size nor tokenizer.ggml.tokens",
-            ))
-        }
-    };
-    let mut s = ModelShape {
-        hidden_size: int("embedding_length")?,
-        intermediate_size: int("feed_forward_length")?,
-        num_attention_heads: heads,
-        num_key_value_heads: int("attention.head_count_kv").unwrap_or(heads),
-        num_layers: int("block_count")?,
-        vocab_size: vocab,
-        tie_word_embeddings: !has_output,
-        params: 0,
-        head_dim: int("attention.key_length").unwrap_or(0),
-        attention_bias: arch == "qwen2",
-    };
-    check_heads(path, &s)?;
-    s.params = param_count(&s);
-    Ok(s)
+    let f = GgufFile::open(path)?;
+    let import = distillery_proto::gguf::import(&f)?;
+    from_hf_config(path, &import.config_json)
 }

@@ -666,6 +666,17 @@ impl Validator<'_> {
                 s.num_layers = layers;
                 s.head_dim = distillery_proto::shape::head_dim(src);
                 s.params = param_count(&s);
+                // The worker's own rule for what a pruned model may be (one source of truth).
+                let target = distillery_worker::prune::plan::Target {
+                    hidden_size: Some(hidden),
+                    intermediate_size: Some(inter),
+                    num_attention_heads: Some(heads),
+                    num_layers: Some(layers),
+                    ..Default::default()
+                };
+                if let Err(e) = distillery_worker::prune::plan::choose_shape(src, &target) {
+                    return Err(SpecError::new(format!("{f}.target"), e.to_string()));
+                }
                 next = Some(s);
             }
         }

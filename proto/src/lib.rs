@@ -1,4 +1,6 @@
-//! The wire schema of Distillery (`proto/distillery/v1`) and the artifact transfer format.
+//! The wire schema of Distillery (`proto/distillery/v1`) and the artifact transfer format, and
+//! the dependency-free code both the coordinator and the worker run: model shapes, judge
+//! statistics, and the GGUF reader (so submit-time checks accept exactly the files workers load).
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
@@ -13,5 +15,6 @@ pub use v1::*;
 
 pub mod artifact;
 pub mod client;
+pub mod gguf;
 pub mod judge_stats;
 pub mod shape;

@@ -1,9 +1,11 @@
-//! Parameter counts of Llama-family shapes: the one place where a model's size is computed.
+//! Parameter counts of decoder shapes (Llama family, Qwen3, Gemma 3): the one place where a
+//! model's size is computed.
 
 use crate::v1::ModelShape;
 
-/// Parameters of a Llama-family decoder with this shape (embeddings, attention, SwiGLU MLP,
-/// RMSNorms, and an untied `lm_head` unless `tie_word_embeddings`).
+/// Parameters of a decoder with this shape (embeddings, attention with optional biases and q/k
+/// norms, gated MLP, 2 or 4 RMSNorms per layer, the final norm, and an untied `lm_head` unless
+/// `tie_word_embeddings`).
 pub fn param_count(s: &ModelShape) -> u64 {
     let h = u64::from(s.hidden_size);
     let hd = u64::from(head_dim(s));
@@ -16,7 +18,10 @@ pub fn param_count(s: &ModelShape) -> u64 {
         attn += q + 2 * kv;
     }
     let mlp = 3 * h * inter;
-    let norms = 2 * h;
+    if s.qk_norm {
+        attn += 2 * hd;
+    }
+    let norms = u64::from(s.norms_per_layer.max(2)) * h;
     let per_layer = attn + mlp + norms;
     let embed = vocab * h;
     let head = if s.tie_word_embeddings { 0 } else { vocab * h };

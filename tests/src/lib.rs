@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use distillery_proto::client::{CampaignClient, Target, WorkerClient};
 use distillery_proto::v1 as pb;
 
+pub mod python;
+
 /// A binary of this crate, built by cargo before its integration tests run. `coordinator` and
 /// `worker` are the production entry points (`*-under-test` call the same `cli::main`).
 pub fn bin(name: &str) -> PathBuf {
@@ -45,38 +47,6 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-}
-
-/// The Python of the tests' environment (transformers, gguf, openai, grpcio): env
-/// `DISTILLERY_PYTHON`, else the repository's `.venv-parity` that `.ci/run` creates.
-pub fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("DISTILLERY_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-parity/bin/python");
-    venv.exists().then_some(venv)
-}
-
-/// The Python to run, or `None` after saying why `test` skips (never on CI, which must have it).
-pub fn python_or_skip(test: &str) -> Option<PathBuf> {
-    let py = python();
-    if py.is_none() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must provide the Python test environment (.ci/run creates .venv-parity)"
-        );
-        eprintln!(
-            "SKIPPED {test}: no Python with the tests' packages (set DISTILLERY_PYTHON or run .ci/run)"
-        );
-    }
-    py
-}
-
-/// A script under `tests/python/`.
-pub fn python_script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join(name)
 }
 
 /// A running `worker serve` on a loopback port, killed when dropped.

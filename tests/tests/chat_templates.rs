@@ -7,7 +7,8 @@
 
 use std::path::Path;
 
-use distillery_tests::{python_or_skip, python_script, ServeProc};
+use distillery_tests::python::{python_or_skip, python_script};
+use distillery_tests::ServeProc;
 use distillery_worker::model::chat::{resolve, Message, ModelTemplates, TemplateChoice};
 use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
 use distillery_worker::model::tokenizer;

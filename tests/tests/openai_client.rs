@@ -4,7 +4,8 @@
 //! Needs the tests' Python (`.ci/run` installs `openai` into `.venv-parity`); skipped with a
 //! reason where there is none, never on CI.
 
-use distillery_tests::{bin, python_or_skip, python_script, ServeProc};
+use distillery_tests::python::{python_or_skip, python_script};
+use distillery_tests::{bin, ServeProc};
 
 #[test]
 fn the_official_openai_client_works_against_worker_serve() {

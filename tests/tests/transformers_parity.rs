@@ -5,70 +5,28 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use distillery_tests::python_or_skip;
+use distillery_tests::python::{hf_batch, max_abs_gap, python_json, python_or_skip};
 use distillery_worker::model::io::{load_dir, save_dir};
 use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
 
-/// Largest |a - b| over two logit vectors.
-fn max_abs_gap(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
+fn hf_logits(py: &PathBuf, dir: &std::path::Path, ids: &[Vec<u32>]) -> (Vec<f32>, Vec<usize>) {
+    let r = hf_batch(py, &[(dir.to_path_buf(), ids.to_vec(), 0)]).remove(0);
+    (r.logits, r.shape)
 }
 
-fn hf_logits(py: &PathBuf, dir: &std::path::Path, ids: &[Vec<u32>]) -> (Vec<f32>, Vec<usize>) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/hf_logits.py");
-    let out = std::process::Command::new(py)
-        .arg(script)
-        .arg(dir)
-        .arg(serde_json::to_string(ids).unwrap())
-        .env("TRANSFORMERS_OFFLINE", "1")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "transformers failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON from hf_logits.py");
-    assert_eq!(
-        v["missing"],
-        serde_json::json!([]),
-        "transformers found weights missing in {}",
-        dir.display()
-    );
-    assert_eq!(
-        v["unexpected"],
-        serde_json::json!([]),
-        "transformers found unexpected weights in {}",
-        dir.display()
-    );
-    let warnings: Vec<String> = serde_json::from_value(v["warnings"].clone()).unwrap();
-    let relevant: Vec<&String> = warnings
+/// Tiny random models made and saved by transformers itself (hf_make_model.py), each
+/// `(arch, dir, dtype, shard_bytes)`.
+fn hf_make(py: &PathBuf, models: &[(&str, PathBuf, &str, usize)]) {
+    let jobs: Vec<serde_json::Value> = models
         .iter()
-        .filter(|w| {
-            w.contains("not initialized")
-                || w.contains("not used")
-                || w.contains("newly initialized")
+        .map(|(arch, out, dtype, shard)| {
+            serde_json::json!({"arch": arch, "out": out, "dtype": dtype, "shard_bytes": shard})
         })
         .collect();
-    assert!(relevant.is_empty(), "loading warned: {relevant:?}");
-    let logits = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    let shape = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
-    (logits, shape)
+    python_json(py, "hf_make_model.py", serde_json::json!(jobs));
 }
+
+const ARCHS: &[&str] = &["llama3", "mistral", "qwen2", "qwen3", "gemma3"];
 
 #[test]
 fn logits_equal_transformers_for_loaded_and_saved_models() {
@@ -136,6 +94,87 @@ fn logits_equal_transformers_for_loaded_and_saved_models() {
 }
 
 #[test]
+fn every_architecture_saved_by_transformers_loads_saves_and_generates_like_transformers() {
+    use distillery_worker::model::generate::{generate, SamplingParams};
+    let Some(py) = python_or_skip(
+        "every_architecture_saved_by_transformers_loads_saves_and_generates_like_transformers",
+    ) else {
+        return;
+    };
+    // Longer than every sliding window (5) in the models, so windows matter.
+    let ids: Vec<Vec<u32>> = vec![
+        (0..14).map(|i| (i * 37 + 5) % 300).collect(),
+        (0..14).map(|i| (i * 101 + 17) % 300).collect(),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    // Each architecture in both dtypes; sharding alternates so every combination is seen.
+    let models: Vec<(&str, PathBuf, &str, usize)> = ARCHS
+        .iter()
+        .enumerate()
+        .flat_map(|(k, arch)| {
+            [("float32", k % 2 == 0), ("bfloat16", k % 2 == 1)].map(|(dtype, sharded)| {
+                let d = dir.path().join(format!("{arch}-{dtype}"));
+                (*arch, d, dtype, if sharded { 150_000 } else { 0 })
+            })
+        })
+        .collect();
+    hf_make(&py, &models);
+    let prompts: Vec<Vec<u32>> = ids.iter().map(|r| r[..6].to_vec()).collect();
+    let mut jobs = Vec::new();
+    let mut ours = Vec::new();
+    for (arch, src, dtype, shard) in &models {
+        let label = format!(
+            "{arch} {dtype} {}",
+            if *shard > 0 { "sharded" } else { "single file" }
+        );
+        assert_eq!(
+            src.join("model.safetensors.index.json").is_file(),
+            *shard > 0,
+            "{label}"
+        );
+        let m = load_dir(src, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let saved = src.with_extension("saved");
+        save_dir(&m, &saved, Some(src)).unwrap();
+        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
+        let logits: Vec<f32> = m
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let greedy: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let params = SamplingParams {
+                    max_tokens: 10,
+                    ..Default::default()
+                };
+                generate(&m, p, &params).unwrap().tokens
+            })
+            .collect();
+        for d in [src.clone(), saved] {
+            jobs.push((d.clone(), ids.clone(), 0));
+            jobs.push((d.clone(), prompts.clone(), 10));
+            ours.push((
+                format!("{label} {}", d.display()),
+                logits.clone(),
+                greedy.clone(),
+            ));
+        }
+    }
+    let theirs = hf_batch(&py, &jobs);
+    for (k, (label, logits, greedy)) in ours.iter().enumerate() {
+        let (full, gen) = (&theirs[2 * k], &theirs[2 * k + 1]);
+        assert_eq!(full.shape, vec![2, 14, 300], "{label}");
+        let max = max_abs_gap(logits, &full.logits);
+        eprintln!("{label}: max |ours - transformers| = {max:e}");
+        assert!(max <= 1e-4, "{label}: max |ours - transformers| = {max}");
+        assert_eq!(greedy, &gen.generated, "{label}: greedy generation differs");
+    }
+}
+
+#[test]
 fn pruned_directories_load_in_transformers_with_our_logits() {
     use distillery_worker::prune::{apply::apply, importance::score, plan, scores};
     let Some(py) = python_or_skip("pruned_directories_load_in_transformers_with_our_logits") else {
@@ -197,5 +236,81 @@ fn pruned_directories_load_in_transformers_with_our_logits() {
         let max = max_abs_gap(&mine, &theirs);
         eprintln!("{label}: max |ours - transformers| = {max:e}");
         assert!(max <= 1e-4, "{label}: max |ours - transformers| = {max}");
+    }
+}
+
+#[test]
+fn pruned_models_of_every_architecture_load_in_transformers_with_our_logits() {
+    use distillery_worker::prune::{apply::apply, importance::score, plan, scores};
+    let Some(py) =
+        python_or_skip("pruned_models_of_every_architecture_load_in_transformers_with_our_logits")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let models: Vec<(&str, PathBuf, &str, usize)> = ARCHS
+        .iter()
+        .map(|a| (*a, dir.path().join(a), "float32", 0))
+        .collect();
+    hf_make(&py, &models);
+    let ids: Vec<Vec<u32>> = vec![(0..12).map(|i| (i * 37 + 5) % 300).collect()];
+    let calib: Vec<Vec<u32>> = (0..6)
+        .map(|s| (0..16).map(|i| (i * 13 + s * 29 + 3) % 300).collect())
+        .collect();
+    let mut jobs = Vec::new();
+    let mut ours = Vec::new();
+    for (arch, src, _, _) in &models {
+        let m = load_dir(src, DType::F32, &Device::Cpu).unwrap();
+        let imp = score(&m, &calib, 3, |_, _| true).unwrap();
+        let s = plan::shape_of(&m.config);
+        // Narrower everywhere and one layer fewer (for Gemma 3 and Qwen2 that mixes the kinds
+        // of the kept layers).
+        let target = plan::choose_shape(
+            &s,
+            &plan::Target {
+                hidden_size: Some(48),
+                intermediate_size: Some(64),
+                num_attention_heads: Some(2),
+                num_layers: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let keep = plan::plan(&s, &scores(&imp, &[]).unwrap(), &target).unwrap();
+        let pruned = apply(&m, &keep).unwrap();
+        let kept_types: Vec<_> = keep
+            .layers
+            .iter()
+            .map(|&l| m.config.layer_types[l])
+            .collect();
+        assert_eq!(pruned.config.layer_types, kept_types, "{arch}");
+        let out = src.with_extension("pruned");
+        save_dir(&pruned, &out, Some(src)).unwrap();
+        let back = load_dir(&out, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            back.num_params() as u64,
+            target.params,
+            "{arch}: parameter count"
+        );
+        assert_eq!(back.config.layer_types, kept_types, "{arch}");
+        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
+        let mine: Vec<f32> = back
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        jobs.push((out, ids.clone(), 0));
+        ours.push((arch.to_string(), mine));
+    }
+    for ((arch, mine), theirs) in ours.iter().zip(hf_batch(&py, &jobs)) {
+        assert_eq!(theirs.shape, vec![1, 12, 300], "{arch}");
+        let max = max_abs_gap(mine, &theirs.logits);
+        eprintln!("pruned {arch}: max |ours - transformers| = {max:e}");
+        assert!(
+            max <= 1e-4,
+            "pruned {arch}: max |ours - transformers| = {max}"
+        );
     }
 }

@@ -41,6 +41,9 @@ enum Command {
         tied: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Architecture: llama, mistral, qwen2, qwen3 or gemma3_text.
+        #[arg(long, default_value = "llama", value_parser = parse_arch)]
+        arch: crate::model::config::Arch,
         /// Also write it as a GGUF file (F32 tensors, as llama.cpp's converter lays them out).
         #[arg(long)]
         gguf: Option<PathBuf>,
@@ -182,9 +185,11 @@ pub fn main() -> i32 {
             kv_heads,
             tied,
             seed,
+            arch,
             gguf,
         } => {
             let spec = crate::model::test_model::TestModelSpec {
+                arch,
                 hidden_size: hidden,
                 intermediate_size: intermediate,
                 num_layers: layers,
@@ -303,4 +308,10 @@ fn written(
             2
         }
     }
+}
+
+fn parse_arch(s: &str) -> Result<crate::model::config::Arch, String> {
+    crate::model::config::Arch::from_model_type(s).ok_or_else(|| {
+        format!("{s:?} is not an architecture: use llama, mistral, qwen2, qwen3 or gemma3_text")
+    })
 }

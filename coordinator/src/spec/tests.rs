@@ -255,7 +255,7 @@ fn dynamic_batch_loading_needs_a_reference_for_every_domain() {
 
 #[test]
 fn a_gguf_teacher_shape_is_read_from_its_metadata() {
-    // A minimal GGUF v3 header: metadata and one tensor info (no output.weight: tied).
+    // A minimal GGUF v3 file: metadata and one F32 tensor (no output.weight: tied).
     fn s(out: &mut Vec<u8>, v: &str) {
         out.extend((v.len() as u64).to_le_bytes());
         out.extend(v.as_bytes());
@@ -268,7 +268,7 @@ fn a_gguf_teacher_shape_is_read_from_its_metadata() {
     let mut b = b"GGUF".to_vec();
     b.extend(3u32.to_le_bytes());
     b.extend(1u64.to_le_bytes()); // tensors
-    b.extend(8u64.to_le_bytes()); // kv pairs
+    b.extend(9u64.to_le_bytes()); // kv pairs
     s(&mut b, "general.architecture");
     b.extend(8u32.to_le_bytes());
     s(&mut b, "llama");
@@ -277,6 +277,9 @@ fn a_gguf_teacher_shape_is_read_from_its_metadata() {
     kv_u32(&mut b, "llama.attention.head_count", 8);
     kv_u32(&mut b, "llama.attention.head_count_kv", 2);
     kv_u32(&mut b, "llama.block_count", 4);
+    s(&mut b, "llama.attention.layer_norm_rms_epsilon");
+    b.extend(6u32.to_le_bytes());
+    b.extend(1e-5f32.to_le_bytes());
     s(&mut b, "tokenizer.ggml.tokens");
     b.extend(9u32.to_le_bytes());
     b.extend(8u32.to_le_bytes());
@@ -293,6 +296,7 @@ fn a_gguf_teacher_shape_is_read_from_its_metadata() {
     b.extend(3u64.to_le_bytes());
     b.extend(0u32.to_le_bytes());
     b.extend(0u64.to_le_bytes());
+    b.resize(b.len().div_ceil(32) * 32 + 64 * 3 * 4, 0);
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("m.gguf");
     std::fs::write(&p, &b).unwrap();
@@ -309,6 +313,13 @@ fn a_gguf_teacher_shape_is_read_from_its_metadata() {
         (64, 128, 8, 2, 4, 3)
     );
     assert!(shape.tie_word_embeddings);
+    // The worker's import refuses a truncated file, so submit does too, with its words.
+    std::fs::write(&p, &b[..b.len() - 1]).unwrap();
+    let e = source_model::read_shape(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("token_embd.weight") && e.contains("truncated"),
+        "{e}"
+    );
     std::fs::write(&p, b"GGUX").unwrap();
     assert!(source_model::read_shape(&p)
         .unwrap_err()

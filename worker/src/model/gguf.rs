@@ -1,7 +1,9 @@
-//! GGUF (llama.cpp) models: import with every tensor dequantized to the compute dtype, names
-//! mapped to Hugging Face's, llama.cpp's Q/K rotary permutation undone for arch `llama`, the
-//! config and tokenizer rebuilt from metadata; and export the way llama.cpp's converter writes
-//! (used for test models, so import can be checked against the original).
+//! GGUF (llama.cpp) models: import through our own reader (`distillery_proto::gguf`, shared
+//! with the coordinator's shape check): every tensor dequantized to the compute dtype, names
+//! mapped to Hugging Face's, llama.cpp's converter undone (Q/K rotary permutation for arch
+//! `llama`, Gemma's `1 + w` norms), the config rebuilt exactly as transformers writes it and
+//! the tokenizer from metadata; and export the way llama.cpp's converter writes (used for test
+//! models, so import can be checked against the original).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,9 +11,10 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use distillery_proto::gguf::{self as format, dequant, Fixup, GgufFile};
 use tokenizers::Tokenizer;
 
-use super::config::LlamaConfig;
+use super::config::{Arch, LayerType, LlamaConfig, RopeScaling};
 use super::io::{from_tensors, ModelIoError};
 use super::llama::Llama;
 use super::tokenizer::{self, GgufVocab};
@@ -19,6 +22,9 @@ use super::tokenizer::{self, GgufVocab};
 /// An imported GGUF model.
 pub struct GgufModel {
     pub model: Llama,
+    /// `config.json` of the model exactly as transformers writes it (what `model.config` was
+    /// parsed from).
+    pub config_json: String,
     /// Rebuilt from `tokenizer.ggml.*`: byte-level BPE (`gpt2`) or SentencePiece BPE (`llama`).
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<String>,
@@ -33,33 +39,7 @@ fn invalid(path: &Path, message: impl Into<String>) -> ModelIoError {
     }
 }
 
-/// HF name of a GGUF tensor name.
-fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
-}
-
-/// GGUF name of an HF tensor name (inverse of [`hf_name`]).
+/// GGUF name of an HF tensor name in an arch `llama` file (what [`write_gguf`] writes).
 fn gguf_name(hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
@@ -104,135 +84,70 @@ fn rotary_permute(w: &Tensor, heads: usize, undo: bool) -> candle_core::Result<T
         .reshape(dims)
 }
 
-fn meta<'a>(c: &'a gguf_file::Content, key: &str) -> Option<&'a Value> {
-    c.metadata.get(key)
-}
-
-fn meta_usize(c: &gguf_file::Content, key: &str) -> Option<usize> {
-    let v = meta(c, key)?;
-    v.to_u64()
-        .ok()
-        .map(|x| x as usize)
-        .or_else(|| v.to_u32().ok().map(|x| x as usize))
-        .or_else(|| v.to_i32().ok().map(|x| x as usize))
-}
-
-fn meta_f64(c: &gguf_file::Content, key: &str) -> Option<f64> {
-    let v = meta(c, key)?;
-    v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok())
+/// One tensor of `f`, dequantized to f32 on the CPU in its row-major shape.
+fn dequantized(f: &GgufFile, name: &str) -> Result<Tensor, ModelIoError> {
+    let info = f
+        .tensor(name)
+        .ok_or_else(|| invalid(f.path(), format!("has no tensor {name:?}")))?;
+    let data = f.tensor_data(info)?;
+    let values = dequant::dequantize(info.ggml_type, &data, info.n_elements())
+        .map_err(|e| invalid(f.path(), format!("tensor {name:?}: {e}")))?;
+    Ok(Tensor::from_vec(values, info.shape(), &Device::Cpu)?)
 }
 
 /// Imports a `.gguf` file.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel, ModelIoError> {
-    let mut f = std::fs::File::open(path).map_err(|source| ModelIoError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let content = gguf_file::Content::read(&mut f)
-        .map_err(|e| invalid(path, format!("is not a readable GGUF file: {e}")))?;
-    let arch = meta(&content, "general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or_else(|| invalid(path, "has no general.architecture"))?;
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-        return Err(invalid(
-            path,
-            format!("architecture {arch:?} is not a Llama-family model"),
-        ));
-    }
-    let key = |k: &str| format!("{arch}.{k}");
-    let need = |k: &str| {
-        meta_usize(&content, &key(k)).ok_or_else(|| invalid(path, format!("has no {}", key(k))))
-    };
-    let heads = need("attention.head_count")?;
-    let kv_heads = meta_usize(&content, &key("attention.head_count_kv")).unwrap_or(heads);
-    let hidden = need("embedding_length")?;
-    let tokens = meta(&content, "tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok());
-    let vocab = match (meta_usize(&content, &key("vocab_size")), tokens) {
-        (Some(v), _) => v,
-        (None, Some(t)) => t.len(),
-        _ => content
-            .tensor_infos
-            .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0])
-            .ok_or_else(|| invalid(path, "has no vocabulary size"))?,
-    };
-    let tied = !content.tensor_infos.contains_key("output.weight");
-    let head_dim =
-        meta_usize(&content, &key("attention.key_length")).unwrap_or(hidden / heads.max(1));
-    let cfg = serde_json::json!({
-        "model_type": if arch == "qwen2" { "qwen2" } else if arch == "mistral" { "mistral" } else { "llama" },
-        "hidden_size": hidden,
-        "intermediate_size": need("feed_forward_length")?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "num_hidden_layers": need("block_count")?,
-        "vocab_size": vocab,
-        "rms_norm_eps": meta_f64(&content, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-        "rope_theta": meta_f64(&content, &key("rope.freq_base")).unwrap_or(10_000.0),
-        "max_position_embeddings": meta_usize(&content, &key("context_length")).unwrap_or(2048),
-        "tie_word_embeddings": tied,
-        "attention_bias": content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        "bos_token_id": meta_usize(&content, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta_usize(&content, "tokenizer.ggml.eos_token_id"),
-    });
-    let config =
-        LlamaConfig::from_json(&cfg.to_string()).map_err(|e| invalid(path, e.to_string()))?;
-
+    let f = GgufFile::open(path)?;
+    let import = format::import(&f)?;
+    let config = LlamaConfig::from_json(&import.config_json)
+        .map_err(|e| invalid(path, format!("its {e}")))?;
     let mut tensors = HashMap::new();
-    let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
-    names.sort();
-    for name in names {
-        let Some(hf) = hf_name(&name) else {
-            // llama.cpp writes precomputed rope tables for some models; they are recomputed here.
-            if name.starts_with("rope_") {
-                continue;
+    for t in &import.tensors {
+        let mut w = dequantized(&f, &t.gguf_name)?;
+        match t.fixup {
+            Fixup::None => {}
+            Fixup::UnpermuteRotary { heads } => {
+                let rows = w.dims()[0];
+                if heads == 0 || !rows.is_multiple_of(2 * heads) {
+                    return Err(invalid(
+                        path,
+                        format!(
+                            "tensor {:?} has {rows} rows, which do not split into {heads} heads of even size",
+                            t.gguf_name
+                        ),
+                    ));
+                }
+                w = rotary_permute(&w, heads, true)?;
             }
-            return Err(invalid(
-                path,
-                format!("has tensor {name:?} that a Llama-family model does not use"),
-            ));
-        };
-        let q = content
-            .tensor(&mut f, &name, device)
-            .map_err(|e| invalid(path, format!("tensor {name}: {e}")))?;
-        let mut t = q.dequantize(device)?;
-        if arch == "llama" && (name.contains("attn_q.") || name.contains("attn_k.")) {
-            let h = if name.contains("attn_q.") {
-                heads
-            } else {
-                kv_heads
-            };
-            t = rotary_permute(&t, h, true)?;
+            Fixup::SubtractOne => w = w.affine(1.0, -1.0)?,
         }
-        tensors.insert(hf, t.to_dtype(dtype)?);
+        tensors.insert(t.hf_name.clone(), w.to_dtype(dtype)?.to_device(device)?);
     }
     let model = from_tensors(config, tensors, dtype, device, path)?;
-    let text = |k: &str| meta(&content, k).and_then(|v| v.to_string().ok()).cloned();
-    let token_text = |id: Option<usize>| -> Option<String> {
-        let toks = meta(&content, "tokenizer.ggml.tokens")?.to_vec().ok()?;
-        toks.get(id?)?.to_string().ok().cloned()
+    let text =
+        |k: &str| -> Result<Option<String>, ModelIoError> { Ok(f.get_str(k)?.map(str::to_string)) };
+    let tokens = f
+        .get_array("tokenizer.ggml.tokens")?
+        .and_then(|a| a.as_strings());
+    let token_text = |key: &str| -> Result<Option<String>, ModelIoError> {
+        let id = f.get_u64(key)?;
+        Ok(id.and_then(|id| tokens?.get(usize::try_from(id).ok()?).cloned()))
     };
     Ok(GgufModel {
-        tokenizer: tokenizer_from_meta(&content, path)?,
-        chat_template: text("tokenizer.chat_template"),
-        bos_token: token_text(meta_usize(&content, "tokenizer.ggml.bos_token_id")),
-        eos_token: token_text(meta_usize(&content, "tokenizer.ggml.eos_token_id")),
+        tokenizer: tokenizer_from_meta(&f)?,
+        chat_template: text("tokenizer.chat_template")?,
+        bos_token: token_text("tokenizer.ggml.bos_token_id")?,
+        eos_token: token_text("tokenizer.ggml.eos_token_id")?,
+        config_json: import.config_json,
         model,
     })
 }
 
 /// The tokenizer from `tokenizer.ggml.*`: byte-level BPE (`gpt2`) or SentencePiece BPE
 /// (`llama`); `None` when the file has no vocabulary or another kind (said on stderr).
-fn tokenizer_from_meta(
-    c: &gguf_file::Content,
-    path: &Path,
-) -> Result<Option<Tokenizer>, ModelIoError> {
-    let Some(model) = meta(c, "tokenizer.ggml.model")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-    else {
+fn tokenizer_from_meta(f: &GgufFile) -> Result<Option<Tokenizer>, ModelIoError> {
+    let path = f.path();
+    let Some(model) = f.get_str("tokenizer.ggml.model")?.map(str::to_string) else {
         return Ok(None);
     };
     if model != "gpt2" && model != "llama" {
@@ -242,37 +157,46 @@ fn tokenizer_from_meta(
         );
         return Ok(None);
     }
-    let array = |key: &str| meta(c, key).and_then(|v| v.to_vec().ok());
-    let tokens = array("tokenizer.ggml.tokens")
-        .ok_or_else(|| invalid(path, "has no tokenizer.ggml.tokens"))?
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            t.to_string()
-                .cloned()
-                .map_err(|e| invalid(path, format!("token {i}: {e}")))
-        })
-        .collect::<Result<Vec<String>, _>>()?;
-    let types = array("tokenizer.ggml.token_type")
-        .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
-        .unwrap_or_else(|| vec![1; tokens.len()]);
-    let scores = array("tokenizer.ggml.scores")
-        .map(|v| v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect())
-        .unwrap_or_default();
-    let merges = array("tokenizer.ggml.merges")
-        .map(|v| {
-            v.iter()
-                .filter_map(|m| m.to_string().ok().cloned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let add_bos = meta(c, "tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.to_bool().ok())
+    let wrong = |key: &str, a: &format::Array, want: &str| {
+        invalid(
+            path,
+            format!(
+                "{key} is an array of {}, expected {want}",
+                a.element_type_name()
+            ),
+        )
+    };
+    let strings = |key: &str| -> Result<Option<Vec<String>>, ModelIoError> {
+        f.get_array(key)?
+            .map(|a| {
+                a.as_strings()
+                    .map(<[String]>::to_vec)
+                    .ok_or_else(|| wrong(key, a, "strings"))
+            })
+            .transpose()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?
+        .ok_or_else(|| invalid(path, "has no tokenizer.ggml.tokens"))?;
+    let types = match f.get_array("tokenizer.ggml.token_type")? {
+        Some(a) => a
+            .to_i64s()
+            .and_then(|v| v.into_iter().map(|t| i32::try_from(t).ok()).collect())
+            .ok_or_else(|| wrong("tokenizer.ggml.token_type", a, "int32 values"))?,
+        None => vec![1; tokens.len()],
+    };
+    let scores = match f.get_array("tokenizer.ggml.scores")? {
+        Some(a) => a
+            .to_f32s()
+            .ok_or_else(|| wrong("tokenizer.ggml.scores", a, "floats"))?,
+        None => Vec::new(),
+    };
+    let merges = strings("tokenizer.ggml.merges")?.unwrap_or_default();
+    let add_bos = f
+        .get_bool("tokenizer.ggml.add_bos_token")?
         .unwrap_or(model == "llama");
+    let bos = f.get_u64("tokenizer.ggml.bos_token_id")?;
     let vocab = GgufVocab {
-        add_bos: meta_usize(c, "tokenizer.ggml.bos_token_id")
-            .filter(|_| add_bos)
-            .map(|b| b as u32),
+        add_bos: bos.filter(|_| add_bos).and_then(|b| u32::try_from(b).ok()),
         model,
         tokens,
         types,
@@ -288,7 +212,9 @@ fn tokenizer_from_meta(
 }
 
 /// Writes `model` as llama.cpp does (arch `llama`, Q/K permuted), each tensor in the type
-/// `quant(hf_name, dims)` chooses, with a byte-level tokenizer's vocabulary when given.
+/// `quant(hf_name, dims)` chooses, with a byte-level tokenizer's vocabulary when given. Only
+/// plain Llama models (what the test models are): other architectures, RoPE scaling or sliding
+/// windows would need metadata this writer does not produce, so they are refused.
 pub fn write_gguf(
     model: &Llama,
     path: &Path,
@@ -297,6 +223,18 @@ pub fn write_gguf(
     chat_template: Option<&str>,
 ) -> Result<(), ModelIoError> {
     let c = &model.config;
+    if c.arch() != Arch::Llama
+        || c.rope_scaling != RopeScaling::Default
+        || c.layer_types.iter().any(|t| *t != LayerType::Full)
+    {
+        return Err(invalid(
+            path,
+            format!(
+                "write_gguf writes plain Llama models only, not this {} model (RoPE {:?})",
+                c.model_type, c.rope_scaling
+            ),
+        ));
+    }
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String("llama".into())),
         ("general.name".into(), Value::String("distillery".into())),

@@ -23,6 +23,8 @@ pub enum ModelIoError {
     },
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Gguf(#[from] distillery_proto::gguf::GgufError),
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> ModelIoError {
@@ -245,7 +247,7 @@ mod tests {
         LlamaConfig::from_json(&format!(
             r#"{{"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "num_hidden_layers": 2, "vocab_size": 40, "tie_word_embeddings": {tied}, "initializer_range": 0.2,
-                "bos_token_id": 1, "custom_field": "kept"}}"#
+                "bos_token_id": 1, "_name_or_path": "kept"}}"#
         ))
         .unwrap()
     }
@@ -269,7 +271,7 @@ mod tests {
             assert_eq!(names.contains(&"lm_head.weight".to_string()), !tied);
             let back = load_dir(out.path(), DType::F32, &dev).unwrap();
             assert_eq!(
-                back.config.extra.get("custom_field"),
+                back.config.extra.get("_name_or_path"),
                 Some(&serde_json::json!("kept"))
             );
             assert_eq!(

@@ -1,12 +1,15 @@
-//! A trainable Llama-family decoder in candle: logits for every position, causal attention
-//! with GQA and RoPE, SwiGLU MLP, RMSNorm, tied or untied embeddings. Every op is one candle
-//! differentiates (DESIGN.md §6: the fused `rms_norm`, `softmax_last_dim`, `rope` record no
-//! backward op), and the parameters are `Var`s named exactly as in Hugging Face checkpoints.
+//! A trainable decoder in candle for the Llama family (Llama 2/3, Mistral, Qwen2), Qwen3 and
+//! Gemma 3 (text): logits for every position, causal attention with GQA, RoPE (per layer type),
+//! sliding windows, optional q/k norms, SwiGLU or GeGLU MLP, RMSNorm (Gemma's (1 + w) form, and
+//! its norms after attention and MLP), tied or untied embeddings. Every op in the
+//! differentiable pass is one candle differentiates (DESIGN.md §6: the fused `rms_norm`,
+//! `softmax_last_dim`, `rope` record no backward op), and the parameters are `Var`s named
+//! exactly as in Hugging Face checkpoints.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 
-use super::config::LlamaConfig;
+use super::config::{LayerType, LlamaConfig};
 
 /// A linear layer over `[.., in]` with weight `[out, in]` (Hugging Face layout).
 #[derive(Clone, Debug)]
@@ -51,8 +54,19 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// The norm before attention (`input_layernorm`).
     attn_norm: Tensor,
+    /// The norm before the MLP (`post_attention_layernorm`; Gemma: `pre_feedforward_layernorm`).
     mlp_norm: Tensor,
+    /// Gemma: the norms of the attention output and the MLP output, before each residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    post_norms: Option<(Tensor, Tensor)>,
+    /// Qwen3 / Gemma 3: RMSNorms over `head_dim` of queries and keys (`self_attn.q_norm`, `k_norm`).
+    qk_norms: Option<(Tensor, Tensor)>,
+    /// Attention window (`None`: every previous position).
+    window: Option<usize>,
+    /// Which RoPE table the layer uses (0: full attention; 1: the sliding layers' own).
+    rope: usize,
 }
 
 /// Activations of one layer, recorded when a [`Probe`] is passed (tensors share storage with
@@ -62,12 +76,15 @@ pub struct LayerActivations {
     pub layer: usize,
     /// Hidden state entering the layer `[B, T, hidden]`.
     pub input: Tensor,
-    /// Output of `input_layernorm` `[B, T, hidden]`.
+    /// Output of the norm before attention (`input_layernorm`) `[B, T, hidden]`.
     pub attn_norm: Tensor,
     /// Input of `o_proj` `[B, T, heads * head_dim]`.
     pub o_proj_input: Tensor,
-    /// Output of `post_attention_layernorm` `[B, T, hidden]`.
+    /// Output of the norm before the MLP `[B, T, hidden]`.
     pub mlp_norm: Tensor,
+    /// Gemma: outputs of the norms after attention and after the MLP `[B, T, hidden]` each
+    /// (empty for other architectures).
+    pub post_norms: Vec<Tensor>,
     /// Input of `down_proj`, `act(gate) * up` `[B, T, intermediate]`.
     pub down_proj_input: Tensor,
     /// Hidden state leaving the layer `[B, T, hidden]`.
@@ -122,6 +139,9 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
+    /// Gemma: embeddings are multiplied by √hidden (rounded to the compute dtype, as
+    /// transformers does).
+    embed_scale: Option<f64>,
     dtype: DType,
     device: Device,
 }
@@ -161,11 +181,35 @@ impl Llama {
                 stdev: std,
             },
         )?;
+        let arch = c.arch();
+        // Gemma's norms scale by (1 + w), so they start at 0.
+        let norm_init = Init::Const(if arch.gemma() { 0.0 } else { 1.0 });
+        let has_local_rope = c.rope_local.is_some();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let l = m.pp(format!("layers.{i}"));
             let a = l.pp("self_attn");
             let mlp = l.pp("mlp");
+            let qk_norms = if arch.qk_norm() {
+                Some((
+                    a.get_with_hints(hd, "q_norm.weight", norm_init)?,
+                    a.get_with_hints(hd, "k_norm.weight", norm_init)?,
+                ))
+            } else {
+                None
+            };
+            let (mlp_norm_name, post_norms) = if arch.gemma() {
+                (
+                    "pre_feedforward_layernorm.weight",
+                    Some((
+                        l.get_with_hints(h, "post_attention_layernorm.weight", norm_init)?,
+                        l.get_with_hints(h, "post_feedforward_layernorm.weight", norm_init)?,
+                    )),
+                )
+            } else {
+                ("post_attention_layernorm.weight", None)
+            };
+            let sliding = c.layer_types.get(i) == Some(&LayerType::Sliding);
             layers.push(Layer {
                 q: Linear::new(&a.pp("q_proj"), h, nh * hd, c.attention_bias, std)?,
                 k: Linear::new(&a.pp("k_proj"), h, nkv * hd, c.attention_bias, std)?,
@@ -186,15 +230,15 @@ impl Llama {
                     c.mlp_bias,
                     std,
                 )?,
-                attn_norm: l.get_with_hints(h, "input_layernorm.weight", Init::Const(1.0))?,
-                mlp_norm: l.get_with_hints(
-                    h,
-                    "post_attention_layernorm.weight",
-                    Init::Const(1.0),
-                )?,
+                attn_norm: l.get_with_hints(h, "input_layernorm.weight", norm_init)?,
+                mlp_norm: l.get_with_hints(h, mlp_norm_name, norm_init)?,
+                post_norms,
+                qk_norms,
+                window: c.layer_window(i),
+                rope: usize::from(sliding && has_local_rope),
             });
         }
-        let norm = m.get_with_hints(h, "norm.weight", Init::Const(1.0))?;
+        let norm = m.get_with_hints(h, "norm.weight", norm_init)?;
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
@@ -207,6 +251,15 @@ impl Llama {
                 },
             )?
         };
+        let embed_scale = if arch.gemma() {
+            let s = Tensor::new(&[(h as f64).sqrt()], device)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            s.first().copied()
+        } else {
+            None
+        };
         Ok(Llama {
             config,
             varmap,
@@ -214,6 +267,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            embed_scale,
             dtype,
             device: device.clone(),
         })
@@ -287,27 +341,51 @@ impl Llama {
         let mut h = param(&self.embed, g)
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c.hidden_size))?;
-        let (cos, sin) = self.rope_tables(start, t)?;
-        let mask = self.causal_mask(start, t, if g { MASKED_TRAIN } else { f64::NEG_INFINITY })?;
+        if let Some(s) = self.embed_scale {
+            h = (h * s)?;
+        }
+        let masked = if g { MASKED_TRAIN } else { f64::NEG_INFINITY };
+        let mut ropes = vec![self.rope_tables(&c.rope(), start, t)?];
+        if let Some(local) = &c.rope_local {
+            ropes.push(self.rope_tables(local, start, t)?);
+        }
+        let mut masks = vec![(None, self.causal_mask(start, t, None, masked)?)];
+        for w in self.layers.iter().filter_map(|l| l.window) {
+            if !masks.iter().any(|(x, _)| *x == Some(w)) {
+                masks.push((Some(w), self.causal_mask(start, t, Some(w), masked)?));
+            }
+        }
         let pass = Pass {
-            cos,
-            sin,
-            mask,
+            ropes,
+            masks,
             grad: g,
         };
+        let eps = c.rms_norm_eps;
+        let gemma = c.arch().gemma();
         for (i, layer) in self.layers.iter().enumerate() {
             if opts.skip_layers.contains(&i) {
                 continue;
             }
             let input = h.clone();
-            let attn_norm = norm(&h, &layer.attn_norm, c.rms_norm_eps, g)?;
+            let attn_norm = norm(&h, &layer.attn_norm, eps, gemma, g)?;
             let past = cache.as_deref_mut().map(|k| &mut k.layers[i]);
-            let (attn, o_proj_input) = self.attention(layer, &attn_norm, &pass, past)?;
+            let (mut attn, o_proj_input) = self.attention(layer, &attn_norm, &pass, past)?;
+            let mut post_norms = Vec::new();
+            if let Some((post_attn, _)) = &layer.post_norms {
+                attn = norm(&attn, post_attn, eps, gemma, g)?;
+                post_norms.push(attn.clone());
+            }
             h = (h + attn)?;
-            let mlp_norm = norm(&h, &layer.mlp_norm, c.rms_norm_eps, g)?;
-            let down_proj_input =
-                (layer.gate.forward(&mlp_norm, g)?.silu()? * layer.up.forward(&mlp_norm, g)?)?;
-            h = (h + layer.down.forward(&down_proj_input, g)?)?;
+            let mlp_norm = norm(&h, &layer.mlp_norm, eps, gemma, g)?;
+            let gate = layer.gate.forward(&mlp_norm, g)?;
+            let act = if gemma { gate.gelu()? } else { gate.silu()? };
+            let down_proj_input = (act * layer.up.forward(&mlp_norm, g)?)?;
+            let mut mlp = layer.down.forward(&down_proj_input, g)?;
+            if let Some((_, post_mlp)) = &layer.post_norms {
+                mlp = norm(&mlp, post_mlp, eps, gemma, g)?;
+                post_norms.push(mlp.clone());
+            }
+            h = (h + mlp)?;
             if let Some(p) = opts.probe.as_deref_mut() {
                 p.layers.push(LayerActivations {
                     layer: i,
@@ -315,6 +393,7 @@ impl Llama {
                     attn_norm,
                     o_proj_input,
                     mlp_norm,
+                    post_norms,
                     down_proj_input,
                     output: h.clone(),
                 });
@@ -326,7 +405,7 @@ impl Llama {
         if opts.hidden_only {
             return Ok(h);
         }
-        let h = norm(&h, &self.norm, c.rms_norm_eps, g)?;
+        let h = norm(&h, &self.norm, eps, gemma, g)?;
         h.broadcast_matmul(&param(&self.lm_head, g).t()?)
     }
 
@@ -337,8 +416,16 @@ impl Llama {
         pass: &Pass,
         past: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<(Tensor, Tensor)> {
-        let (cos, sin, mask, g) = (&pass.cos, &pass.sin, &pass.mask, pass.grad);
+        let g = pass.grad;
+        let (cos, sin) = &pass.ropes[l.rope.min(pass.ropes.len() - 1)];
+        let mask = pass
+            .masks
+            .iter()
+            .find(|(w, _)| *w == l.window)
+            .map(|(_, m)| m)
+            .unwrap_or(&pass.masks[0].1);
         let c = &self.config;
+        let gemma = c.arch().gemma();
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
@@ -354,8 +441,16 @@ impl Llama {
                 )
             }
         };
-        let q = rot(heads(l.q.forward(x, g)?, nh)?)?;
-        let k = rot(heads(l.k.forward(x, g)?, nkv)?)?;
+        let (mut q, mut k) = (
+            heads(l.q.forward(x, g)?, nh)?,
+            heads(l.k.forward(x, g)?, nkv)?,
+        );
+        if let Some((qn, kn)) = &l.qk_norms {
+            q = norm(&q, qn, c.rms_norm_eps, gemma, g)?;
+            k = norm(&k, kn, c.rms_norm_eps, gemma, g)?;
+        }
+        let q = rot(q)?;
+        let k = rot(k)?;
         let v = heads(l.v.forward(x, g)?, nkv)?;
         // With a cache, attend over the stored keys/values followed by the new ones.
         let (k, v) = match past {
@@ -371,7 +466,7 @@ impl Llama {
         };
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = c.attention_scale();
         let scores =
             (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
         let probs = if g || scores.dtype() == DType::F64 {
@@ -386,10 +481,15 @@ impl Llama {
         Ok((l.o.forward(&y, g)?, y))
     }
 
-    /// cos and sin tables `[T, head_dim]` for positions `start..start + t` (frequencies
-    /// repeated for both halves, as HF does).
-    fn rope_tables(&self, start: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let inv = self.config.inv_freq();
+    /// cos and sin tables `[T, head_dim]` of `rope` for positions `start..start + t`
+    /// (frequencies repeated for both halves, as HF does).
+    fn rope_tables(
+        &self,
+        rope: &super::config::Rope,
+        start: usize,
+        t: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let inv = rope.inv_freq(self.config.head_dim());
         let hd = self.config.head_dim();
         let mut cos = Vec::with_capacity(t * hd);
         let mut sin = Vec::with_capacity(t * hd);
@@ -408,11 +508,23 @@ impl Llama {
         Ok((cos, sin))
     }
 
-    /// `[T, start + T]`: query `i` (at position `start + i`) sees keys up to its own position.
-    fn causal_mask(&self, start: usize, t: usize, masked: f64) -> Result<Tensor> {
+    /// `[T, start + T]`: query `i` (at position `p = start + i`) sees keys up to its own
+    /// position, and with a `window` only the last `window` of them (`p - j < window`, as
+    /// transformers' sliding-window mask).
+    fn causal_mask(
+        &self,
+        start: usize,
+        t: usize,
+        window: Option<usize>,
+        masked: f64,
+    ) -> Result<Tensor> {
         let total = start + t;
+        let w = window.unwrap_or(usize::MAX);
         let m: Vec<f64> = (0..t)
-            .flat_map(|i| (0..total).map(move |j| if j > start + i { masked } else { 0.0 }))
+            .flat_map(|i| {
+                let p = start + i;
+                (0..total).map(move |j| if j > p || p - j >= w { masked } else { 0.0 })
+            })
             .collect();
         Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)
     }
@@ -420,11 +532,10 @@ impl Llama {
 
 /// What every layer of one pass shares.
 struct Pass {
-    /// RoPE tables `[T, head_dim]`.
-    cos: Tensor,
-    sin: Tensor,
-    /// Causal mask `[T, start + T]`.
-    mask: Tensor,
+    /// RoPE tables (cos, sin) `[T, head_dim]`, indexed by `Layer::rope`.
+    ropes: Vec<(Tensor, Tensor)>,
+    /// Causal masks `[T, start + T]` per attention window (`None` first).
+    masks: Vec<(Option<usize>, Tensor)>,
     /// Differentiable pass (see [`ForwardOptions::grad`]).
     grad: bool,
 }
@@ -439,13 +550,16 @@ fn param(w: &Tensor, grad: bool) -> Tensor {
     }
 }
 
-/// RMSNorm: the composed, differentiable form when differentiating (or in f64, which the
-/// fused kernels lack), else candle's fused kernel.
-fn norm(x: &Tensor, w: &Tensor, eps: f64, grad: bool) -> Result<Tensor> {
+/// RMSNorm over the last dimension, scaled by `w` (Gemma: by `1 + w`): the composed,
+/// differentiable form when differentiating (or in f64, which the fused kernels lack), else
+/// candle's fused kernel.
+fn norm(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool, grad: bool) -> Result<Tensor> {
+    let w = param(w, grad);
+    let w = if plus_one { (w + 1.0)? } else { w };
     if grad || x.dtype() == DType::F64 {
-        rms_norm(x, &param(w, grad), eps)
+        rms_norm(x, &w, eps)
     } else {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &w.detach(), eps as f32)
+        candle_nn::ops::rms_norm(&x.contiguous()?, &w, eps as f32)
     }
 }
 
@@ -478,4 +592,4 @@ fn repeat_kv(x: Tensor, n: usize) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

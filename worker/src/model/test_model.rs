@@ -1,6 +1,6 @@
-//! Tiny random Llama models with a byte-level tokenizer and a ChatML template, written as Hugging
-//! Face directories: what tests, benchmarks and `worker make-test-model` run on (nothing is ever
-//! downloaded).
+//! Tiny random models of any implemented architecture (Llama by default) with a byte-level
+//! tokenizer and a ChatML template, written as Hugging Face directories: what tests, benchmarks
+//! and `worker make-test-model` run on (nothing is ever downloaded).
 
 use std::path::Path;
 
@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use super::chat::CHATML_TEMPLATE;
-use super::config::LlamaConfig;
+use super::config::{Arch, LlamaConfig};
 use super::io::{save_dir, ModelIoError};
 use super::llama::Llama;
 use super::tokenizer::{self, TEST_SPECIALS};
@@ -23,6 +23,9 @@ pub struct TestModelSpec {
     pub num_kv_heads: usize,
     pub tie_word_embeddings: bool,
     pub seed: u64,
+    /// Llama, or another architecture with its distinguishing features on (Qwen3: q/k norms;
+    /// Gemma 3: alternating sliding-window (16) and global layers with their own RoPE bases).
+    pub arch: Arch,
 }
 
 impl Default for TestModelSpec {
@@ -35,6 +38,7 @@ impl Default for TestModelSpec {
             num_kv_heads: 2,
             tie_word_embeddings: false,
             seed: 0,
+            arch: Arch::Llama,
         }
     }
 }
@@ -46,9 +50,9 @@ pub fn test_vocab_size() -> usize {
 
 /// The config of a test model.
 pub fn test_config(s: &TestModelSpec) -> Result<LlamaConfig, ModelIoError> {
-    let json = serde_json::json!({
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+    let mut json = serde_json::json!({
+        "model_type": s.arch.model_type(),
+        "architectures": [s.arch.class()],
         "hidden_size": s.hidden_size,
         "intermediate_size": s.intermediate_size,
         "num_hidden_layers": s.num_layers,
@@ -60,10 +64,27 @@ pub fn test_config(s: &TestModelSpec) -> Result<LlamaConfig, ModelIoError> {
         "max_position_embeddings": 2048,
         "tie_word_embeddings": s.tie_word_embeddings,
         "initializer_range": 0.02,
-        "hidden_act": "silu",
         "bos_token_id": 256,
         "eos_token_id": 257,
     });
+    let extra = match s.arch {
+        Arch::Gemma3 => serde_json::json!({
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": s.hidden_size / s.num_heads.max(1),
+            "sliding_window": 16,
+            "layer_types": (0..s.num_layers)
+                .map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" })
+                .collect::<Vec<_>>(),
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        }),
+        _ => serde_json::json!({"hidden_act": "silu"}),
+    };
+    if let (Some(j), Some(e)) = (json.as_object_mut(), extra.as_object()) {
+        j.extend(e.clone());
+    }
     LlamaConfig::from_json(&json.to_string()).map_err(|e| ModelIoError::Invalid {
         path: "test model spec".into(),
         message: e.to_string(),
@@ -80,8 +101,10 @@ pub fn test_model(s: &TestModelSpec, dtype: DType, device: &Device) -> Result<Ll
         let shape = var.as_tensor().shape().clone();
         let n = shape.elem_count();
         let values: Vec<f32> = if name.ends_with("norm.weight") {
+            // Gemma's norms scale by (1 + w).
+            let center = if s.arch.gemma() { 0.0 } else { 1.0 };
             (0..n)
-                .map(|_| 1.0 + 0.1 * normal(&mut rng) as f32)
+                .map(|_| center + 0.1 * normal(&mut rng) as f32)
                 .collect()
         } else {
             (0..n).map(|_| (std * normal(&mut rng)) as f32).collect()

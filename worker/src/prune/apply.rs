@@ -1,5 +1,6 @@
-//! Applies a [`KeepPlan`]: slices every weight (embeddings, norms, q/k/v/o, gate/up/down,
-//! biases, lm_head tied or not) and builds the smaller model with its config.
+//! Applies a [`KeepPlan`]: slices every weight (embeddings, every hidden-size norm, q/k/v/o,
+//! gate/up/down, biases, lm_head tied or not; per-head q/k norms stay) and builds the smaller
+//! model with its config (kept layers keep their attention kind).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -52,7 +53,6 @@ pub fn apply(model: &Llama, plan: &KeepPlan) -> Result<Llama, ModelIoError> {
         );
     }
     for (j, &li) in plan.layers.iter().enumerate() {
-        let src = |n: &str| format!("model.layers.{li}.{n}");
         let dst = |n: &str| format!("model.layers.{j}.{n}");
         let head_rows: Vec<usize> = plan.heads[j]
             .iter()
@@ -60,54 +60,39 @@ pub fn apply(model: &Llama, plan: &KeepPlan) -> Result<Llama, ModelIoError> {
             .collect();
         let hr = index(&head_rows, dev)?;
         let nr = index(&plan.neurons[j], dev)?;
-        for norm in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            out.insert(dst(norm), pick(get(&src(norm))?, 0, &ch)?);
-        }
-        let q = get(&src("self_attn.q_proj.weight"))?;
-        out.insert(
-            dst("self_attn.q_proj.weight"),
-            pick(&pick(q, 0, &hr)?, 1, &ch)?,
-        );
-        for kv in ["self_attn.k_proj.weight", "self_attn.v_proj.weight"] {
-            out.insert(dst(kv), pick(get(&src(kv))?, 1, &ch)?);
-        }
-        let o = get(&src("self_attn.o_proj.weight"))?;
-        out.insert(
-            dst("self_attn.o_proj.weight"),
-            pick(&pick(o, 0, &ch)?, 1, &hr)?,
-        );
-        if c.attention_bias {
-            out.insert(
-                dst("self_attn.q_proj.bias"),
-                pick(get(&src("self_attn.q_proj.bias"))?, 0, &hr)?,
-            );
-            for kv in ["self_attn.k_proj.bias", "self_attn.v_proj.bias"] {
-                out.insert(dst(kv), get(&src(kv))?.clone());
-            }
-        }
-        for gu in ["mlp.gate_proj", "mlp.up_proj"] {
-            let w = get(&src(&format!("{gu}.weight")))?;
-            out.insert(
-                dst(&format!("{gu}.weight")),
-                pick(&pick(w, 0, &nr)?, 1, &ch)?,
-            );
-            if c.mlp_bias {
-                out.insert(
-                    dst(&format!("{gu}.bias")),
-                    pick(get(&src(&format!("{gu}.bias")))?, 0, &nr)?,
-                );
-            }
-        }
-        let d = get(&src("mlp.down_proj.weight"))?;
-        out.insert(
-            dst("mlp.down_proj.weight"),
-            pick(&pick(d, 0, &ch)?, 1, &nr)?,
-        );
-        if c.mlp_bias {
-            out.insert(
-                dst("mlp.down_proj.bias"),
-                pick(get(&src("mlp.down_proj.bias"))?, 0, &ch)?,
-            );
+        // Every tensor of the source layer, by role; one the plan does not know is an error,
+        // so nothing is silently dropped or left unsliced.
+        let prefix = format!("model.layers.{li}.");
+        let mut names: Vec<&String> = vars.keys().filter(|n| n.starts_with(&prefix)).collect();
+        names.sort();
+        for name in names {
+            let part = &name[prefix.len()..];
+            let w = get(name)?;
+            let sliced = match part {
+                // Every hidden-size norm (Gemma has four per layer).
+                "input_layernorm.weight"
+                | "post_attention_layernorm.weight"
+                | "pre_feedforward_layernorm.weight"
+                | "post_feedforward_layernorm.weight" => pick(w, 0, &ch)?,
+                // Per-head_dim norms: head_dim is kept, so they stay as they are.
+                "self_attn.q_norm.weight" | "self_attn.k_norm.weight" => w.clone(),
+                "self_attn.q_proj.weight" => pick(&pick(w, 0, &hr)?, 1, &ch)?,
+                "self_attn.q_proj.bias" => pick(w, 0, &hr)?,
+                "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => pick(w, 1, &ch)?,
+                "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => w.clone(),
+                "self_attn.o_proj.weight" => pick(&pick(w, 0, &ch)?, 1, &hr)?,
+                "mlp.gate_proj.weight" | "mlp.up_proj.weight" => pick(&pick(w, 0, &nr)?, 1, &ch)?,
+                "mlp.gate_proj.bias" | "mlp.up_proj.bias" => pick(w, 0, &nr)?,
+                "mlp.down_proj.weight" => pick(&pick(w, 0, &ch)?, 1, &nr)?,
+                "mlp.down_proj.bias" => pick(w, 0, &ch)?,
+                other => {
+                    return Err(ModelIoError::Invalid {
+                        path: "<pruning>".into(),
+                        message: format!("no pruning rule for layer tensor {other:?}"),
+                    })
+                }
+            };
+            out.insert(dst(part), sliced);
         }
     }
     let mut config = c.clone();
@@ -117,6 +102,16 @@ pub fn apply(model: &Llama, plan: &KeepPlan) -> Result<Llama, ModelIoError> {
     config.num_key_value_heads = Some(c.num_kv_heads());
     config.head_dim = Some(hd);
     config.num_hidden_layers = plan.layers.len();
+    // Kept layers keep their kind (a sliding-window layer keeps its window and its RoPE).
+    config.layer_types = plan
+        .layers
+        .iter()
+        .map(|&l| c.layer_types.get(l).copied())
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ModelIoError::Invalid {
+            path: "<pruning>".into(),
+            message: "the keep plan names a layer the model does not have".into(),
+        })?;
     // Every layer keeps the same counts; anything else is a bug in the plan.
     let uniform = plan
         .neurons

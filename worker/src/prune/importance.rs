@@ -22,8 +22,11 @@ pub struct Importance {
     pub attn: Vec<Vec<f64>>,
     /// `[layer][hidden]`: output of `input_layernorm`.
     pub attn_norm: Vec<Vec<f64>>,
-    /// `[layer][hidden]`: output of `post_attention_layernorm`.
+    /// `[layer][hidden]`: output of the norm before the MLP.
     pub mlp_norm: Vec<Vec<f64>>,
+    /// `[layer][hidden]`: Gemma's norms after attention and after the MLP, added (empty rows
+    /// for other architectures).
+    pub post_norm: Vec<Vec<f64>>,
     /// `[layer]`: sum over tokens of `1 - cos(h_in, h_out)`.
     pub bi_sum: Vec<f64>,
     /// `[layer]`: tokens in `bi_sum`.
@@ -63,6 +66,7 @@ impl Importance {
             attn: zeros(l, c.num_attention_heads * c.head_dim()),
             attn_norm: zeros(l, c.hidden_size),
             mlp_norm: zeros(l, c.hidden_size),
+            post_norm: zeros(l, if c.arch().gemma() { c.hidden_size } else { 0 }),
             bi_sum: vec![0.0; l],
             bi_tokens: vec![0.0; l],
             head_dim: c.head_dim(),
@@ -86,6 +90,13 @@ impl Importance {
             add(&mut self.attn[l], &seq_mean_sq(&a.o_proj_input)?);
             add(&mut self.attn_norm[l], &seq_mean_sq(&a.attn_norm)?);
             add(&mut self.mlp_norm[l], &seq_mean_sq(&a.mlp_norm)?);
+            for post in &a.post_norms {
+                let v = seq_mean_sq(post)?;
+                if self.post_norm[l].len() != v.len() {
+                    self.post_norm[l] = vec![0.0; v.len()];
+                }
+                add(&mut self.post_norm[l], &v);
+            }
             let x = a.input.to_dtype(DType::F32)?;
             let y = a.output.to_dtype(DType::F32)?;
             let dot = (&x * &y)?.sum(D::Minus1)?;
@@ -110,6 +121,7 @@ impl Importance {
                 i.neuron.iter().map(Vec::len).collect::<Vec<_>>(),
                 i.attn.iter().map(Vec::len).collect::<Vec<_>>(),
                 i.attn_norm.iter().map(Vec::len).collect::<Vec<_>>(),
+                i.post_norm.iter().map(Vec::len).collect::<Vec<_>>(),
                 i.head_dim,
             )
         };
@@ -122,6 +134,7 @@ impl Importance {
             (&mut self.attn, &other.attn),
             (&mut self.attn_norm, &other.attn_norm),
             (&mut self.mlp_norm, &other.mlp_norm),
+            (&mut self.post_norm, &other.post_norm),
         ] {
             for (x, y) in a.iter_mut().zip(b) {
                 add(x, y);
@@ -152,11 +165,17 @@ impl Importance {
             .collect()
     }
 
-    /// Embedding channel scores `[hidden]`: both norms of every layer, summed.
+    /// Embedding channel scores `[hidden]`: every norm of every layer (two, or Gemma's four),
+    /// summed.
     pub fn channel_scores(&self) -> Vec<f64> {
         let h = self.attn_norm.first().map_or(0, Vec::len);
         let mut s = vec![0.0; h];
-        for l in self.attn_norm.iter().chain(&self.mlp_norm) {
+        for l in self
+            .attn_norm
+            .iter()
+            .chain(&self.mlp_norm)
+            .chain(self.post_norm.iter().filter(|l| l.len() == h))
+        {
             for (a, v) in s.iter_mut().zip(l) {
                 *a += v.sqrt();
             }
@@ -185,6 +204,9 @@ impl Importance {
         t.insert("attn".to_string(), mat(&self.attn)?);
         t.insert("attn_norm".to_string(), mat(&self.attn_norm)?);
         t.insert("mlp_norm".to_string(), mat(&self.mlp_norm)?);
+        if self.post_norm.iter().any(|l| !l.is_empty()) {
+            t.insert("post_norm".to_string(), mat(&self.post_norm)?);
+        }
         t.insert(
             "bi_sum".to_string(),
             Tensor::new(self.bi_sum.as_slice(), &dev)?,
@@ -230,6 +252,11 @@ impl Importance {
             neuron: mat("neuron")?,
             attn: mat("attn")?,
             attn_norm: mat("attn_norm")?,
+            post_norm: if t.contains_key("post_norm") {
+                mat("post_norm")?
+            } else {
+                vec![Vec::new(); mat("mlp_norm")?.len()]
+            },
             mlp_norm: mat("mlp_norm")?,
             bi_sum: vec("bi_sum")?,
             bi_tokens: vec("bi_tokens")?,

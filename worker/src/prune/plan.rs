@@ -68,6 +68,8 @@ pub fn shape_of(c: &LlamaConfig) -> ModelShape {
         params: 0,
         head_dim: c.head_dim() as u32,
         attention_bias: c.attention_bias,
+        qk_norm: c.arch().qk_norm(),
+        norms_per_layer: if c.arch().gemma() { 4 } else { 2 },
     };
     s.params = param_count(&s);
     s
@@ -150,6 +152,16 @@ pub fn choose_shape(src: &ModelShape, t: &Target) -> Result<ModelShape, PlanErro
                 s.num_attention_heads
             ));
         }
+        if !heads_divide_hidden(src, &s) {
+            let n = s.num_attention_heads;
+            let lower = s.hidden_size / n * n;
+            return err(format!(
+                "target hidden_size {} must be a multiple of num_attention_heads {n}, as in the \
+                 source: transformers refuses a Llama or Gemma 3 config otherwise (try {lower} or {})",
+                s.hidden_size,
+                lower + n
+            ));
+        }
         return Ok(s);
     };
     if !(frac.is_finite() && frac > 0.0 && frac <= 1.0) {
@@ -190,7 +202,7 @@ pub fn choose_shape(src: &ModelShape, t: &Target) -> Result<ModelShape, PlanErro
         for i in candidates(src.intermediate_size) {
             for heads in &head_choices {
                 let s = with(src, h, i, *heads, src.num_layers);
-                if s.params <= budget {
+                if s.params <= budget && heads_divide_hidden(src, &s) {
                     feasible.push(s);
                 }
             }
@@ -219,6 +231,16 @@ pub fn choose_shape(src: &ModelShape, t: &Target) -> Result<ModelShape, PlanErro
                 .then(b.params.cmp(&a.params))
         })
         .ok_or_else(|| PlanError("no feasible shape".into()))
+}
+
+/// transformers 5 refuses Llama and Gemma 3 configs whose hidden size is not a multiple of the
+/// head count (strict config validation), even with an explicit `head_dim`. A source that
+/// satisfies it keeps it; one that does not is of an architecture without the rule.
+fn heads_divide_hidden(src: &ModelShape, s: &ModelShape) -> bool {
+    let holds = |x: &ModelShape| {
+        x.num_attention_heads > 0 && x.hidden_size.is_multiple_of(x.num_attention_heads)
+    };
+    !holds(src) || holds(s)
 }
 
 /// The `k` highest-scoring indices (ties: lower index first), ascending.
@@ -355,7 +377,7 @@ mod tests {
         let s = choose_shape(
             &src,
             &Target {
-                hidden_size: Some(512),
+                hidden_size: Some(504),
                 num_layers: Some(26),
                 ..Default::default()
             },
@@ -368,7 +390,21 @@ mod tests {
                 s.num_attention_heads,
                 s.num_layers
             ),
-            (512, 1536, 9, 26)
+            (504, 1536, 9, 26)
+        );
+        // transformers refuses a Llama whose hidden size is not a multiple of its heads.
+        let e = choose_shape(
+            &src,
+            &Target {
+                hidden_size: Some(512),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("multiple of num_attention_heads 9") && e.contains("504"),
+            "{e}"
         );
         assert_eq!(s.head_dim, 64);
         let e = choose_shape(

@@ -255,3 +255,134 @@ fn combined_pruning_yields_a_model_of_the_target_shape_and_size() {
     let logits = pruned.forward(&ids()).unwrap();
     assert_eq!(logits.dims(), &[2, 12, m.config.vocab_size]);
 }
+
+fn arch_model(c: crate::model::LlamaConfig, seed: u64) -> Llama {
+    let m = Llama::new(c, DType::F32, &Device::Cpu).unwrap();
+    // Deterministic weights (candle's own init is unseeded).
+    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    for (name, var) in m.named_vars() {
+        let n = var.as_tensor().elem_count();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32;
+                if name.ends_with("norm.weight") {
+                    0.2 * u + if m.config.arch().gemma() { 0.0 } else { 1.0 }
+                } else {
+                    0.4 * u
+                }
+            })
+            .collect();
+        var.set(&Tensor::from_vec(v, var.as_tensor().shape().clone(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    m
+}
+
+fn small_ids() -> Tensor {
+    Tensor::new(
+        sequences(2, 9, 3)
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x % 40).collect::<Vec<u32>>())
+            .collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn small_scored(m: &Llama) -> Importance {
+    let calib: Vec<Vec<u32>> = sequences(6, 10, 2)
+        .into_iter()
+        .map(|r| r.into_iter().map(|x| x % 40).collect())
+        .collect();
+    score(m, &calib, 2, |_, _| true).unwrap()
+}
+
+#[test]
+fn every_architecture_prunes_to_its_own_shape_exactly_and_to_a_smaller_one() {
+    for c in crate::model::llama::tests::arch_configs() {
+        let arch = c.model_type.clone();
+        let m = arch_model(c, 5);
+        let imp = small_scored(&m);
+        assert_eq!(
+            imp.post_norm.iter().all(|l| !l.is_empty()),
+            m.config.arch().gemma(),
+            "{arch}: Gemma's post norms are scored, and only Gemma has them"
+        );
+        let src = shape_of(&m.config);
+        let s = scores(&imp, &[]).unwrap();
+        let same = apply(&m, &plan(&src, &s, &src).unwrap()).unwrap();
+        let d = max_abs_diff(
+            &m.forward(&small_ids()).unwrap(),
+            &same.forward(&small_ids()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(d, 0.0, "{arch}");
+        let mut target = src;
+        target.hidden_size = 24;
+        target.intermediate_size = 32;
+        target.num_attention_heads = 2;
+        target.num_layers = 2;
+        target.params = distillery_proto::shape::param_count(&target);
+        let p = plan(&src, &s, &target).unwrap();
+        let pruned = apply(&m, &p).unwrap();
+        assert_eq!(pruned.num_params() as u64, target.params, "{arch}");
+        let kept: Vec<_> = p.layers.iter().map(|&l| m.config.layer_types[l]).collect();
+        assert_eq!(pruned.config.layer_types, kept, "{arch}");
+        for (j, &l) in p.layers.iter().enumerate() {
+            assert_eq!(
+                pruned.config.layer_window(j),
+                m.config.layer_window(l),
+                "{arch}"
+            );
+            assert_eq!(
+                pruned.config.layer_rope(j),
+                m.config.layer_rope(l),
+                "{arch}"
+            );
+        }
+        // q/k norms act per head_dim and stay whole.
+        if m.config.arch().qk_norm() {
+            let w = |model: &Llama, i: usize| {
+                model.varmap.data().lock().unwrap()
+                    [&format!("model.layers.{i}.self_attn.q_norm.weight")]
+                    .as_tensor()
+                    .clone()
+            };
+            assert_eq!(
+                max_abs_diff(&w(&pruned, 0), &w(&m, p.layers[0])).unwrap(),
+                0.0
+            );
+        }
+    }
+}
+
+#[test]
+fn each_of_gemmas_four_norms_feeds_the_channel_score() {
+    let gemma = crate::model::llama::tests::arch_configs().remove(4);
+    assert!(gemma.arch().gemma());
+    for norm in [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ] {
+        let m = arch_model(gemma.clone(), 6);
+        for l in 0..3 {
+            // Gemma scales by (1 + w): w = 15 makes the channel 16x larger out of this norm.
+            set(&m, &format!("model.layers.{l}.{norm}.weight"), |r| {
+                r[0][13] = 15.0
+            });
+        }
+        let imp = small_scored(&m);
+        let c = imp.channel_scores();
+        assert_eq!(top_k(&c, 1), vec![13], "{norm}: {c:?}");
+        // And the accumulators survive the artifact format.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.safetensors");
+        imp.save(&p).unwrap();
+        assert_eq!(Importance::load(&p).unwrap(), imp);
+    }
+}

@@ -150,13 +150,17 @@ fn names_map_both_ways() {
         "model.layers.3.mlp.down_proj.weight",
         "model.layers.3.post_attention_layernorm.weight",
     ] {
-        assert_eq!(hf_name(&gguf_name(hf).unwrap()).as_deref(), Some(hf));
+        let g = gguf_name(hf).unwrap();
+        assert_eq!(
+            format::hf::hf_tensor_name(format::Arch::Llama, &g).as_deref(),
+            Some(hf)
+        );
     }
     assert_eq!(
         gguf_name("model.layers.2.self_attn.o_proj.weight").as_deref(),
         Some("blk.2.attn_output.weight")
     );
-    assert!(hf_name("blk.0.ssm_in.weight").is_none());
+    assert!(format::hf::hf_tensor_name(format::Arch::Llama, "blk.0.ssm_in.weight").is_none());
 }
 
 #[test]

@@ -290,3 +290,140 @@ fn the_inference_pass_equals_the_differentiable_one_and_builds_no_graph() {
         }
     }
 }
+
+/// Tiny configs of every architecture, with the features that distinguish them switched on:
+/// Mistral's window shorter than the test sequences, Qwen2's biases and sliding upper layers,
+/// Qwen3's q/k norms, Gemma 3's GeGLU, (1 + w) norms, pre/post norms, mixed layer kinds with
+/// a local RoPE base and a query scale that is not head_dim.
+pub(crate) fn arch_configs() -> Vec<LlamaConfig> {
+    let shape = r#""hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 3, "vocab_size": 40, "rms_norm_eps": 1e-5,
+        "initializer_range": 0.2"#;
+    [
+        r#""model_type": "llama", "rope_parameters": {"rope_type": "llama3", "factor": 4.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 4,
+            "rope_theta": 10000.0}"#,
+        r#""model_type": "mistral", "sliding_window": 3"#,
+        r#""model_type": "qwen2", "use_sliding_window": true, "sliding_window": 3,
+            "max_window_layers": 1, "tie_word_embeddings": true"#,
+        r#""model_type": "qwen3", "head_dim": 16"#,
+        r#""model_type": "gemma3_text", "head_dim": 8, "query_pre_attn_scalar": 12,
+            "sliding_window": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}"#,
+    ]
+    .iter()
+    .map(|a| LlamaConfig::from_json(&format!("{{{shape}, {a}}}")).expect("arch config"))
+    .collect()
+}
+
+#[test]
+fn every_architecture_trains_every_parameter_with_exact_gradients() {
+    for c in arch_configs() {
+        let arch = c.model_type.clone();
+        let m = Llama::new(c, DType::F64, &Device::Cpu).unwrap();
+        reseed(&m, 7);
+        let x = ids(1, 6, 2);
+        let w = weights(&[1, 6, 40], DType::F64);
+        let grads = loss(&m, &x, &w).backward().unwrap();
+        let names: Vec<String> = m.named_vars().into_iter().map(|(n, _)| n).collect();
+        if m.config.arch().qk_norm() {
+            assert!(names.iter().any(|n| n.ends_with("q_norm.weight")), "{arch}");
+        }
+        if m.config.arch().gemma() {
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n.ends_with("post_feedforward_layernorm.weight")),
+                "{arch}"
+            );
+        }
+        let eps = 1e-6;
+        for (name, var) in m.named_vars() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{arch}: {name} has no gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            assert!(
+                g.iter().any(|v| *v != 0.0),
+                "{arch}: {name} has a zero gradient"
+            );
+            let orig = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let shape = var.as_tensor().shape().clone();
+            for idx in [0, orig.len() / 2 + 1, orig.len() - 1] {
+                let eval = |delta: f64| {
+                    let mut p = orig.clone();
+                    p[idx] += delta;
+                    var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss(&m, &x, &w).to_scalar::<f64>().unwrap()
+                };
+                let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+                eval(0.0);
+                let err = (numeric - g[idx]).abs() / numeric.abs().max(g[idx].abs()).max(1e-3);
+                assert!(
+                    err < 1e-5,
+                    "{arch}: {name}[{idx}]: autograd {} vs finite difference {numeric}",
+                    g[idx]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_architecture_infers_like_it_trains_with_and_without_the_cache() {
+    for c in arch_configs() {
+        let arch = c.model_type.clone();
+        let m = Llama::new(c, DType::F32, &Device::Cpu).unwrap();
+        reseed(&m, 9);
+        let x = ids(2, 8, 8);
+        let composed = m.forward_train(&x).unwrap();
+        let fused = m.forward(&x).unwrap();
+        let d = max_abs_diff(&fused, &composed).unwrap();
+        assert!(d < 1e-4, "{arch}: max diff {d}");
+        let mut cache = KvCache::default();
+        let mut steps = Vec::new();
+        for t in 0..8 {
+            steps.push(
+                m.forward_cached(&x.narrow(1, t, 1).unwrap(), &mut cache)
+                    .unwrap(),
+            );
+        }
+        let d = max_abs_diff(&Tensor::cat(&steps, 1).unwrap(), &composed).unwrap();
+        assert!(d < 1e-4, "{arch} cached: max diff {d}");
+    }
+}
+
+#[test]
+fn a_sliding_window_forgets_what_lies_outside_it() {
+    // Mistral with window 3 over 3 layers: position 7 is reached by position 0 through at most
+    // 3 * 2 = 6 steps back, so changing token 0 leaves it unchanged; with no window it changes.
+    let windowed = arch_configs().remove(1);
+    assert_eq!(windowed.sliding_window, Some(3));
+    let mut full = windowed.clone();
+    full.sliding_window = None;
+    full.layer_types = vec![crate::model::config::LayerType::Full; 3];
+    for (c, sees) in [(windowed, false), (full, true)] {
+        let m = Llama::new(c, DType::F32, &Device::Cpu).unwrap();
+        reseed(&m, 3);
+        let a = ids(1, 8, 1);
+        let mut v = a.to_vec2::<u32>().unwrap();
+        v[0][0] = (v[0][0] + 1) % 40;
+        let b = Tensor::new(v, &Device::Cpu).unwrap();
+        let d = max_abs_diff(
+            &m.forward(&a).unwrap().i((0, 7)).unwrap(),
+            &m.forward(&b).unwrap().i((0, 7)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(d > 0.0, sees, "max diff {d}");
+    }
+}
