@@ -1,5 +1,6 @@
 //! Reads a source model's shape without loading its weights: Hugging Face `config.json`, or the
-//! metadata and tensor names of a GGUF file. Used at submit time to check targets.
+//! metadata and tensor names of a GGUF file. Used at submit time to check targets, and that the
+//! models whose answers a campaign generates have a chat template.
 
 use std::path::Path;
 
@@ -21,6 +22,42 @@ fn invalid(path: &Path, message: impl Into<String>) -> ShapeError {
         path: path.display().to_string(),
         message: message.into(),
     }
+}
+
+/// Whether answers can be generated from `model` with a chat template: `file` when given, else
+/// the model's own, resolved exactly as the workers will (`distillery_worker::model::chat`).
+/// The error says what was looked at and how to give a template.
+pub fn check_chat_template(model: &Path, file: Option<&Path>) -> Result<(), String> {
+    use distillery_worker::model::chat;
+    let templates = if model.is_dir() {
+        chat::ModelTemplates::from_dir(model).map_err(|e| e.to_string())?
+    } else {
+        let template = if file.is_some() {
+            None
+        } else {
+            gguf_chat_template(model)?
+        };
+        chat::ModelTemplates::from_gguf(model, template, None, None)
+    };
+    let choice = chat::TemplateChoice {
+        file: file.map(Path::to_path_buf),
+        name: None,
+    };
+    chat::resolve(&templates, &choice)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// A GGUF file's `tokenizer.chat_template` (metadata only).
+fn gguf_chat_template(path: &Path) -> Result<Option<String>, String> {
+    let mut f =
+        std::fs::File::open(path).map_err(|e| format!("{}: cannot open: {e}", path.display()))?;
+    let c = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .map_err(|e| format!("{}: is not a readable GGUF file: {e}", path.display()))?;
+    Ok(c.metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .cloned())
 }
 
 /// The shape of a Hugging Face model directory (its `config.json`) or a `.gguf` file.

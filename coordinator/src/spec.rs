@@ -61,6 +61,8 @@ struct RawSpec {
 #[serde(deny_unknown_fields)]
 struct RawTeacher {
     model: String,
+    #[serde(default)]
+    chat_template: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +176,8 @@ struct RawJudge {
     baseline: String,
     #[serde(default = "default_max_tokens")]
     max_tokens: u32,
+    #[serde(default)]
+    chat_template: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +364,10 @@ impl Validator<'_> {
             FileChecks::None => pb::ModelShape::default(),
         };
 
+        let teacher_template = match &raw.teacher.chat_template {
+            Some(t) => self.path("teacher.chat_template", t)?,
+            None => String::new(),
+        };
         let data = self.data(raw.data)?;
         let evaluation = self.evaluation(raw.evaluation, &data)?;
         let scheduling = match raw.scheduling {
@@ -390,12 +398,47 @@ impl Validator<'_> {
             prev = next;
         }
         let gate = self.gate(raw.gate, &evaluation)?;
+        if let (FileChecks::Local, Some(j)) = (self.checks, &evaluation.judge) {
+            // Answers are generated with chat templates: refuse now, not after the first
+            // round's distillation, when one is missing or broken.
+            let file = |t: &str| (!t.is_empty()).then(|| PathBuf::from(t));
+            source_model::check_chat_template(
+                Path::new(&model),
+                file(&teacher_template).as_deref(),
+            )
+            .map_err(|e| {
+                let field = if teacher_template.is_empty() {
+                    "teacher.model"
+                } else {
+                    "teacher.chat_template"
+                };
+                SpecError::new(
+                    field,
+                    format!("the teacher's answers need a chat template: {e}"),
+                )
+            })?;
+            if j.backend == "local" {
+                source_model::check_chat_template(
+                    Path::new(&j.model),
+                    file(&j.chat_template).as_deref(),
+                )
+                .map_err(|e| {
+                    let field = if j.chat_template.is_empty() {
+                        "evaluation.judge.model"
+                    } else {
+                        "evaluation.judge.chat_template"
+                    };
+                    SpecError::new(field, format!("the local judge needs a chat template: {e}"))
+                })?;
+            }
+        }
         Ok(pb::CampaignSpec {
             name: raw.name,
             seed: raw.seed,
             teacher: Some(pb::TeacherSpec {
                 model,
                 shape: Some(shape),
+                chat_template: teacher_template,
             }),
             data: Some(data),
             rounds,
@@ -780,7 +823,18 @@ impl Validator<'_> {
                     ));
                 }
                 positive(&format!("{f}.max_tokens"), j.max_tokens)?;
+                let chat_template = match (&j.chat_template, j.backend.as_str()) {
+                    (None, _) => String::new(),
+                    (Some(t), "local") => self.path(&format!("{f}.chat_template"), t)?,
+                    (Some(_), _) => {
+                        return Err(SpecError::new(
+                            format!("{f}.chat_template"),
+                            "is only for backend = \"local\": an OpenAI-compatible server applies its own template (give it there, e.g. `worker serve --chat-template FILE`)",
+                        ))
+                    }
+                };
                 Some(pb::JudgeSpec {
+                    chat_template,
                     questions: self.path(&format!("{f}.questions"), &j.questions)?,
                     backend: j.backend,
                     base_url: j.base_url,

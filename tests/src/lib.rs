@@ -49,6 +49,60 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A running `worker serve` on a loopback port, killed when dropped.
+pub struct ServeProc {
+    child: Child,
+    pub port: u16,
+}
+
+impl ServeProc {
+    /// Starts `worker serve --model MODEL --listen 127.0.0.1:PORT ARGS...` and waits until it
+    /// accepts connections (or exits, with its stderr in the panic).
+    pub fn start(model: &Path, args: &[&str]) -> ServeProc {
+        let port = free_port();
+        let child = Command::new(bin("worker"))
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("worker serve starts");
+        let mut p = ServeProc { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = p.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("worker serve exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "worker serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Its log is not needed once it serves; a full pipe must not block it.
+        if let Some(mut e) = p.child.stderr.take() {
+            std::thread::spawn(move || std::io::copy(&mut e, &mut std::io::sink()));
+        }
+        p
+    }
+
+    /// `http://127.0.0.1:PORT/v1`
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for ServeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `coordinator serve`.
 pub struct CoordinatorProc {
     child: Option<Child>,
@@ -358,7 +412,7 @@ impl Drop for WorkerProc {
     }
 }
 
-/// A folder with a teacher (HF config only), data files and questions, for specs.
+/// A folder with a teacher (HF config and a chat template), data files and questions, for specs.
 pub fn fixture() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let m = dir.path().join("teacher");
@@ -369,6 +423,12 @@ pub fn fixture() -> tempfile::TempDir {
             "num_hidden_layers": 4, "vocab_size": 256, "tie_word_embeddings": true}"#,
     )
     .expect("config");
+    // Submitting a spec with a judge checks that the teacher's answers have a chat template.
+    std::fs::write(
+        m.join("chat_template.jinja"),
+        distillery_worker::model::chat::CHATML_TEMPLATE,
+    )
+    .expect("chat template");
     for f in ["calib.jsonl", "web.jsonl", "web-val.jsonl"] {
         std::fs::write(dir.path().join(f), "{\"text\": \"hello world\"}\n").expect("data");
     }

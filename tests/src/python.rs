@@ -6,6 +6,13 @@ use std::path::PathBuf;
 
 pub use crate::{python, python_or_skip};
 
+/// A script under `tests/python/`.
+pub fn python_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
+
 /// Largest |a - b| over two logit vectors.
 pub fn max_abs_gap(a: &[f32], b: &[f32]) -> f32 {
     a.iter()

@@ -23,8 +23,14 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model_dir = dir.path().join("judge");
     write_test_model(&model_dir, &TestModelSpec::default()).expect("model");
-    let served =
-        distillery_worker::serve::load_served(&model_dir, Some("judge".into())).expect("load");
+    let served = distillery_worker::serve::load_served(
+        &model_dir,
+        distillery_worker::serve::ServeOptions {
+            name: Some("judge".into()),
+            ..Default::default()
+        },
+    )
+    .expect("load");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()

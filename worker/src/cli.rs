@@ -48,7 +48,8 @@ enum Command {
         #[arg(long)]
         gguf: Option<PathBuf>,
     },
-    /// Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/models).
+    /// Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions,
+    /// /v1/models).
     Serve {
         /// Hugging Face directory or .gguf file.
         #[arg(long)]
@@ -58,6 +59,21 @@ enum Command {
         /// The model id clients name (default: the file or folder name).
         #[arg(long)]
         name: Option<String>,
+        /// Another id the model answers to, listed by /v1/models (repeatable).
+        #[arg(long = "served-model-name")]
+        served_model_names: Vec<String>,
+        /// A Jinja chat template file to use instead of the model's own (chat_template.jinja,
+        /// tokenizer_config.json, GGUF tokenizer.chat_template); needed for a model without one.
+        #[arg(long)]
+        chat_template: Option<PathBuf>,
+        /// One of the model's named chat templates (default: "default").
+        #[arg(long)]
+        chat_template_name: Option<String>,
+        /// `auto`: requests that leave out temperature, top_p, top_k, min_p,
+        /// repetition_penalty or max_tokens get generation_config.json's values (as vLLM);
+        /// `none`: OpenAI's defaults. Its eos_token_id ends answers either way.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "none"])]
+        generation_config: String,
     },
     /// Convert any loadable model (Hugging Face directory or .gguf) to a Hugging Face directory.
     Convert {
@@ -117,8 +133,21 @@ pub fn main() -> i32 {
             model,
             listen,
             name,
+            served_model_names,
+            chat_template,
+            chat_template_name,
+            generation_config,
         } => {
-            let served = match crate::serve::load_served(&model, name) {
+            let opts = crate::serve::ServeOptions {
+                name,
+                aliases: served_model_names,
+                chat_template: crate::model::chat::TemplateChoice {
+                    file: chat_template,
+                    name: chat_template_name,
+                },
+                generation_defaults: generation_config == "auto",
+            };
+            let served = match crate::serve::load_served(&model, opts) {
                 Ok(m) => m,
                 Err(e) => {
                     eprintln!("worker: serve: {e}");
@@ -182,7 +211,7 @@ pub fn main() -> i32 {
                         g,
                         &|_, _| candle_core::quantized::GgmlDType::F32,
                         Some(&tok),
-                        Some(crate::model::tokenizer::CHATML_TEMPLATE),
+                        Some(crate::model::chat::CHATML_TEMPLATE),
                     )?;
                 }
                 Ok(m)

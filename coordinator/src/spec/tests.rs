@@ -2,7 +2,8 @@ use std::path::Path;
 
 use super::*;
 
-/// A folder with a teacher (HF config only: 4 layers, 8 heads / 2 KV heads) and data files.
+/// A folder with a teacher (HF config and a chat template: 4 layers, 8 heads / 2 KV heads) and
+/// data files.
 pub(crate) fn fixture() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("teacher");
@@ -11,6 +12,11 @@ pub(crate) fn fixture() -> tempfile::TempDir {
         m.join("config.json"),
         r#"{"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8, "num_key_value_heads": 2,
             "num_hidden_layers": 4, "vocab_size": 256, "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.content }}{% endfor %}",
     )
     .unwrap();
     for f in [
@@ -319,4 +325,83 @@ fn a_gguf_teacher_shape_is_read_from_its_metadata() {
         .unwrap_err()
         .to_string()
         .contains("GGUF magic"));
+}
+
+#[test]
+fn answers_need_a_chat_template_at_submit_time() {
+    let d = fixture();
+    let teacher = d.path().join("teacher");
+    std::fs::remove_file(teacher.join("chat_template.jinja")).unwrap();
+    let e = parse_in(d.path(), GOOD).unwrap_err();
+    assert_eq!(e.field, "teacher.model");
+    assert!(
+        e.message.contains("has no chat template")
+            && e.message.contains("chat_template = \"FILE\""),
+        "{e}"
+    );
+    // Without a judge no answers are generated, so no template is needed.
+    let no_judge = GOOD.replace(
+        "judge = { backend = \"openai\", base_url = \"http://127.0.0.1:8000/v1\", model = \"judge\", questions = \"questions.jsonl\" }",
+        "",
+    );
+    let no_judge = no_judge.replace("min_win_rate = 0.25\n", "");
+    parse_in(d.path(), &no_judge).unwrap();
+    // teacher.chat_template gives one; relative to the spec, checked and made absolute.
+    std::fs::write(d.path().join("chatml.jinja"), "{{ messages[0].content }}").unwrap();
+    let with = GOOD.replace(
+        "model = \"teacher\"",
+        "model = \"teacher\"\nchat_template = \"chatml.jinja\"",
+    );
+    let s = parse_in(d.path(), &with).unwrap();
+    let t = s.teacher.unwrap().chat_template;
+    assert!(
+        Path::new(&t).is_absolute() && t.ends_with("chatml.jinja"),
+        "{t}"
+    );
+    // A template that does not compile is refused by its field.
+    std::fs::write(d.path().join("chatml.jinja"), "{% if %}").unwrap();
+    let e = parse_in(d.path(), &with).unwrap_err();
+    assert_eq!(e.field, "teacher.chat_template");
+    assert!(e.message.contains("does not compile"), "{e}");
+    let missing = GOOD.replace(
+        "model = \"teacher\"",
+        "model = \"teacher\"\nchat_template = \"nope.jinja\"",
+    );
+    assert_eq!(
+        parse_in(d.path(), &missing).unwrap_err().field,
+        "teacher.chat_template"
+    );
+}
+
+#[test]
+fn a_judge_template_is_for_a_local_judge_only() {
+    let d = fixture();
+    let openai = GOOD.replace(
+        "questions = \"questions.jsonl\" }",
+        "questions = \"questions.jsonl\", chat_template = \"t.jinja\" }",
+    );
+    std::fs::write(d.path().join("t.jinja"), "{{ messages[0].content }}").unwrap();
+    let e = parse_in(d.path(), &openai).unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.chat_template");
+    assert!(e.message.contains("backend = \"local\""), "{e}");
+    // A local judge without a template of its own needs one.
+    let judge = d.path().join("judge");
+    std::fs::create_dir_all(&judge).unwrap();
+    let local = GOOD.replace(
+        "judge = { backend = \"openai\", base_url = \"http://127.0.0.1:8000/v1\", model = \"judge\", questions = \"questions.jsonl\" }",
+        "judge = { backend = \"local\", model = \"judge\", questions = \"questions.jsonl\" }",
+    );
+    let e = parse_in(d.path(), &local).unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.model");
+    assert!(
+        e.message.contains("local judge needs a chat template"),
+        "{e}"
+    );
+    let given = local.replace(
+        "questions = \"questions.jsonl\" }",
+        "questions = \"questions.jsonl\", chat_template = \"t.jinja\" }",
+    );
+    let s = parse_in(d.path(), &given).unwrap();
+    let j = s.evaluation.unwrap().judge.unwrap();
+    assert!(j.chat_template.ends_with("t.jinja"), "{}", j.chat_template);
 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use candle_core::{Tensor, D};
 
 use super::parse::Pairwise;
+use crate::model::chat::Message;
 use crate::model::generate::SamplingParams;
-use crate::model::tokenizer::{self, Message};
+use crate::model::tokenizer;
 use crate::serve::ServedModel;
 
 /// Why the judge could not be asked (not: why its answer did not parse).
@@ -136,29 +137,15 @@ pub struct Local {
 
 /// A system + user conversation.
 fn messages(system: &str, user: &str) -> [Message; 2] {
-    [
-        Message {
-            role: "system".into(),
-            content: system.into(),
-        },
-        Message {
-            role: "user".into(),
-            content: user.into(),
-        },
-    ]
+    [Message::new("system", system), Message::new("user", user)]
 }
 
 impl Local {
     fn prompt(&self, system: &str, user: &str) -> Result<String, BackendError> {
-        let s = &self.served;
-        tokenizer::render_chat(
-            &s.chat_template,
-            &messages(system, user),
-            true,
-            &s.bos_token,
-            &s.eos_token,
-        )
-        .map_err(|e| BackendError(e.to_string()))
+        self.served
+            .chat
+            .render(&messages(system, user), true)
+            .map_err(|e| BackendError(e.to_string()))
     }
 
     fn first_token(&self, text: &str) -> Result<u32, BackendError> {

@@ -1,8 +1,10 @@
 //! The model core: Llama-family config, a trainable candle implementation, and Hugging Face
 //! directory I/O.
 
+pub mod chat;
 pub mod config;
 pub mod generate;
+pub mod generation_config;
 pub mod gguf;
 pub mod io;
 pub mod llama;

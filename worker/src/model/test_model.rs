@@ -7,10 +7,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
+use super::chat::CHATML_TEMPLATE;
 use super::config::{Arch, LlamaConfig};
 use super::io::{save_dir, ModelIoError};
 use super::llama::Llama;
-use super::tokenizer::{self, CHATML_TEMPLATE, TEST_SPECIALS};
+use super::tokenizer::{self, TEST_SPECIALS};
 
 /// The shape of a test model.
 #[derive(Debug, Clone, PartialEq)]

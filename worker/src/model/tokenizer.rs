@@ -1,10 +1,9 @@
 //! Tokenizers: any `tokenizer.json` through the `tokenizers` crate (pure Rust, no network), a
-//! byte-level one for tiny test models, and chat templates rendered with minijinja the way
-//! transformers renders them (`trim_blocks`, `lstrip_blocks`, `raise_exception`).
+//! byte-level one for tiny test models, and GGUF vocabularies both ways. Chat templates are in
+//! [`super::chat`].
 
 use std::path::Path;
 
-use serde::Serialize;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
@@ -20,8 +19,6 @@ use tokenizers::{AddedToken, Tokenizer};
 pub enum TokenizerError {
     #[error("tokenizer: {0}")]
     Tokenizers(String),
-    #[error("chat template: {0}")]
-    Template(String),
 }
 
 fn tk<E: std::fmt::Display>(e: E) -> TokenizerError {
@@ -85,6 +82,68 @@ pub fn decode(
     skip_special_tokens: bool,
 ) -> Result<String, TokenizerError> {
     t.decode(ids, skip_special_tokens).map_err(tk)
+}
+
+/// Every token's raw bytes, by id (what OpenAI's `logprobs[].bytes` report, so that a character
+/// split over tokens can be put back together): byte-level BPE pieces through GPT-2's byte map,
+/// SentencePiece byte tokens (`<0xNN>`) as that byte and `▁` as a space, added tokens as their
+/// text, and anything else as the token decoded on its own.
+pub fn token_bytes(t: &Tokenizer) -> Vec<Vec<u8>> {
+    let json: serde_json::Value = t
+        .to_string(false)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let decoder = &json["decoder"];
+    let mut kinds: Vec<&str> = decoder["type"].as_str().into_iter().collect();
+    if let Some(list) = decoder["decoders"].as_array() {
+        kinds.extend(list.iter().filter_map(|d| d["type"].as_str()));
+    }
+    let byte_level = kinds.contains(&"ByteLevel");
+    let spm = kinds.contains(&"ByteFallback")
+        || kinds.contains(&"Metaspace")
+        || json["model"]["byte_fallback"].as_bool() == Some(true);
+    let inverse: std::collections::HashMap<char, u8> =
+        (0..=255u8).map(|b| (byte_to_char(b), b)).collect();
+    let added = t.get_added_tokens_decoder();
+    let n = t
+        .get_vocab(true)
+        .values()
+        .copied()
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    (0..n as u32)
+        .map(|id| {
+            if let Some(a) = added.get(&id) {
+                return a.content.as_bytes().to_vec();
+            }
+            let Some(piece) = t.id_to_token(id) else {
+                return Vec::new();
+            };
+            if byte_level {
+                let mut out = Vec::new();
+                for c in piece.chars() {
+                    match inverse.get(&c) {
+                        Some(b) => out.push(*b),
+                        None => out.extend(c.to_string().as_bytes()),
+                    }
+                }
+                out
+            } else if spm {
+                match piece
+                    .strip_prefix("<0x")
+                    .and_then(|h| h.strip_suffix('>'))
+                    .filter(|h| h.len() == 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => vec![b],
+                    None => piece.replace(SPM_SPACE, " ").into_bytes(),
+                }
+            } else {
+                t.decode(&[id], false).unwrap_or_default().into_bytes()
+            }
+        })
+        .collect()
 }
 
 /// A vocabulary as GGUF's `tokenizer.ggml.*` keys hold it.
@@ -279,53 +338,8 @@ pub fn to_gguf_vocab(t: &Tokenizer) -> Result<GgufVocab, TokenizerError> {
     })
 }
 
-/// One chat message.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-/// A ChatML template, used by the test models.
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// Renders a Hugging Face chat template as transformers does.
-pub fn render_chat(
-    template: &str,
-    messages: &[Message],
-    add_generation_prompt: bool,
-    bos_token: &str,
-    eos_token: &str,
-) -> Result<String, TokenizerError> {
-    let mut env = minijinja::Environment::new();
-    let syntax = minijinja::syntax::SyntaxConfig::builder()
-        .trim_blocks(true)
-        .lstrip_blocks(true)
-        .build()
-        .map_err(|e| TokenizerError::Template(e.to_string()))?;
-    env.set_syntax(syntax);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_template("chat", template)
-        .map_err(|e| TokenizerError::Template(e.to_string()))?;
-    let tmpl = env
-        .get_template("chat")
-        .map_err(|e| TokenizerError::Template(e.to_string()))?;
-    tmpl.render(minijinja::context! {
-        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-        add_generation_prompt => add_generation_prompt,
-        bos_token => bos_token,
-        eos_token => eos_token,
-    })
-    .map_err(|e| TokenizerError::Template(e.to_string()))
-}
+/// Chat templates live in [`super::chat`]; this name stays for the GGUF tests that embed it.
+pub use super::chat::CHATML_TEMPLATE;
 
 /// A small SentencePiece-style vocabulary: `<unk> <s> </s>`, the 256 byte tokens, then pieces
 /// scored so that "th" merges first and "▁the" before "en".
@@ -464,26 +478,21 @@ mod tests {
     }
 
     #[test]
-    fn chat_templates_render_like_transformers() {
-        let msgs = vec![
-            Message {
-                role: "user".into(),
-                content: "Hi".into(),
-            },
-            Message {
-                role: "assistant".into(),
-                content: "Hello".into(),
-            },
-        ];
-        let s = render_chat(CHATML_TEMPLATE, &msgs, true, "<s>", "</s>").unwrap();
-        assert_eq!(s, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>assistant\n");
-        // Llama-2 style: bos_token, raise_exception, whitespace control with trim/lstrip blocks.
-        let llama2 = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be the user') }}{% endif %}\n{% for m in messages %}\n  {% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}\n{% endfor %}";
-        let s = render_chat(llama2, &msgs, false, "<s>", "</s>").unwrap();
-        assert_eq!(s, "<s>[INST] Hi [/INST] Hello </s>");
-        let e = render_chat(llama2, &msgs[1..], false, "<s>", "</s>")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("first message must be the user"), "{e}");
+    fn token_bytes_are_the_raw_bytes_of_each_token() {
+        let t = byte_level().unwrap();
+        let b = token_bytes(&t);
+        assert_eq!(b.len(), 256 + TEST_SPECIALS.len());
+        for i in 0..=255u8 {
+            assert_eq!(b[i as usize], [i]);
+        }
+        assert_eq!(b[256 + 3], b"<|im_end|>");
+        let t = byte_level_bpe(&bpe_test_vocab()).unwrap();
+        assert_eq!(token_bytes(&t)[259], b"hello");
+        let t = sentencepiece_bpe(&spm_test_vocab()).unwrap();
+        let b = token_bytes(&t);
+        let id = |s: &str| t.token_to_id(s).unwrap() as usize;
+        assert_eq!(b[id("<0xC3>")], [0xC3]);
+        assert_eq!(b[id("\u{2581}the")], b" the");
+        assert_eq!(b[id("<s>")], b"<s>");
     }
 }

@@ -11,10 +11,12 @@ use distillery_proto::v1 as pb;
 use super::common::{self, fatal, input, param_usize, report};
 use crate::judge::backend::{Backend, Local, OpenAi};
 use crate::judge::{self, Answers, Cache, Mode};
+use crate::model::chat::{Message, TemplateChoice};
 use crate::model::generate::SamplingParams;
 use crate::model::perplexity::perplexity;
-use crate::model::tokenizer::{self, Message};
+use crate::model::tokenizer;
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
+use crate::serve::ServeOptions;
 
 /// Tokens scored per validation domain.
 const MAX_EVAL_TOKENS: usize = 1 << 15;
@@ -145,7 +147,21 @@ fn generate_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOut
     let j = judge_spec(task)?;
     let questions = judge::load_questions(Path::new(&j.questions)).map_err(fatal)?;
     let dir = common::model_dir(ctx, model_ref)?;
-    let served = crate::serve::load_served(&dir, Some(role.to_string())).map_err(fatal)?;
+    // The teacher's chat template (a spec's teacher.chat_template, else the model's own) for the
+    // teacher and every student, which inherit the teacher's tokenizer files. Greedy decoding:
+    // the model's sampling defaults are not used, only its stop tokens.
+    let template = task
+        .spec
+        .as_ref()
+        .and_then(|s| s.teacher.as_ref())
+        .map(|t| t.chat_template.clone())
+        .unwrap_or_default();
+    let opts = ServeOptions {
+        name: Some(role.to_string()),
+        chat_template: template_choice(&template),
+        ..Default::default()
+    };
+    let served = crate::serve::load_served(&dir, opts).map_err(fatal)?;
     let params = SamplingParams {
         max_tokens: j.max_tokens.max(1) as usize,
         ..Default::default()
@@ -158,17 +174,11 @@ fn generate_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOut
         let mut msgs: Vec<Message> = Vec::new();
         let mut outs = Vec::new();
         for turn in &q.turns {
-            msgs.push(Message {
-                role: "user".into(),
-                content: turn.clone(),
-            });
+            msgs.push(Message::new("user", turn.clone()));
             let (text, ..) = served
                 .complete(&msgs, params.clone(), &[])
                 .map_err(|e| fatal(format!("question {}: {e}", q.id())))?;
-            msgs.push(Message {
-                role: "assistant".into(),
-                content: text.clone(),
-            });
+            msgs.push(Message::new("assistant", text.clone()));
             outs.push(text);
         }
         answers.answers.insert(q.id(), outs);
@@ -191,6 +201,14 @@ fn generate_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOut
     })
 }
 
+/// A spec's template file (empty: the model's own).
+fn template_choice(file: &str) -> TemplateChoice {
+    TemplateChoice {
+        file: (!file.is_empty()).then(|| file.into()),
+        name: None,
+    }
+}
+
 /// The judge a spec names.
 pub fn backend_for(j: &pb::JudgeSpec, ctx: &TaskContext) -> Result<Box<dyn Backend>, TaskError> {
     match j.backend.as_str() {
@@ -205,7 +223,11 @@ pub fn backend_for(j: &pb::JudgeSpec, ctx: &TaskContext) -> Result<Box<dyn Backe
         )),
         "local" => {
             let dir = common::model_dir(ctx, &format!("path:{}", j.model))?;
-            let served = crate::serve::load_served(&dir, None).map_err(fatal)?;
+            let opts = ServeOptions {
+                chat_template: template_choice(&j.chat_template),
+                ..Default::default()
+            };
+            let served = crate::serve::load_served(&dir, opts).map_err(fatal)?;
             Ok(Box::new(Local {
                 served,
                 max_tokens: j.max_tokens.max(1),
