@@ -101,22 +101,23 @@ fn every_parameter_gets_a_nonzero_gradient() {
     }
 }
 
-#[test]
-fn gradients_match_finite_differences_in_f64() {
-    let m = Llama::new(tiny(false, 2, true), DType::F64, &Device::Cpu).unwrap();
-    reseed(&m, 42);
-    let x = ids(1, 5, 2);
-    let w = weights(&[1, 5, 40], DType::F64);
-    let grads = loss(&m, &x, &w).backward().unwrap();
+/// Checks autograd's gradient of [`loss`] against central finite differences for a few elements
+/// of every parameter (first, last, one in between), in f64; `label` names the model.
+fn assert_gradients_match_finite_differences(m: &Llama, x: &Tensor, w: &Tensor, label: &str) {
+    let grads = loss(m, x, w).backward().unwrap();
     let eps = 1e-6;
     for (name, var) in m.named_vars() {
         let g = grads
             .get(var.as_tensor())
-            .unwrap()
+            .unwrap_or_else(|| panic!("{label}: {name} has no gradient"))
             .flatten_all()
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
+        assert!(
+            g.iter().any(|v| *v != 0.0),
+            "{label}: {name} has a zero gradient"
+        );
         let orig = var
             .as_tensor()
             .flatten_all()
@@ -124,25 +125,33 @@ fn gradients_match_finite_differences_in_f64() {
             .to_vec1::<f64>()
             .unwrap();
         let shape = var.as_tensor().shape().clone();
-        // A few elements of every parameter: first, last, and one in between.
         for idx in [0, orig.len() / 2 + 1, orig.len() - 1] {
             let eval = |delta: f64| {
                 let mut p = orig.clone();
                 p[idx] += delta;
                 var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap())
                     .unwrap();
-                loss(&m, &x, &w).to_scalar::<f64>().unwrap()
+                loss(m, x, w).to_scalar::<f64>().unwrap()
             };
             let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
             eval(0.0);
             let err = (numeric - g[idx]).abs() / numeric.abs().max(g[idx].abs()).max(1e-3);
             assert!(
                 err < 1e-5,
-                "{name}[{idx}]: autograd {} vs finite difference {numeric}",
+                "{label}: {name}[{idx}]: autograd {} vs finite difference {numeric}",
                 g[idx]
             );
         }
     }
+}
+
+#[test]
+fn gradients_match_finite_differences_in_f64() {
+    let m = Llama::new(tiny(false, 2, true), DType::F64, &Device::Cpu).unwrap();
+    reseed(&m, 42);
+    let x = ids(1, 5, 2);
+    let w = weights(&[1, 5, 40], DType::F64);
+    assert_gradients_match_finite_differences(&m, &x, &w, "llama");
 }
 
 #[test]
@@ -325,7 +334,6 @@ fn every_architecture_trains_every_parameter_with_exact_gradients() {
         reseed(&m, 7);
         let x = ids(1, 6, 2);
         let w = weights(&[1, 6, 40], DType::F64);
-        let grads = loss(&m, &x, &w).backward().unwrap();
         let names: Vec<String> = m.named_vars().into_iter().map(|(n, _)| n).collect();
         if m.config.arch().qk_norm() {
             assert!(names.iter().any(|n| n.ends_with("q_norm.weight")), "{arch}");
@@ -338,44 +346,7 @@ fn every_architecture_trains_every_parameter_with_exact_gradients() {
                 "{arch}"
             );
         }
-        let eps = 1e-6;
-        for (name, var) in m.named_vars() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{arch}: {name} has no gradient"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            assert!(
-                g.iter().any(|v| *v != 0.0),
-                "{arch}: {name} has a zero gradient"
-            );
-            let orig = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let shape = var.as_tensor().shape().clone();
-            for idx in [0, orig.len() / 2 + 1, orig.len() - 1] {
-                let eval = |delta: f64| {
-                    let mut p = orig.clone();
-                    p[idx] += delta;
-                    var.set(&Tensor::from_vec(p, shape.clone(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    loss(&m, &x, &w).to_scalar::<f64>().unwrap()
-                };
-                let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-                eval(0.0);
-                let err = (numeric - g[idx]).abs() / numeric.abs().max(g[idx].abs()).max(1e-3);
-                assert!(
-                    err < 1e-5,
-                    "{arch}: {name}[{idx}]: autograd {} vs finite difference {numeric}",
-                    g[idx]
-                );
-            }
-        }
+        assert_gradients_match_finite_differences(&m, &x, &w, &arch);
     }
 }
 
