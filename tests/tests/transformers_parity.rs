@@ -314,3 +314,235 @@ fn pruned_models_of_every_architecture_load_in_transformers_with_our_logits() {
         );
     }
 }
+
+/// Config texts where a reader can silently disagree with transformers: absent keys (per-class
+/// defaults), legacy forms, key combinations; plus every committed fixture.
+fn config_variants() -> Vec<(String, serde_json::Value)> {
+    use serde_json::json;
+    let base = |mt: &str| {
+        json!({"model_type": mt, "hidden_size": 64, "intermediate_size": 96,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 7,
+               "vocab_size": 300})
+    };
+    let with = |mt: &str, extra: serde_json::Value| {
+        let mut v = base(mt);
+        for (k, x) in extra.as_object().unwrap() {
+            if x == &json!("__absent__") {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        v
+    };
+    let llama3 = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "rope_theta": 500000.0});
+    let mut v: Vec<(String, serde_json::Value)> = vec![
+        (
+            "llama minimal, no kv heads".into(),
+            with("llama", json!({"num_key_value_heads": "__absent__"})),
+        ),
+        (
+            "llama3 rope without original_max".into(),
+            with(
+                "llama",
+                json!({"rope_parameters": llama3, "max_position_embeddings": 4096}),
+            ),
+        ),
+        (
+            "llama legacy rope_scaling linear".into(),
+            with(
+                "llama",
+                json!({"rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 5e5}),
+            ),
+        ),
+        (
+            "llama rope_parameters and rope_scaling differing".into(),
+            with(
+                "llama",
+                json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+            ),
+        ),
+        (
+            "llama3 without low_freq_factor".into(),
+            with(
+                "llama",
+                json!({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "rope_theta": 5e5}}),
+            ),
+        ),
+        (
+            "mistral minimal (no window key, no kv heads)".into(),
+            with(
+                "mistral",
+                json!({"num_key_value_heads": "__absent__", "num_attention_heads": 8}),
+            ),
+        ),
+        (
+            "mistral window null".into(),
+            with("mistral", json!({"sliding_window": null})),
+        ),
+        (
+            "mistral layer_types disagreeing".into(),
+            with(
+                "mistral",
+                json!({"sliding_window": 16, "layer_types": vec!["full_attention"; 7]}),
+            ),
+        ),
+        ("qwen2 minimal".into(), with("qwen2", json!({}))),
+        (
+            "qwen2 sliding, no window key".into(),
+            with(
+                "qwen2",
+                json!({"use_sliding_window": true, "max_window_layers": 3}),
+            ),
+        ),
+        (
+            "qwen3 minimal (head_dim, kv heads absent)".into(),
+            with(
+                "qwen3",
+                json!({"head_dim": "__absent__", "num_key_value_heads": "__absent__", "num_attention_heads": 32, "hidden_size": 256}),
+            ),
+        ),
+        ("gemma3 minimal".into(), with("gemma3_text", json!({}))),
+        (
+            "gemma3 legacy pattern and bases".into(),
+            with(
+                "gemma3_text",
+                json!({"sliding_window_pattern": 2, "rope_local_base_freq": 20000.0, "rope_theta": 2e6, "sliding_window": 8, "head_dim": 16}),
+            ),
+        ),
+        (
+            "gemma3 _sliding_window_pattern only".into(),
+            with(
+                "gemma3_text",
+                json!({"_sliding_window_pattern": 1, "head_dim": 16}),
+            ),
+        ),
+        (
+            "gemma3 legacy rope_scaling".into(),
+            with(
+                "gemma3_text",
+                json!({"rope_scaling": {"rope_type": "linear", "factor": 8.0}, "head_dim": 16}),
+            ),
+        ),
+        (
+            "gemma3 flat rope_parameters".into(),
+            with(
+                "gemma3_text",
+                json!({"rope_parameters": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5000.0}}),
+            ),
+        ),
+        (
+            "gemma3 hidden_act only".into(),
+            with(
+                "gemma3_text",
+                json!({"hidden_act": "gelu_pytorch_tanh", "head_dim": 16}),
+            ),
+        ),
+    ];
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../worker/src/model/config");
+    for sub in ["transformers", "hub"] {
+        let mut files: Vec<_> = std::fs::read_dir(root.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            v.push((
+                format!("fixture {sub}/{}", f.file_name().unwrap().to_string_lossy()),
+                serde_json::from_str(&text).unwrap(),
+            ));
+        }
+    }
+    v
+}
+
+#[test]
+fn configs_mean_what_they_mean_to_transformers() {
+    use distillery_worker::model::LlamaConfig;
+    let Some(py) = python_or_skip("configs_mean_what_they_mean_to_transformers") else {
+        return;
+    };
+    let variants = config_variants();
+    let input: Vec<serde_json::Value> = variants.iter().map(|(_, v)| v.clone()).collect();
+    let theirs = python_json(&py, "hf_effective_config.py", serde_json::json!(input));
+    let theirs = theirs.as_array().unwrap();
+    let mut compared = 0;
+    for ((label, v), t) in variants.iter().zip(theirs) {
+        let ours = LlamaConfig::from_json(&v.to_string());
+        match (&ours, t["ok"].as_bool().unwrap()) {
+            (Err(e), _) => {
+                // Refusing is never silent; but every published or transformers-written
+                // fixture must load.
+                assert!(!label.starts_with("fixture"), "{label}: refused: {e}");
+                eprintln!(
+                    "{label}: refused ({e}); transformers: {}",
+                    if t["ok"] == true {
+                        "loads".to_string()
+                    } else {
+                        t["error"].to_string()
+                    }
+                );
+                continue;
+            }
+            (Ok(_), false) => panic!("{label}: we load what transformers refuses: {}", t["error"]),
+            (Ok(c), true) => {
+                let hd = c.head_dim();
+                assert_eq!(t["head_dim"], serde_json::json!(hd), "{label}: head_dim");
+                assert_eq!(
+                    t["num_key_value_heads"],
+                    serde_json::json!(c.num_kv_heads()),
+                    "{label}: kv heads"
+                );
+                assert_eq!(
+                    t["rms_norm_eps"].as_f64().unwrap(),
+                    c.rms_norm_eps,
+                    "{label}: eps"
+                );
+                assert_eq!(
+                    t["tie_word_embeddings"],
+                    serde_json::json!(c.tie_word_embeddings),
+                    "{label}: tie"
+                );
+                assert_eq!(
+                    t["max_position_embeddings"],
+                    serde_json::json!(c.max_position_embeddings),
+                    "{label}: max pos"
+                );
+                let layers = t["layers"].as_array().unwrap();
+                assert_eq!(layers.len(), c.num_hidden_layers, "{label}");
+                for (i, l) in layers.iter().enumerate() {
+                    assert_eq!(
+                        l["window"],
+                        serde_json::json!(c.layer_window(i)),
+                        "{label}: layer {i} window"
+                    );
+                    let scale = l["scale"].as_f64().unwrap();
+                    assert!(
+                        (scale - c.attention_scale()).abs() <= 1e-12 * scale,
+                        "{label}: layer {i} scale {scale} vs {}",
+                        c.attention_scale()
+                    );
+                    assert_eq!(l["rope_attention_scaling"].as_f64(), Some(1.0), "{label}");
+                    let inv: Vec<f64> = serde_json::from_value(l["inv_freq"].clone()).unwrap();
+                    let mine = c.layer_rope(i).inv_freq(hd);
+                    assert_eq!(inv.len(), mine.len(), "{label}: layer {i}");
+                    for (k, (a, b)) in inv.iter().zip(&mine).enumerate() {
+                        // transformers computes them in f32 (a few ulps apart from our f64).
+                        assert!(
+                            (a - b).abs() <= 1e-6 * a.abs().max(b.abs()),
+                            "{label}: layer {i} inv_freq[{k}] {a} vs ours {b}"
+                        );
+                    }
+                }
+                compared += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{compared} of {} configs compared layer by layer with transformers",
+        variants.len()
+    );
+    assert!(compared >= variants.len() - 6, "too many refused");
+}

@@ -180,6 +180,8 @@ pub const INERT_KEYS: &[&str] = &[
     // SmolLM2's own markers, with no effect in transformers.
     "is_llama_config",
     "transformers.js_config",
+    // Gemma 3: what transformers writes beside layer_types and never reads back.
+    "_sliding_window_pattern",
     // Qwen2/3: the layer count from which sliding windows apply, read only to derive
     // `layer_types` when it is absent (then it is read, see `max_window_layers` below).
     "max_window_layers",
@@ -210,7 +212,6 @@ const READ_KEYS: &[&str] = &[
     "use_sliding_window",
     "layer_types",
     "sliding_window_pattern",
-    "_sliding_window_pattern",
     "query_pre_attn_scalar",
     "attention_dropout",
     "final_logit_softcapping",
@@ -327,8 +328,14 @@ impl Reader<'_> {
 }
 
 /// Parses one RoPE parameter set (`{rope_type, rope_theta, factor, …}`), the theta defaulting to
-/// `theta` when the set has none. `what` names it in errors.
-fn parse_rope(v: &Value, theta: Option<f64>, what: &str) -> Result<Rope, ConfigError> {
+/// `theta` when the set has none, llama3's `original_max_position_embeddings` to `max_pos` (as
+/// transformers' `standardize_rope_params` fills it). `what` names it in errors.
+fn parse_rope(
+    v: &Value,
+    theta: Option<f64>,
+    max_pos: usize,
+    what: &str,
+) -> Result<Rope, ConfigError> {
     let Some(obj) = v.as_object() else {
         return bad(format!("{what} = {v} must be an object"));
     };
@@ -382,14 +389,27 @@ fn parse_rope(v: &Value, theta: Option<f64>, what: &str) -> Result<Rope, ConfigE
         "linear" => RopeScaling::Linear {
             factor: factor(&r)?,
         },
-        "llama3" => RopeScaling::Llama3 {
-            factor: factor(&r)?,
-            low_freq_factor: r.f64("low_freq_factor")?.unwrap_or(1.0),
-            high_freq_factor: r.f64("high_freq_factor")?.unwrap_or(4.0),
-            original_max_position_embeddings: r
-                .f64("original_max_position_embeddings")?
-                .unwrap_or(8192.0),
-        },
+        "llama3" => {
+            // transformers requires both factors (a KeyError otherwise): no default here either.
+            let need = |k: &str| -> Result<f64, ConfigError> {
+                r.f64(k)?
+                    .ok_or_else(|| ConfigError::Invalid(format!("{what} (llama3) has no {k}")))
+            };
+            let (low, high) = (need("low_freq_factor")?, need("high_freq_factor")?);
+            if !(low > 0.0 && high > low) {
+                return bad(format!(
+                    "{what}: llama3 needs 0 < low_freq_factor < high_freq_factor (got {low}, {high})"
+                ));
+            }
+            RopeScaling::Llama3 {
+                factor: factor(&r)?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: r
+                    .f64("original_max_position_embeddings")?
+                    .unwrap_or(max_pos as f64),
+            }
+        }
         _ => RopeScaling::Default,
     };
     Ok(Rope { theta, scaling })
@@ -487,10 +507,20 @@ impl LlamaConfig {
         }
 
         let hidden_act = match arch {
-            Arch::Gemma3 => r
-                .str("hidden_activation")?
-                .or(r.str("hidden_act")?)
-                .unwrap_or_else(|| "gelu_pytorch_tanh".into()),
+            Arch::Gemma3 => {
+                // transformers' Gemma 3 reads hidden_activation only; a hidden_act that says
+                // something else is ambiguous and refused.
+                let act = r
+                    .str("hidden_activation")?
+                    .unwrap_or_else(|| "gelu_pytorch_tanh".into());
+                if let Some(other) = r.str("hidden_act")?.filter(|a| *a != act) {
+                    return bad(format!(
+                        "hidden_act = {other:?} but hidden_activation = {act:?}: transformers' \
+                         Gemma 3 uses hidden_activation only; remove hidden_act"
+                    ));
+                }
+                act
+            }
             _ => r.str("hidden_act")?.unwrap_or_else(|| "silu".into()),
         };
         let num_hidden_layers = r.need("num_hidden_layers")?;
@@ -505,66 +535,71 @@ impl LlamaConfig {
         let (rope, rope_local) = if arch == Arch::Gemma3 {
             let local_theta = r.f64("rope_local_base_freq")?.unwrap_or(10_000.0);
             let global_theta = legacy_theta.unwrap_or(1_000_000.0);
-            let (full, local) = match r.present("rope_parameters") {
-                Some(p)
-                    if p.get("full_attention").is_some()
-                        || p.get("sliding_attention").is_some() =>
-                {
+            let default = |theta| Rope {
+                theta,
+                scaling: RopeScaling::Default,
+            };
+            let mp = max_position_embeddings;
+            match (r.present("rope_parameters"), r.present("rope_scaling")) {
+                (Some(_), Some(_)) => return bad(
+                    "has both rope_parameters and the legacy rope_scaling; transformers merges \
+                         rope_scaling into rope_parameters.full_attention: write that one only",
+                ),
+                (Some(p), None) => {
                     let Some(po) = p.as_object() else {
                         return bad("rope_parameters must be an object");
                     };
+                    // transformers reads only the per-layer-type form for Gemma 3 and silently
+                    // replaces anything else with the defaults: refuse it instead.
                     if let Some(k) = po
                         .keys()
                         .find(|k| !matches!(k.as_str(), "full_attention" | "sliding_attention"))
                     {
-                        return bad(format!("rope_parameters.{k} is not a Gemma 3 layer type"));
+                        return bad(format!(
+                            "rope_parameters.{k}: Gemma 3's rope_parameters must be per layer type \
+                             ({{\"full_attention\": {{…}}, \"sliding_attention\": {{…}}}})"
+                        ));
                     }
                     let get = |k: &str, theta: f64| match po.get(k).filter(|v| !v.is_null()) {
-                        Some(v) => parse_rope(v, Some(theta), &format!("rope_parameters.{k}")),
-                        None => Ok(Rope {
-                            theta,
-                            scaling: RopeScaling::Default,
-                        }),
+                        Some(v) => parse_rope(v, Some(theta), mp, &format!("rope_parameters.{k}")),
+                        None => Ok(default(theta)),
                     };
                     (
                         get("full_attention", global_theta)?,
-                        get("sliding_attention", local_theta)?,
+                        Some(get("sliding_attention", local_theta)?),
                     )
                 }
-                Some(p) => (
-                    parse_rope(p, Some(global_theta), "rope_parameters")?,
-                    Rope {
-                        theta: local_theta,
-                        scaling: RopeScaling::Default,
-                    },
+                // Legacy: `rope_scaling` applies to the global layers only.
+                (None, Some(sc)) => (
+                    parse_rope(sc, Some(global_theta), mp, "rope_scaling")?,
+                    Some(default(local_theta)),
                 ),
-                None => {
-                    // Legacy: `rope_scaling` applies to the global layers only.
-                    let full = match r.present("rope_scaling") {
-                        Some(s) => parse_rope(s, Some(global_theta), "rope_scaling")?,
-                        None => Rope {
-                            theta: global_theta,
-                            scaling: RopeScaling::Default,
-                        },
-                    };
-                    (
-                        full,
-                        Rope {
-                            theta: local_theta,
-                            scaling: RopeScaling::Default,
-                        },
-                    )
-                }
-            };
-            (full, Some(local))
+                (None, None) => (default(global_theta), Some(default(local_theta))),
+            }
         } else {
             if r.present("rope_local_base_freq").is_some() {
                 return bad("rope_local_base_freq is a Gemma key; this is not a Gemma model");
             }
             let theta = legacy_theta.unwrap_or(10_000.0);
+            let mp = max_position_embeddings;
             let rope = match (r.present("rope_parameters"), r.present("rope_scaling")) {
-                (Some(p), _) => parse_rope(p, Some(theta), "rope_parameters")?,
-                (None, Some(s)) => parse_rope(s, Some(theta), "rope_scaling")?,
+                (Some(p), Some(sc)) => {
+                    // transformers takes rope_scaling over rope_parameters; accept the pair only
+                    // when they say the same.
+                    let (a, b) = (
+                        parse_rope(p, Some(theta), mp, "rope_parameters")?,
+                        parse_rope(sc, Some(theta), mp, "rope_scaling")?,
+                    );
+                    if a != b {
+                        return bad(
+                            "has both rope_parameters and the legacy rope_scaling, and they \
+                             differ (transformers would use rope_scaling): keep one",
+                        );
+                    }
+                    a
+                }
+                (Some(p), None) => parse_rope(p, Some(theta), mp, "rope_parameters")?,
+                (None, Some(sc)) => parse_rope(sc, Some(theta), mp, "rope_scaling")?,
                 (None, None) => Rope {
                     theta,
                     scaling: RopeScaling::Default,
@@ -574,7 +609,12 @@ impl LlamaConfig {
         };
 
         // Attention kinds per layer.
-        let sliding_window = r.usize("sliding_window")?;
+        // Absent, transformers' default window applies (4096 for Mistral, Qwen2/3 and Gemma 3);
+        // an explicit null is no window.
+        let sliding_window = match obj.get("sliding_window") {
+            None if arch != Arch::Llama => Some(4096),
+            _ => r.usize("sliding_window")?,
+        };
         let use_sliding_window = match arch {
             Arch::Qwen2 | Arch::Qwen3 => r.bool("use_sliding_window")?.unwrap_or(false),
             _ => {
@@ -607,11 +647,9 @@ impl LlamaConfig {
             Some(v) => return bad(format!("layer_types = {v} must be a list")),
             None => match arch {
                 Arch::Gemma3 => {
-                    let pattern = r
-                        .usize("_sliding_window_pattern")?
-                        .or(r.usize("sliding_window_pattern")?)
-                        .unwrap_or(6)
-                        .max(1);
+                    // transformers derives it from `sliding_window_pattern` only (the
+                    // `_sliding_window_pattern` it writes is never read back).
+                    let pattern = r.usize("sliding_window_pattern")?.unwrap_or(6).max(1);
                     (0..num_hidden_layers)
                         .map(|i| {
                             if (i + 1) % pattern != 0 {
@@ -643,13 +681,21 @@ impl LlamaConfig {
         if arch == Arch::Llama && sliding_window.is_some() {
             return bad("sliding_window is not a llama key (use model_type \"mistral\")");
         }
-        if arch == Arch::Mistral
-            && layer_types.contains(&LayerType::Sliding)
-            && layer_types.contains(&LayerType::Full)
-        {
-            return bad(
-                "mistral applies its sliding window to every layer; layer_types mixes kinds",
-            );
+        // transformers' Mistral applies `sliding_window` to every layer whatever layer_types
+        // says: a layer_types that says otherwise is refused, not followed.
+        if arch == Arch::Mistral {
+            let every = if effective_window.is_some() {
+                LayerType::Sliding
+            } else {
+                LayerType::Full
+            };
+            if layer_types.iter().any(|t| *t != every) {
+                return bad(format!(
+                    "layer_types disagrees with sliding_window = {effective_window:?}: \
+                     transformers' Mistral applies sliding_window to every layer; remove \
+                     layer_types (or use a model type with per-layer attention kinds)"
+                ));
+            }
         }
 
         let mut extra = Map::new();
@@ -663,8 +709,18 @@ impl LlamaConfig {
             hidden_size: r.need("hidden_size")?,
             intermediate_size: r.need("intermediate_size")?,
             num_attention_heads: r.need("num_attention_heads")?,
-            num_key_value_heads: r.usize("num_key_value_heads")?,
-            head_dim: r.usize("head_dim")?,
+            // Absent keys take transformers' per-class defaults.
+            num_key_value_heads: r.usize("num_key_value_heads")?.or(match arch {
+                Arch::Llama => None,
+                Arch::Mistral => Some(8),
+                Arch::Qwen2 | Arch::Qwen3 => Some(32),
+                Arch::Gemma3 => Some(4),
+            }),
+            head_dim: r.usize("head_dim")?.or(match arch {
+                Arch::Qwen3 => Some(128),
+                Arch::Gemma3 => Some(256),
+                _ => None,
+            }),
             num_hidden_layers,
             vocab_size: r.need("vocab_size")?,
             rms_norm_eps: r.f64("rms_norm_eps")?.unwrap_or(1e-6),

@@ -179,6 +179,24 @@ fn token_ids(v: &Value) -> Option<Vec<u32>> {
     }
 }
 
+/// Fields of the generation config this code reads.
+const READ: &[&str] = &[
+    "eos_token_id",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "top_k",
+    "max_new_tokens",
+];
+
+/// Whether a `config.json` key is a generation field (one transformers copies into the
+/// generation config when the model has no `generation_config.json`).
+fn is_generation_field(k: &str) -> bool {
+    READ.contains(&k) || HARMLESS.contains(&k) || UNSUPPORTED.iter().any(|(n, _)| *n == k)
+}
+
 impl GenerationConfig {
     /// Parses the text of a `generation_config.json` read from `path`.
     pub fn parse(
@@ -255,11 +273,14 @@ impl GenerationConfig {
                         })
                     }
                     Some(_) => {}
-                    None => tracing::warn!(
-                        path = %shown,
-                        field = f,
-                        "generation_config.json has a field this version does not know; it is ignored"
-                    ),
+                    None => {
+                        return Err(GenerationConfigError::Unsupported {
+                            path: shown,
+                            field: f.to_string(),
+                            value: x.to_string(),
+                            why: "a generation field Distillery does not know",
+                        })
+                    }
                 },
             }
         }
@@ -284,22 +305,28 @@ impl GenerationConfig {
         if let Some(text) = read(&gc)? {
             return GenerationConfig::parse(&text, &gc, reading);
         }
+        // Without the file, transformers builds the generation config from the generation
+        // fields of config.json (`GenerationConfig.from_model_config`): so do we, with the
+        // same refusals.
         let cfg = dir.join("config.json");
-        let mut g = GenerationConfig {
-            source: cfg.display().to_string(),
-            ..Default::default()
+        let Some(text) = read(&cfg)? else {
+            return Ok(GenerationConfig {
+                source: cfg.display().to_string(),
+                ..Default::default()
+            });
         };
-        if let Some(text) = read(&cfg)? {
-            let v: Value =
-                serde_json::from_str(&text).map_err(|e| GenerationConfigError::Invalid {
-                    path: cfg.display().to_string(),
-                    message: format!("is not valid JSON: {e}"),
-                })?;
-            if let Some(ids) = v.get("eos_token_id").and_then(token_ids) {
-                g.eos_token_ids = ids;
-            }
-        }
-        Ok(g)
+        let v: Value = serde_json::from_str(&text).map_err(|e| GenerationConfigError::Invalid {
+            path: cfg.display().to_string(),
+            message: format!("is not valid JSON: {e}"),
+        })?;
+        let fields: serde_json::Map<String, Value> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| is_generation_field(k))
+            .map(|(k, x)| (k.clone(), x.clone()))
+            .collect();
+        GenerationConfig::parse(&Value::Object(fields).to_string(), &cfg, reading)
     }
 
     /// The temperature a request that names none gets (greedy when the authors decode greedily).
@@ -401,5 +428,53 @@ mod tests {
                 .eos_token_ids,
             [9]
         );
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_by_name() {
+        let e = parse(r#"{"eos_token_id": 2, "speculative_magic": 3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("speculative_magic"), "{e}");
+        // Reading only the stop tokens uses (and so refuses) nothing else.
+        let g = GenerationConfig::parse(
+            r#"{"eos_token_id": 2, "speculative_magic": 3}"#,
+            Path::new("generation_config.json"),
+            Reading::StopTokens,
+        )
+        .unwrap();
+        assert_eq!(g.eos_token_ids, [2]);
+    }
+
+    #[test]
+    fn without_the_file_config_json_generation_fields_are_used_as_transformers_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |extra: &str| {
+            std::fs::write(
+                dir.path().join("config.json"),
+                format!(
+                    r#"{{"model_type": "llama", "hidden_size": 8, "eos_token_id": [2, 3]{extra}}}"#
+                ),
+            )
+            .unwrap();
+        };
+        cfg(r#", "repetition_penalty": 1.5, "temperature": 0.3"#);
+        let g = GenerationConfig::from_dir(dir.path(), Reading::Everything).unwrap();
+        assert_eq!(g.eos_token_ids, [2, 3]);
+        assert_eq!(
+            (g.repetition_penalty, g.temperature),
+            (Some(1.5), Some(0.3))
+        );
+        cfg(r#", "no_repeat_ngram_size": 2"#);
+        let e = GenerationConfig::from_dir(dir.path(), Reading::Everything)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no_repeat_ngram_size") && e.contains("config.json"),
+            "{e}"
+        );
+        // Model keys of config.json are not generation fields.
+        cfg("");
+        assert!(GenerationConfig::from_dir(dir.path(), Reading::Everything).is_ok());
     }
 }

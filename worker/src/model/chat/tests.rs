@@ -322,3 +322,23 @@ fn floats_and_strings_are_written_as_pythons_json_dumps_writes_them() {
     json_string("é😀\u{7f}", true, &mut out);
     assert_eq!(out, "\"\\u00e9\\ud83d\\ude00\\u007f\"");
 }
+
+#[test]
+fn malformed_block_tags_are_template_errors_not_panics() {
+    for text in [
+        "hi {%} there",
+        "{%",
+        "{%%}",
+        "{%-%}",
+        "{%+}",
+        "a {% generation",
+        "{%}%}",
+    ] {
+        let r = std::panic::catch_unwind(|| {
+            ChatTemplate::new(text, "test", SpecialTokens::default())
+                .and_then(|t| t.render(&[Message::new("user", "x")], true))
+        });
+        assert!(r.is_ok(), "{text:?} panicked");
+        assert!(r.unwrap().is_err(), "{text:?} was accepted");
+    }
+}
