@@ -204,6 +204,17 @@ impl CampaignService for Campaigns {
         Ok(Response::new(self.view(&id)?))
     }
 
+    async fn retry(&self, req: Request<pb::CampaignRef>) -> Result<Response<pb::Campaign>, Status> {
+        let id = req.into_inner().campaign_id;
+        self.engine
+            .apply(Event::Retry {
+                campaign: id.clone(),
+                now: now_ms(),
+            })
+            .await?;
+        Ok(Response::new(self.view(&id)?))
+    }
+
     type GetArtifactStream = BoxStream<pb::Chunk>;
 
     async fn get_artifact(

@@ -354,6 +354,7 @@ fn retries_back_off_then_fail_the_campaign_with_the_error() {
             lease: lref(&a[0]),
             error: "oom".into(),
             retryable: true,
+            lost: false,
             now: 0,
         },
     )
@@ -377,6 +378,7 @@ fn retries_back_off_then_fail_the_campaign_with_the_error() {
             lease: lref(&assignments[0]),
             error: "oom again".into(),
             retryable: true,
+            lost: false,
             now: 200,
         },
     )
@@ -418,9 +420,11 @@ fn pause_revokes_leases_and_resume_hands_them_out_again() {
     )
     .unwrap();
     assert!(matches!(hb.reply, Reply::Heartbeat { ref cancelled, .. } if cancelled.len() == 1));
+    let t = &st.tasks[&a[0].task_id];
     assert_eq!(
-        st.tasks[&a[0].task_id].attempts, 0,
-        "a revoked attempt is given back"
+        (t.failed, t.lost, t.revoked),
+        (0, 1, 1),
+        "a revoked attempt is lost and charged to nothing"
     );
     assert!(poll(&mut st, &w, &["cpu"], 3).is_empty());
     let t = apply(

@@ -42,8 +42,9 @@ fn train_err(e: TrainError, ctx: &TaskContext) -> TaskError {
         return TaskError::cancelled();
     }
     match e {
-        // A peer died or the network broke: the gang restarts from its last checkpoint.
-        TrainError::Collective(c) => TaskError::retryable(c.to_string()),
+        // A peer died or the network broke: the attempt is lost (not failed) and the gang
+        // restarts from its last checkpoint.
+        TrainError::Collective(c) => TaskError::from(c),
         other => fatal(other),
     }
 }
@@ -72,7 +73,7 @@ fn connect_collective(
             .first()
             .ok_or_else(|| fatal("rendezvous returned no NCCL id"))?;
         let c = nccl::Nccl::connect(device, rank, world, id)
-            .map_err(|e| TaskError::retryable(e.to_string()))?;
+            .map_err(|e| TaskError::lost(e.to_string()))?;
         return Ok(Box::new(c));
     }
     let _ = device;
@@ -106,7 +107,7 @@ fn connect_collective(
         Duration::from_secs(60),
         Duration::from_secs(120),
     )
-    .map_err(|e: CollectiveError| TaskError::retryable(e.to_string()))?;
+    .map_err(|e: CollectiveError| TaskError::from(e))?;
     Ok(Box::new(r))
 }
 
