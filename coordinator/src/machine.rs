@@ -208,6 +208,7 @@ pub struct Task {
     pub metrics: BTreeMap<String, f64>,
     /// Latest checkpoint reported; a new attempt resumes from it.
     pub checkpoint: Option<String>,
+    /// Why the last failed or lost attempt ended.
     pub error: Option<String>,
 }
 
@@ -1183,9 +1184,7 @@ impl Tx<'_> {
                 task.lost += 1;
                 let charged = task.lost - task.revoked;
                 let give_up = task.max_lost.is_some_and(|m| charged > m);
-                if give_up {
-                    task.error = Some(reason.clone());
-                }
+                task.error = Some(reason.clone());
                 ("task_lost", give_up, backoff(self.cfg, charged))
             }
             Ending::Revoked => {
