@@ -500,14 +500,15 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
             "id": t.id, "kind": t.kind, "state": t.state, "round": t.round, "phase": t.phase,
             "world_size": t.world_size, "attempts": t.attempts, "lost": t.lost,
             "failed": t.failed, "revoked": t.revoked,
+            "checkpoint": if t.checkpoint.is_empty() { Value::Null } else { json!(t.checkpoint) },
             "error": if t.error.is_empty() { Value::Null } else { json!(t.error) },
         })
     };
     let mut rounds = rounds;
-    for (i, r) in rounds.iter_mut().enumerate() {
+    for (r, pr) in rounds.iter_mut().zip(&c.rounds) {
         let mine: Vec<Value> = records
             .iter()
-            .filter(|t| t.round as usize == i)
+            .filter(|t| t.round == pr.index)
             .map(|t| task_json(t))
             .collect();
         if let Some(o) = r.as_object_mut() {
@@ -522,6 +523,7 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
         "created_ms": c.created_ms,
         "updated_ms": c.updated_ms,
         "tasks": {"pending": tasks.pending, "leased": tasks.leased, "succeeded": tasks.succeeded, "failed": tasks.failed, "cancelled": tasks.cancelled},
+        "retries": c.retries,
         "rounds": rounds,
     })
 }
@@ -623,6 +625,8 @@ pub async fn watch(
 ) -> Result<i32, CliError> {
     let mut next = 1u64;
     let mut failures = 0u32;
+    // Failed events seen: one that a later `retry` continued is not the end.
+    let mut failed_seen = 0u32;
     loop {
         let stream = c
             .watch(pb::WatchRequest {
@@ -683,7 +687,20 @@ pub async fn watch(
             if e.kind == "campaign_state" {
                 match pb::CampaignState::try_from(e.state) {
                     Ok(pb::CampaignState::Succeeded) => return Ok(0),
-                    Ok(pb::CampaignState::Failed | pb::CampaignState::Cancelled) => return Ok(1),
+                    Ok(pb::CampaignState::Cancelled) => return Ok(1),
+                    Ok(pb::CampaignState::Failed) => {
+                        failed_seen += 1;
+                        let retries = c
+                            .get(pb::GetCampaignRequest {
+                                campaign_id: id.to_string(),
+                            })
+                            .await
+                            .map(|r| r.into_inner().retries)
+                            .unwrap_or(0);
+                        if failed_seen > retries {
+                            return Ok(1);
+                        }
+                    }
                     _ => {}
                 }
             }

@@ -157,6 +157,10 @@ pub struct Campaign {
     pub teacher_artifacts: BTreeMap<String, String>,
     /// Every task of the campaign, in creation order.
     pub tasks: Vec<String>,
+    /// Times `retry` continued it after a failure: of its `failed` state events, only the one
+    /// after the last retry is final (watchers count them).
+    #[serde(default)]
+    pub retries: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -746,6 +750,7 @@ impl Tx<'_> {
                 teacher_metrics: BTreeMap::new(),
                 teacher_artifacts: BTreeMap::new(),
                 tasks: Vec::new(),
+                retries: 0,
             },
         );
         self.t.dirty.campaigns.insert(id.clone());
@@ -1374,12 +1379,7 @@ impl Tx<'_> {
         let task_ids = self.s.campaigns[id].tasks.clone();
         for t in task_ids {
             if self.s.leases.contains_key(&t) {
-                self.attempt_ended(
-                    &t,
-                    format!("campaign {id} paused"),
-                    Ending::Revoked,
-                    now,
-                );
+                self.attempt_ended(&t, format!("campaign {id} paused"), Ending::Revoked, now);
             }
         }
         Ok(())
@@ -1412,10 +1412,9 @@ impl Tx<'_> {
         }
         let c = &self.s.campaigns[id];
         let round = c.current_round;
-        let r = c
-            .rounds
-            .get(round as usize)
-            .ok_or_else(|| MachineError::InvalidState(format!("campaign {id} has no round {round}")))?;
+        let r = c.rounds.get(round as usize).ok_or_else(|| {
+            MachineError::InvalidState(format!("campaign {id} has no round {round}"))
+        })?;
         let phase = r.phase;
         let reset: Vec<String> = r
             .phase_tasks
@@ -1452,6 +1451,7 @@ impl Tx<'_> {
         let c = self.s.campaigns.get_mut(id).expect("checked");
         c.rounds[round as usize].state = RoundState::Running;
         c.error = None;
+        c.retries += 1;
         self.t.dirty.campaigns.insert(id.to_string());
         self.emit(
             now,
@@ -1802,6 +1802,7 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
             revoked: t.revoked,
             error: t.error.clone().unwrap_or_default(),
             world_size: t.world_size,
+            checkpoint: t.checkpoint.clone().unwrap_or_default(),
         });
         match t.state {
             TaskState::Pending => counts.pending += 1,
@@ -1839,6 +1840,7 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
         updated_ms: c.updated_ms,
         tasks: Some(counts),
         task_records: records,
+        retries: c.retries,
     })
 }
 

@@ -595,7 +595,11 @@ fn lost_attempts_never_exhaust_max_attempts() {
     let mut st = State::default();
     let c = submit(
         &mut st,
-        spec(1, 2, "[scheduling]\nmax_attempts = 1\nscore_shards = 1\n[evaluation]\nperplexity = false\n"),
+        spec(
+            1,
+            2,
+            "[scheduling]\nmax_attempts = 1\nscore_shards = 1\n[evaluation]\nperplexity = false\n",
+        ),
         0,
     );
     let w1 = register(&mut st, &["cpu"]);
@@ -615,7 +619,11 @@ fn lost_attempts_never_exhaust_max_attempts() {
         if i % 2 == 0 {
             // A surviving rank reports its collective broke.
             let t = apply(&mut st, &cfg(), fail_ev(&a[0], true, now)).unwrap();
-            assert!(t.events.iter().any(|e| e.kind == "task_lost"), "{:?}", t.events);
+            assert!(
+                t.events.iter().any(|e| e.kind == "task_lost"),
+                "{:?}",
+                t.events
+            );
         } else {
             // Nobody reports: the leases expire.
             now += 2_000;
@@ -636,7 +644,10 @@ fn lost_attempts_never_exhaust_max_attempts() {
     let camp = &st.campaigns[&c];
     assert_eq!(camp.state, CampaignState::Failed);
     let err = camp.error.clone().unwrap();
-    assert!(err.contains("failed after 1 attempt(s) (10 more lost)"), "{err}");
+    assert!(
+        err.contains("failed after 1 attempt(s) (10 more lost)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -652,13 +663,32 @@ fn max_lost_is_respected_and_pause_revocations_count_toward_nothing() {
     // Two pauses revoke the attempt: free.
     assert_eq!(poll(&mut st, &w, &["cpu"], now).len(), 1);
     for _ in 0..2 {
-        apply(&mut st, &cfg(), Event::Pause { campaign: c.clone(), now }).unwrap();
+        apply(
+            &mut st,
+            &cfg(),
+            Event::Pause {
+                campaign: c.clone(),
+                now,
+            },
+        )
+        .unwrap();
         assert!(st.leases.is_empty());
-        assert!(poll(&mut st, &w, &["cpu"], now).is_empty(), "leased while paused");
+        assert!(
+            poll(&mut st, &w, &["cpu"], now).is_empty(),
+            "leased while paused"
+        );
         now += 5_000;
         apply(&mut st, &cfg(), Event::Tick { now }).unwrap();
         assert!(st.leases.is_empty(), "leased while paused");
-        let t = apply(&mut st, &cfg(), Event::Resume { campaign: c.clone(), now }).unwrap();
+        let t = apply(
+            &mut st,
+            &cfg(),
+            Event::Resume {
+                campaign: c.clone(),
+                now,
+            },
+        )
+        .unwrap();
         assert!(t.effects.iter().any(|e| matches!(e, Effect::Assign { .. })));
     }
     // Two losses are retried, the third is one too many.
@@ -702,8 +732,19 @@ fn retry_continues_a_failed_campaign_from_its_failed_phase() {
     let w = register(&mut st, &["cpu"]);
     // Retry refuses a campaign that did not fail, and changes nothing.
     let before = st.clone();
-    let e = apply(&mut st, &cfg(), Event::Retry { campaign: c.clone(), now: 1 }).unwrap_err();
-    assert!(matches!(e, MachineError::InvalidState(ref m) if m.contains("not failed")), "{e}");
+    let e = apply(
+        &mut st,
+        &cfg(),
+        Event::Retry {
+            campaign: c.clone(),
+            now: 1,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, MachineError::InvalidState(ref m) if m.contains("not failed")),
+        "{e}"
+    );
     assert_eq!(st, before);
     // Score shard 0 succeeds, shard 1 fails twice by itself.
     let a = poll(&mut st, &w, &["cpu", "cpu2"].map(|d| d)[..1], 0);
@@ -722,8 +763,20 @@ fn retry_continues_a_failed_campaign_from_its_failed_phase() {
     assert_eq!(st.campaigns[&c].state, CampaignState::Failed);
     assert_eq!(st.tasks[&failed_task].state, TaskState::Failed);
     let leases_before = st.meta.last_lease_id;
-    let t = apply(&mut st, &cfg(), Event::Retry { campaign: c.clone(), now }).unwrap();
-    let retry = t.events.iter().find(|e| e.kind == "campaign_retry").expect("a retry event");
+    let t = apply(
+        &mut st,
+        &cfg(),
+        Event::Retry {
+            campaign: c.clone(),
+            now,
+        },
+    )
+    .unwrap();
+    let retry = t
+        .events
+        .iter()
+        .find(|e| e.kind == "campaign_retry")
+        .expect("a retry event");
     assert!(retry.message.contains("bad input"), "{}", retry.message);
     let camp = &st.campaigns[&c];
     assert_eq!(camp.state, CampaignState::Running);
@@ -761,7 +814,13 @@ fn status_view_lists_every_task_with_its_attempts() {
     assert_eq!(v.task_records.len(), 1);
     let r = &v.task_records[0];
     assert_eq!(
-        (r.kind.as_str(), r.state.as_str(), r.attempts, r.lost, r.failed),
+        (
+            r.kind.as_str(),
+            r.state.as_str(),
+            r.attempts,
+            r.lost,
+            r.failed
+        ),
         (kind::SCORE, "pending", 1, 1, 0)
     );
 }

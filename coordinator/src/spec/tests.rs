@@ -224,7 +224,10 @@ fn max_lost_is_optional_and_reaches_the_wire_spec() {
     use prost::Message;
     let back = pb::CampaignSpec::decode(s.encode_to_vec().as_slice()).unwrap();
     assert_eq!(back.scheduling.unwrap().max_lost, Some(5));
-    for (bad, needle) in [("max_lost = -1", "invalid value"), ("max_lost = \"x\"", "invalid type")] {
+    for (bad, needle) in [
+        ("max_lost = -1", "invalid value"),
+        ("max_lost = \"x\"", "invalid type"),
+    ] {
         let text = format!("{GOOD}\n[scheduling]\n{bad}\n");
         let err = parse_in(d.path(), &text).expect_err(bad);
         assert!(err.field.starts_with("scheduling"), "{err}");

@@ -144,9 +144,15 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
     let tok = common::load_tokenizer(&student_dir)?;
     let eos = common::eos_id(&student);
     let seq_len = d.seq_len.max(2) as usize;
+    // A data file lives on storage Distillery does not own: it may be mid-copy or fixed by its
+    // owner, so an unreadable or invalid one fails the attempt retryably. It still counts toward
+    // `max_attempts`, and `coordinator retry` continues once it is fixed.
     let read = |path: &str, field: &str, max: usize| -> Result<Vec<Vec<u32>>, TaskError> {
-        crate::data::load_sequences(Path::new(path), &tok, eos, seq_len + 1, max)
-            .map_err(|e| fatal(format!("{field}: {e}")))
+        crate::data::load_sequences(Path::new(path), &tok, eos, seq_len + 1, max).map_err(|e| {
+            TaskError::retryable(format!(
+                "{field}: {e} (fix the file, then `coordinator retry` the campaign)"
+            ))
+        })
     };
     let mut domains = Vec::new();
     let mut weights = Vec::new();

@@ -198,6 +198,10 @@ class Client:
         """Resumes a paused campaign."""
         return self._control("resume", self._stub.Resume, campaign_id)
 
+    def retry(self, campaign_id: str) -> campaign_pb2.Campaign:
+        """Continues a failed campaign from its failed phase (``coordinator retry``)."""
+        return self._control("retry", self._stub.Retry, campaign_id)
+
     def watch(
         self,
         campaign_id: str,
