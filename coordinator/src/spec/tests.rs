@@ -217,7 +217,7 @@ fn max_lost_is_optional_and_reaches_the_wire_spec() {
     assert_eq!(s.scheduling.unwrap().max_lost, None, "unlimited by default");
     let text = format!("{GOOD}\n[scheduling]\nmax_lost = 5\n");
     let s = parse_in(d.path(), &text).unwrap();
-    let sched = s.scheduling.clone().unwrap();
+    let sched = s.scheduling.unwrap();
     assert_eq!((sched.max_lost, sched.max_attempts), (Some(5), 3));
     super::validate_wire(&s).unwrap();
     // It survives the protobuf encoding the coordinator stores.
