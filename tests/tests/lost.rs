@@ -215,6 +215,12 @@ fn a_task_that_fails_by_itself_fails_after_max_attempts_and_retry_continues_from
         (3, 3, 0),
         "{t}"
     );
+    let text = coord.cli(&["status", &id]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("(distill) failed: 3 attempt(s), 0 lost, 3 failed; last: rank 0"),
+        "{text}"
+    );
     let earlier: Vec<serde_json::Value> = ["score", "prune"]
         .iter()
         .flat_map(|k| tasks_of(&v, k))
