@@ -850,6 +850,57 @@ fn retry_continues_a_failed_campaign_from_its_failed_phase() {
 }
 
 #[test]
+fn a_retried_distillation_resumes_from_its_last_checkpoint() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(1, 1, "[scheduling]\nmax_attempts = 1\nscore_shards = 1\n"),
+        0,
+    );
+    let w = register(&mut st, &["cpu"]);
+    to_distill(&mut st, &w, &c);
+    let a = poll(&mut st, &w, &["cpu"], 100);
+    assert_eq!(st.tasks[&a[0].task_id].kind, kind::DISTILL);
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Progress {
+            lease: lref(&a[0]),
+            metrics: BTreeMap::new(),
+            checkpoint: Some(DIGEST.into()),
+            message: String::new(),
+            now: 101,
+        },
+    )
+    .unwrap();
+    apply(&mut st, &cfg(), fail_ev(&a[0], false, 102)).unwrap();
+    assert_eq!(st.campaigns[&c].state, CampaignState::Failed);
+    let round_before = st.campaigns[&c].rounds[0].clone();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Retry {
+            campaign: c.clone(),
+            now: 103,
+        },
+    )
+    .unwrap();
+    let t = &st.tasks[&a[0].task_id];
+    assert_eq!(
+        t.checkpoint.as_deref(),
+        Some(DIGEST),
+        "the checkpoint is kept"
+    );
+    // Artifacts and metrics of the finished phases are kept.
+    let r = &st.campaigns[&c].rounds[0];
+    assert_eq!(r.artifacts, round_before.artifacts);
+    assert_eq!(r.metrics, round_before.metrics);
+    let b = poll(&mut st, &w, &["cpu"], 104);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].task_id, a[0].task_id);
+}
+
+#[test]
 fn status_view_lists_every_task_with_its_attempts() {
     let mut st = State::default();
     let c = submit(&mut st, spec(1, 1, "[scheduling]\nscore_shards = 1\n"), 0);
