@@ -177,6 +177,8 @@ pub struct CampaignFixture {
     pub dir: tempfile::TempDir,
     pub rounds: usize,
     pub judge: bool,
+    /// Tokens per round's distillation: 128 per step (2 ranks × 2 sequences × 32).
+    pub distill_tokens: u64,
 }
 
 impl CampaignFixture {
@@ -213,10 +215,21 @@ impl CampaignFixture {
         );
         std::fs::write(
             d.join("questions.jsonl"),
-            "{\"question_id\": 1, \"category\": \"writing\", \"turns\": [\"Say hi.\"]}\n",
+            (1..=4)
+                .map(|i| {
+                    format!(
+                        "{{\"question_id\": {i}, \"category\": \"writing\", \"turns\": [\"Say hi {i} times.\"]}}\n"
+                    )
+                })
+                .collect::<String>(),
         )
         .expect("questions");
-        CampaignFixture { dir, rounds, judge }
+        CampaignFixture {
+            dir,
+            rounds,
+            judge,
+            distill_tokens: 12_288,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -228,7 +241,7 @@ impl CampaignFixture {
         let d = self.path();
         let mut toml = format!(
             "name = \"{name}\"\nseed = 11\n[teacher]\nmodel = \"{}\"\n[data]\n\
-             calibration = {{ path = \"calib.jsonl\", samples = 4, seq_len = 32 }}\n\
+             calibration = {{ path = \"calib.jsonl\", samples = 16, seq_len = 32 }}\n\
              train = [ {{ name = \"web\", path = \"web.jsonl\" }} ]\n\
              validation = [ {{ name = \"web\", path = \"web-val.jsonl\" }} ]\n\
              [scheduling]\nscore_shards = 2\n",
@@ -242,14 +255,15 @@ impl CampaignFixture {
             let _ = write!(
                 toml,
                 "[[rounds]]\ntarget = {t}\n\
-                 distill = {{ tokens = 2048, seq_len = 32, micro_batch = 2, world_size = 2, lr = 0.003, warmup_steps = 2, checkpoint_every = 4 }}\n"
+                 distill = {{ tokens = {}, seq_len = 32, micro_batch = 2, world_size = 2, lr = 0.003, warmup_steps = 2, checkpoint_every = 8 }}\n",
+                self.distill_tokens
             );
         }
         if self.judge {
             let _ = write!(
                 toml,
                 "[evaluation]\nperplexity = true\n\
-                 judge = {{ backend = \"local\", model = \"{}\", mode = \"pairwise\", questions = \"questions.jsonl\", baseline = \"teacher\", max_tokens = 4 }}\n",
+                 judge = {{ backend = \"local\", model = \"{}\", mode = \"pairwise\", questions = \"questions.jsonl\", baseline = \"teacher\", max_tokens = 8 }}\n",
                 d.join("judge").display()
             );
         } else {
@@ -287,6 +301,7 @@ impl Reference {
 /// Runs the fixture's campaign on a fresh coordinator and two workers, with no faults.
 pub fn run_reference(fx: &CampaignFixture, timing: &[&str], timeout: Duration) -> Reference {
     let root = fx.path().join("reference");
+    std::fs::create_dir_all(&root).expect("reference dir");
     let coord = CoordinatorProc::start(&root.join("data"), timing);
     let _a = WorkerProc::real(&coord.url(), &root.join("worker-a"), "cpu");
     let _b = WorkerProc::real(&coord.url(), &root.join("worker-b"), "cpu");
@@ -417,6 +432,7 @@ struct Cluster {
 
 impl Cluster {
     fn start(root: &Path, timing: &[&str]) -> Cluster {
+        std::fs::create_dir_all(root).expect("cluster dir");
         let coord = CoordinatorProc::start(&root.join("data"), timing);
         let dirs = [root.join("worker-a"), root.join("worker-b")];
         let workers = [
@@ -475,7 +491,7 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
     let id = submit(&cluster.coord, &fx.spec("chaos"));
     // Every kill is followed by at least this much undisturbed time, so the cluster always
     // makes some progress between kills and the run ends.
-    let min_gap = Duration::from_millis(700);
+    let min_gap = Duration::from_millis(400);
     // Generous: every worker kill may cost a lease timeout and the work since a checkpoint.
     let deadline = start + reference.wall * 3 + Duration::from_secs(30 * (cfg.kills as u64 + 4));
     let mut kills = Vec::new();
@@ -508,7 +524,7 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
                     break;
                 }
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
         let (_, phase) = position(&last);
         let at = start.elapsed();
