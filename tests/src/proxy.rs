@@ -130,38 +130,60 @@ impl LinkProxy {
     }
 }
 
-/// Copies `from` to `to` on a thread of its own, holding each chunk while the link is cut.
+/// At most this much is queued per direction during a cut; then the proxy stops reading and
+/// TCP flow control holds the sender.
+const HOLD_LIMIT: usize = 16 << 20;
+
+/// Copies `from` to `to` on a thread of its own; while the link is cut, what arrives is queued
+/// and delivered, in order, once it heals.
 fn pump(link: &Arc<Link>, from: &TcpStream, to: &TcpStream) {
     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
         return;
     };
     let link = link.clone();
-    // A read timeout lets the thread notice shutdown.
-    let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+    // A read timeout lets the thread notice a heal and shutdown.
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            if link.stop.load(Ordering::SeqCst) {
+        let mut queued: Vec<u8> = Vec::new();
+        let mut eof = false;
+        while !link.stop.load(Ordering::SeqCst) {
+            if link.is_cut() {
+                if queued.len() >= HOLD_LIMIT || eof {
+                    if !link.wait_healed() {
+                        break;
+                    }
+                    continue;
+                }
+            } else if !queued.is_empty() {
+                if to.write_all(&queued).is_err() {
+                    break;
+                }
+                link.forwarded.fetch_add(queued.len() as u64, Ordering::SeqCst);
+                link.held.fetch_add(queued.len() as u64, Ordering::SeqCst);
+                queued.clear();
+            }
+            if eof {
                 break;
             }
             let n = match from.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => {
+                    eof = true;
+                    continue;
+                }
                 Ok(n) => n,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     continue
                 }
                 Err(_) => break,
             };
-            let held = link.is_cut();
-            if !link.wait_healed() {
-                break;
-            }
-            if to.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            link.forwarded.fetch_add(n as u64, Ordering::SeqCst);
-            if held {
-                link.held.fetch_add(n as u64, Ordering::SeqCst);
+            if link.is_cut() {
+                queued.extend_from_slice(&buf[..n]);
+            } else {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                link.forwarded.fetch_add(n as u64, Ordering::SeqCst);
             }
         }
         let _ = to.shutdown(Shutdown::Write);

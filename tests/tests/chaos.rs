@@ -3,8 +3,11 @@
 //! the campaign nor change its result.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use distillery_proto::v1 as pb;
 use distillery_tests::chaos::{self, ChaosConfig};
+use distillery_tests::proxy::LinkProxy;
 use distillery_tests::*;
 
 /// The tests here each run a cluster of real ML workers; on a small CI machine they must not
@@ -40,4 +43,260 @@ fn a_two_round_campaign_survives_seeded_random_kills_with_the_same_student() {
         cfg.seed,
         report.summary()
     );
+}
+
+/// `key=value` of a log line, ANSI colours removed.
+fn field(line: &str, key: &str) -> Option<String> {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+}
+
+/// The lease of the first `distill` rank the worker started, from its log.
+fn distill_lease(w: &WorkerProc) -> Option<pb::LeaseRef> {
+    let log = w.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("task started") && field(l, "kind").as_deref() == Some("distill"))?;
+    Some(pb::LeaseRef {
+        task_id: field(line, "task")?,
+        lease_id: field(line, "lease")?.parse().ok()?,
+        rank: field(line, "rank")?.parse().ok()?,
+    })
+}
+
+/// Events that end a task's attempt (`task_lost` / `task_revoked` once lost attempts are told
+/// apart from failed ones).
+fn ends_attempt(e: &pb::Event) -> bool {
+    matches!(
+        e.kind.as_str(),
+        "task_retry" | "task_lost" | "task_revoked" | "task_failed" | "task_succeeded"
+    )
+}
+
+fn progress_step(e: &pb::Event) -> f64 {
+    e.metrics
+        .get("progress.distill.step")
+        .copied()
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_gang_rank_cut_off_by_a_partition_loses_its_lease_and_its_late_reports_are_refused() {
+    use futures::StreamExt;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let fx = chaos::CampaignFixture::new(1, false);
+    let reference = chaos::run_reference(&fx, ML_TIMING, Duration::from_secs(300));
+    let root = fx.path().join("partition");
+    std::fs::create_dir_all(&root).unwrap();
+    let coord = CoordinatorProc::start(&root.join("data"), ML_TIMING);
+    let proxy = LinkProxy::start(([127, 0, 0, 1], coord.port).into());
+    // Worker A reaches the coordinator only through the proxy; B directly.
+    let a = WorkerProc::real(&proxy.url(), &root.join("worker-a"), "cpu");
+    let b = WorkerProc::real(&coord.url(), &root.join("worker-b"), "cpu");
+    let id = submit(&coord, &fx.spec("partition"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // Wait until A holds a distill rank and the gang has reported a checkpoint (step 8) and
+    // gone past it, so a restart has something to resume from.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let old = loop {
+        assert!(
+            Instant::now() < deadline,
+            "A never held a distill rank: {}\n{}",
+            coord.status_json(Some(&id)),
+            a.log_text()
+        );
+        if let Some(l) = distill_lease(&a) {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    rt.block_on(wait_event(&coord, &id, Duration::from_secs(60), |e| {
+        e.kind == "task_progress" && e.lease_id == old.lease_id && progress_step(e) >= 9.0
+    }));
+    proxy.cut();
+    let cut_at = Instant::now();
+    eprintln!(
+        "partition: cut worker A (task {} rank {} lease {}) after {} bytes",
+        old.task_id,
+        old.rank,
+        old.lease_id,
+        proxy.forwarded()
+    );
+    // A replacement, so the gang can form again while A is unreachable.
+    let c = WorkerProc::real(&coord.url(), &root.join("worker-c"), "cpu");
+
+    // A stops heart-beating through the dead link: its lease expires, which ends the gang's
+    // attempt (every rank of it).
+    let ended = rt.block_on(wait_event(&coord, &id, Duration::from_secs(60), |e| {
+        e.lease_id == old.lease_id && ends_attempt(e)
+    }));
+    let ended_after = cut_at.elapsed();
+    eprintln!(
+        "partition: lease {} ended {:.1} s after the cut: {} {}",
+        old.lease_id,
+        ended_after.as_secs_f64(),
+        ended.kind,
+        ended.message
+    );
+    assert!(
+        ended.message.contains("expired") && ended.message.contains(&format!("rank {}", old.rank)),
+        "the cut rank's lease must expire: {ended:?}"
+    );
+    assert!(
+        ended_after >= Duration::from_millis(4000),
+        "a 5 s lease ended {ended_after:?} after the cut: not by expiry"
+    );
+    assert!(
+        !matches!(ended.kind.as_str(), "task_succeeded" | "task_failed"),
+        "{ended:?}"
+    );
+    assert!(
+        !a.log_text().contains("report refused") && !a.log_text().contains("lease revoked"),
+        "A cannot have heard anything while cut"
+    );
+    // Give the gang a moment to form again while A is still cut off (B and C, when B is free).
+    let relet_in_cut = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                wait_event(&coord, &id, Duration::from_secs(60), |e| {
+                    e.kind == "task_leased" && e.task_id == old.task_id && e.lease_id > old.lease_id
+                }),
+            )
+            .await
+        })
+        .is_ok();
+
+    // Heal: what A sent during the cut arrives now, and A sends more with its old lease.
+    proxy.heal();
+    let late = rt.block_on(async {
+        let mut w = {
+            let t = distillery_proto::client::Target {
+                url: proxy.url(),
+                ..Default::default()
+            };
+            let ch = t.channel().await.expect("connect through the proxy");
+            t.workers(ch).expect("client")
+        };
+        // A real artifact, so that only the lease can be wrong.
+        let file = root.join("not-a-student.bin");
+        std::fs::write(&file, b"not a student").unwrap();
+        let (digest, _) = distillery_proto::artifact::digest_file(&file).await.unwrap();
+        w.put_artifact(distillery_proto::artifact::file_chunks(
+            file.clone(),
+            digest.clone(),
+        ))
+        .await
+        .expect("upload");
+        let progress = w
+            .report_progress(pb::ReportProgressRequest {
+                lease: Some(old.clone()),
+                metrics: [("progress.distill.step".to_string(), 1e6)].into(),
+                checkpoint: digest.clone(),
+                message: "late".into(),
+            })
+            .await;
+        let complete = w
+            .complete_task(pb::CompleteTaskRequest {
+                lease: Some(pb::LeaseRef {
+                    rank: 0,
+                    ..old.clone()
+                }),
+                outputs: [("student".to_string(), digest.clone())].into(),
+                metrics: [("distill.steps".to_string(), 1.0)].into(),
+            })
+            .await;
+        let fail = w
+            .fail_task(pb::FailTaskRequest {
+                lease: Some(old.clone()),
+                error: "late failure".into(),
+                retryable: false,
+            })
+            .await;
+        [progress.err(), complete.err(), fail.err()].map(|e| e.map(|s| s.code()))
+    });
+    assert_eq!(
+        late,
+        [Some(tonic::Code::FailedPrecondition); 3],
+        "late progress / complete / fail with lease {} must be fenced off",
+        old.lease_id
+    );
+    assert!(
+        a.wait_log("lease revoked", Duration::from_secs(20))
+            || a.wait_log("report refused", Duration::from_secs(1)),
+        "A must learn that its lease is gone once the link heals:\n{}",
+        a.log_text()
+    );
+    assert!(proxy.held() > 0, "A sent nothing during the cut");
+    let relet = rt.block_on(wait_event(&coord, &id, Duration::from_secs(60), |e| {
+        e.kind == "task_leased" && e.task_id == old.task_id && e.lease_id > old.lease_id
+    }));
+    eprintln!(
+        "partition: the gang was leased again as lease {} ({}): {}",
+        relet.lease_id,
+        if relet_in_cut {
+            "during the cut"
+        } else {
+            "only after the link healed: the rank still connected to A was blocked in the ring"
+        },
+        relet.message
+    );
+    eprintln!(
+        "partition: healed; {} bytes held during the cut were delivered late",
+        proxy.held()
+    );
+
+    let v = wait_terminal(&coord, &id, Duration::from_secs(180));
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let d = &v["rounds"][0]["metrics"]["distill"];
+    let resumed = d["resumed_from_step"].as_f64().unwrap_or(0.0);
+    assert!(
+        resumed >= 8.0,
+        "the gang restarts from its checkpoint, not from scratch: {d}"
+    );
+    assert_eq!(
+        chaos::students(&v).last().cloned().flatten(),
+        reference.student(),
+        "the student differs from the uninterrupted run's"
+    );
+
+    // The event log: nothing was recorded for the old lease after it ended, and the task
+    // succeeded once, under a newer lease.
+    let events = rt.block_on(async {
+        let mut s = watch_from(&coord, &id, 1).await;
+        let mut out = Vec::new();
+        while let Some(e) = s.next().await {
+            out.push(e.expect("event"));
+        }
+        out
+    });
+    assert!(
+        events
+            .iter()
+            .all(|e| e.seq <= ended.seq || e.lease_id != old.lease_id),
+        "lease {} changed the campaign after it ended: {events:#?}",
+        old.lease_id
+    );
+    let succeeded: Vec<&pb::Event> = events
+        .iter()
+        .filter(|e| e.kind == "task_succeeded" && e.task_id == old.task_id)
+        .collect();
+    assert_eq!(succeeded.len(), 1);
+    assert!(succeeded[0].lease_id > old.lease_id);
+    drop((b, c));
 }
