@@ -94,6 +94,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Continue a failed campaign from its failed phase: that phase's unfinished tasks start
+    /// over (a distillation from its last checkpoint); everything finished is kept.
+    Retry {
+        id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Everything on this machine: writes a corpus, trains a small teacher, starts an embedded
     /// coordinator with in-process workers, runs the two-round example campaign, prints a report.
     Demo {
@@ -253,6 +260,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Cancel { id, client } => control(&client, &id, "cancel").await,
         Command::Pause { id, client } => control(&client, &id, "pause").await,
         Command::Resume { id, client } => control(&client, &id, "resume").await,
+        Command::Retry { id, client } => control(&client, &id, "retry").await,
         Command::Artifact {
             command: ArtifactCommand::Get { what, out, client },
         } => artifact_get(&client, &what, &out).await,
@@ -401,6 +409,7 @@ async fn control(client: &ClientOpts, id: &str, what: &str) -> Result<i32, CliEr
     let res = match what {
         "cancel" => c.cancel(r).await,
         "pause" => c.pause(r).await,
+        "retry" => c.retry(r).await,
         _ => c.resume(r).await,
     }
     .map_err(|s| status_error(what, s))?
@@ -485,6 +494,27 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
         })
         .collect();
     let tasks = c.tasks.unwrap_or_default();
+    let records: Vec<&pb::TaskRecord> = c.task_records.iter().collect();
+    let task_json = |t: &pb::TaskRecord| {
+        json!({
+            "id": t.id, "kind": t.kind, "state": t.state, "round": t.round, "phase": t.phase,
+            "world_size": t.world_size, "attempts": t.attempts, "lost": t.lost,
+            "failed": t.failed, "revoked": t.revoked,
+            "checkpoint": if t.checkpoint.is_empty() { Value::Null } else { json!(t.checkpoint) },
+            "error": if t.error.is_empty() { Value::Null } else { json!(t.error) },
+        })
+    };
+    let mut rounds = rounds;
+    for (r, pr) in rounds.iter_mut().zip(&c.rounds) {
+        let mine: Vec<Value> = records
+            .iter()
+            .filter(|t| t.round == pr.index)
+            .map(|t| task_json(t))
+            .collect();
+        if let Some(o) = r.as_object_mut() {
+            o.insert("tasks".into(), Value::Array(mine));
+        }
+    }
     json!({
         "id": c.id,
         "name": c.name,
@@ -493,6 +523,7 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
         "created_ms": c.created_ms,
         "updated_ms": c.updated_ms,
         "tasks": {"pending": tasks.pending, "leased": tasks.leased, "succeeded": tasks.succeeded, "failed": tasks.failed, "cancelled": tasks.cancelled},
+        "retries": c.retries,
         "rounds": rounds,
     })
 }
@@ -594,6 +625,8 @@ pub async fn watch(
 ) -> Result<i32, CliError> {
     let mut next = 1u64;
     let mut failures = 0u32;
+    // Failed events seen: one that a later `retry` continued is not the end.
+    let mut failed_seen = 0u32;
     loop {
         let stream = c
             .watch(pb::WatchRequest {
@@ -654,7 +687,20 @@ pub async fn watch(
             if e.kind == "campaign_state" {
                 match pb::CampaignState::try_from(e.state) {
                     Ok(pb::CampaignState::Succeeded) => return Ok(0),
-                    Ok(pb::CampaignState::Failed | pb::CampaignState::Cancelled) => return Ok(1),
+                    Ok(pb::CampaignState::Cancelled) => return Ok(1),
+                    Ok(pb::CampaignState::Failed) => {
+                        failed_seen += 1;
+                        let retries = c
+                            .get(pb::GetCampaignRequest {
+                                campaign_id: id.to_string(),
+                            })
+                            .await
+                            .map(|r| r.into_inner().retries)
+                            .unwrap_or(0);
+                        if failed_seen > retries {
+                            return Ok(1);
+                        }
+                    }
                     _ => {}
                 }
             }

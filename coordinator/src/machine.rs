@@ -108,6 +108,15 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Leased => "leased",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -148,6 +157,10 @@ pub struct Campaign {
     pub teacher_artifacts: BTreeMap<String, String>,
     /// Every task of the campaign, in creation order.
     pub tasks: Vec<String>,
+    /// Times `retry` continued it after a failure: of its `failed` state events, only the one
+    /// after the last retry is final (watchers count them).
+    #[serde(default)]
+    pub retries: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -175,15 +188,31 @@ pub struct Task {
     pub inputs: BTreeMap<String, String>,
     pub world_size: u32,
     pub state: TaskState,
-    /// Attempts leased so far.
+    /// Attempts leased so far (every lease handed out, however it ended).
     pub attempts: u32,
+    /// Failed attempts allowed (the task's own errors); lost attempts do not count.
     pub max_attempts: u32,
+    /// Attempts that ended because the task reported its own error (count toward `max_attempts`).
+    #[serde(default)]
+    pub failed: u32,
+    /// Attempts that ended without the task failing: lease expired, worker gone, a gang peer's
+    /// collective broke, revoked by pause. Includes `revoked`.
+    #[serde(default)]
+    pub lost: u32,
+    /// Of `lost`: attempts revoked by the operator (pause); they count toward nothing.
+    #[serde(default)]
+    pub revoked: u32,
+    /// `scheduling.max_lost`: lost attempts (other than revoked ones) retried at most this many
+    /// times; `None` retries them without limit.
+    #[serde(default)]
+    pub max_lost: Option<u32>,
     /// Not leased again before this time (retry backoff).
     pub not_before_ms: Millis,
     pub outputs: BTreeMap<String, String>,
     pub metrics: BTreeMap<String, f64>,
     /// Latest checkpoint reported; a new attempt resumes from it.
     pub checkpoint: Option<String>,
+    /// Why the last failed or lost attempt ended.
     pub error: Option<String>,
 }
 
@@ -355,6 +384,9 @@ pub enum Event {
         lease: LeaseRef,
         error: String,
         retryable: bool,
+        /// The rank did not fail by itself: its gang's collective or rendezvous broke because a
+        /// peer or the network was lost. The attempt is *lost*, not *failed*.
+        lost: bool,
         now: Millis,
     },
     Rendezvous {
@@ -372,6 +404,12 @@ pub enum Event {
         now: Millis,
     },
     Resume {
+        campaign: String,
+        now: Millis,
+    },
+    /// Continues a failed campaign from its failed phase: that phase's unfinished tasks start
+    /// over (counters cleared, checkpoints kept), everything finished is kept.
+    Retry {
         campaign: String,
         now: Millis,
     },
@@ -498,6 +536,7 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
         | Event::Cancel { now, .. }
         | Event::Pause { now, .. }
         | Event::Resume { now, .. }
+        | Event::Retry { now, .. }
         | Event::Tick { now }
         | Event::Recover { now } => Some(*now),
         Event::PollWithdrawn { .. } => None,
@@ -556,8 +595,9 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
             lease,
             error,
             retryable,
+            lost,
             now,
-        } => tx.fail(lease, error, retryable, now),
+        } => tx.fail(lease, error, retryable, lost, now),
         Event::Rendezvous {
             lease,
             key,
@@ -567,6 +607,7 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
         Event::Cancel { campaign, now } => tx.cancel(&campaign, now),
         Event::Pause { campaign, now } => tx.pause(&campaign, now),
         Event::Resume { campaign, now } => tx.resume(&campaign, now),
+        Event::Retry { campaign, now } => tx.retry(&campaign, now),
         Event::Tick { now } => {
             tx.expire(now, now);
             tx.dispatch(now);
@@ -585,6 +626,17 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
         }
     }
     Ok(t)
+}
+
+/// How an attempt ended (see [`Tx::attempt_ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The task reported its own error.
+    Failed { retryable: bool },
+    /// The machine, the link or a gang peer was lost; the task itself did not fail.
+    Lost,
+    /// Taken back by the operator (pause).
+    Revoked,
 }
 
 fn backoff(cfg: &Config, attempts: u32) -> Millis {
@@ -698,6 +750,7 @@ impl Tx<'_> {
                 teacher_metrics: BTreeMap::new(),
                 teacher_artifacts: BTreeMap::new(),
                 tasks: Vec::new(),
+                retries: 0,
             },
         );
         self.t.dirty.campaigns.insert(id.clone());
@@ -1091,70 +1144,115 @@ impl Tx<'_> {
         r: LeaseRef,
         error: String,
         retryable: bool,
+        lost: bool,
         now: Millis,
     ) -> Result<(), MachineError> {
         self.check_lease(&r)?;
         let worker = self.s.leases[&r.task_id].ranks[r.rank as usize]
             .worker
             .clone();
-        self.attempt_failed(
+        let ending = if lost {
+            Ending::Lost
+        } else {
+            Ending::Failed { retryable }
+        };
+        self.attempt_ended(
             &r.task_id,
             format!("rank {} on {worker}: {error}", r.rank),
-            retryable,
+            ending,
             now,
         );
         self.dispatch(now);
         Ok(())
     }
 
-    /// Ends the task's live attempt: back to pending after a backoff, or failed for good (and
-    /// the campaign with it) when attempts are exhausted or the error is not retryable.
-    fn attempt_failed(&mut self, task_id: &str, error: String, retryable: bool, now: Millis) {
+    /// Ends the task's live attempt (every rank of a gang: the others' leases are revoked with
+    /// it). A *failed* attempt counts toward `max_attempts`; a *lost* one toward
+    /// `scheduling.max_lost` when set; a *revoked* one toward nothing. The task goes back to
+    /// pending (after a backoff for failed and lost attempts), or fails for good, and the
+    /// campaign with it, when its budget is spent or the error is not retryable.
+    fn attempt_ended(&mut self, task_id: &str, reason: String, ending: Ending, now: Millis) {
         let Some(lease) = self.s.leases.remove(task_id) else {
             return;
         };
         self.t.dirty.leases.insert(task_id.to_string());
         self.t.dirty.tasks.insert(task_id.to_string());
         let task = self.s.tasks.get_mut(task_id).expect("a lease has a task");
-        task.error = Some(error.clone());
-        let (campaign, round, phase, kind, attempts) = (
+        let (kind_name, give_up, delay) = match ending {
+            Ending::Failed { retryable } => {
+                task.failed += 1;
+                task.error = Some(reason.clone());
+                let give_up = !retryable || task.failed >= task.max_attempts;
+                ("task_retry", give_up, backoff(self.cfg, task.failed))
+            }
+            Ending::Lost => {
+                task.lost += 1;
+                let charged = task.lost - task.revoked;
+                let give_up = task.max_lost.is_some_and(|m| charged > m);
+                task.error = Some(reason.clone());
+                ("task_lost", give_up, backoff(self.cfg, charged))
+            }
+            Ending::Revoked => {
+                task.lost += 1;
+                task.revoked += 1;
+                ("task_revoked", false, 0)
+            }
+        };
+        let (campaign, round, phase, kind, attempts, failed, lost) = (
             task.campaign.clone(),
             task.round,
             task.phase,
             task.kind.clone(),
             task.attempts,
+            task.failed,
+            task.lost,
         );
-        if retryable && task.attempts < task.max_attempts {
+        let fill = |e: &mut pb::Event| {
+            e.task_id = task_id.to_string();
+            e.lease_id = lease.lease_id;
+            e.round = round;
+            e.phase = phase.as_str().into();
+            e.metrics.insert("attempt".into(), f64::from(attempts));
+            e.metrics.insert("failed".into(), f64::from(failed));
+            e.metrics.insert("lost".into(), f64::from(lost));
+        };
+        if !give_up {
             task.state = TaskState::Pending;
-            let delay = backoff(self.cfg, task.attempts);
             task.not_before_ms = now + delay;
             self.s.pending.insert(task_id.to_string());
+            let what = match ending {
+                Ending::Failed { .. } => "failed",
+                Ending::Lost => "was lost",
+                Ending::Revoked => "was revoked",
+            };
             self.emit(
                 now,
                 &campaign,
-                "task_retry",
-                format!("task {task_id} ({kind}) attempt {attempts} failed, retrying in {delay} ms: {error}"),
-                |e| {
-                    e.task_id = task_id.to_string();
-                    e.lease_id = lease.lease_id;
-                    e.round = round;
-                    e.phase = phase.as_str().into();
-                },
+                kind_name,
+                format!(
+                    "task {task_id} ({kind}) attempt {attempts} {what}, retrying in {delay} ms: {reason}"
+                ),
+                fill,
             );
-        } else {
-            task.state = TaskState::Failed;
-            let why = format!(
-                "round {round} {}: task {task_id} ({kind}) failed after {attempts} attempt(s): {error}",
-                phase.as_str()
-            );
-            self.emit(now, &campaign, "task_failed", why.clone(), |e| {
-                e.task_id = task_id.to_string();
-                e.lease_id = lease.lease_id;
-                e.round = round;
-                e.phase = phase.as_str().into();
-            });
-            self.finish_campaign(&campaign, CampaignState::Failed, Some(why), now);
+            return;
         }
+        task.state = TaskState::Failed;
+        let why = match ending {
+            Ending::Lost => format!(
+                "round {round} {}: task {task_id} ({kind}) was lost {} time(s), more than \
+                 scheduling.max_lost = {} (raise or remove it to keep retrying): {reason}",
+                phase.as_str(),
+                lost - task.revoked,
+                task.max_lost.unwrap_or_default()
+            ),
+            _ => format!(
+                "round {round} {}: task {task_id} ({kind}) failed after {failed} attempt(s) \
+                 ({lost} more lost): {reason}",
+                phase.as_str()
+            ),
+        };
+        self.emit(now, &campaign, "task_failed", why.clone(), fill);
+        self.finish_campaign(&campaign, CampaignState::Failed, Some(why), now);
     }
 
     /// Ends a campaign: its open tasks are cancelled and their leases revoked.
@@ -1275,21 +1373,15 @@ impl Tx<'_> {
                 st.as_str()
             )));
         }
-        // Running attempts are revoked, not failed: they give their attempt back and resume
-        // from their last checkpoint after `resume`.
+        // Running attempts are revoked, not failed: they count toward no budget and resume
+        // from their last checkpoint after `resume`. Paused first, so nothing is re-leased.
+        self.set_campaign_state(id, CampaignState::Paused, None, now);
         let task_ids = self.s.campaigns[id].tasks.clone();
         for t in task_ids {
-            if self.s.leases.remove(&t).is_some() {
-                let task = self.s.tasks.get_mut(&t).expect("a lease has a task");
-                task.state = TaskState::Pending;
-                task.attempts = task.attempts.saturating_sub(1);
-                task.not_before_ms = 0;
-                self.s.pending.insert(t.clone());
-                self.t.dirty.leases.insert(t.clone());
-                self.t.dirty.tasks.insert(t);
+            if self.s.leases.contains_key(&t) {
+                self.attempt_ended(&t, format!("campaign {id} paused"), Ending::Revoked, now);
             }
         }
-        self.set_campaign_state(id, CampaignState::Paused, None, now);
         Ok(())
     }
 
@@ -1301,6 +1393,81 @@ impl Tx<'_> {
                 st.as_str()
             )));
         }
+        self.set_campaign_state(id, CampaignState::Running, None, now);
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// Continues a failed campaign from the phase that failed: the phase's tasks that did not
+    /// succeed start over with cleared counters (their checkpoints are kept, so a distillation
+    /// resumes), everything that finished (earlier phases, succeeded shards, artifacts, metrics)
+    /// is kept. The error stays in the event log.
+    fn retry(&mut self, id: &str, now: Millis) -> Result<(), MachineError> {
+        let st = self.campaign_state(id)?;
+        if st != CampaignState::Failed {
+            return Err(MachineError::InvalidState(format!(
+                "campaign {id} is {}, not failed: only a failed campaign can be retried",
+                st.as_str()
+            )));
+        }
+        let c = &self.s.campaigns[id];
+        let round = c.current_round;
+        let r = c.rounds.get(round as usize).ok_or_else(|| {
+            MachineError::InvalidState(format!("campaign {id} has no round {round}"))
+        })?;
+        let phase = r.phase;
+        let reset: Vec<String> = r
+            .phase_tasks
+            .iter()
+            .filter(|t| {
+                self.s
+                    .tasks
+                    .get(*t)
+                    .is_some_and(|t| t.state != TaskState::Succeeded)
+            })
+            .cloned()
+            .collect();
+        if reset.is_empty() {
+            return Err(MachineError::InvalidState(format!(
+                "campaign {id} failed at round {round} {} with no failed task (e.g. the gate \
+                 stopped it): retrying would decide the same; submit a new campaign",
+                phase.as_str()
+            )));
+        }
+        let previous = c.error.clone().unwrap_or_default();
+        for t in &reset {
+            let task = self.s.tasks.get_mut(t).expect("filtered");
+            task.state = TaskState::Pending;
+            task.attempts = 0;
+            task.failed = 0;
+            task.lost = 0;
+            task.revoked = 0;
+            task.not_before_ms = 0;
+            task.error = None;
+            self.s.pending.insert(t.clone());
+            self.t.dirty.tasks.insert(t.clone());
+        }
+        self.s.open_in_phase.insert(id.to_string(), reset.len());
+        let c = self.s.campaigns.get_mut(id).expect("checked");
+        c.rounds[round as usize].state = RoundState::Running;
+        c.error = None;
+        c.retries += 1;
+        self.t.dirty.campaigns.insert(id.to_string());
+        self.emit(
+            now,
+            id,
+            "campaign_retry",
+            format!(
+                "campaign {id} retried from round {round} {}: {} task(s) start over; it had \
+                 failed with: {previous}",
+                phase.as_str(),
+                reset.len()
+            ),
+            |e| {
+                e.round = round;
+                e.phase = phase.as_str().into();
+            },
+        );
         self.set_campaign_state(id, CampaignState::Running, None, now);
         self.dispatch(now);
         Ok(())
@@ -1329,7 +1496,7 @@ impl Tx<'_> {
             })
             .collect();
         for (task, why) in expired {
-            self.attempt_failed(&task, why, true, now);
+            self.attempt_ended(&task, why, Ending::Lost, now);
         }
     }
 
@@ -1422,6 +1589,7 @@ impl Tx<'_> {
                 .map(|s| s.max_attempts)
                 .unwrap_or(3)
                 .max(1);
+            let max_lost = c.spec.scheduling.as_ref().and_then(|s| s.max_lost);
             let c = self.s.campaigns.get_mut(id).expect("caller checked");
             c.rounds[round as usize].phase = phase;
             c.rounds[round as usize].phase_tasks.clear();
@@ -1449,6 +1617,10 @@ impl Tx<'_> {
                         state: TaskState::Pending,
                         attempts: 0,
                         max_attempts,
+                        failed: 0,
+                        lost: 0,
+                        revoked: 0,
+                        max_lost,
                         not_before_ms: 0,
                         outputs: BTreeMap::new(),
                         metrics: BTreeMap::new(),
@@ -1616,7 +1788,22 @@ impl Tx<'_> {
 pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
     let c = state.campaigns.get(id)?;
     let mut counts = pb::TaskCounts::default();
+    let mut records = Vec::with_capacity(c.tasks.len());
     for t in c.tasks.iter().filter_map(|t| state.tasks.get(t)) {
+        records.push(pb::TaskRecord {
+            id: t.id.clone(),
+            kind: t.kind.clone(),
+            state: t.state.as_str().into(),
+            round: t.round,
+            phase: t.phase.as_str().into(),
+            attempts: t.attempts,
+            lost: t.lost,
+            failed: t.failed,
+            revoked: t.revoked,
+            error: t.error.clone().unwrap_or_default(),
+            world_size: t.world_size,
+            checkpoint: t.checkpoint.clone().unwrap_or_default(),
+        });
         match t.state {
             TaskState::Pending => counts.pending += 1,
             TaskState::Leased => counts.leased += 1,
@@ -1652,6 +1839,8 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
         created_ms: c.created_ms,
         updated_ms: c.updated_ms,
         tasks: Some(counts),
+        task_records: records,
+        retries: c.retries,
     })
 }
 

@@ -200,6 +200,8 @@ struct RawScheduling {
     depth_groups: u32,
     #[serde(default = "one_u32")]
     judge_shards: u32,
+    /// Lost attempts retried at most this many times per task; absent: without limit.
+    max_lost: Option<u32>,
 }
 
 fn default_samples() -> u32 {
@@ -258,6 +260,7 @@ pub fn default_scheduling() -> pb::SchedulingSpec {
         score_shards: default_score_shards(),
         depth_groups: 0,
         judge_shards: 1,
+        max_lost: None,
     }
 }
 
@@ -381,6 +384,7 @@ impl Validator<'_> {
                     score_shards: s.score_shards,
                     depth_groups: s.depth_groups,
                     judge_shards: s.judge_shards,
+                    max_lost: s.max_lost,
                 }
             }
         };

@@ -203,6 +203,18 @@ async fn tokens_and_roles_are_enforced() {
         code(submit.map(|_| ())),
         Some(tonic::Code::PermissionDenied)
     );
+    // Retry is a client call: a worker token and no token are refused.
+    let retry = pb::CampaignRef {
+        campaign_id: "c000001".into(),
+    };
+    assert_eq!(
+        code(as_worker.retry(retry.clone()).await.map(|_| ())),
+        Some(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(
+        code(anon.retry(retry).await.map(|_| ())),
+        Some(tonic::Code::Unauthenticated)
+    );
     let mut w_as_client = coord.workers(Some(client)).await;
     let reg = pb::RegisterRequest {
         host: "h".into(),

@@ -38,7 +38,7 @@ async fn a_worker_that_stops_heartbeating_loses_its_lease() {
     slow.stop();
     let _fast = WorkerProc::scripted(&coord.url(), &fx.path().join("fast"), &[]);
     let retry = wait_event(&coord, &id, Duration::from_secs(30), |e| {
-        e.kind == "task_retry"
+        e.kind == "task_lost"
     })
     .await;
     assert_eq!(retry.task_id, first.task_id);
@@ -176,6 +176,7 @@ async fn a_report_with_a_stale_lease_is_refused_and_changes_nothing() {
             lease: Some(old.clone()),
             error: "x".into(),
             retryable: false,
+            lost: false,
         })
         .await
         .unwrap_err();

@@ -14,6 +14,9 @@ use tokio::sync::{Notify, RwLock};
 
 use crate::runner::{TaskContext, TaskError, TaskRunner};
 
+/// How long a rank waits before reporting a lost attempt (see `Agent::report`).
+const LOST_REPORT_GRACE: Duration = Duration::from_millis(1000);
+
 /// How a worker joins.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -255,6 +258,12 @@ impl Shared {
     ) {
         let mut delay = Duration::from_millis(200);
         let mut result = result;
+        if result.as_ref().is_err_and(|e| e.lost) {
+            // A broken collective is a symptom: when a peer failed by itself, its report (a
+            // failed attempt) must win the race against ours (lost), or a task that fails
+            // deterministically would be retried as lost forever. Ours is then refused as stale.
+            tokio::time::sleep(LOST_REPORT_GRACE).await;
+        }
         for _ in 0..200 {
             let mut c = self.client.clone();
             let r = match &result {
@@ -271,6 +280,7 @@ impl Shared {
                         lease: Some(lease.clone()),
                         error: e.message.clone(),
                         retryable: e.retryable,
+                        lost: e.lost,
                     })
                     .await
                     .map(|_| ()),

@@ -24,7 +24,12 @@ pub struct TaskOutput {
 #[error("{message}")]
 pub struct TaskError {
     pub message: String,
+    /// A failed attempt may be retried (up to `max_attempts`).
     pub retryable: bool,
+    /// The attempt was *lost*, not failed: the task did not fail by itself, a gang peer or the
+    /// network went away (its collective or rendezvous broke). Reported as `FailTask.lost`; the
+    /// coordinator retries it without charging `max_attempts`.
+    pub lost: bool,
 }
 
 impl TaskError {
@@ -32,19 +37,37 @@ impl TaskError {
         TaskError {
             message: message.into(),
             retryable: true,
+            lost: false,
         }
     }
     pub fn fatal(message: impl Into<String>) -> TaskError {
         TaskError {
             message: message.into(),
             retryable: false,
+            lost: false,
+        }
+    }
+    /// A gang peer or the link to it was lost (see [`TaskError::lost`]).
+    pub fn lost(message: impl Into<String>) -> TaskError {
+        TaskError {
+            message: message.into(),
+            retryable: true,
+            lost: true,
         }
     }
     pub fn cancelled() -> TaskError {
         TaskError {
             message: "cancelled by the coordinator".into(),
             retryable: true,
+            lost: false,
         }
+    }
+}
+
+impl From<crate::collective::CollectiveError> for TaskError {
+    /// A collective only breaks when a peer or the network does: the attempt is lost.
+    fn from(e: crate::collective::CollectiveError) -> TaskError {
+        TaskError::lost(e.to_string())
     }
 }
 
@@ -249,7 +272,14 @@ impl TaskContext {
                     self.cancel.store(true, Ordering::SeqCst);
                     return Err(TaskError::cancelled());
                 }
-                Err(s) => return Err(status_to_error("rendezvous", &s)),
+                // The gang could not meet: the attempt is lost, not failed.
+                Err(s) => {
+                    return Err(TaskError::lost(format!(
+                        "rendezvous: {} ({:?})",
+                        s.message(),
+                        s.code()
+                    )))
+                }
             }
         }
     }

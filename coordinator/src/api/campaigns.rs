@@ -112,6 +112,8 @@ impl CampaignService for Campaigns {
         tokio::spawn(async move {
             let mut durable = engine.subscribe();
             let mut next = req.from_seq.max(1);
+            // Failed events seen; one that a later retry continued does not end the stream.
+            let mut failed_seen = 0u32;
             loop {
                 let upto = *durable.borrow_and_update();
                 while next <= upto {
@@ -133,13 +135,20 @@ impl CampaignService for Campaigns {
                         if e.campaign_id != id {
                             continue;
                         }
+                        let state = pb::CampaignState::try_from(e.state);
                         let terminal = e.kind == "campaign_state"
-                            && matches!(
-                                pb::CampaignState::try_from(e.state),
-                                Ok(pb::CampaignState::Succeeded
-                                    | pb::CampaignState::Failed
-                                    | pb::CampaignState::Cancelled)
-                            );
+                            && match state {
+                                Ok(pb::CampaignState::Succeeded | pb::CampaignState::Cancelled) => {
+                                    true
+                                }
+                                Ok(pb::CampaignState::Failed) => {
+                                    failed_seen += 1;
+                                    let retries = engine
+                                        .read(|s| s.campaigns.get(&id).map_or(0, |c| c.retries));
+                                    failed_seen > retries
+                                }
+                                _ => false,
+                            };
                         if tx.send(Ok(e)).await.is_err() || terminal {
                             return;
                         }
@@ -197,6 +206,17 @@ impl CampaignService for Campaigns {
         let id = req.into_inner().campaign_id;
         self.engine
             .apply(Event::Resume {
+                campaign: id.clone(),
+                now: now_ms(),
+            })
+            .await?;
+        Ok(Response::new(self.view(&id)?))
+    }
+
+    async fn retry(&self, req: Request<pb::CampaignRef>) -> Result<Response<pb::Campaign>, Status> {
+        let id = req.into_inner().campaign_id;
+        self.engine
+            .apply(Event::Retry {
                 campaign: id.clone(),
                 now: now_ms(),
             })

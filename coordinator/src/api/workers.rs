@@ -190,6 +190,7 @@ impl WorkerService for Workers {
                 lease: lease_ref(r.lease)?,
                 error: r.error,
                 retryable: r.retryable,
+                lost: r.lost,
                 now: now_ms(),
             })
             .await?;

@@ -354,6 +354,7 @@ fn retries_back_off_then_fail_the_campaign_with_the_error() {
             lease: lref(&a[0]),
             error: "oom".into(),
             retryable: true,
+            lost: false,
             now: 0,
         },
     )
@@ -377,6 +378,7 @@ fn retries_back_off_then_fail_the_campaign_with_the_error() {
             lease: lref(&assignments[0]),
             error: "oom again".into(),
             retryable: true,
+            lost: false,
             now: 200,
         },
     )
@@ -418,9 +420,11 @@ fn pause_revokes_leases_and_resume_hands_them_out_again() {
     )
     .unwrap();
     assert!(matches!(hb.reply, Reply::Heartbeat { ref cancelled, .. } if cancelled.len() == 1));
+    let t = &st.tasks[&a[0].task_id];
     assert_eq!(
-        st.tasks[&a[0].task_id].attempts, 0,
-        "a revoked attempt is given back"
+        (t.failed, t.lost, t.revoked),
+        (0, 1, 1),
+        "a revoked attempt is lost and charged to nothing"
     );
     assert!(poll(&mut st, &w, &["cpu"], 3).is_empty());
     let t = apply(
@@ -559,6 +563,268 @@ fn recovery_expires_overdue_leases_and_extends_live_ones() {
     assert_eq!(st.leases[&b[0].task_id].ranks[0].deadline_ms, 12_500);
 }
 
+/// Score and prune done with one worker: the campaign waits at its distill gang of `world`.
+fn to_distill(st: &mut State, w: &str, c: &str) {
+    for now in 0..10 {
+        if st.campaigns[c].rounds[0].phase == Phase::Distill {
+            return;
+        }
+        for x in poll(st, w, &["cpu"], now) {
+            complete(st, &x, now).unwrap();
+        }
+    }
+    panic!("never reached distill: {:?}", st.campaigns[c].rounds[0]);
+}
+
+fn fail_ev(a: &Assignment, lost: bool, now: Millis) -> Event {
+    Event::Fail {
+        lease: lref(a),
+        error: if lost {
+            "collective: failed to fill whole buffer".into()
+        } else {
+            "bad input".into()
+        },
+        retryable: true,
+        lost,
+        now,
+    }
+}
+
+#[test]
+fn lost_attempts_never_exhaust_max_attempts() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(
+            1,
+            2,
+            "[scheduling]\nmax_attempts = 1\nscore_shards = 1\n[evaluation]\nperplexity = false\n",
+        ),
+        0,
+    );
+    let w1 = register(&mut st, &["cpu"]);
+    let w2 = register(&mut st, &["cpu"]);
+    to_distill(&mut st, &w1, &c);
+    let mut now = 100;
+    for i in 0..10u32 {
+        assert!(poll(&mut st, &w1, &["cpu"], now).is_empty() || i > 0);
+        let a = poll(&mut st, &w2, &["cpu"], now);
+        let a = if a.is_empty() {
+            poll(&mut st, &w1, &["cpu"], now)
+        } else {
+            a
+        };
+        assert_eq!(a.len(), 1, "attempt {i} not leased");
+        let task = a[0].task_id.clone();
+        if i % 2 == 0 {
+            // A surviving rank reports its collective broke.
+            let t = apply(&mut st, &cfg(), fail_ev(&a[0], true, now)).unwrap();
+            assert!(
+                t.events.iter().any(|e| e.kind == "task_lost"),
+                "{:?}",
+                t.events
+            );
+        } else {
+            // Nobody reports: the leases expire.
+            now += 2_000;
+            apply(&mut st, &cfg(), Event::Tick { now }).unwrap();
+        }
+        let t = &st.tasks[&task];
+        assert_eq!(t.state, TaskState::Pending);
+        assert_eq!((t.failed, t.lost, t.attempts), (0, i + 1, i + 1));
+        assert_eq!(st.campaigns[&c].state, CampaignState::Running);
+        now += 2_000;
+        // Both workers poll again after the backoff.
+        poll(&mut st, &w1, &["cpu"], now);
+    }
+    // One failure of its own is enough with max_attempts = 1.
+    let a = poll(&mut st, &w2, &["cpu"], now);
+    assert_eq!(a.len(), 1);
+    apply(&mut st, &cfg(), fail_ev(&a[0], false, now)).unwrap();
+    let camp = &st.campaigns[&c];
+    assert_eq!(camp.state, CampaignState::Failed);
+    let err = camp.error.clone().unwrap();
+    assert!(
+        err.contains("failed after 1 attempt(s) (10 more lost)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn max_lost_is_respected_and_pause_revocations_count_toward_nothing() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(1, 1, "[scheduling]\nmax_lost = 2\nscore_shards = 1\n"),
+        0,
+    );
+    let w = register(&mut st, &["cpu"]);
+    let mut now = 0;
+    // Two pauses revoke the attempt: free.
+    assert_eq!(poll(&mut st, &w, &["cpu"], now).len(), 1);
+    for _ in 0..2 {
+        apply(
+            &mut st,
+            &cfg(),
+            Event::Pause {
+                campaign: c.clone(),
+                now,
+            },
+        )
+        .unwrap();
+        assert!(st.leases.is_empty());
+        assert!(
+            poll(&mut st, &w, &["cpu"], now).is_empty(),
+            "leased while paused"
+        );
+        now += 5_000;
+        apply(&mut st, &cfg(), Event::Tick { now }).unwrap();
+        assert!(st.leases.is_empty(), "leased while paused");
+        let t = apply(
+            &mut st,
+            &cfg(),
+            Event::Resume {
+                campaign: c.clone(),
+                now,
+            },
+        )
+        .unwrap();
+        assert!(t.effects.iter().any(|e| matches!(e, Effect::Assign { .. })));
+    }
+    // Two losses are retried, the third is one too many.
+    for i in 0..3u32 {
+        let a = if i == 0 {
+            let l = &st.leases.values().next().expect("leased at resume");
+            vec![Assignment {
+                task_id: l.task_id.clone(),
+                lease_id: l.lease_id,
+                rank: 0,
+                world_size: 1,
+                device: "cpu".into(),
+                campaign: c.clone(),
+            }]
+        } else {
+            now += 5_000;
+            poll(&mut st, &w, &["cpu"], now)
+        };
+        assert_eq!(a.len(), 1, "loss {i}");
+        apply(&mut st, &cfg(), fail_ev(&a[0], true, now)).unwrap();
+        let t = &st.tasks[&a[0].task_id];
+        assert_eq!((t.lost, t.revoked, t.failed), (3 + i, 2, 0));
+        if i < 2 {
+            assert_eq!(t.state, TaskState::Pending);
+        }
+    }
+    let camp = &st.campaigns[&c];
+    assert_eq!(camp.state, CampaignState::Failed);
+    let err = camp.error.clone().unwrap();
+    assert!(err.contains("scheduling.max_lost = 2"), "{err}");
+}
+
+#[test]
+fn retry_continues_a_failed_campaign_from_its_failed_phase() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(1, 1, "[scheduling]\nmax_attempts = 2\nscore_shards = 2\n"),
+        0,
+    );
+    let w = register(&mut st, &["cpu"]);
+    // Retry refuses a campaign that did not fail, and changes nothing.
+    let before = st.clone();
+    let e = apply(
+        &mut st,
+        &cfg(),
+        Event::Retry {
+            campaign: c.clone(),
+            now: 1,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, MachineError::InvalidState(ref m) if m.contains("not failed")),
+        "{e}"
+    );
+    assert_eq!(st, before);
+    // Score shard 0 succeeds, shard 1 fails twice by itself.
+    let a = poll(&mut st, &w, &["cpu", "cpu2"].map(|d| d)[..1], 0);
+    assert_eq!(a.len(), 1);
+    complete(&mut st, &a[0], 0).unwrap();
+    let done = a[0].task_id.clone();
+    let mut now = 0;
+    let mut failed_task = String::new();
+    for _ in 0..2 {
+        now += 5_000;
+        let a = poll(&mut st, &w, &["cpu"], now);
+        assert_eq!(a.len(), 1);
+        failed_task = a[0].task_id.clone();
+        apply(&mut st, &cfg(), fail_ev(&a[0], false, now)).unwrap();
+    }
+    assert_eq!(st.campaigns[&c].state, CampaignState::Failed);
+    assert_eq!(st.tasks[&failed_task].state, TaskState::Failed);
+    let leases_before = st.meta.last_lease_id;
+    let t = apply(
+        &mut st,
+        &cfg(),
+        Event::Retry {
+            campaign: c.clone(),
+            now,
+        },
+    )
+    .unwrap();
+    let retry = t
+        .events
+        .iter()
+        .find(|e| e.kind == "campaign_retry")
+        .expect("a retry event");
+    assert!(retry.message.contains("bad input"), "{}", retry.message);
+    let camp = &st.campaigns[&c];
+    assert_eq!(camp.state, CampaignState::Running);
+    assert_eq!(camp.error, None);
+    assert_eq!(camp.rounds[0].state, RoundState::Running);
+    let ft = &st.tasks[&failed_task];
+    assert_eq!(ft.state, TaskState::Pending);
+    assert_eq!((ft.attempts, ft.failed, ft.lost), (0, 0, 0));
+    // The shard that succeeded is kept and never leased again.
+    assert_eq!(st.tasks[&done].state, TaskState::Succeeded);
+    let a = poll(&mut st, &w, &["cpu"], now);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].task_id, failed_task);
+    assert!(a[0].lease_id > leases_before);
+    let events = {
+        complete(&mut st, &a[0], now).unwrap();
+        drive(&mut st, &w, &["cpu"], &c)
+    };
+    assert_eq!(st.campaigns[&c].state, CampaignState::Succeeded);
+    assert!(!events
+        .iter()
+        .any(|e| e.kind == "task_leased" && (e.task_id == done || e.task_id == failed_task)));
+    // A second retry of a succeeded campaign is refused.
+    assert!(apply(&mut st, &cfg(), Event::Retry { campaign: c, now }).is_err());
+}
+
+#[test]
+fn status_view_lists_every_task_with_its_attempts() {
+    let mut st = State::default();
+    let c = submit(&mut st, spec(1, 1, "[scheduling]\nscore_shards = 1\n"), 0);
+    let w = register(&mut st, &["cpu"]);
+    let a = poll(&mut st, &w, &["cpu"], 0);
+    apply(&mut st, &cfg(), fail_ev(&a[0], true, 0)).unwrap();
+    let v = campaign_view(&st, &c).unwrap();
+    assert_eq!(v.task_records.len(), 1);
+    let r = &v.task_records[0];
+    assert_eq!(
+        (
+            r.kind.as_str(),
+            r.state.as_str(),
+            r.attempts,
+            r.lost,
+            r.failed
+        ),
+        (kind::SCORE, "pending", 1, 1, 0)
+    );
+}
+
 // ---- property test: random event sequences keep the invariants ----
 
 #[derive(Debug, Clone)]
@@ -568,12 +834,14 @@ enum Op {
     Poll(u8, u8),
     Complete(u8, bool),
     Fail(u8, bool),
+    Lost(u8),
     Rendezvous(u8),
     Heartbeat(u8),
     Advance(u16),
     Pause(u8),
     Resume(u8),
     Cancel(u8),
+    Retry(u8),
     Recover,
 }
 
@@ -584,12 +852,14 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (any::<u8>(), any::<u8>()).prop_map(|(w, m)| Op::Poll(w, m)),
         6 => (any::<u8>(), any::<bool>()).prop_map(|(i, s)| Op::Complete(i, s)),
         1 => (any::<u8>(), any::<bool>()).prop_map(|(i, r)| Op::Fail(i, r)),
+        2 => any::<u8>().prop_map(Op::Lost),
         1 => any::<u8>().prop_map(Op::Rendezvous),
         2 => any::<u8>().prop_map(Op::Heartbeat),
         2 => (0u16..1500).prop_map(Op::Advance),
         1 => any::<u8>().prop_map(Op::Pause),
         1 => any::<u8>().prop_map(Op::Resume),
         1 => any::<u8>().prop_map(Op::Cancel),
+        1 => any::<u8>().prop_map(Op::Retry),
         1 => Just(Op::Recover),
     ]
 }
@@ -634,10 +904,11 @@ impl Harness {
         Some(match op {
             Op::Submit(v) => {
                 let world = 1 + u32::from(v % 2);
-                let extra = match v % 4 {
+                let extra = match v % 5 {
                     0 => "",
                     1 => "[gate]\nmax_perplexity_ratio = 0.5\non_fail = \"extend_distill\"\n",
                     2 => "[scheduling]\nmax_attempts = 1\nscore_shards = 3\n",
+                    3 => "[scheduling]\nmax_attempts = 2\nmax_lost = 1\n",
                     _ => "[evaluation]\nperplexity = false\n",
                 };
                 Event::Submit {
@@ -683,6 +954,14 @@ impl Harness {
                 lease: pick_lease(self, *i, false)?,
                 error: "boom".into(),
                 retryable: *retryable,
+                lost: false,
+                now,
+            },
+            Op::Lost(i) => Event::Fail {
+                lease: pick_lease(self, *i, false)?,
+                error: "collective: connection reset".into(),
+                retryable: true,
+                lost: true,
                 now,
             },
             Op::Rendezvous(i) => Event::Rendezvous {
@@ -720,6 +999,10 @@ impl Harness {
                 campaign: Self::pick(&campaigns, *c)?.clone(),
                 now,
             },
+            Op::Retry(c) => Event::Retry {
+                campaign: Self::pick(&campaigns, *c)?.clone(),
+                now,
+            },
             Op::Recover => {
                 let p = self.st.clone();
                 self.st = State::from_parts(p.campaigns, p.tasks, p.leases, p.workers, p.meta);
@@ -735,9 +1018,25 @@ impl Harness {
         let before = self.st.clone();
         let max_before = self.max_lease;
         let tasks_before: BTreeSet<String> = self.st.tasks.keys().cloned().collect();
+        let retried = match &ev {
+            Event::Retry { campaign, .. } => Some(campaign.clone()),
+            _ => None,
+        };
         match apply(&mut self.st, &cfg(), ev) {
             Err(_) => prop_assert_eq!(&self.st, &before, "a refused event changed the state"),
             Ok(t) => {
+                if let Some(c) = retried {
+                    // The one way out of a terminal state: a failed campaign continues.
+                    prop_assert_eq!(before.campaigns[&c].state, CampaignState::Failed);
+                    self.terminal_campaigns.remove(&c);
+                    for t in &self.st.campaigns[&c].tasks {
+                        if before.tasks[t].state != TaskState::Succeeded {
+                            self.terminal_tasks.remove(t);
+                        } else {
+                            prop_assert_eq!(&self.st.tasks[t], &before.tasks[t]);
+                        }
+                    }
+                }
                 for e in &t.events {
                     prop_assert_eq!(e.seq, self.last_seq + 1, "event sequence has a gap");
                     self.last_seq = e.seq;
@@ -804,6 +1103,31 @@ impl Harness {
                 );
             }
             prop_assert_eq!(t.state == TaskState::Pending, self.st.pending.contains(id));
+            // Every attempt ended exactly one way (the live or succeeded one is the +1).
+            let ended = t.failed + t.lost;
+            let open = u32::from(matches!(t.state, TaskState::Leased | TaskState::Succeeded));
+            if t.state == TaskState::Cancelled {
+                prop_assert!(t.attempts == ended || t.attempts == ended + 1);
+            } else {
+                prop_assert_eq!(t.attempts, ended + open, "attempts of {}: {:?}", id, t);
+            }
+            prop_assert!(t.revoked <= t.lost);
+            // Only failed attempts count toward max_attempts; lost ones never exhaust it.
+            prop_assert!(t.failed <= t.max_attempts);
+            let charged = t.lost - t.revoked;
+            if let Some(m) = t.max_lost {
+                prop_assert!(charged <= m + 1, "max_lost {} exceeded: {:?}", m, t);
+                if charged == m + 1 {
+                    prop_assert_eq!(t.state, TaskState::Failed);
+                }
+            }
+            if t.state == TaskState::Failed && t.failed == 0 {
+                prop_assert!(
+                    t.max_lost.is_some_and(|m| charged > m),
+                    "a task failed with only lost attempts: {:?}",
+                    t
+                );
+            }
             // Terminal task states are final.
             if let Some(s) = self.terminal_tasks.get(id) {
                 prop_assert_eq!(*s, t.state);

@@ -211,6 +211,31 @@ const BAD: &[(&str, &str, &str, &str)] = &[
 ];
 
 #[test]
+fn max_lost_is_optional_and_reaches_the_wire_spec() {
+    let d = fixture();
+    let s = parse_in(d.path(), GOOD).unwrap();
+    assert_eq!(s.scheduling.unwrap().max_lost, None, "unlimited by default");
+    let text = format!("{GOOD}\n[scheduling]\nmax_lost = 5\n");
+    let s = parse_in(d.path(), &text).unwrap();
+    let sched = s.scheduling.unwrap();
+    assert_eq!((sched.max_lost, sched.max_attempts), (Some(5), 3));
+    super::validate_wire(&s).unwrap();
+    // It survives the protobuf encoding the coordinator stores.
+    use prost::Message;
+    let back = pb::CampaignSpec::decode(s.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(back.scheduling.unwrap().max_lost, Some(5));
+    for (bad, needle) in [
+        ("max_lost = -1", "invalid value"),
+        ("max_lost = \"x\"", "invalid type"),
+    ] {
+        let text = format!("{GOOD}\n[scheduling]\n{bad}\n");
+        let err = parse_in(d.path(), &text).expect_err(bad);
+        assert!(err.field.starts_with("scheduling"), "{err}");
+        assert!(err.message.contains(needle), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn every_bad_spec_names_its_field_in_one_line() {
     let d = fixture();
     assert!(BAD.len() >= 12);

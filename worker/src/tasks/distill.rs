@@ -42,8 +42,9 @@ fn train_err(e: TrainError, ctx: &TaskContext) -> TaskError {
         return TaskError::cancelled();
     }
     match e {
-        // A peer died or the network broke: the gang restarts from its last checkpoint.
-        TrainError::Collective(c) => TaskError::retryable(c.to_string()),
+        // A peer died or the network broke: the attempt is lost (not failed) and the gang
+        // restarts from its last checkpoint.
+        TrainError::Collective(c) => TaskError::from(c),
         other => fatal(other),
     }
 }
@@ -72,7 +73,7 @@ fn connect_collective(
             .first()
             .ok_or_else(|| fatal("rendezvous returned no NCCL id"))?;
         let c = nccl::Nccl::connect(device, rank, world, id)
-            .map_err(|e| TaskError::retryable(e.to_string()))?;
+            .map_err(|e| TaskError::lost(e.to_string()))?;
         return Ok(Box::new(c));
     }
     let _ = device;
@@ -106,7 +107,7 @@ fn connect_collective(
         Duration::from_secs(60),
         Duration::from_secs(120),
     )
-    .map_err(|e: CollectiveError| TaskError::retryable(e.to_string()))?;
+    .map_err(|e: CollectiveError| TaskError::from(e))?;
     Ok(Box::new(r))
 }
 
@@ -143,9 +144,15 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
     let tok = common::load_tokenizer(&student_dir)?;
     let eos = common::eos_id(&student);
     let seq_len = d.seq_len.max(2) as usize;
+    // A data file lives on storage Distillery does not own: it may be mid-copy or fixed by its
+    // owner, so an unreadable or invalid one fails the attempt retryably. It still counts toward
+    // `max_attempts`, and `coordinator retry` continues once it is fixed.
     let read = |path: &str, field: &str, max: usize| -> Result<Vec<Vec<u32>>, TaskError> {
-        crate::data::load_sequences(Path::new(path), &tok, eos, seq_len + 1, max)
-            .map_err(|e| fatal(format!("{field}: {e}")))
+        crate::data::load_sequences(Path::new(path), &tok, eos, seq_len + 1, max).map_err(|e| {
+            TaskError::retryable(format!(
+                "{field}: {e} (fix the file, then `coordinator retry` the campaign)"
+            ))
+        })
     };
     let mut domains = Vec::new();
     let mut weights = Vec::new();

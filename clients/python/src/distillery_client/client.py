@@ -198,6 +198,10 @@ class Client:
         """Resumes a paused campaign."""
         return self._control("resume", self._stub.Resume, campaign_id)
 
+    def retry(self, campaign_id: str) -> campaign_pb2.Campaign:
+        """Continues a failed campaign from its failed phase (``coordinator retry``)."""
+        return self._control("retry", self._stub.Retry, campaign_id)
+
     def watch(
         self,
         campaign_id: str,
@@ -213,6 +217,8 @@ class Client:
         a row) and the stream resumes where it stopped, as ``coordinator watch`` does."""
         next_seq = max(from_seq, 1)
         failures = 0
+        # Failed events seen: one that a later ``retry`` continued is not the end.
+        failed_seen = 0
         while True:
             stream = self._stub.Watch(
                 campaign_pb2.WatchRequest(campaign_id=campaign_id, from_seq=next_seq),
@@ -224,7 +230,11 @@ class Client:
                     next_seq = e.seq + 1
                     yield e
                     if e.kind == "campaign_state" and is_terminal(e.state):
-                        return
+                        if e.state != campaign_pb2.CAMPAIGN_STATE_FAILED:
+                            return
+                        failed_seen += 1
+                        if failed_seen > self.status(campaign_id).retries:
+                            return
                 # The stream ended without a terminal event: either we asked past the end of a
                 # finished campaign, or the coordinator went away.
                 try:

@@ -94,7 +94,8 @@ def campaign_dict(c: campaign_pb2.Campaign) -> JSON:
     """``id``, ``name``, ``state``, ``error``, ``created_ms``, ``updated_ms``, ``tasks`` and
     ``rounds[]`` with ``index``, ``state``, ``phase``, ``params``, ``target``,
     ``artifacts{student, ...}``, ``metrics{perplexity, teacher_perplexity, judge{...},
-    distill{...}, ...}`` and ``extensions``: equal to ``coordinator status ID --json``."""
+    distill{...}, ...}``, ``extensions`` and ``tasks[]{id, kind, state, attempts, lost, failed, ...}``,
+    and ``retries``: equal to ``coordinator status ID --json``."""
     t = c.tasks
     return {
         "id": c.id,
@@ -110,5 +111,29 @@ def campaign_dict(c: campaign_pb2.Campaign) -> JSON:
             "failed": t.failed,
             "cancelled": t.cancelled,
         },
-        "rounds": [_round(r) for r in c.rounds],
+        "retries": c.retries,
+        "rounds": [_with_tasks(_round(r), c) for r in c.rounds],
     }
+
+
+def _task(t: Any) -> JSON:
+    return {
+        "id": t.id,
+        "kind": t.kind,
+        "state": t.state,
+        "round": t.round,
+        "phase": t.phase,
+        "world_size": t.world_size,
+        "attempts": t.attempts,
+        "lost": t.lost,
+        "failed": t.failed,
+        "revoked": t.revoked,
+        "checkpoint": t.checkpoint or None,
+        "error": t.error or None,
+    }
+
+
+def _with_tasks(r: JSON, c: campaign_pb2.Campaign) -> JSON:
+    """``rounds[i].tasks[]``: the round's tasks with how their attempts ended."""
+    r["tasks"] = [_task(t) for t in c.task_records if t.round == r["index"]]
+    return r
