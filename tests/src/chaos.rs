@@ -14,6 +14,8 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
@@ -141,28 +143,6 @@ pub fn slot_name(slot: usize) -> String {
     format!("r{}/{}", slot / PHASES.len(), PHASES[slot % PHASES.len()])
 }
 
-/// Where a campaign is, from its `status --json`: the slot (rounds × PHASES; gate counts with
-/// judge; `usize::MAX` once terminal) and its name.
-pub fn position(v: &serde_json::Value) -> (usize, String) {
-    let state = v["state"].as_str().unwrap_or_default();
-    if matches!(state, "succeeded" | "failed" | "cancelled") {
-        return (usize::MAX, state.to_string());
-    }
-    let rounds = v["rounds"].as_array().cloned().unwrap_or_default();
-    for r in &rounds {
-        if r["state"] == "running" {
-            let i = r["index"].as_u64().unwrap_or(0) as usize;
-            let phase = r["phase"].as_str().unwrap_or_default();
-            let p = match phase {
-                "gate" | "done" => PHASES.len() - 1,
-                other => PHASES.iter().position(|x| *x == other).unwrap_or(0),
-            };
-            return (i * PHASES.len() + p, format!("r{i}/{phase}"));
-        }
-    }
-    (0, state.to_string())
-}
-
 /// `status ID --json`, or `None` while the coordinator does not answer.
 pub fn try_status(c: &CoordinatorProc, id: &str) -> Option<serde_json::Value> {
     let out = c.cli(&["status", id, "--json"]);
@@ -170,6 +150,108 @@ pub fn try_status(c: &CoordinatorProc, id: &str) -> Option<serde_json::Value> {
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Follows a campaign's durable event log (`phase_started`, `campaign_state`) on a thread of its
+/// own, reconnecting after coordinator restarts from the last sequence number it saw, so the
+/// driver knows the phase the moment it starts (polling `status` misses phases shorter than a
+/// poll).
+pub struct PhaseWatch {
+    now: Arc<Mutex<(usize, String)>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PhaseWatch {
+    pub fn start(url: String, campaign: String) -> PhaseWatch {
+        use futures::StreamExt;
+        let now = Arc::new(Mutex::new((0usize, "submitted".to_string())));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, st) = (now.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let mut next = 1u64;
+            while !st.load(Ordering::SeqCst) {
+                rt.block_on(async {
+                    let t = distillery_proto::client::Target {
+                        url: url.clone(),
+                        ..Default::default()
+                    };
+                    let Ok(ch) = t.channel().await else { return };
+                    let Ok(mut c) = t.campaigns(ch) else { return };
+                    let Ok(s) = c
+                        .watch(distillery_proto::v1::WatchRequest {
+                            campaign_id: campaign.clone(),
+                            from_seq: next,
+                        })
+                        .await
+                    else {
+                        return;
+                    };
+                    let mut s = s.into_inner();
+                    loop {
+                        let e = tokio::time::timeout(Duration::from_millis(200), s.next()).await;
+                        if st.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let e = match e {
+                            Err(_) => continue,
+                            Ok(Some(Ok(e))) => e,
+                            Ok(_) => return,
+                        };
+                        next = e.seq + 1;
+                        let mut now = n.lock().unwrap_or_else(|p| p.into_inner());
+                        match e.kind.as_str() {
+                            "phase_started" => {
+                                let p = match e.phase.as_str() {
+                                    "gate" | "done" => PHASES.len() - 1,
+                                    other => PHASES.iter().position(|x| *x == other).unwrap_or(0),
+                                };
+                                *now = (
+                                    e.round as usize * PHASES.len() + p,
+                                    format!("r{}/{}", e.round, e.phase),
+                                );
+                            }
+                            "campaign_state" if terminal(e.state) => {
+                                *now = (usize::MAX, e.message.clone());
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        PhaseWatch {
+            now,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The current slot (`usize::MAX` once the campaign ended) and its name (`r0/distill`).
+    pub fn position(&self) -> (usize, String) {
+        self.now.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn terminal(state: i32) -> bool {
+    use distillery_proto::v1::CampaignState as S;
+    [S::Succeeded, S::Failed, S::Cancelled]
+        .iter()
+        .any(|s| *s as i32 == state)
+}
+
+impl Drop for PhaseWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Teacher, judge, corpus and questions for the chaos campaign, in a temporary folder.
@@ -310,22 +392,29 @@ pub fn run_reference(fx: &CampaignFixture, timing: &[&str], timeout: Duration) -
     let slots = fx.rounds * PHASES.len();
     let mut first_seen: Vec<Option<Instant>> = vec![None; slots + 1];
     let deadline = start + timeout;
-    let status = loop {
-        let v = try_status(&coord, &id).expect("the reference coordinator answers");
-        let (slot, _) = position(&v);
+    let watch = PhaseWatch::start(coord.url(), id.clone());
+    loop {
+        let (slot, _) = watch.position();
         let i = slot.min(slots);
         if first_seen[i].is_none() {
             first_seen[i] = Some(Instant::now());
         }
         if slot == usize::MAX {
-            break v;
+            break;
         }
-        assert!(Instant::now() < deadline, "the reference run is stuck: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        assert!(
+            Instant::now() < deadline,
+            "the reference run is stuck: {}",
+            coord.status_json(Some(&id))
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(watch);
+    let status = wait_terminal(&coord, &id, Duration::from_secs(30));
     let wall = start.elapsed();
     assert_eq!(
-        status["state"], "succeeded",
+        status["state"],
+        "succeeded",
         "the reference run (no faults) failed: {status}\n{}",
         coord.log_text()
     );
@@ -334,7 +423,9 @@ pub fn run_reference(fx: &CampaignFixture, timing: &[&str], timeout: Duration) -
     for (i, d) in slot_durations.iter_mut().enumerate() {
         if let Some(t) = first_seen[i] {
             let next = first_seen[i + 1..].iter().flatten().next().copied();
-            *d = next.unwrap_or_else(Instant::now).saturating_duration_since(t);
+            *d = next
+                .unwrap_or_else(Instant::now)
+                .saturating_duration_since(t);
         }
     }
     Reference {
@@ -342,6 +433,17 @@ pub fn run_reference(fx: &CampaignFixture, timing: &[&str], timeout: Duration) -
         slot_durations,
         wall,
     }
+}
+
+/// Attempt counts over a campaign's tasks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Attempts {
+    /// Task records `status --json` listed.
+    pub records: u64,
+    pub attempts: u64,
+    pub lost: u64,
+    pub failed: u64,
+    pub revoked: u64,
 }
 
 /// What a chaos run did and how it ended.
@@ -370,6 +472,22 @@ impl ChaosReport {
         self.state() == "succeeded"
             && self.student().is_some()
             && self.student() == self.reference_student
+    }
+
+    /// Attempts of every task of the campaign, summed from `status --json`'s per-task records.
+    pub fn attempts(&self) -> Attempts {
+        let mut a = Attempts::default();
+        for r in self.status["rounds"].as_array().into_iter().flatten() {
+            for t in r["tasks"].as_array().into_iter().flatten() {
+                a.records += 1;
+                let n = |k: &str| t[k].as_u64().unwrap_or(0);
+                a.attempts += n("attempts");
+                a.lost += n("lost");
+                a.failed += n("failed");
+                a.revoked += n("revoked");
+            }
+        }
+        a
     }
 
     /// Kills per process, phases hit, result, digest equality, wall times.
@@ -402,6 +520,12 @@ impl ChaosReport {
                 .unwrap_or_default()
         );
         let _ = writeln!(s, "  tasks: {}", self.status["tasks"]);
+        let a = self.attempts();
+        let _ = writeln!(
+            s,
+            "  attempts: {} in all, {} lost, {} failed, {} revoked (status --json, per task)",
+            a.attempts, a.lost, a.failed, a.revoked
+        );
         let _ = writeln!(
             s,
             "  final student: {} vs reference {}: {}",
@@ -497,22 +621,20 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
     let mut kills = Vec::new();
     let mut not_done = 0;
     let mut last_kill = start;
-    let mut last = serde_json::Value::Null;
+    let watch = PhaseWatch::start(cluster.coord.url(), id.clone());
     'plan: for (n, k) in plan.iter().enumerate() {
         // Wait for the planned phase (or any later one), then for the planned moment in it.
         let mut entered: Option<Instant> = None;
         let due = reference.slot_durations[k.slot].mul_f64(k.frac);
-        loop {
+        let phase = loop {
             assert!(
                 Instant::now() < deadline,
-                "chaos: the campaign is stuck after {} kills; last status {last}\ncoordinator log:\n{}",
+                "chaos: the campaign is stuck after {} kills: {}\ncoordinator log:\n{}",
                 kills.len(),
+                try_status(&cluster.coord, &id).unwrap_or_default(),
                 cluster.coord.log_text()
             );
-            if let Some(v) = try_status(&cluster.coord, &id) {
-                last = v;
-            }
-            let (slot, _) = position(&last);
+            let (slot, phase) = watch.position();
             if slot == usize::MAX {
                 not_done = plan.len() - n;
                 break 'plan;
@@ -521,12 +643,11 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
                 let t = *entered.get_or_insert_with(Instant::now);
                 let moved_on = slot > k.slot;
                 if (moved_on || t.elapsed() >= due) && last_kill.elapsed() >= min_gap {
-                    break;
+                    break phase;
                 }
             }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let (_, phase) = position(&last);
+            std::thread::sleep(Duration::from_millis(10));
+        };
         let at = start.elapsed();
         let pid = cluster.kill_and_restart(k.victim);
         let kill = Kill {
@@ -550,12 +671,9 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
         kills.push(kill);
         last_kill = Instant::now();
     }
+    drop(watch);
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let status = wait_terminal(
-        &cluster.coord,
-        &id,
-        remaining.max(Duration::from_secs(60)),
-    );
+    let status = wait_terminal(&cluster.coord, &id, remaining.max(Duration::from_secs(60)));
     let report = ChaosReport {
         config: cfg.clone(),
         kills,

@@ -159,7 +159,8 @@ fn pump(link: &Arc<Link>, from: &TcpStream, to: &TcpStream) {
                 if to.write_all(&queued).is_err() {
                     break;
                 }
-                link.forwarded.fetch_add(queued.len() as u64, Ordering::SeqCst);
+                link.forwarded
+                    .fetch_add(queued.len() as u64, Ordering::SeqCst);
                 link.held.fetch_add(queued.len() as u64, Ordering::SeqCst);
                 queued.clear();
             }

@@ -37,6 +37,15 @@ fn a_two_round_campaign_survives_seeded_random_kills_with_the_same_student() {
         report.summary(),
         report.status
     );
+    let a = report.attempts();
+    assert!(a.records > 0, "status --json lists no task records");
+    assert_eq!(
+        a.failed,
+        0,
+        "seed {}: killing processes must never be charged as a failed attempt\n{}",
+        cfg.seed,
+        report.summary()
+    );
     assert!(
         report.passed(),
         "seed {}: the student differs from the uninterrupted run's\n{}",
@@ -196,7 +205,9 @@ fn a_gang_rank_cut_off_by_a_partition_loses_its_lease_and_its_late_reports_are_r
         // A real artifact, so that only the lease can be wrong.
         let file = root.join("not-a-student.bin");
         std::fs::write(&file, b"not a student").unwrap();
-        let (digest, _) = distillery_proto::artifact::digest_file(&file).await.unwrap();
+        let (digest, _) = distillery_proto::artifact::digest_file(&file)
+            .await
+            .unwrap();
         w.put_artifact(distillery_proto::artifact::file_chunks(
             file.clone(),
             digest.clone(),
@@ -226,6 +237,7 @@ fn a_gang_rank_cut_off_by_a_partition_loses_its_lease_and_its_late_reports_are_r
                 lease: Some(old.clone()),
                 error: "late failure".into(),
                 retryable: false,
+                ..Default::default()
             })
             .await;
         [progress.err(), complete.err(), fail.err()].map(|e| e.map(|s| s.code()))
