@@ -526,6 +526,17 @@ impl ChaosReport {
             "  attempts: {} in all, {} lost, {} failed, {} revoked (status --json, per task)",
             a.attempts, a.lost, a.failed, a.revoked
         );
+        for r in self.status["rounds"].as_array().into_iter().flatten() {
+            for t in r["tasks"].as_array().into_iter().flatten() {
+                if t["failed"].as_u64().unwrap_or(0) > 0 {
+                    let _ = writeln!(
+                        s,
+                        "  charged as failed: task {} ({}, r{}) {} time(s); last error: {}",
+                        t["id"], t["kind"], t["round"], t["failed"], t["error"]
+                    );
+                }
+            }
+        }
         let _ = writeln!(
             s,
             "  final student: {} vs reference {}: {}",
@@ -620,7 +631,7 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
     let deadline = start + reference.wall * 3 + Duration::from_secs(30 * (cfg.kills as u64 + 4));
     let mut kills = Vec::new();
     let mut not_done = 0;
-    let mut last_kill = start;
+    let mut last_kill: Option<Instant> = None;
     let watch = PhaseWatch::start(cluster.coord.url(), id.clone());
     'plan: for (n, k) in plan.iter().enumerate() {
         // Wait for the planned phase (or any later one), then for the planned moment in it.
@@ -642,7 +653,7 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
             if slot >= k.slot {
                 let t = *entered.get_or_insert_with(Instant::now);
                 let moved_on = slot > k.slot;
-                if (moved_on || t.elapsed() >= due) && last_kill.elapsed() >= min_gap {
+                if (moved_on || t.elapsed() >= due) && last_kill.is_none_or(|t| t.elapsed() >= min_gap) {
                     break phase;
                 }
             }
@@ -669,7 +680,7 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
             kill.planned
         );
         kills.push(kill);
-        last_kill = Instant::now();
+        last_kill = Some(Instant::now());
     }
     drop(watch);
     let remaining = deadline.saturating_duration_since(Instant::now());
