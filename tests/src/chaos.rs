@@ -120,17 +120,32 @@ impl ChaosConfig {
         }
     }
 
-    /// The kills, sorted by when they are due. Slots are spread uniformly over the campaign's
-    /// `rounds × PHASES`, so short phases (prune) are hit as often as long ones (distill).
+    /// The kills, sorted by when they are due: a pure function of the seed, so a seed replays.
+    /// Slots are drawn uniformly over the campaign's `rounds × PHASES`, so short phases (prune)
+    /// are hit as often as long ones (distill). The last slot (the final judge, under a second,
+    /// and the campaign is over when it ends) takes at most `LAST_SLOT_KILLS`; further draws
+    /// for it are drawn again among the other slots, else a large run would leave kills undone.
     pub fn plan(&self, rounds: usize) -> Vec<PlannedKill> {
+        const LAST_SLOT_KILLS: usize = 2;
         let mut rng = Rng::new(self.seed);
         let slots = (rounds * PHASES.len()) as u64;
+        let mut in_last = 0;
         let mut plan: Vec<PlannedKill> = (0..self.kills)
-            .map(|_| PlannedKill {
-                victim: Victim::ALL[rng.below(3) as usize],
-                slot: rng.below(slots) as usize,
-                // Never at the very end of a phase: the phase could finish before the kill.
-                frac: 0.8 * rng.unit(),
+            .map(|_| {
+                let victim = Victim::ALL[rng.below(3) as usize];
+                let mut slot = rng.below(slots) as usize;
+                if slot + 1 == slots as usize {
+                    in_last += 1;
+                    if in_last > LAST_SLOT_KILLS {
+                        slot = rng.below(slots - 1) as usize;
+                    }
+                }
+                PlannedKill {
+                    victim,
+                    slot,
+                    // Never at the very end of a phase: the phase could finish before the kill.
+                    frac: 0.8 * rng.unit(),
+                }
             })
             .collect();
         plan.sort_by(|a, b| (a.slot, a.frac).partial_cmp(&(b.slot, b.frac)).unwrap());
@@ -626,7 +641,7 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
     let id = submit(&cluster.coord, &fx.spec("chaos"));
     // Every kill is followed by at least this much undisturbed time, so the cluster always
     // makes some progress between kills and the run ends.
-    let min_gap = Duration::from_millis(400);
+    let min_gap = Duration::from_millis(100);
     // Generous: every worker kill may cost a lease timeout and the work since a checkpoint.
     let deadline = start + reference.wall * 3 + Duration::from_secs(30 * (cfg.kills as u64 + 4));
     let mut kills = Vec::new();
@@ -653,7 +668,9 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
             if slot >= k.slot {
                 let t = *entered.get_or_insert_with(Instant::now);
                 let moved_on = slot > k.slot;
-                if (moved_on || t.elapsed() >= due) && last_kill.is_none_or(|t| t.elapsed() >= min_gap) {
+                if (moved_on || t.elapsed() >= due)
+                    && last_kill.is_none_or(|t| t.elapsed() >= min_gap)
+                {
                     break phase;
                 }
             }
