@@ -231,6 +231,7 @@ async fn build_history(dir: &Path, n: usize) -> usize {
                 .map(|k| k.to_string())
                 .collect(),
             nonce: 0,
+            previous: None,
             now: 1,
         },
     );

@@ -590,6 +590,27 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
                 fmt("judge.win_rate"),
                 r.artifacts.get("student").map(String::as_str).unwrap_or("-"),
             );
+            // Tasks whose attempts did not all go smoothly: how many were lost, how many failed.
+            for t in c
+                .task_records
+                .iter()
+                .filter(|t| t.round == r.index && (t.lost > 0 || t.failed > 0))
+            {
+                println!(
+                    "      task {} ({}) {}: {} attempt(s), {} lost, {} failed{}",
+                    t.id,
+                    t.kind,
+                    t.state,
+                    t.attempts,
+                    t.lost,
+                    t.failed,
+                    if t.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; last: {}", t.error)
+                    }
+                );
+            }
         }
     }
     Ok(0)

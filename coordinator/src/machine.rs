@@ -351,6 +351,9 @@ pub enum Event {
         /// Random bits from the shell that make worker ids unique across data dirs: a worker
         /// that outlives a coordinator whose state was lost must never share an id.
         nonce: u32,
+        /// The id this worker (a restarted process with the same work dir) had before: the
+        /// attempts it held are lost now, not at their lease timeout.
+        previous: Option<String>,
         now: Millis,
     },
     Poll {
@@ -550,6 +553,7 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
             version,
             task_kinds,
             nonce,
+            previous,
             now,
         } => tx.register(
             Worker {
@@ -562,6 +566,8 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
                 registered_ms: now,
             },
             nonce,
+            previous,
+            now,
         ),
         Event::Poll {
             worker,
@@ -767,7 +773,13 @@ impl Tx<'_> {
         Ok(())
     }
 
-    fn register(&mut self, mut w: Worker, nonce: u32) -> Result<(), MachineError> {
+    fn register(
+        &mut self,
+        mut w: Worker,
+        nonce: u32,
+        previous: Option<String>,
+        now: Millis,
+    ) -> Result<(), MachineError> {
         if w.devices.is_empty() {
             return Err(MachineError::InvalidArgument(
                 "a worker must offer at least one device".into(),
@@ -786,6 +798,25 @@ impl Tx<'_> {
         w.id = id.clone();
         self.s.workers.insert(id.clone(), w);
         self.t.dirty.workers.insert(id.clone());
+        // The previous process of this worker is gone: whatever it held is lost.
+        if let Some(prev) = previous.filter(|p| self.s.workers.contains_key(p) && *p != id) {
+            self.s.waiting.remove(&prev);
+            let held: Vec<String> = self
+                .s
+                .leases
+                .values()
+                .filter(|l| l.ranks.iter().any(|r| r.worker == prev && !r.done))
+                .map(|l| l.task_id.clone())
+                .collect();
+            for t in held {
+                self.attempt_ended(
+                    &t,
+                    format!("worker {prev} restarted (registered again as {id})"),
+                    Ending::Lost,
+                    now,
+                );
+            }
+        }
         self.t.reply = Reply::WorkerId(id);
         Ok(())
     }

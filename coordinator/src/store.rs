@@ -277,6 +277,7 @@ mod tests {
                     version: "0".into(),
                     task_kinds: vec![],
                     nonce: 0,
+                    previous: None,
                     now: 5,
                 },
             )

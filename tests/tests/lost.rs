@@ -112,20 +112,24 @@ fn a_rank_killed_more_often_than_max_attempts_is_lost_not_failed_and_the_student
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        // SIGKILL the oldest rank's worker (alternating between the gang's two places) and let
-        // a new one join in its place.
+        // SIGKILL the oldest rank's worker (alternating between the gang's two places) and
+        // start one in its place: every other time a new worker in a new work dir (the dead
+        // one's lease expires or its peer reports the broken ring), else the same worker
+        // restarted in its work dir (registering again ends its attempt at once).
         let mut dead = workers.remove(0);
         dead.kill();
+        let dir = if k % 2 == 0 {
+            fx.path().join(format!("w{}", k + 2))
+        } else {
+            dead.log.parent().unwrap().to_path_buf()
+        };
         eprintln!(
-            "kill {}: {} killed after checkpoint {seen_checkpoint}",
+            "kill {}: {} killed after checkpoint {seen_checkpoint}; starting {}",
             k + 1,
-            dead.log.display()
+            dead.log.display(),
+            dir.display()
         );
-        workers.push(WorkerProc::real(
-            &coord.url(),
-            &fx.path().join(format!("w{}", k + 2)),
-            "cpu",
-        ));
+        workers.push(WorkerProc::real(&coord.url(), &dir, "cpu"));
     }
     let v = wait_terminal(&coord, &id, Duration::from_secs(120));
     assert_eq!(v["state"], "succeeded", "{v}");
@@ -154,6 +158,22 @@ fn a_rank_killed_more_often_than_max_attempts_is_lost_not_failed_and_the_student
     let resumed = d["resumed_from_step"].as_f64().unwrap();
     assert!(resumed >= 4.0 * KILLS as f64, "resumed from {resumed}");
     let interrupted = student_of(&v);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let events = rt.block_on(all_events(&coord, &id));
+    let lost: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "task_lost")
+        .map(|e| e.message.as_str())
+        .collect();
+    assert_eq!(lost.len() as u64, n(&t["lost"]), "{lost:#?}");
+    assert!(
+        lost.iter()
+            .any(|m| m.contains("restarted (registered again as")),
+        "a restarted worker's attempt is lost at registration: {lost:#?}"
+    );
+    assert!(!events
+        .iter()
+        .any(|e| e.kind == "task_retry" || e.kind == "task_failed"));
 
     // The same campaign, uninterrupted, on the two live workers.
     let id2 = submit(&coord, &spec(fx.path(), "straight", 2, 16384));
@@ -194,6 +214,12 @@ fn a_task_that_fails_by_itself_fails_after_max_attempts_and_retry_continues_from
         (n(&t["attempts"]), n(&t["failed"]), n(&t["lost"])),
         (3, 3, 0),
         "{t}"
+    );
+    let text = coord.cli(&["status", &id]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("(distill) failed: 3 attempt(s), 0 lost, 3 failed; last: rank 0"),
+        "{text}"
     );
     let earlier: Vec<serde_json::Value> = ["score", "prune"]
         .iter()

@@ -42,6 +42,33 @@ struct Shared {
     heartbeat: Mutex<Duration>,
     running: Mutex<HashMap<(String, u32), Running>>,
     freed: Notify,
+    /// `WORK_DIR/worker-id`: the id this work dir's worker last registered under, sent as
+    /// `previous_worker_id` by the next process so the coordinator ends the dead one's attempts
+    /// at once. `None` when another live worker holds the work dir's lock.
+    id_file: Option<PathBuf>,
+    /// Held for the process's life (released by the kernel when it dies).
+    _dir_lock: Option<std::fs::File>,
+}
+
+/// Takes `WORK_DIR/worker.lock` exclusively (non-blocking): only one live worker may speak for
+/// a work dir's previous worker id.
+#[cfg(unix)]
+fn lock_work_dir(dir: &std::path::Path) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("worker.lock"))
+        .ok()?;
+    // SAFETY: flock on a descriptor we own; no memory is shared.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    (r == 0).then_some(f)
+}
+
+#[cfg(not(unix))]
+fn lock_work_dir(_dir: &std::path::Path) -> Option<std::fs::File> {
+    None
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -62,6 +89,11 @@ impl Agent {
         std::fs::create_dir_all(cfg.work_dir.join("tasks"))?;
         let channel = cfg.target.lazy_channel()?;
         let client = cfg.target.workers(channel)?;
+        let dir_lock = lock_work_dir(&cfg.work_dir);
+        if dir_lock.is_none() {
+            tracing::warn!(work_dir = %cfg.work_dir.display(), "another worker uses this work dir (or it cannot be locked): give each worker its own --work-dir so a restart ends the dead process's attempts at once");
+        }
+        let id_file = dir_lock.as_ref().map(|_| cfg.work_dir.join("worker-id"));
         Ok(Agent {
             shared: Arc::new(Shared {
                 cfg,
@@ -71,6 +103,8 @@ impl Agent {
                 heartbeat: Mutex::new(Duration::from_secs(5)),
                 running: Mutex::new(HashMap::new()),
                 freed: Notify::new(),
+                id_file,
+                _dir_lock: dir_lock,
             }),
         })
     }
@@ -89,6 +123,18 @@ impl Shared {
     /// Registers, retrying until the coordinator answers.
     async fn register(&self) {
         let mut delay = Duration::from_millis(200);
+        let previous = {
+            let current = self.worker_id.read().await.clone();
+            if current.is_empty() {
+                self.id_file
+                    .as_ref()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default()
+            } else {
+                current
+            }
+        };
         loop {
             let req = pb::RegisterRequest {
                 host: self.cfg.host.clone(),
@@ -96,6 +142,7 @@ impl Shared {
                 labels: self.cfg.labels.clone().into_iter().collect(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 task_kinds: self.runner.kinds(),
+                previous_worker_id: previous.clone(),
             };
             let mut c = self.client.clone();
             match c.register(req).await {
@@ -103,6 +150,11 @@ impl Shared {
                     let r = r.into_inner();
                     tracing::info!(worker = %r.worker_id, devices = ?self.cfg.devices, "registered");
                     *lock(&self.heartbeat) = Duration::from_millis(r.heartbeat_interval_ms.max(50));
+                    if let Some(p) = &self.id_file {
+                        if let Err(e) = std::fs::write(p, &r.worker_id) {
+                            tracing::warn!(file = %p.display(), error = %e, "cannot remember the worker id; a restart will not end this process's attempts at once");
+                        }
+                    }
                     *self.worker_id.write().await = r.worker_id;
                     return;
                 }

@@ -82,6 +82,7 @@ impl WorkerService for Workers {
                 version: r.version,
                 task_kinds: r.task_kinds,
                 nonce: rand::random(),
+                previous: Some(r.previous_worker_id).filter(|p| !p.is_empty()),
                 now: now_ms(),
             })
             .await?

@@ -48,6 +48,7 @@ fn register(st: &mut State, devices: &[&str]) -> String {
             version: "0".into(),
             task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
             nonce: 7,
+            previous: None,
             now: 0,
         },
     )
@@ -722,6 +723,51 @@ fn max_lost_is_respected_and_pause_revocations_count_toward_nothing() {
 }
 
 #[test]
+fn a_restarted_worker_loses_its_attempts_at_once() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(1, 1, "[scheduling]\nmax_attempts = 1\nscore_shards = 1\n"),
+        0,
+    );
+    let w = register(&mut st, &["cpu"]);
+    let a = poll(&mut st, &w, &["cpu"], 0);
+    assert_eq!(a.len(), 1);
+    let t = apply(
+        &mut st,
+        &cfg(),
+        Event::Register {
+            host: "h".into(),
+            devices: vec!["cpu".into()],
+            labels: BTreeMap::new(),
+            version: "0".into(),
+            task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
+            nonce: 8,
+            previous: Some(w.clone()),
+            now: 10,
+        },
+    )
+    .unwrap();
+    let lost = t
+        .events
+        .iter()
+        .find(|e| e.kind == "task_lost")
+        .expect("lost at once");
+    assert!(lost.message.contains("restarted"), "{}", lost.message);
+    assert!(st.leases.is_empty());
+    let task = &st.tasks[&a[0].task_id];
+    assert_eq!(
+        (task.state, task.lost, task.failed),
+        (TaskState::Pending, 1, 0)
+    );
+    assert_eq!(st.campaigns[&c].state, CampaignState::Running);
+    // The old process's late report is refused and changes nothing.
+    let before = st.clone();
+    assert!(complete(&mut st, &a[0], 20).is_err());
+    assert_eq!(st, before);
+}
+
+#[test]
 fn retry_continues_a_failed_campaign_from_its_failed_phase() {
     let mut st = State::default();
     let c = submit(
@@ -804,6 +850,57 @@ fn retry_continues_a_failed_campaign_from_its_failed_phase() {
 }
 
 #[test]
+fn a_retried_distillation_resumes_from_its_last_checkpoint() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(1, 1, "[scheduling]\nmax_attempts = 1\nscore_shards = 1\n"),
+        0,
+    );
+    let w = register(&mut st, &["cpu"]);
+    to_distill(&mut st, &w, &c);
+    let a = poll(&mut st, &w, &["cpu"], 100);
+    assert_eq!(st.tasks[&a[0].task_id].kind, kind::DISTILL);
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Progress {
+            lease: lref(&a[0]),
+            metrics: BTreeMap::new(),
+            checkpoint: Some(DIGEST.into()),
+            message: String::new(),
+            now: 101,
+        },
+    )
+    .unwrap();
+    apply(&mut st, &cfg(), fail_ev(&a[0], false, 102)).unwrap();
+    assert_eq!(st.campaigns[&c].state, CampaignState::Failed);
+    let round_before = st.campaigns[&c].rounds[0].clone();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Retry {
+            campaign: c.clone(),
+            now: 103,
+        },
+    )
+    .unwrap();
+    let t = &st.tasks[&a[0].task_id];
+    assert_eq!(
+        t.checkpoint.as_deref(),
+        Some(DIGEST),
+        "the checkpoint is kept"
+    );
+    // Artifacts and metrics of the finished phases are kept.
+    let r = &st.campaigns[&c].rounds[0];
+    assert_eq!(r.artifacts, round_before.artifacts);
+    assert_eq!(r.metrics, round_before.metrics);
+    let b = poll(&mut st, &w, &["cpu"], 104);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].task_id, a[0].task_id);
+}
+
+#[test]
 fn status_view_lists_every_task_with_its_attempts() {
     let mut st = State::default();
     let c = submit(&mut st, spec(1, 1, "[scheduling]\nscore_shards = 1\n"), 0);
@@ -830,7 +927,8 @@ fn status_view_lists_every_task_with_its_attempts() {
 #[derive(Debug, Clone)]
 enum Op {
     Submit(u8),
-    Register(u8),
+    /// Devices, and the worker this one replaces (a restarted process).
+    Register(u8, Option<u8>),
     Poll(u8, u8),
     Complete(u8, bool),
     Fail(u8, bool),
@@ -848,7 +946,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => any::<u8>().prop_map(Op::Submit),
-        1 => (1u8..3).prop_map(Op::Register),
+        1 => ((1u8..3), proptest::option::of(any::<u8>())).prop_map(|(n, p)| Op::Register(n, p)),
         4 => (any::<u8>(), any::<u8>()).prop_map(|(w, m)| Op::Poll(w, m)),
         6 => (any::<u8>(), any::<bool>()).prop_map(|(i, s)| Op::Complete(i, s)),
         1 => (any::<u8>(), any::<bool>()).prop_map(|(i, r)| Op::Fail(i, r)),
@@ -916,13 +1014,14 @@ impl Harness {
                     now,
                 }
             }
-            Op::Register(n) => Event::Register {
+            Op::Register(n, previous) => Event::Register {
                 host: "h".into(),
                 devices: (0..*n).map(|i| format!("cpu:{i}")).collect(),
                 labels: BTreeMap::new(),
                 version: "0".into(),
                 task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
                 nonce: u32::from(*n),
+                previous: previous.and_then(|p| Self::pick(&workers, p).cloned()),
                 now,
             },
             Op::Poll(w, m) => {
