@@ -471,6 +471,8 @@ pub struct ChaosReport {
     pub reference_student: Option<String>,
     pub reference_wall: Duration,
     pub wall: Duration,
+    /// `task_retry` / `task_failed` events: attempts charged as failures, with their reasons.
+    pub failures: Vec<String>,
 }
 
 impl ChaosReport {
@@ -546,11 +548,14 @@ impl ChaosReport {
                 if t["failed"].as_u64().unwrap_or(0) > 0 {
                     let _ = writeln!(
                         s,
-                        "  charged as failed: task {} ({}, r{}) {} time(s); last error: {}",
-                        t["id"], t["kind"], t["round"], t["failed"], t["error"]
+                        "  charged as failed: task {} ({}, r{}) {} time(s)",
+                        t["id"], t["kind"], t["round"], t["failed"]
                     );
                 }
             }
+        }
+        for f in &self.failures {
+            let _ = writeln!(s, "  failed attempt: {f}");
         }
         let _ = writeln!(
             s,
@@ -702,7 +707,17 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
     drop(watch);
     let remaining = deadline.saturating_duration_since(Instant::now());
     let status = wait_terminal(&cluster.coord, &id, remaining.max(Duration::from_secs(60)));
+    let failures = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(crate::all_events(&cluster.coord, &id))
+        .into_iter()
+        .filter(|e| matches!(e.kind.as_str(), "task_retry" | "task_failed"))
+        .map(|e| format!("[{}] {}", e.kind, e.message))
+        .collect();
     let report = ChaosReport {
+        failures,
         config: cfg.clone(),
         kills,
         not_done,

@@ -20,7 +20,7 @@ const CI_SEED: u64 = 20261201;
 #[test]
 fn a_two_round_campaign_survives_seeded_random_kills_with_the_same_student() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let cfg = ChaosConfig::from_env(CI_SEED, 12);
+    let cfg = ChaosConfig::from_env(CI_SEED, 16);
     let report = chaos::run(&cfg, ML_TIMING);
     assert!(
         report.kills.len() >= 10.min(cfg.kills),
