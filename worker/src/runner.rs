@@ -170,8 +170,19 @@ impl TaskContext {
                 self.cancel.store(true, Ordering::SeqCst);
                 Err(TaskError::cancelled())
             }
-            // Progress is advisory; a coordinator restart must not fail the task.
-            Err(s) if s.code() == tonic::Code::Unavailable => Ok(()),
+            // Progress is advisory; a coordinator restart must not fail the task, and a
+            // coordinator killed mid-call ends the call with a transport error, not Unavailable.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) =>
+            {
+                Ok(())
+            }
             Err(s) => Err(status_to_error("progress", &s)),
         }
     }
