@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use distillery_proto::client::{CampaignClient, Target, WorkerClient};
 use distillery_proto::v1 as pb;
 
+pub mod chaos;
+pub mod proxy;
 pub mod python;
 
 /// A binary of this crate, built by cargo before its integration tests run. `coordinator` and

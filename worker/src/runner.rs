@@ -170,8 +170,19 @@ impl TaskContext {
                 self.cancel.store(true, Ordering::SeqCst);
                 Err(TaskError::cancelled())
             }
-            // Progress is advisory; a coordinator restart must not fail the task.
-            Err(s) if s.code() == tonic::Code::Unavailable => Ok(()),
+            // Progress is advisory; a coordinator restart must not fail the task, and a
+            // coordinator killed mid-call ends the call with a transport error, not Unavailable.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) =>
+            {
+                Ok(())
+            }
             Err(s) => Err(status_to_error("progress", &s)),
         }
     }
@@ -313,16 +324,37 @@ async fn upload_file(mut client: WorkerClient, path: &Path) -> Result<String, Ta
     Err(status_to_error(&format!("upload {}", path.display()), &s))
 }
 
-async fn download(mut client: WorkerClient, digest: &str, dest: &Path) -> Result<(), TaskError> {
-    let stream = client
-        .get_artifact(pb::GetArtifactRequest {
-            digest: digest.to_string(),
-        })
-        .await
-        .map_err(|s| status_to_error(&format!("download {digest}"), &s))?
-        .into_inner();
-    artifact::receive_to_file(stream, dest, Some(digest))
-        .await
-        .map_err(|e| TaskError::retryable(format!("download {digest}: {}", error_chain(&e))))?;
-    Ok(())
+/// Downloads an artifact, retrying (as uploads do) through a coordinator restart: a kill
+/// mid-transfer ends the call with a transport error or a short stream, not a task failure.
+async fn download(client: WorkerClient, digest: &str, dest: &Path) -> Result<(), TaskError> {
+    let mut last = String::new();
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        let mut c = client.clone();
+        let stream = match c
+            .get_artifact(pb::GetArtifactRequest {
+                digest: digest.to_string(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
+                last = format!("{} ({:?})", s.message(), s.code());
+                continue;
+            }
+            Err(s) => return Err(status_to_error(&format!("download {digest}"), &s)),
+        };
+        match artifact::receive_to_file(stream, dest, Some(digest)).await {
+            Ok(_) => return Ok(()),
+            Err(e) => last = error_chain(&e),
+        }
+    }
+    Err(TaskError::retryable(format!("download {digest}: {last}")))
 }
