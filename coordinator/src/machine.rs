@@ -153,6 +153,7 @@ pub struct Campaign {
     pub created_ms: Millis,
     pub updated_ms: Millis,
     /// Teacher outputs computed once and reused by every round (`teacher_perplexity`, ...).
+    #[serde(with = "finite_metrics", default)]
     pub teacher_metrics: BTreeMap<String, f64>,
     pub teacher_artifacts: BTreeMap<String, String>,
     /// Every task of the campaign, in creation order.
@@ -173,6 +174,7 @@ pub struct Round {
     /// Tasks of the current phase.
     pub phase_tasks: Vec<String>,
     pub artifacts: BTreeMap<String, String>,
+    #[serde(with = "finite_metrics", default)]
     pub metrics: BTreeMap<String, f64>,
     pub extensions: u32,
 }
@@ -209,6 +211,7 @@ pub struct Task {
     /// Not leased again before this time (retry backoff).
     pub not_before_ms: Millis,
     pub outputs: BTreeMap<String, String>,
+    #[serde(with = "finite_metrics", default)]
     pub metrics: BTreeMap<String, f64>,
     /// Latest checkpoint reported; a new attempt resumes from it.
     pub checkpoint: Option<String>,
@@ -233,6 +236,7 @@ pub struct RankLease {
     pub deadline_ms: Millis,
     pub done: bool,
     pub outputs: BTreeMap<String, String>,
+    #[serde(with = "finite_metrics", default)]
     pub metrics: BTreeMap<String, f64>,
 }
 
@@ -1877,3 +1881,50 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
 
 #[cfg(test)]
 mod tests;
+
+/// Metric maps as the store writes them: only finite values (JSON has no NaN or infinity, and
+/// serde_json would write them as `null`, which it cannot read back as a number), and on reading,
+/// a `null` left by an older version is dropped instead of making the record unreadable.
+mod finite_metrics {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<String, f64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().filter(|(_, v)| v.is_finite()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+        let m: BTreeMap<String, Option<f64>> = BTreeMap::deserialize(d)?;
+        Ok(m.into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::{Phase, Round, RoundState};
+
+        #[test]
+        fn a_record_with_a_non_finite_metric_reads_back() {
+            let mut r = Round {
+                index: 0,
+                state: RoundState::Running,
+                phase: Phase::Distill,
+                source: "teacher".into(),
+                phase_tasks: vec![],
+                artifacts: Default::default(),
+                metrics: [("a".to_string(), f64::NAN), ("b".to_string(), 1.5)].into(),
+                extensions: 0,
+            };
+            let text = serde_json::to_string(&r).unwrap();
+            let back: Round = serde_json::from_str(&text).unwrap();
+            r.metrics.remove("a");
+            assert_eq!(back, r);
+            // A record an older version wrote with a null still loads, without it.
+            let old = text.replace("\"b\":1.5", "\"b\":1.5,\"c\":null");
+            assert!(old.contains("null"), "{old}");
+            assert_eq!(serde_json::from_str::<Round>(&old).unwrap(), r);
+        }
+    }
+}

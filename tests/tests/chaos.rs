@@ -319,7 +319,6 @@ fn a_gang_rank_cut_off_by_a_partition_loses_its_lease_and_its_late_reports_are_r
 /// invalid type: null, expected f64"). Here the same through the raw API: a report with a
 /// non-finite metric must never make the coordinator unable to restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: a NaN metric is stored and the coordinator cannot restart (run with --ignored)"]
 async fn a_non_finite_metric_never_keeps_the_coordinator_from_restarting() {
     let fx = fixture();
     let mut coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);

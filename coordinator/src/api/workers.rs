@@ -151,7 +151,7 @@ impl WorkerService for Workers {
         self.engine
             .apply(Event::Progress {
                 lease: lease_ref(r.lease)?,
-                metrics: to_btree(r.metrics),
+                metrics: finite_metrics(r.metrics)?,
                 checkpoint,
                 message: r.message,
                 now: now_ms(),
@@ -174,7 +174,7 @@ impl WorkerService for Workers {
             .apply(Event::Complete {
                 lease: lease_ref(r.lease)?,
                 outputs: to_btree(r.outputs),
-                metrics: to_btree(r.metrics),
+                metrics: finite_metrics(r.metrics)?,
                 now: now_ms(),
             })
             .await?;
@@ -251,4 +251,18 @@ impl WorkerService for Workers {
             stream_artifact(&self.artifacts, &req.into_inner().digest).await?,
         ))
     }
+}
+
+/// A report's metrics, refused whole (INVALID_ARGUMENT, nothing changes) when one is not a
+/// finite number: the state store holds only what it can read back, and a NaN loss is a
+/// worker's bug to report as a failure, not a value to keep.
+fn finite_metrics(
+    m: std::collections::HashMap<String, f64>,
+) -> Result<std::collections::BTreeMap<String, f64>, Status> {
+    if let Some((k, v)) = m.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Status::invalid_argument(format!(
+            "metric {k:?} = {v} is not a finite number; report it as a task failure or leave it out"
+        )));
+    }
+    Ok(m.into_iter().collect())
 }

@@ -216,7 +216,8 @@ fn run_ranks(n: usize, steps: u64, resume_at: Option<u64>) -> Llama {
                                 t.train_step().unwrap();
                             }
                             t.save_checkpoint(&dir, None).unwrap();
-                            let (data, opt) = (t.data.clone(), t.opt.clone());
+                            let (data, opt, loss) = (t.data.clone(), t.opt.clone(), t.last_loss);
+                            assert!(loss.is_finite());
                             drop(t);
                             // A new process would start here: any student, state from disk.
                             let mut t2 = Trainer::new(
@@ -230,6 +231,8 @@ fn run_ranks(n: usize, steps: u64, resume_at: Option<u64>) -> Llama {
                             );
                             t2.load_checkpoint(&dir).unwrap();
                             assert_eq!((t2.step, &t2.data, &t2.opt), (k, &data, &opt));
+                            // A run resumed at its last step still knows its final loss.
+                            assert_eq!(t2.last_loss, loss);
                             while t2.step < steps {
                                 t2.train_step().unwrap();
                             }

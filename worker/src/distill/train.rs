@@ -90,6 +90,9 @@ pub struct Trainer<'a> {
     pub data: DataState,
     pub step: u64,
     pub tokens: u64,
+    /// The loss of the last step taken (NaN before the first); checkpointed, so a run resumed
+    /// from its final checkpoint still knows its final loss.
+    pub last_loss: f64,
 }
 
 fn ck_err(path: &Path, m: impl std::fmt::Display) -> TrainError {
@@ -131,6 +134,7 @@ impl<'a> Trainer<'a> {
             decay,
             step: 0,
             tokens: 0,
+            last_loss: f64::NAN,
         }
     }
 
@@ -248,6 +252,7 @@ impl<'a> Trainer<'a> {
         }
         self.step += 1;
         self.tokens += (cfg.global_batch * t) as u64;
+        self.last_loss = loss;
         Ok(StepStats {
             step: self.step,
             loss,
@@ -321,6 +326,8 @@ impl<'a> Trainer<'a> {
             "step": self.step,
             "tokens": self.tokens,
             "adam_step": self.opt.step,
+            // JSON has no NaN: absent before the first step.
+            "last_loss": self.last_loss.is_finite().then_some(self.last_loss),
             "data": self.data,
             "seed": self.cfg.seed,
         });
@@ -372,6 +379,8 @@ impl<'a> Trainer<'a> {
         self.step = num("step")?;
         self.tokens = num("tokens")?;
         self.opt.step = num("adam_step")?;
+        // Checkpoints written before it was recorded have none.
+        self.last_loss = state["last_loss"].as_f64().unwrap_or(f64::NAN);
         self.data = serde_json::from_value(state["data"].clone()).map_err(|e| ck_err(&p, e))?;
         self.sync_params()?;
         if self.data.cursors.len() != self.domains.len() {

@@ -248,7 +248,6 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
     }
     let resumed_from = trainer.step;
     let every = u64::from(d.checkpoint_every.max(1));
-    let mut last_loss = f64::NAN;
     let started = Instant::now();
     let first_step = trainer.step;
     while trainer.step < total_steps {
@@ -257,7 +256,6 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         }
         let t0 = Instant::now();
         let s = trainer.train_step().map_err(|e| train_err(e, ctx))?;
-        last_loss = s.loss;
         tracing::info!(rank, step = s.step, loss = s.loss, "distill step");
         if rank != 0 {
             continue;
@@ -314,7 +312,6 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         out.metrics = BTreeMap::from([
             ("distill.steps".into(), trainer.step as f64),
             ("distill.tokens".into(), trainer.tokens as f64),
-            ("distill.final_loss".into(), last_loss),
             ("distill.world_size".into(), world as f64),
             ("distill.resumed_from_step".into(), resumed_from as f64),
             (
@@ -323,6 +320,12 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
                     / secs.max(1e-9),
             ),
         ]);
+        // From the checkpoint when this attempt resumed at the last step; a checkpoint from
+        // before the loss was recorded leaves it out rather than report a NaN.
+        if trainer.last_loss.is_finite() {
+            out.metrics
+                .insert("distill.final_loss".into(), trainer.last_loss);
+        }
     }
     Ok(out)
 }
