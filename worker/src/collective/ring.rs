@@ -4,7 +4,9 @@
 //! step sends and receives at once (a sender thread), so no rank blocks on a full socket.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::{Collective, CollectiveError};
@@ -20,6 +22,8 @@ pub struct Ring {
     next: Option<TcpStream>,
     prev: Option<TcpStream>,
     bucket: usize,
+    /// Alive while the ring is: the cancel watcher (see [`Ring::abort_when`]) stops with it.
+    alive: Arc<()>,
 }
 
 fn err(m: impl Into<String>) -> CollectiveError {
@@ -54,6 +58,7 @@ impl Ring {
                 next: None,
                 prev: None,
                 bucket: BUCKET,
+                alive: Arc::new(()),
             });
         }
         let deadline = Instant::now() + timeout;
@@ -120,7 +125,38 @@ impl Ring {
             next: Some(next),
             prev: Some(prev),
             bucket: BUCKET,
+            alive: Arc::new(()),
         })
+    }
+
+    /// Ends any collective in progress, with an error, soon after `flag` is set (a revoked
+    /// lease): a rank whose peer stalls (a partition, not a death) would otherwise wait out the
+    /// whole `io_timeout` before its attempt can end. A watcher thread checks the flag every
+    /// 100 ms and shuts both sockets down; it ends when the ring is dropped.
+    pub fn abort_when(self, flag: Arc<AtomicBool>) -> Result<Ring, CollectiveError> {
+        let streams: Vec<TcpStream> = [&self.next, &self.prev]
+            .into_iter()
+            .flatten()
+            .map(TcpStream::try_clone)
+            .collect::<Result<_, _>>()?;
+        if streams.is_empty() {
+            return Ok(self);
+        }
+        let alive: Weak<()> = Arc::downgrade(&self.alive);
+        std::thread::Builder::new()
+            .name("ring-cancel".into())
+            .spawn(move || {
+                while alive.upgrade().is_some() {
+                    if flag.load(Ordering::SeqCst) {
+                        for st in &streams {
+                            let _ = st.shutdown(Shutdown::Both);
+                        }
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })?;
+        Ok(self)
     }
 
     /// Sets the bucket size (floats).
@@ -343,5 +379,43 @@ mod tests {
         let t = crate::runner::TaskError::from(e);
         assert!(t.lost && t.retryable, "{t:?}");
         assert!(t.message.starts_with("collective: "), "{}", t.message);
+    }
+
+    #[test]
+    fn a_revoked_lease_ends_a_collective_stalled_on_a_silent_peer() {
+        let l0 = bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let l1 = bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addrs = vec![l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+        let a2 = addrs.clone();
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        // Rank 1 connects and then stays silent (a partition), keeping its sockets open.
+        let h = std::thread::spawn(move || {
+            let ring = Ring::connect(1, l1, &a2, Duration::from_secs(10), Duration::from_secs(60));
+            let _ = hold_rx.recv();
+            drop(ring);
+        });
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut r0 = Ring::connect(
+            0,
+            l0,
+            &addrs,
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+        .abort_when(flag.clone())
+        .unwrap();
+        let f = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            f.store(true, Ordering::SeqCst);
+        });
+        let t0 = Instant::now();
+        let mut v = vec![1.0f32; 1000];
+        assert!(r0.all_reduce_sum(&mut v).is_err());
+        // Well before the 60 s io_timeout.
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        let _ = hold_tx.send(());
+        h.join().unwrap();
     }
 }

@@ -107,6 +107,7 @@ fn connect_collective(
         Duration::from_secs(60),
         Duration::from_secs(120),
     )
+    .and_then(|r| r.abort_when(ctx.cancel.clone()))
     .map_err(|e: CollectiveError| TaskError::from(e))?;
     Ok(Box::new(r))
 }
