@@ -620,16 +620,25 @@ impl Cluster {
     }
 }
 
+/// Prints a line straight to the process's stderr, past the test harness's output capture, so
+/// CI's log shows the seed and every kill even when the test passes.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Runs the reference campaign, then the same campaign under `cfg.kills` seeded kills.
 /// Prints the seed first and every kill as it happens, so a failing run can be replayed.
 pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
-    eprintln!(
+    say!(
         "chaos: seed {} kills {} (replay: DISTILLERY_CHAOS_SEED={} DISTILLERY_CHAOS_KILLS={} scripts/chaos.sh)",
         cfg.seed, cfg.kills, cfg.seed, cfg.kills
     );
     let fx = CampaignFixture::new(2, true);
     let reference = run_reference(&fx, timing, Duration::from_secs(400));
-    eprintln!(
+    say!(
         "chaos: reference run succeeded in {:.1} s, student {}; phase durations {:?}",
         reference.wall.as_secs_f64(),
         reference.student().unwrap_or_default(),
@@ -691,7 +700,7 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
             at,
             planned: slot_name(k.slot),
         };
-        eprintln!(
+        say!(
             "chaos: kill {}/{}: {}{} in {} at {:.2} s (planned {})",
             kill.n,
             plan.len(),
@@ -726,6 +735,6 @@ pub fn run(cfg: &ChaosConfig, timing: &[&str]) -> ChaosReport {
         reference_wall: reference.wall,
         wall: start.elapsed(),
     };
-    eprint!("{}", report.summary());
+    say!("{}", report.summary().trim_end());
     report
 }
