@@ -17,4 +17,5 @@ pub mod artifact;
 pub mod client;
 pub mod gguf;
 pub mod judge_stats;
+pub mod py_json;
 pub mod shape;

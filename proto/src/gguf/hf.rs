@@ -596,7 +596,7 @@ pub fn import(f: &GgufFile) -> Result<HfImport, GgufError> {
     }
     Ok(HfImport {
         arch,
-        config_json: super::py_json::to_config_text(&Json::Object(c)),
+        config_json: crate::py_json::to_config_text(&Json::Object(c)),
         tensors,
     })
 }

@@ -6,7 +6,6 @@
 pub mod dequant;
 pub mod ggml_type;
 pub mod hf;
-mod py_json;
 pub mod reader;
 
 pub use ggml_type::GgmlType;

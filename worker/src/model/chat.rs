@@ -16,6 +16,7 @@
 //! tokenizer's named special tokens (`bos_token`, `eos_token`, ..., from strings or AddedToken
 //! dicts) as variables.
 
+use distillery_proto::py_json::{float_repr, json_string};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -587,9 +588,9 @@ fn write_json(
         }
         ValueKind::Number => {
             let f = f64::try_from(v.clone())?;
-            out.push_str(&py_float(f));
+            out.push_str(&float_repr(f));
         }
-        ValueKind::String => json_string(v.as_str().unwrap_or_default(), style.ensure_ascii, out),
+        ValueKind::String => json_string(out, v.as_str().unwrap_or_default(), style.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
             write_container(out, style, level, '[', ']', items.len(), |i, out| {
@@ -606,7 +607,7 @@ fn write_json(
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
             }
             write_container(out, style, level, '{', '}', entries.len(), |i, out| {
-                json_string(&entries[i].0, style.ensure_ascii, out);
+                json_string(out, &entries[i].0, style.ensure_ascii);
                 out.push_str(&style.key_sep);
                 write_json(&entries[i].1, style, level + 1, out)
             })?;
@@ -657,7 +658,7 @@ fn json_key(k: &Value) -> Result<String, minijinja::Error> {
         ValueKind::Bool => (if k.is_true() { "true" } else { "false" }).to_string(),
         ValueKind::None => "null".to_string(),
         ValueKind::Number if k.is_integer() => k.to_string(),
-        ValueKind::Number => py_float(f64::try_from(k.clone())?),
+        ValueKind::Number => float_repr(f64::try_from(k.clone())?),
         other => {
             return Err(minijinja::Error::new(
                 ErrorKind::InvalidOperation,
@@ -665,74 +666,6 @@ fn json_key(k: &Value) -> Result<String, minijinja::Error> {
             ))
         }
     })
-}
-
-/// A JSON string as Python's encoder escapes it.
-fn json_string(s: &str, ensure_ascii: bool, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7e) => {
-                let mut buf = [0u16; 2];
-                for unit in c.encode_utf16(&mut buf) {
-                    let _ = write!(out, "\\u{unit:04x}");
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-/// Python's `repr(float)`: the shortest round-trip digits, positional for exponents in
-/// [-4, 16), scientific (`1e+20`, `1e-05`) otherwise, and always a `.0` on whole numbers.
-fn py_float(f: f64) -> String {
-    if f.is_nan() {
-        return "NaN".into();
-    }
-    if f.is_infinite() {
-        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
-    }
-    if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0" } else { "0.0" }.into();
-    }
-    // `{:e}` gives the shortest round-trip digits: "1.5e16", "-2e-5".
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let (sign, mantissa) = match mantissa.strip_prefix('-') {
-        Some(m) => ("-", m),
-        None => ("", mantissa),
-    };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    if (-4..16).contains(&exp) {
-        let body = if exp < 0 {
-            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
-        } else {
-            let point = exp as usize + 1;
-            if digits.len() > point {
-                format!("{}.{}", &digits[..point], &digits[point..])
-            } else {
-                format!("{digits}{}.0", "0".repeat(point - digits.len()))
-            }
-        };
-        format!("{sign}{body}")
-    } else {
-        let m = if digits.len() > 1 {
-            format!("{}.{}", &digits[..1], &digits[1..])
-        } else {
-            digits
-        };
-        let esign = if exp < 0 { '-' } else { '+' };
-        format!("{sign}{m}e{esign}{:02}", exp.abs())
-    }
 }
 
 #[cfg(test)]

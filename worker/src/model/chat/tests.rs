@@ -313,13 +313,13 @@ fn floats_and_strings_are_written_as_pythons_json_dumps_writes_them() {
         (f64::INFINITY, "Infinity"),
         (f64::NAN, "NaN"),
     ] {
-        assert_eq!(py_float(f), s, "{f}");
+        assert_eq!(float_repr(f), s, "{f}");
     }
     let mut out = String::new();
-    json_string("a\"b\\c\n\u{1}é😀\u{7f}", false, &mut out);
+    json_string(&mut out, "a\"b\\c\n\u{1}é😀\u{7f}", false);
     assert_eq!(out, "\"a\\\"b\\\\c\\n\\u0001é😀\u{7f}\"");
     let mut out = String::new();
-    json_string("é😀\u{7f}", true, &mut out);
+    json_string(&mut out, "é😀\u{7f}", true);
     assert_eq!(out, "\"\\u00e9\\ud83d\\ude00\\u007f\"");
 }
 

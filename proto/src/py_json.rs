@@ -1,5 +1,6 @@
 //! JSON text exactly as Python's `json.dumps(obj, indent=2, sort_keys=True)` writes it, which
-//! is how transformers saves `config.json`: sorted keys, two-space indent, ASCII only, and
+//! is how transformers saves `config.json` (GGUF import), and its pieces — string escaping and
+//! `repr(float)` — for chat templates' `tojson`: sorted keys, two-space indent, ASCII only, and
 //! floats in Python's `repr` form (`1e-06`, `10000.0`).
 
 use serde_json::Value;
@@ -64,6 +65,12 @@ fn write(out: &mut String, v: &Value, level: usize) {
 }
 
 fn string(out: &mut String, s: &str) {
+    json_string(out, s, true);
+}
+
+/// A JSON string as Python's encoder escapes it: `ensure_ascii` (the default of `json.dumps`)
+/// escapes everything outside printable ASCII as `\uXXXX` (UTF-16 units).
+pub fn json_string(out: &mut String, s: &str, ensure_ascii: bool) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -74,7 +81,7 @@ fn string(out: &mut String, s: &str) {
             '\t' => out.push_str("\\t"),
             '\u{08}' => out.push_str("\\b"),
             '\u{0c}' => out.push_str("\\f"),
-            c if !(0x20..0x80).contains(&(c as u32)) => {
+            c if (c as u32) < 0x20 || (ensure_ascii && (c as u32) > 0x7e) => {
                 let mut buf = [0u16; 2];
                 for unit in c.encode_utf16(&mut buf) {
                     out.push_str(&format!("\\u{unit:04x}"));
