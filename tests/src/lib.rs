@@ -302,6 +302,20 @@ impl CoordinatorProc {
     }
 }
 
+/// Uploads `bytes` (written to `path` first) as an artifact through a worker client and returns
+/// its digest: a real artifact for tests whose reports must be wrong only in their lease.
+pub async fn upload_artifact(w: &mut WorkerClient, path: &Path, bytes: &[u8]) -> String {
+    std::fs::write(path, bytes).unwrap();
+    let (digest, _) = distillery_proto::artifact::digest_file(path).await.unwrap();
+    w.put_artifact(distillery_proto::artifact::file_chunks(
+        path.to_path_buf(),
+        digest.clone(),
+    ))
+    .await
+    .expect("upload");
+    digest
+}
+
 impl Drop for CoordinatorProc {
     fn drop(&mut self) {
         self.kill();

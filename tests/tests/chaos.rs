@@ -203,17 +203,8 @@ fn a_gang_rank_cut_off_by_a_partition_loses_its_lease_and_its_late_reports_are_r
             t.workers(ch).expect("client")
         };
         // A real artifact, so that only the lease can be wrong.
-        let file = root.join("not-a-student.bin");
-        std::fs::write(&file, b"not a student").unwrap();
-        let (digest, _) = distillery_proto::artifact::digest_file(&file)
-            .await
-            .unwrap();
-        w.put_artifact(distillery_proto::artifact::file_chunks(
-            file.clone(),
-            digest.clone(),
-        ))
-        .await
-        .expect("upload");
+        let digest =
+            upload_artifact(&mut w, &root.join("not-a-student.bin"), b"not a student").await;
         let progress = w
             .report_progress(pb::ReportProgressRequest {
                 lease: Some(old.clone()),
@@ -355,17 +346,7 @@ async fn a_non_finite_metric_never_keeps_the_coordinator_from_restarting() {
         }
     }
     let lease = lease.expect("a score task");
-    let file = fx.path().join("scores.bin");
-    std::fs::write(&file, b"scores").unwrap();
-    let (digest, _) = distillery_proto::artifact::digest_file(&file)
-        .await
-        .unwrap();
-    w.put_artifact(distillery_proto::artifact::file_chunks(
-        file.clone(),
-        digest.clone(),
-    ))
-    .await
-    .expect("upload");
+    let digest = upload_artifact(&mut w, &fx.path().join("scores.bin"), b"scores").await;
     // Refusing it (InvalidArgument) or storing it safely are both fine; bricking is not.
     let _ = w
         .report_progress(pb::ReportProgressRequest {

@@ -146,17 +146,7 @@ async fn a_report_with_a_stale_lease_is_refused_and_changes_nothing() {
     assert!(new.lease_id > old.lease_id);
 
     // A real artifact to report, so only the lease can be wrong.
-    let file = fx.path().join("scores.bin");
-    std::fs::write(&file, b"scores").unwrap();
-    let (digest, _) = distillery_proto::artifact::digest_file(&file)
-        .await
-        .unwrap();
-    wc.put_artifact(distillery_proto::artifact::file_chunks(
-        file.clone(),
-        digest.clone(),
-    ))
-    .await
-    .expect("upload");
+    let digest = upload_artifact(&mut wc, &fx.path().join("scores.bin"), b"scores").await;
 
     let status_before = coord.status_json(Some(&id));
     let events_before = events_so_far(&coord, &id).await;

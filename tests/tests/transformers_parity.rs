@@ -26,6 +26,17 @@ fn hf_make(py: &PathBuf, models: &[(&str, PathBuf, &str, usize)]) {
     python_json(py, "hf_make_model.py", serde_json::json!(jobs));
 }
 
+/// A model's logits for `ids`, flattened (the layout transformers' side returns).
+fn flat_logits(m: &distillery_worker::model::Llama, ids: &[Vec<u32>]) -> Vec<f32> {
+    let x = Tensor::new(ids.to_vec(), &Device::Cpu).unwrap();
+    m.forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 const ARCHS: &[&str] = &["llama3", "mistral", "qwen2", "qwen3", "gemma3"];
 
 #[test]
@@ -67,14 +78,7 @@ fn logits_equal_transformers_for_loaded_and_saved_models() {
         let ours = load_dir(&src, DType::F32, &Device::Cpu).unwrap();
         let saved = dir.path().join("saved");
         save_dir(&ours, &saved, Some(&src)).unwrap();
-        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
-        let mine: Vec<f32> = ours
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let mine = flat_logits(&ours, &ids);
         for d in [&src, &saved] {
             let (theirs, shape) = hf_logits(&py, d, &ids);
             assert_eq!(shape, vec![2, 14, 260]);
@@ -135,14 +139,7 @@ fn every_architecture_saved_by_transformers_loads_saves_and_generates_like_trans
         let m = load_dir(src, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("{label}: {e}"));
         let saved = src.with_extension("saved");
         save_dir(&m, &saved, Some(src)).unwrap();
-        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
-        let logits: Vec<f32> = m
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let logits = flat_logits(&m, &ids);
         let greedy: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| {
@@ -223,14 +220,7 @@ fn pruned_directories_load_in_transformers_with_our_logits() {
         save_dir(&pruned, &out, Some(&src)).unwrap();
         let back = load_dir(&out, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(back.num_params() as u64, target.params, "{label}");
-        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
-        let mine: Vec<f32> = back
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let mine = flat_logits(&back, &ids);
         let (theirs, shape) = hf_logits(&py, &out, &ids);
         assert_eq!(shape, vec![1, 12, 260], "{label}");
         let max = max_abs_gap(&mine, &theirs);
@@ -293,14 +283,7 @@ fn pruned_models_of_every_architecture_load_in_transformers_with_our_logits() {
             "{arch}: parameter count"
         );
         assert_eq!(back.config.layer_types, kept_types, "{arch}");
-        let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
-        let mine: Vec<f32> = back
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let mine = flat_logits(&back, &ids);
         jobs.push((out, ids.clone(), 0));
         ours.push((arch.to_string(), mine));
     }
