@@ -201,7 +201,7 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
             base_inputs,
         )],
         Phase::Distill => {
-            let d = round.distill.unwrap_or_default();
+            let d = round.distill.clone().unwrap_or_default();
             let tokens = d.tokens.saturating_mul(1u64 << ctx.extensions.min(16));
             let mut inputs = base_inputs;
             if let Some(ck) = ctx.distill_checkpoint {

@@ -150,6 +150,14 @@ struct RawDistill {
     ce_weight: f64,
     #[serde(default = "default_checkpoint_every")]
     checkpoint_every: u32,
+    #[serde(default = "default_precision")]
+    precision: String,
+    #[serde(default = "default_precision")]
+    teacher_precision: String,
+    #[serde(default)]
+    shard_optimizer: bool,
+    #[serde(default)]
+    recompute: bool,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +238,9 @@ fn default_micro_batch() -> u32 {
 }
 fn default_lr() -> f64 {
     1e-4
+}
+fn default_precision() -> String {
+    "f32".into()
 }
 fn default_checkpoint_every() -> u32 {
     100
@@ -727,6 +738,17 @@ impl Validator<'_> {
             ));
         }
         positive(&format!("{df}.checkpoint_every"), d.checkpoint_every)?;
+        for (key, value) in [
+            ("precision", &d.precision),
+            ("teacher_precision", &d.teacher_precision),
+        ] {
+            if !matches!(value.as_str(), "f32" | "bf16") {
+                return Err(SpecError::new(
+                    format!("{df}.{key}"),
+                    format!("{value:?} is not a precision: use \"f32\" or \"bf16\""),
+                ));
+            }
+        }
         let round = pb::RoundSpec {
             target: Some(pb::TargetShape {
                 hidden_size: t.hidden_size,
@@ -747,6 +769,10 @@ impl Validator<'_> {
                 temperature: d.temperature,
                 ce_weight: d.ce_weight,
                 checkpoint_every: d.checkpoint_every,
+                precision: d.precision,
+                teacher_precision: d.teacher_precision,
+                shard_optimizer: d.shard_optimizer,
+                recompute: d.recompute,
             }),
         };
         Ok((round, next))

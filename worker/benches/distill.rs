@@ -85,6 +85,9 @@ fn main() {
         max_grad_norm: 1.0,
         weight_decay: 0.01,
         dynamic: None,
+        precision: Default::default(),
+        shard_optimizer: false,
+        recompute: false,
     };
     let mut solo = Solo;
     let mut t = Trainer::new(

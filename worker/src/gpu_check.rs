@@ -51,6 +51,9 @@ mod cuda {
             max_grad_norm: 1.0,
             weight_decay: 0.01,
             dynamic: None,
+            precision: Default::default(),
+            shard_optimizer: false,
+            recompute: false,
         }
     }
 

@@ -34,6 +34,9 @@ fn cfg(steps: u64) -> TrainConfig {
         max_grad_norm: 1.0,
         weight_decay: 0.01,
         dynamic: None,
+        precision: Default::default(),
+        shard_optimizer: false,
+        recompute: false,
     }
 }
 

@@ -53,6 +53,39 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub weight_decay: f64,
     pub dynamic: Option<DynamicBatchLoading>,
+    /// Compute precision of the student's forward and backward (master weights and moments are
+    /// f32 either way).
+    pub precision: Precision,
+    /// ZeRO-1: each rank keeps and updates only its shard of the master weights and moments.
+    pub shard_optimizer: bool,
+    /// Keep only each layer's input and recompute the layer in the backward pass.
+    pub recompute: bool,
+}
+
+/// The dtype a tensor is computed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// `"f32"` or `"bf16"` (the spec's values); anything else is an error naming it.
+    pub fn parse(s: &str) -> Result<Precision, String> {
+        match s {
+            "f32" | "" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("{other:?} is not a precision: use \"f32\" or \"bf16\"")),
+        }
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 /// What one step did (the same on every rank).

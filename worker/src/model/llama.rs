@@ -331,20 +331,46 @@ impl Llama {
         mut opts: ForwardOptions<'_>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let c = &self.config;
+        let t = ids.dim(1)?;
         let g = opts.grad;
         let start = cache.as_ref().map_or(0, |k| k.len);
         if let Some(k) = cache.as_deref_mut() {
             k.layers.resize(self.layers.len(), None);
         }
-        let mut h = param(&self.embed, g)
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, c.hidden_size))?;
-        if let Some(s) = self.embed_scale {
-            h = (h * s)?;
+        let mut h = self.embed(ids, g)?;
+        let pass = self.pass(start, t, g)?;
+        for i in 0..self.layers.len() {
+            if opts.skip_layers.contains(&i) {
+                continue;
+            }
+            let past = cache.as_deref_mut().map(|k| &mut k.layers[i]);
+            h = self.layer_forward(i, &h, &pass, past, opts.probe.as_deref_mut())?;
         }
-        let masked = if g { MASKED_TRAIN } else { f64::NEG_INFINITY };
+        if let Some(k) = cache {
+            k.len += t;
+        }
+        if opts.hidden_only {
+            return Ok(h);
+        }
+        self.head(&h, g)
+    }
+
+    /// The hidden states `[B, T, hidden]` entering the first layer for token ids `[B, T]`.
+    pub(crate) fn embed(&self, ids: &Tensor, grad: bool) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = param(&self.embed, grad)
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        match self.embed_scale {
+            Some(s) => h * s,
+            None => Ok(h),
+        }
+    }
+
+    /// What every layer of a pass over positions `start..start + t` shares.
+    pub(crate) fn pass(&self, start: usize, t: usize, grad: bool) -> Result<Pass> {
+        let c = &self.config;
+        let masked = if grad { MASKED_TRAIN } else { f64::NEG_INFINITY };
         let mut ropes = vec![self.rope_tables(&c.rope(), start, t)?];
         if let Some(local) = &c.rope_local {
             ropes.push(self.rope_tables(local, start, t)?);
@@ -355,58 +381,67 @@ impl Llama {
                 masks.push((Some(w), self.causal_mask(start, t, Some(w), masked)?));
             }
         }
-        let pass = Pass {
-            ropes,
-            masks,
-            grad: g,
-        };
+        Ok(Pass { ropes, masks, grad })
+    }
+
+    /// Number of decoder layers.
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Layer `i` on the hidden states `h` `[B, T, hidden]`: its output `[B, T, hidden]`.
+    pub(crate) fn layer_forward(
+        &self,
+        i: usize,
+        h: &Tensor,
+        pass: &Pass,
+        past: Option<&mut Option<(Tensor, Tensor)>>,
+        probe: Option<&mut Probe>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let c = &self.config;
+        let g = pass.grad;
         let eps = c.rms_norm_eps;
         let gemma = c.arch().gemma();
-        for (i, layer) in self.layers.iter().enumerate() {
-            if opts.skip_layers.contains(&i) {
-                continue;
-            }
-            let input = h.clone();
-            let attn_norm = norm(&h, &layer.attn_norm, eps, gemma, g)?;
-            let past = cache.as_deref_mut().map(|k| &mut k.layers[i]);
-            let (mut attn, o_proj_input) = self.attention(layer, &attn_norm, &pass, past)?;
-            let mut post_norms = Vec::new();
-            if let Some((post_attn, _)) = &layer.post_norms {
-                attn = norm(&attn, post_attn, eps, gemma, g)?;
-                post_norms.push(attn.clone());
-            }
-            h = (h + attn)?;
-            let mlp_norm = norm(&h, &layer.mlp_norm, eps, gemma, g)?;
-            let gate = layer.gate.forward(&mlp_norm, g)?;
-            let act = if gemma { gate.gelu()? } else { gate.silu()? };
-            let down_proj_input = (act * layer.up.forward(&mlp_norm, g)?)?;
-            let mut mlp = layer.down.forward(&down_proj_input, g)?;
-            if let Some((_, post_mlp)) = &layer.post_norms {
-                mlp = norm(&mlp, post_mlp, eps, gemma, g)?;
-                post_norms.push(mlp.clone());
-            }
-            h = (h + mlp)?;
-            if let Some(p) = opts.probe.as_deref_mut() {
-                p.layers.push(LayerActivations {
-                    layer: i,
-                    input,
-                    attn_norm,
-                    o_proj_input,
-                    mlp_norm,
-                    post_norms,
-                    down_proj_input,
-                    output: h.clone(),
-                });
-            }
+        let input = h.clone();
+        let attn_norm = norm(h, &layer.attn_norm, eps, gemma, g)?;
+        let (mut attn, o_proj_input) = self.attention(layer, &attn_norm, pass, past)?;
+        let mut post_norms = Vec::new();
+        if let Some((post_attn, _)) = &layer.post_norms {
+            attn = norm(&attn, post_attn, eps, gemma, g)?;
+            post_norms.push(attn.clone());
         }
-        if let Some(k) = cache {
-            k.len += t;
+        let h = (h + attn)?;
+        let mlp_norm = norm(&h, &layer.mlp_norm, eps, gemma, g)?;
+        let gate = layer.gate.forward(&mlp_norm, g)?;
+        let act = if gemma { gate.gelu()? } else { gate.silu()? };
+        let down_proj_input = (act * layer.up.forward(&mlp_norm, g)?)?;
+        let mut mlp = layer.down.forward(&down_proj_input, g)?;
+        if let Some((_, post_mlp)) = &layer.post_norms {
+            mlp = norm(&mlp, post_mlp, eps, gemma, g)?;
+            post_norms.push(mlp.clone());
         }
-        if opts.hidden_only {
-            return Ok(h);
+        let h = (h + mlp)?;
+        if let Some(p) = probe {
+            p.layers.push(LayerActivations {
+                layer: i,
+                input,
+                attn_norm,
+                o_proj_input,
+                mlp_norm,
+                post_norms,
+                down_proj_input,
+                output: h.clone(),
+            });
         }
-        let h = norm(&h, &self.norm, eps, gemma, g)?;
-        h.broadcast_matmul(&param(&self.lm_head, g).t()?)
+        Ok(h)
+    }
+
+    /// Logits `[B, T, vocab]` from the last layer's hidden states.
+    pub(crate) fn head(&self, h: &Tensor, grad: bool) -> Result<Tensor> {
+        let c = &self.config;
+        let h = norm(h, &self.norm, c.rms_norm_eps, c.arch().gemma(), grad)?;
+        h.broadcast_matmul(&param(&self.lm_head, grad).t()?)
     }
 
     fn attention(
@@ -531,7 +566,7 @@ impl Llama {
 }
 
 /// What every layer of one pass shares.
-struct Pass {
+pub(crate) struct Pass {
     /// RoPE tables (cos, sin) `[T, head_dim]`, indexed by `Layer::rope`.
     ropes: Vec<(Tensor, Tensor)>,
     /// Causal masks `[T, start + T]` per attention window (`None` first).

@@ -8,6 +8,7 @@ pub mod generation_config;
 pub mod gguf;
 pub mod io;
 pub mod llama;
+pub mod ops;
 pub mod perplexity;
 pub mod test_model;
 pub mod tokenizer;

@@ -127,7 +127,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         .rounds
         .get(task.round as usize)
         .ok_or_else(|| fatal(format!("the campaign spec has no round {}", task.round)))?;
-    let d = round.distill.unwrap_or_default();
+    let d = round.distill.clone().unwrap_or_default();
     let data = spec
         .data
         .as_ref()
@@ -219,6 +219,9 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         max_grad_norm: 1.0,
         weight_decay: 0.01,
         dynamic,
+        precision: crate::distill::train::Precision::parse(&d.precision).map_err(|e| fatal(format!("distill.precision: {e}")))?,
+        shard_optimizer: d.shard_optimizer,
+        recompute: d.recompute,
     };
     let mut coll = connect_collective(ctx, &device, rank, world)?;
     let names: Vec<String> = domains.iter().map(|x| x.name.clone()).collect();

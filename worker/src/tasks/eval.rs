@@ -75,7 +75,7 @@ fn perplexity_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskO
     let spec = task.spec.as_ref();
     let seq_len = spec
         .and_then(|s| s.rounds.get(task.round as usize))
-        .and_then(|r| r.distill)
+        .and_then(|r| r.distill.clone())
         .map(|d| d.seq_len as usize)
         .filter(|n| *n >= 2)
         .or_else(|| data.calibration.as_ref().map(|c| c.seq_len as usize))

@@ -1,0 +1,1 @@
+//! Fused ops with a backward (RMSNorm, RoPE, SwiGLU, causal attention, the KD loss).
