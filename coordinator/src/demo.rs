@@ -157,7 +157,8 @@ fn train_teacher(
         name: "stories".into(),
         sequences,
     }];
-    let mut t = Trainer::new(model, None, cfg, &mut solo, domains, &[1.0], vec![]);
+    let mut t =
+        Trainer::new(model, None, cfg, &mut solo, domains, &[1.0], vec![]).map_err(|e| err(&e))?;
     let start = Instant::now();
     let mut loss = f64::NAN;
     while t.step < steps && start.elapsed() < Duration::from_secs(seconds) {

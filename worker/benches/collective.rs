@@ -63,13 +63,15 @@ fn ring(n: usize, floats: usize, reps: usize) -> f64 {
                         Duration::from_secs(60),
                     )
                     .expect("ring");
-                    let mut buf = vec![r as f32; floats];
+                    let buf =
+                        candle_core::Tensor::new(vec![r as f32; floats], &candle_core::Device::Cpu)
+                            .expect("buffer");
                     ring.barrier().expect("barrier");
                     let mut best = f64::INFINITY;
                     for _ in 0..reps {
                         ring.barrier().expect("barrier");
                         let t = Instant::now();
-                        ring.all_reduce_sum(&mut buf).expect("all-reduce");
+                        ring.all_reduce_sum(&buf).expect("all-reduce");
                         best = best.min(t.elapsed().as_secs_f64());
                     }
                     best

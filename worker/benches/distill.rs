@@ -98,7 +98,8 @@ fn main() {
         domains,
         &[1.0],
         vec![],
-    );
+    )
+    .expect("trainer");
     t.train_step().expect("warm-up step");
     let py = python();
     let script = script("bench_distill.py");

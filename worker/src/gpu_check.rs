@@ -1,8 +1,12 @@
-//! `worker gpu-check`: the GPU checks of the distillation issue, in the worker binary because the
+//! `worker gpu-check`: the GPU checks of the distillation issues, in the worker binary because the
 //! GPU machines have no Rust toolchain (`scripts/gpu-check.sh` runs it). On one GPU: the NCCL
-//! all-reduce equals the CPU sum; a distillation step on the GPU equals the same step on the CPU
-//! (float tolerance) and training lowers the loss; and distillation tokens/s for the
-//! SmolLM2-135M shape (teacher) and a 70% student. Prints one JSON object per check.
+//! all-reduce, reduce-scatter and all-gather on device buffers equal the CPU results; a
+//! distillation step on the GPU equals the same step on the CPU (float tolerance) and training
+//! lowers the loss; a bf16 step with a sharded optimizer on two ranks sharing the GPU (an
+//! in-process gang: NCCL refuses two ranks on one device) equals the one-rank bf16 step; and
+//! distillation tokens/s and MFU for the SmolLM2-135M shape (teacher) and a 70% student, f32
+//! and bf16 + sharded, with the memory plan's prediction beside the device's peak use. Prints
+//! one JSON object per check.
 
 /// Runs the checks on `device` (`cuda:N`); returns the exit code.
 pub fn run(device: &str) -> i32 {
@@ -30,12 +34,23 @@ mod cuda {
 
     use candle_core::{DType, Device};
 
+    use candle_core::Tensor;
+
+    use crate::collective::local::LocalGang;
     use crate::collective::nccl::{new_id, Nccl};
     use crate::collective::{Collective, Solo};
     use crate::distill::data::Domain;
-    use crate::distill::train::{TrainConfig, Trainer};
+    use crate::distill::train::{Precision, TrainConfig, Trainer};
     use crate::model::test_model::{test_model, TestModelSpec};
     use crate::model::{Llama, LlamaConfig};
+
+    /// The bf16 dense peak of the device, in FLOP/s, and its name (for MFU). Hopper SXM (H100 /
+    /// H200): 989 TFLOP/s dense bf16 (NVIDIA's datasheet, without sparsity).
+    const BF16_PEAK: (f64, &str) = (989e12, "H100/H200 SXM dense bf16, 989 TFLOP/s");
+
+    fn e(x: impl std::fmt::Display) -> String {
+        x.to_string()
+    }
 
     fn cfg(seq_len: usize, micro: usize, steps: u64) -> TrainConfig {
         TrainConfig {
@@ -90,23 +105,31 @@ mod cuda {
         let gpu = Device::new_cuda(idx).map_err(|e| format!("{device}: {e}"))?;
         let mut ok = true;
 
-        // 1. NCCL all-reduce (one rank per GPU) equals the CPU sum.
+        // 1. NCCL on device buffers (one rank per GPU) equals the CPU results.
         let n = (1 << 22) + 7;
         let input: Vec<f32> = (0..n).map(|i| ((i % 1000) as f32) * 0.5 - 3.0).collect();
-        let mut buf = input.clone();
-        let id = new_id().map_err(|e| e.to_string())?;
-        let mut nccl = Nccl::connect(&gpu, 0, 1, &id).map_err(|e| e.to_string())?;
+        let buf = Tensor::new(input.as_slice(), &gpu).map_err(e)?;
+        let id = new_id().map_err(e)?;
+        let mut nccl = Nccl::connect(&gpu, 0, 1, &id).map_err(e)?;
         let t = Instant::now();
-        nccl.all_reduce_sum(&mut buf).map_err(|e| e.to_string())?;
+        nccl.all_reduce_sum(&buf).map_err(e)?;
+        gpu.synchronize().map_err(e)?;
         let secs = t.elapsed().as_secs_f64();
-        let mut cpu = input.clone();
-        Solo.all_reduce_sum(&mut cpu).map_err(|e| e.to_string())?;
-        let equal = buf == cpu;
+        nccl.reduce_scatter_sum(&buf).map_err(e)?;
+        nccl.all_gather(&buf).map_err(e)?;
+        let mut host = vec![1.0f32, 2.0];
+        nccl.all_reduce_host(&mut host).map_err(e)?;
+        let got: Vec<f32> = buf
+            .to_device(&Device::Cpu)
+            .map_err(e)?
+            .to_vec1()
+            .map_err(e)?;
+        let equal = got == input && host == vec![1.0, 2.0];
         ok &= equal;
         println!(
             "{}",
-            serde_json::json!({"check": "nccl_all_reduce_equals_cpu_sum", "ok": equal, "floats": n,
-                "seconds": secs, "gb_per_s": (n * 4) as f64 / secs / 1e9})
+            serde_json::json!({"check": "nccl_device_collectives_equal_cpu", "ok": equal, "floats": n,
+                "all_reduce_seconds": secs, "gb_per_s": (n * 4) as f64 / secs / 1e9})
         );
 
         // 2. One distillation step on the GPU equals it on the CPU; 20 steps lower the loss.
@@ -135,16 +158,18 @@ mod cuda {
             domain(vocab, 32),
             &[1.0],
             vec![],
-        );
+        )
+        .map_err(e)?;
         let mut b = Trainer::new(
-            s_gpu,
+            s_gpu.converted(DType::F32).map_err(e)?,
             Some(&teacher_gpu),
             cfg(32, 4, 20),
             &mut solo_b,
             domain(vocab, 32),
             &[1.0],
             vec![],
-        );
+        )
+        .map_err(e)?;
         let sa = a.train_step().map_err(|e| e.to_string())?;
         let sb = b.train_step().map_err(|e| e.to_string())?;
         let mut max_diff = 0f64;
@@ -166,6 +191,87 @@ mod cuda {
             "{}",
             serde_json::json!({"check": "gpu_distill_step_equals_cpu", "ok": step_ok, "max_weight_diff": max_diff,
                 "loss_cpu": sa.loss, "loss_gpu": sb.loss, "loss_after_20_steps": last})
+        );
+
+        // 3. bf16 + sharded optimizer on 2 ranks sharing the GPU = the 1-rank bf16 step.
+        let bf16_cfg = |shard: bool, world: usize| {
+            let mut c = cfg(32, 4 / world, 5);
+            c.global_batch = 4;
+            c.precision = Precision::Bf16;
+            c.shard_optimizer = shard;
+            c
+        };
+        let teacher_bf16 = teacher_gpu.converted(DType::BF16).map_err(e)?;
+        let mut solo = Solo;
+        let mut one = Trainer::new(
+            s_gpu.converted(DType::F32).map_err(e)?,
+            Some(&teacher_bf16),
+            bf16_cfg(false, 1),
+            &mut solo,
+            domain(vocab, 32),
+            &[1.0],
+            vec![],
+        )
+        .map_err(e)?;
+        let mut one_losses = Vec::new();
+        for _ in 0..5 {
+            one_losses.push(one.train_step().map_err(e)?.loss);
+        }
+        let one_w = one.master_weights().map_err(e)?;
+        let ranks: Vec<Result<(Vec<f64>, f64), String>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = LocalGang::new(2)
+                .into_iter()
+                .map(|mut g| {
+                    let (teacher, student, one_w) = (&teacher_bf16, &s_gpu, &one_w);
+                    sc.spawn(move || -> Result<(Vec<f64>, f64), String> {
+                        let mut t = Trainer::new(
+                            student.converted(DType::F32).map_err(e)?,
+                            Some(teacher),
+                            bf16_cfg(true, 2),
+                            &mut g,
+                            domain(vocab, 32),
+                            &[1.0],
+                            vec![],
+                        )
+                        .map_err(e)?;
+                        let mut losses = Vec::new();
+                        for _ in 0..5 {
+                            losses.push(t.train_step().map_err(e)?.loss);
+                        }
+                        let mut worst = 0f64;
+                        for (k, w) in t.master_weights().map_err(e)? {
+                            let o = one_w.get(&k).ok_or_else(|| format!("no {k}"))?;
+                            worst = worst.max(crate::model::max_abs_diff(&w, o).map_err(e)?);
+                        }
+                        Ok((losses, worst))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into())))
+                .collect()
+        });
+        let mut shard_ok = true;
+        let mut worst = 0f64;
+        let mut two_losses = Vec::new();
+        for r in ranks {
+            let (l, w) = r?;
+            worst = worst.max(w);
+            two_losses = l;
+        }
+        let loss_gap = one_losses
+            .iter()
+            .zip(&two_losses)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1e-9))
+            .fold(0.0, f64::max);
+        // bf16 forward/backward: the two gangs sum the same bf16 gradients in another order.
+        shard_ok &= worst < 2e-2 && loss_gap < 2e-2;
+        ok &= shard_ok;
+        println!(
+            "{}",
+            serde_json::json!({"check": "bf16_sharded_two_ranks_equal_one_rank", "ok": shard_ok,
+                "max_master_weight_diff": worst, "max_relative_loss_gap": loss_gap,
+                "losses_one_rank": one_losses, "losses_two_ranks": two_losses})
         );
 
         // 3. Distillation throughput, SmolLM2-135M shape teacher and the 70% student the
@@ -195,28 +301,65 @@ mod cuda {
         )?;
         let student = Llama::new(sc, DType::F32, &gpu).map_err(|e| e.to_string())?;
         let (seq, micro) = (512, 8);
-        let mut solo = Solo;
-        let mut t = Trainer::new(
-            student,
-            Some(&teacher),
-            cfg(seq, micro, 10),
-            &mut solo,
-            domain(49152, seq),
-            &[1.0],
-            vec![],
-        );
-        t.train_step().map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        let steps = 5;
-        for _ in 0..steps {
-            t.train_step().map_err(|e| e.to_string())?;
+        let params = student.num_params() as f64;
+        let teacher_bf16 = teacher.converted(DType::BF16).map_err(e)?;
+        for (label, precision, shard) in [
+            ("f32", Precision::F32, false),
+            ("bf16_sharded_2_ranks", Precision::Bf16, true),
+        ] {
+            let world = if shard { 2 } else { 1 };
+            let mut c = cfg(seq, micro, 10);
+            c.global_batch = micro * world;
+            c.precision = precision;
+            c.shard_optimizer = shard;
+            let teacher = if precision == Precision::Bf16 {
+                &teacher_bf16
+            } else {
+                &teacher
+            };
+            let steps = 5;
+            let secs: Vec<Result<f64, String>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = LocalGang::new(world)
+                    .into_iter()
+                    .map(|mut g| {
+                        let (c, student) = (c.clone(), &student);
+                        sc.spawn(move || -> Result<f64, String> {
+                            let mut t = Trainer::new(
+                                student.converted(DType::F32).map_err(e)?,
+                                Some(teacher),
+                                c,
+                                &mut g,
+                                domain(49152, seq),
+                                &[1.0],
+                                vec![],
+                            )
+                            .map_err(e)?;
+                            t.train_step().map_err(e)?;
+                            let start = Instant::now();
+                            for _ in 0..steps {
+                                t.train_step().map_err(e)?;
+                            }
+                            Ok(start.elapsed().as_secs_f64())
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into())))
+                    .collect()
+            });
+            let mut slowest = 0f64;
+            for s in secs {
+                slowest = slowest.max(s?);
+            }
+            let tps = (steps * seq * micro * world) as f64 / slowest;
+            println!(
+                "{}",
+                serde_json::json!({"check": "distill_throughput_smollm2_135m_to_70pct", "ok": true,
+                    "precision": label, "ranks_on_one_gpu": world, "tokens_per_s": tps,
+                    "seq_len": seq, "micro_batch": micro, "student_params": params,
+                    "mfu": 6.0 * params * tps / BF16_PEAK.0, "mfu_peak": BF16_PEAK.1})
+            );
         }
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "{}",
-            serde_json::json!({"check": "distill_throughput_smollm2_135m_to_70pct", "ok": true,
-                "tokens_per_s": (steps * seq * micro) as f64 / secs, "seq_len": seq, "micro_batch": micro})
-        );
         Ok(ok)
     }
 }

@@ -1,7 +1,10 @@
-//! A TCP ring for CPU ranks. Each rank connects to the next and accepts the previous one; an
-//! all-reduce splits each bucket into `world_size` chunks, reduce-scatters them around the ring
-//! (after `n - 1` steps rank r holds the full sum of one chunk) and all-gathers the sums. Every
-//! step sends and receives at once (a sender thread), so no rank blocks on a full socket.
+//! A TCP ring for CPU ranks, over buffers in host memory (a CPU rank's device). Each rank
+//! connects to the next and accepts the previous one. The buffer is split into `world_size`
+//! chunks ([`shard_range`]); a reduce-scatter passes partial sums around the ring (after `n - 1`
+//! steps rank r holds the full sum of chunk r, its shard), an all-gather passes the shards
+//! around, and an all-reduce is the two. Transfers move at most a bucket at a time, so the
+//! scratch memory is two buckets however large the buffer. Every step sends and receives at
+//! once (a sender thread), so no rank blocks on a full socket.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -9,10 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use super::{Collective, CollectiveError};
+use std::ops::Range;
 
-/// Floats per bucket: bounds the scratch memory, and lets a bucket's sum be used while later
-/// ones are in flight (in a later version).
+use candle_core::Tensor;
+
+use super::{shard_range, with_host_f32_mut, Collective, CollectiveError};
+
+/// Floats per transfer: bounds the scratch memory (two pieces) whatever the buffer's size.
 pub const BUCKET: usize = 1 << 20;
 
 /// One rank's links in the ring.
@@ -22,6 +28,9 @@ pub struct Ring {
     next: Option<TcpStream>,
     prev: Option<TcpStream>,
     bucket: usize,
+    /// Scratch for one outgoing and one incoming piece, kept across collectives.
+    out: Vec<f32>,
+    inp: Vec<f32>,
     /// Alive while the ring is: the cancel watcher (see [`Ring::abort_when`]) stops with it.
     alive: Arc<()>,
 }
@@ -58,6 +67,8 @@ impl Ring {
                 next: None,
                 prev: None,
                 bucket: BUCKET,
+                out: Vec::new(),
+                inp: Vec::new(),
                 alive: Arc::new(()),
             });
         }
@@ -125,6 +136,8 @@ impl Ring {
             next: Some(next),
             prev: Some(prev),
             bucket: BUCKET,
+            out: Vec::new(),
+            inp: Vec::new(),
             alive: Arc::new(()),
         })
     }
@@ -183,34 +196,80 @@ impl Ring {
         })
     }
 
-    fn reduce_bucket(&mut self, x: &mut [f32]) -> Result<(), CollectiveError> {
+    /// Ring reduce-scatter over `x` split into `world_size` chunks ([`shard_range`]): afterwards
+    /// rank r's chunk r holds the sum over ranks. Step s sends chunk (r - s - 1) and adds the
+    /// received chunk (r - s - 2) into place; each transfer moves at most `bucket` floats, so
+    /// the scratch memory is two buckets whatever the buffer's size.
+    fn reduce_scatter_slice(&mut self, x: &mut [f32]) -> Result<(), CollectiveError> {
         let n = self.n;
-        let bounds: Vec<usize> = (0..=n).map(|i| i * x.len() / n).collect();
-        let chunk = |i: usize| bounds[i]..bounds[i + 1];
-        let mut out: Vec<f32> = Vec::new();
-        let mut inp: Vec<f32> = Vec::new();
-        // Reduce-scatter: after step s, chunk (rank - s - 1) holds s + 2 ranks' contributions.
-        for s in 0..n - 1 {
-            let send = chunk((self.rank + n - s) % n);
-            let recv = chunk((self.rank + 2 * n - s - 1) % n);
-            out.clear();
-            out.extend_from_slice(&x[send]);
-            inp.resize(recv.len(), 0.0);
-            self.exchange(&out, &mut inp)?;
-            for (v, r) in x[recv].iter_mut().zip(&inp) {
-                *v += r;
+        if n == 1 {
+            return Ok(());
+        }
+        let len = x.len();
+        let mut out = std::mem::take(&mut self.out);
+        let mut inp = std::mem::take(&mut self.inp);
+        let r = (|| {
+            for s in 0..n - 1 {
+                let send = shard_range(len, n, (self.rank + 2 * n - s - 1) % n);
+                let recv = shard_range(len, n, (self.rank + 2 * n - s - 2) % n);
+                let pieces = send.len().max(recv.len()).div_ceil(self.bucket);
+                for k in 0..pieces {
+                    let sp = piece(&send, k, self.bucket);
+                    let rp = piece(&recv, k, self.bucket);
+                    out.clear();
+                    out.extend_from_slice(&x[sp]);
+                    inp.resize(rp.len(), 0.0);
+                    self.exchange(&out, &mut inp)?;
+                    for (v, r) in x[rp].iter_mut().zip(&inp) {
+                        *v += r;
+                    }
+                }
             }
-        }
-        // All-gather: rank r owns the full sum of chunk r + 1; pass the sums around.
-        for s in 0..n - 1 {
-            let send = chunk((self.rank + 1 + n - s) % n);
-            let recv = chunk((self.rank + n - s) % n);
-            out.clear();
-            out.extend_from_slice(&x[send]);
-            self.exchange(&out, &mut x[recv])?;
-        }
-        Ok(())
+            Ok(())
+        })();
+        self.out = out;
+        self.inp = inp;
+        r
     }
+
+    /// Ring all-gather: rank r's chunk r goes to every rank. Step s sends chunk (r - s) and
+    /// receives chunk (r - s - 1) straight into place.
+    fn all_gather_slice(&mut self, x: &mut [f32]) -> Result<(), CollectiveError> {
+        let n = self.n;
+        if n == 1 {
+            return Ok(());
+        }
+        let len = x.len();
+        let mut out = std::mem::take(&mut self.out);
+        let r = (|| {
+            for s in 0..n - 1 {
+                let send = shard_range(len, n, (self.rank + n - s) % n);
+                let recv = shard_range(len, n, (self.rank + 2 * n - s - 1) % n);
+                let pieces = send.len().max(recv.len()).div_ceil(self.bucket);
+                for k in 0..pieces {
+                    let sp = piece(&send, k, self.bucket);
+                    let rp = piece(&recv, k, self.bucket);
+                    out.clear();
+                    out.extend_from_slice(&x[sp]);
+                    self.exchange(&out, &mut x[rp])?;
+                }
+            }
+            Ok(())
+        })();
+        self.out = out;
+        r
+    }
+
+    fn all_reduce_slice(&mut self, x: &mut [f32]) -> Result<(), CollectiveError> {
+        self.reduce_scatter_slice(x)?;
+        self.all_gather_slice(x)
+    }
+}
+
+/// The `k`-th piece of at most `bucket` elements of `r` (empty past its end).
+fn piece(r: &Range<usize>, k: usize, bucket: usize) -> Range<usize> {
+    let a = (r.start + k * bucket).min(r.end);
+    a..(a + bucket).min(r.end)
 }
 
 impl Collective for Ring {
@@ -222,15 +281,29 @@ impl Collective for Ring {
         self.n
     }
 
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+    fn all_reduce_sum(&mut self, buf: &Tensor) -> Result<(), CollectiveError> {
         if self.n == 1 {
             return Ok(());
         }
-        let b = self.bucket;
-        for bucket in buf.chunks_mut(b) {
-            self.reduce_bucket(bucket)?;
+        with_host_f32_mut(buf, |x| self.all_reduce_slice(x))?
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &Tensor) -> Result<(), CollectiveError> {
+        if self.n == 1 {
+            return Ok(());
         }
-        Ok(())
+        with_host_f32_mut(buf, |x| self.reduce_scatter_slice(x))?
+    }
+
+    fn all_gather(&mut self, buf: &Tensor) -> Result<(), CollectiveError> {
+        if self.n == 1 {
+            return Ok(());
+        }
+        with_host_f32_mut(buf, |x| self.all_gather_slice(x))?
+    }
+
+    fn all_reduce_host(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_slice(buf)
     }
 
     fn broadcast(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
@@ -300,6 +373,10 @@ mod tests {
         })
     }
 
+    fn host(v: &[f32]) -> Tensor {
+        Tensor::new(v, &candle_core::Device::Cpu).unwrap()
+    }
+
     #[test]
     fn the_ring_sum_equals_a_plain_sum_for_sizes_that_do_not_divide_evenly() {
         for n in [2usize, 3, 4] {
@@ -321,12 +398,15 @@ mod tests {
                         .map(|i| inputs.iter().map(|v| v[i]).sum())
                         .collect();
                     let got = gang(n, bucket, |ring| {
-                        let mut v = input(ring.rank());
-                        ring.all_reduce_sum(&mut v).unwrap();
-                        v
+                        let t = host(&input(ring.rank()));
+                        ring.all_reduce_sum(&t).unwrap();
+                        let mut h = input(ring.rank());
+                        ring.all_reduce_host(&mut h).unwrap();
+                        (t.to_vec1::<f32>().unwrap(), h)
                     });
-                    for (r, v) in got.iter().enumerate() {
+                    for (r, (v, h)) in got.iter().enumerate() {
                         assert_eq!(v, &want, "n={n} len={len} bucket={bucket} rank={r}");
+                        assert_eq!(h, &want, "host n={n} len={len} bucket={bucket} rank={r}");
                     }
                 }
             }
@@ -334,7 +414,47 @@ mod tests {
     }
 
     #[test]
-    fn broadcast_mean_and_barrier_reach_every_rank() {
+    fn reduce_scatter_leaves_each_rank_its_shard_summed_and_all_gather_spreads_the_shards() {
+        for n in [2usize, 3, 4] {
+            for len in [4usize, 12, 1001] {
+                for bucket in [5usize, 1 << 20] {
+                    let input = |r: usize| -> Vec<f32> {
+                        (0..len).map(|i| ((i * 3 + r * 11) % 23) as f32).collect()
+                    };
+                    let sums: Vec<f32> = (0..len)
+                        .map(|i| (0..n).map(|r| input(r)[i]).sum())
+                        .collect();
+                    let got = gang(n, bucket, |ring| {
+                        let r = ring.rank();
+                        let t = host(&input(r));
+                        ring.reduce_scatter_sum(&t).unwrap();
+                        let scattered = t.to_vec1::<f32>().unwrap();
+                        // Each rank writes a value of its own into its shard, then gathers.
+                        let mine = shard_range(len, n, r);
+                        let mut g = vec![-1.0f32; len];
+                        for i in mine {
+                            g[i] = (r * 1000 + i) as f32;
+                        }
+                        let g = host(&g);
+                        ring.all_gather(&g).unwrap();
+                        (scattered, g.to_vec1::<f32>().unwrap())
+                    });
+                    for (r, (scattered, gathered)) in got.iter().enumerate() {
+                        for i in shard_range(len, n, r) {
+                            assert_eq!(scattered[i], sums[i], "n={n} len={len} rank={r} i={i}");
+                        }
+                        for (i, x) in gathered.iter().enumerate() {
+                            let owner = i / crate::collective::shard_len(len, n);
+                            assert_eq!(*x, (owner * 1000 + i) as f32, "n={n} len={len} r={r}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_and_barrier_reach_every_rank() {
         let got = gang(3, 1 << 20, |ring| {
             let mut b = if ring.rank() == 1 {
                 b"from rank one".to_vec()
@@ -342,14 +462,11 @@ mod tests {
                 Vec::new()
             };
             ring.broadcast(&mut b, 1).unwrap();
-            let mut m = vec![ring.rank() as f32; 5];
-            ring.all_reduce_mean(&mut m).unwrap();
             ring.barrier().unwrap();
-            (b, m)
+            b
         });
-        for (b, m) in got {
+        for b in got {
             assert_eq!(b, b"from rank one");
-            assert_eq!(m, vec![1.0; 5]);
         }
     }
 
@@ -373,8 +490,8 @@ mod tests {
         )
         .unwrap();
         h.join().unwrap();
-        let mut v = vec![1.0f32; 1000];
-        let e = r0.all_reduce_sum(&mut v).unwrap_err();
+        let v = host(&[1.0f32; 1000]);
+        let e = r0.all_reduce_sum(&v).unwrap_err();
         // The surviving rank's attempt is lost, not failed: the task did nothing wrong.
         let t = crate::runner::TaskError::from(e);
         assert!(t.lost && t.retryable, "{t:?}");
@@ -411,8 +528,8 @@ mod tests {
             f.store(true, Ordering::SeqCst);
         });
         let t0 = Instant::now();
-        let mut v = vec![1.0f32; 1000];
-        assert!(r0.all_reduce_sum(&mut v).is_err());
+        let v = host(&[1.0f32; 1000]);
+        assert!(r0.all_reduce_sum(&v).is_err());
         // Well before the 60 s io_timeout.
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         let _ = hold_tx.send(());

@@ -1,18 +1,30 @@
 //! The distillation loop of one rank: every step draws the global batch (the same on every rank),
-//! takes its share, runs teacher (no gradient) and student (`forward_train`) on micro-batches,
-//! sums the gradients of `loss / global tokens`, all-reduces them, clips, and steps AdamW. A
-//! checkpoint holds everything the next step depends on, so a resumed run is bit-identical on CPU.
+//! takes its share, runs teacher (no gradient) and student on micro-batches, sums the gradients
+//! of `loss / global tokens`, all-reduces them, clips, and steps AdamW. A checkpoint holds
+//! everything the next step depends on, so a resumed run is bit-identical on CPU.
+//!
+//! Everything stays on the training device: the gradients accumulate into one flat f32 device
+//! buffer (parameters concatenated in name order, padded to a multiple of the world size); the
+//! collective reduces that buffer in place; the f32 master weights and AdamW moments live in one
+//! device tensor per rank and are updated there ([`FlatAdamW`]); the student's parameters (f32,
+//! or bf16 under `precision = Bf16`) are written from the master weights. The host sees the loss,
+//! the KL and the gradient norm. With `shard_optimizer` (ZeRO-1) the buffer is reduce-scattered,
+//! each rank updates only its shard of master weights and moments, and the updated master
+//! weights are all-gathered into the same buffer, from which the parameters are set. With
+//! `recompute` only each layer's input is kept from the forward pass; the backward recomputes
+//! one layer at a time.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::data::{global_batch, update_weights, DataState, Domain};
-use super::loss::{ce_only, kd_loss};
-use super::optim::{clip_global_norm, lr_at, AdamW};
-use crate::collective::{Collective, CollectiveError};
-use crate::model::io::{save_dir, ModelIoError};
+use super::loss::{ce_only, kd_loss, LossSums};
+use super::optim::{accumulate, lr_at, sum_squares, FlatAdamW, Segment};
+use crate::collective::{padded_len, shard_range, Collective, CollectiveError};
+use crate::model::io::{save_dir_with, ModelIoError};
 use crate::model::Llama;
 
 /// Why training stopped.
@@ -76,7 +88,9 @@ impl Precision {
         match s {
             "f32" | "" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            other => Err(format!("{other:?} is not a precision: use \"f32\" or \"bf16\"")),
+            other => Err(format!(
+                "{other:?} is not a precision: use \"f32\" or \"bf16\""
+            )),
         }
     }
 
@@ -101,8 +115,67 @@ pub struct StepStats {
     pub tokens: u64,
 }
 
+/// Where each parameter sits in the flat vector.
+#[derive(Debug, Clone, PartialEq)]
+struct FlatLayout {
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    offsets: Vec<usize>,
+    /// Parameters in all.
+    len: usize,
+    /// `len` rounded up to a multiple of the world size.
+    padded: usize,
+}
+
+impl FlatLayout {
+    fn of(model: &Llama, world: usize) -> FlatLayout {
+        let vars = model.named_vars();
+        let mut offsets = Vec::with_capacity(vars.len());
+        let mut len = 0;
+        for (_, v) in &vars {
+            offsets.push(len);
+            len += v.elem_count();
+        }
+        FlatLayout {
+            names: vars.iter().map(|(n, _)| n.clone()).collect(),
+            shapes: vars.iter().map(|(_, v)| v.dims().to_vec()).collect(),
+            offsets,
+            len,
+            padded: padded_len(len, world),
+        }
+    }
+
+    fn size(&self, i: usize) -> usize {
+        self.shapes[i].iter().product()
+    }
+
+    /// Matrices get weight decay, vectors (norms, biases) do not.
+    fn segments(&self) -> Vec<Segment> {
+        (0..self.names.len())
+            .map(|i| Segment {
+                start: self.offsets[i],
+                len: self.size(i),
+                decay: self.shapes[i].len() >= 2,
+            })
+            .collect()
+    }
+
+    /// A digest of names and shapes, so a checkpoint of another model is refused.
+    fn digest(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for (n, s) in self.names.iter().zip(&self.shapes) {
+            h.update(n.as_bytes());
+            h.update(format!("{s:?};").as_bytes());
+        }
+        hex::encode(&h.finalize()[..8])
+    }
+}
+
 /// One rank's training state.
 pub struct Trainer<'a> {
+    /// The model trained, in the compute precision; its parameters are set from the master
+    /// weights after every step.
     pub student: Llama,
     /// None: plain language-model training (cross-entropy only), e.g. to make a teacher.
     teacher: Option<&'a Llama>,
@@ -111,15 +184,12 @@ pub struct Trainer<'a> {
     domains: Vec<Domain>,
     /// Validation sequences per domain (same order as `domains`), for dynamic batch loading.
     validation: Vec<Vec<Vec<u32>>>,
-    names: Vec<String>,
-    decay: Vec<bool>,
-    pub opt: AdamW,
-    /// f32 copies of the parameters (the values the vars hold), updated in place each step.
-    params: Vec<Vec<f32>>,
-    /// Gradient accumulators, and the flat all-reduce buffer: kept across steps, so a step does
-    /// not map (and the kernel zero) hundreds of MB of fresh pages.
-    grads: Vec<Vec<f32>>,
-    flat: Vec<f32>,
+    layout: FlatLayout,
+    /// The flat f32 gradient buffer `[padded]` on the device, kept across steps; under
+    /// sharding it also receives the all-gathered master weights.
+    grad: Tensor,
+    /// Master weights and moments of this rank's shard (all of them without sharding).
+    pub opt: FlatAdamW,
     pub data: DataState,
     pub step: u64,
     pub tokens: u64,
@@ -135,8 +205,23 @@ fn ck_err(path: &Path, m: impl std::fmt::Display) -> TrainError {
     }
 }
 
+/// The file rank `rank` of `world` writes its optimizer shard to.
+pub fn shard_file(rank: usize, world: usize) -> String {
+    format!("optimizer-{rank:05}-of-{world:05}.safetensors")
+}
+
+/// The `(rank, world)` of an optimizer shard's file name.
+fn parse_shard_file(name: &str) -> Option<(usize, usize)> {
+    let rest = name
+        .strip_prefix("optimizer-")?
+        .strip_suffix(".safetensors")?;
+    let (r, w) = rest.split_once("-of-")?;
+    Some((r.parse().ok()?, w.parse().ok()?))
+}
+
 impl<'a> Trainer<'a> {
-    /// A fresh run from the student's current weights with the domains' initial weights.
+    /// A fresh run from the student's current weights (its dtype is the master weights'
+    /// starting point; the trained copy is in `cfg.precision`) with the domains' initial weights.
     pub fn new(
         student: Llama,
         teacher: Option<&'a Llama>,
@@ -145,17 +230,44 @@ impl<'a> Trainer<'a> {
         domains: Vec<Domain>,
         weights: &[f64],
         validation: Vec<Vec<Vec<u32>>>,
-    ) -> Trainer<'a> {
-        let vars = student.named_vars();
-        let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
-        let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
-        let decay = vars.iter().map(|(_, v)| v.rank() >= 2).collect();
-        let grads: Vec<Vec<f32>> = sizes.iter().map(|n| vec![0.0; *n]).collect();
-        Trainer {
-            params: Vec::new(),
-            grads,
-            flat: Vec::new(),
-            opt: AdamW::new(&sizes, cfg.weight_decay),
+    ) -> Result<Trainer<'a>, TrainError> {
+        let world = coll.world_size();
+        let layout = FlatLayout::of(&student, world);
+        let dev = student.device().clone();
+        let (lo, len) = if cfg.shard_optimizer {
+            let r = shard_range(layout.padded, world, coll.rank());
+            (r.start, r.len())
+        } else {
+            (0, layout.padded)
+        };
+        // The master shard, copied var by var (no full-size temporary).
+        let master = Tensor::zeros(len, DType::F32, &dev)?;
+        for (i, (_, v)) in student.named_vars().iter().enumerate() {
+            let (a, n) = (layout.offsets[i], layout.size(i));
+            let (s, e) = (a.max(lo), (a + n).min(lo + len));
+            if s < e {
+                let part = v
+                    .as_tensor()
+                    .flatten_all()?
+                    .narrow(0, s - a, e - s)?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?;
+                master.slice_set(&part, 0, s - lo)?;
+            }
+        }
+        let opt = FlatAdamW::new(&master, lo, layout.segments(), cfg.weight_decay)?;
+        drop(master);
+        let dtype = cfg.precision.dtype();
+        let student = if student.dtype() == dtype {
+            student
+        } else {
+            student.converted(dtype)?
+        };
+        let grad = Tensor::zeros(layout.padded, DType::F32, &dev)?;
+        let mut t = Trainer {
+            grad,
+            opt,
+            layout,
             data: DataState::new(weights),
             student,
             teacher,
@@ -163,23 +275,15 @@ impl<'a> Trainer<'a> {
             coll,
             domains,
             validation,
-            names,
-            decay,
             step: 0,
             tokens: 0,
             last_loss: f64::NAN,
+        };
+        if t.student.dtype() != DType::F32 {
+            // The compute copy is the master weights rounded once (not twice via another dtype).
+            t.set_params_from_master()?;
         }
-    }
-
-    /// Re-reads the f32 parameter copies from the student's vars.
-    fn sync_params(&mut self) -> Result<(), TrainError> {
-        self.params = self
-            .student
-            .named_vars()
-            .iter()
-            .map(|(_, v)| v.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1())
-            .collect::<candle_core::Result<_>>()?;
-        Ok(())
+        Ok(t)
     }
 
     /// Sequences this rank processes per step.
@@ -191,6 +295,96 @@ impl<'a> Trainer<'a> {
             .filter(|(j, _)| j % n == r)
             .map(|(_, (_, s))| s)
             .collect()
+    }
+
+    /// Adds the gradients in `g` of the student's parameters `vars` into the flat buffer
+    /// (writing where nothing was written this step yet).
+    fn add_grads(
+        &self,
+        vars: &[(String, Var)],
+        g: &GradStore,
+        written: &mut [bool],
+    ) -> Result<(), TrainError> {
+        for (i, (_, v)) in vars.iter().enumerate() {
+            if let Some(gi) = g.get(v.as_tensor()) {
+                accumulate(&self.grad, self.layout.offsets[i], gi, !written[i])?;
+                written[i] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// The loss of one micro-batch (and the value of `loss / norm`); the student's gradients of
+    /// `loss / norm` are added into the flat buffer.
+    fn micro_step(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        norm: f64,
+        vars: &[(String, Var)],
+        written: &mut [bool],
+    ) -> Result<(LossSums, f64), TrainError> {
+        let cfg = &self.cfg;
+        let teacher_logits = match self.teacher {
+            Some(t) => Some(t.forward(ids)?),
+            None => None,
+        };
+        let loss_of = |logits: &Tensor| -> candle_core::Result<LossSums> {
+            match &teacher_logits {
+                Some(tl) => kd_loss(logits, tl, targets, cfg.temperature, cfg.ce_weight),
+                None => ce_only(logits, targets),
+            }
+        };
+        if !cfg.recompute {
+            let logits = self.student.forward_train(ids)?;
+            let l = loss_of(&logits)?;
+            drop(logits);
+            let scaled = (&l.total / norm)?;
+            let value = scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let g = scaled.backward()?;
+            self.add_grads(vars, &g, written)?;
+            return Ok((l, value));
+        }
+        // Activation recomputation: a forward that keeps only each layer's input (each layer's
+        // graph is dropped as soon as its output is detached), then the head's backward, then
+        // each layer recomputed and differentiated from its input, last to first; each piece's
+        // gradients go into the flat buffer at once.
+        let m = &self.student;
+        let t = ids.dim(1)?;
+        let pass = m.pass(0, t, true)?;
+        let mut inputs = Vec::with_capacity(m.num_layers());
+        let mut h = m.embed(ids, true)?.detach();
+        for i in 0..m.num_layers() {
+            let next = m.layer_forward(i, &h, &pass, None, None)?.detach();
+            inputs.push(h);
+            h = next;
+        }
+        let top = Var::from_tensor(&h)?;
+        drop(h);
+        let l = loss_of(&m.head(top.as_tensor(), true)?)?;
+        let scaled = (&l.total / norm)?;
+        let value = scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut g = scaled.backward()?;
+        let missing = |what: String| candle_core::Error::Msg(format!("no gradient reached {what}"));
+        let mut upstream = g
+            .remove(top.as_tensor())
+            .ok_or_else(|| missing("the last layer".into()))?;
+        self.add_grads(vars, &g, written)?;
+        drop(g);
+        while let Some(x) = inputs.pop() {
+            let i = inputs.len();
+            let x = Var::from_tensor(&x)?;
+            let y = m.layer_forward(i, x.as_tensor(), &pass, None, None)?;
+            let mut g = (y * upstream.detach())?.sum_all()?.backward()?;
+            upstream = g
+                .remove(x.as_tensor())
+                .ok_or_else(|| missing(format!("layer {i}")))?;
+            self.add_grads(vars, &g, written)?;
+        }
+        let e = m.embed(ids, true)?;
+        let g = (e * upstream.detach())?.sum_all()?.backward()?;
+        self.add_grads(vars, &g, written)?;
+        Ok((l, value))
     }
 
     /// One optimizer step.
@@ -212,18 +406,7 @@ impl<'a> Trainer<'a> {
         let t = cfg.seq_len;
         let norm = (cfg.global_batch * t) as f64;
         let vars = self.student.named_vars();
-        if self.params.len() != vars.len() {
-            self.sync_params()?;
-        }
-        let mut grads = std::mem::take(&mut self.grads);
-        if grads.len() != vars.len() {
-            // A previous step failed half-way: start the buffers again.
-            grads = vars
-                .iter()
-                .map(|(_, v)| vec![0.0; v.elem_count()])
-                .collect();
-        }
-        grads.iter_mut().for_each(|g| g.fill(0.0));
+        let mut written = vec![false; vars.len()];
         let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
         let dev = self.student.device().clone();
         for micro in mine.chunks(cfg.micro_batch.max(1)) {
@@ -231,58 +414,46 @@ impl<'a> Trainer<'a> {
             let tgts: Vec<Vec<u32>> = micro.iter().map(|s| s[1..=t].to_vec()).collect();
             let ids = Tensor::new(rows, &dev)?;
             let targets = Tensor::new(tgts, &dev)?;
-            let student_logits = self.student.forward_train(&ids)?;
-            let l = match self.teacher {
-                Some(teacher) => kd_loss(
-                    &student_logits,
-                    &teacher.forward(&ids)?,
-                    &targets,
-                    cfg.temperature,
-                    cfg.ce_weight,
-                )?,
-                None => ce_only(&student_logits, &targets)?,
-            };
-            let scaled = (&l.total / norm)?;
-            loss_sum += scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let (l, value) = self.micro_step(&ids, &targets, norm, &vars, &mut written)?;
+            loss_sum += value;
             kl_sum += l.kl / norm;
-            let g = scaled.backward()?;
-            for (i, (_, v)) in vars.iter().enumerate() {
-                if let Some(gi) = g.get(v.as_tensor()) {
-                    let gv: Vec<f32> = gi.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    for (a, b) in grads[i].iter_mut().zip(&gv) {
-                        *a += b;
-                    }
-                }
+        }
+        // Parameters no gradient reached (or none: this rank had no sequence) add nothing.
+        for (i, (_, v)) in vars.iter().enumerate() {
+            if !written[i] {
+                let z = Tensor::zeros(v.elem_count(), DType::F32, &dev)?;
+                accumulate(&self.grad, self.layout.offsets[i], &z, true)?;
             }
         }
-        // One all-reduce for every gradient and the two loss sums.
-        let mut flat = std::mem::take(&mut self.flat);
-        flat.clear();
-        for g in &grads {
-            flat.extend_from_slice(g);
+        drop(vars);
+        let sharded = cfg.shard_optimizer;
+        if sharded {
+            self.coll.reduce_scatter_sum(&self.grad)?;
+        } else {
+            self.coll.all_reduce_sum(&self.grad)?;
         }
-        flat.push(loss_sum as f32);
-        flat.push(kl_sum as f32);
-        self.coll.all_reduce_sum(&mut flat)?;
-        let kl = f64::from(flat.pop().unwrap_or(0.0));
-        let loss = f64::from(flat.pop().unwrap_or(0.0));
-        let mut off = 0;
-        for g in grads.iter_mut() {
-            let n = g.len();
-            g.copy_from_slice(&flat[off..off + n]);
-            off += n;
+        let mine = self.opt.lo..self.opt.lo + self.opt.len;
+        let local_sq = sum_squares(&self.grad, mine)?;
+        let mut host = [loss_sum as f32, kl_sum as f32, local_sq as f32];
+        if !sharded {
+            host[2] = 0.0;
         }
-        self.flat = flat;
-        let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm);
+        self.coll.all_reduce_host(&mut host)?;
+        let (loss, kl) = (f64::from(host[0]), f64::from(host[1]));
+        let grad_norm = if sharded {
+            f64::from(host[2])
+        } else {
+            local_sq
+        }
+        .sqrt();
+        let scale = if cfg.max_grad_norm > 0.0 && grad_norm > cfg.max_grad_norm {
+            (cfg.max_grad_norm / (grad_norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
         let lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.total_steps);
-        self.opt.update(&mut self.params, &grads, &self.decay, lr);
-        self.grads = grads;
-        for ((_, v), p) in vars.iter().zip(&self.params) {
-            let t = Tensor::from_slice(p, v.shape().clone(), &Device::Cpu)?
-                .to_dtype(v.dtype())?
-                .to_device(&dev)?;
-            v.set(&t)?;
-        }
+        self.opt.update(&self.grad, scale, lr)?;
+        self.set_params_from_master()?;
         self.step += 1;
         self.tokens += (cfg.global_batch * t) as u64;
         self.last_loss = loss;
@@ -294,6 +465,58 @@ impl<'a> Trainer<'a> {
             grad_norm,
             tokens: self.tokens,
         })
+    }
+
+    /// The full f32 master weights `[padded]`: this rank's state without sharding, else the
+    /// shards all-gathered into the gradient buffer (every rank must call it).
+    fn full_master(&mut self) -> Result<Tensor, TrainError> {
+        if !self.cfg.shard_optimizer {
+            return Ok(self.opt.master()?);
+        }
+        self.grad.slice_set(&self.opt.master()?, 0, self.opt.lo)?;
+        self.coll.all_gather(&self.grad)?;
+        Ok(self.grad.clone())
+    }
+
+    /// Writes the student's parameters from the master weights.
+    fn set_params_from_master(&mut self) -> Result<(), TrainError> {
+        let full = self.full_master()?;
+        for (i, (_, v)) in self.student.named_vars().iter().enumerate() {
+            let w = full
+                .narrow(0, self.layout.offsets[i], self.layout.size(i))?
+                .reshape(v.shape())?
+                .to_dtype(v.dtype())?;
+            v.set(&w)?;
+        }
+        Ok(())
+    }
+
+    /// The master weights by parameter name (views of one f32 device buffer); every rank must
+    /// call it.
+    pub fn master_weights(&mut self) -> Result<HashMap<String, Tensor>, TrainError> {
+        let full = self.full_master()?;
+        let mut out = HashMap::new();
+        for (i, name) in self.layout.names.iter().enumerate() {
+            let w = full
+                .narrow(0, self.layout.offsets[i], self.layout.size(i))?
+                .reshape(self.layout.shapes[i].as_slice())?;
+            out.insert(name.clone(), w);
+        }
+        Ok(out)
+    }
+
+    /// Writes the student (its f32 master weights) as a Hugging Face directory, as the output
+    /// of training; every rank must call it, rank 0 writes.
+    pub fn save_student(
+        &mut self,
+        dir: &Path,
+        tokenizer_src: Option<&Path>,
+    ) -> Result<(), TrainError> {
+        let w = self.master_weights()?;
+        if self.coll.rank() == 0 {
+            save_dir_with(&self.student.config, &w, dir, tokenizer_src)?;
+        }
+        Ok(())
     }
 
     /// Mean next-token loss of the student on each domain's validation sequences.
@@ -334,55 +557,96 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Writes a checkpoint: the student as a Hugging Face directory (tokenizer files from
-    /// `tokenizer_src`), the optimizer moments and the run state.
+    /// Writes a checkpoint into `dir`; every rank calls it. Rank 0 writes the student (the f32
+    /// master weights, as a Hugging Face directory with tokenizer files from `tokenizer_src`)
+    /// and the run state; each rank that holds a distinct optimizer shard writes it
+    /// ([`shard_file`]: master weights, m and v of its range). Ranks may write into one shared
+    /// folder or each into its own (the task then gathers the files).
     pub fn save_checkpoint(
-        &self,
+        &mut self,
         dir: &Path,
         tokenizer_src: Option<&Path>,
     ) -> Result<(), TrainError> {
-        save_dir(&self.student, dir, tokenizer_src)?;
-        let mut t = HashMap::new();
-        for (i, name) in self.names.iter().enumerate() {
-            let n = self.opt.m[i].len();
+        let (rank, world) = (self.coll.rank(), self.coll.world_size());
+        self.save_student(dir, tokenizer_src)?;
+        let (r, w) = if self.cfg.shard_optimizer {
+            (rank, world)
+        } else {
+            (0, 1)
+        };
+        if self.cfg.shard_optimizer || rank == 0 {
+            std::fs::create_dir_all(dir).map_err(|e| ck_err(dir, e))?;
+            let (lo, n) = (self.opt.lo, self.layout.len);
+            // The real parameters of the shard (not the padding).
+            let hi = (lo + self.opt.len).min(n).max(lo.min(n));
+            let k = hi - lo.min(hi);
+            let st = &self.opt.state;
+            let len = self.opt.len;
+            let part = |base: usize| -> candle_core::Result<Tensor> {
+                st.narrow(0, base, k)?.to_device(&Device::Cpu)
+            };
+            let mut t = HashMap::new();
+            t.insert("master".to_string(), part(0)?);
+            t.insert("m".to_string(), part(len)?);
+            t.insert("v".to_string(), part(2 * len)?);
             t.insert(
-                format!("m.{name}"),
-                Tensor::from_slice(&self.opt.m[i], n, &Device::Cpu)?,
+                "range".to_string(),
+                Tensor::new(&[lo.min(n) as i64, n as i64], &Device::Cpu)?,
             );
-            t.insert(
-                format!("v.{name}"),
-                Tensor::from_slice(&self.opt.v[i], n, &Device::Cpu)?,
-            );
+            let path = dir.join(shard_file(r, w));
+            candle_core::safetensors::save(&t, &path).map_err(|e| ck_err(&path, e))?;
         }
-        candle_core::safetensors::save(&t, dir.join("optimizer.safetensors"))?;
-        let state = serde_json::json!({
-            "step": self.step,
-            "tokens": self.tokens,
-            "adam_step": self.opt.step,
-            // JSON has no NaN: absent before the first step.
-            "last_loss": self.last_loss.is_finite().then_some(self.last_loss),
-            "data": self.data,
-            "seed": self.cfg.seed,
-        });
-        let p = dir.join("trainer_state.json");
-        std::fs::write(&p, serde_json::to_vec_pretty(&state).unwrap_or_default())
-            .map_err(|e| ck_err(&p, e))?;
+        if rank == 0 {
+            let state = serde_json::json!({
+                "step": self.step,
+                "tokens": self.tokens,
+                "adam_step": self.opt.step,
+                // JSON has no NaN: absent before the first step.
+                "last_loss": self.last_loss.is_finite().then_some(self.last_loss),
+                "data": self.data,
+                "seed": self.cfg.seed,
+                "optimizer_shards": w,
+                "layout": self.layout.digest(),
+            });
+            let p = dir.join("trainer_state.json");
+            std::fs::write(&p, serde_json::to_vec_pretty(&state).unwrap_or_default())
+                .map_err(|e| ck_err(&p, e))?;
+        }
         Ok(())
     }
 
-    /// Restores what [`Trainer::save_checkpoint`] wrote (weights, moments, step, data position).
+    /// Restores what [`Trainer::save_checkpoint`] wrote: the parameters, this rank's shard of
+    /// master weights and moments (from whichever shard files cover it, so the world size may
+    /// differ from the one that wrote them), step and data position. `extra` names further
+    /// folders holding shard files (other ranks' uploads). Checkpoints of the format before
+    /// shards (`optimizer.safetensors` with `m.NAME` / `v.NAME`) load too.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<(), TrainError> {
+        self.load_checkpoint_from(dir, &[])
+    }
+
+    /// [`Trainer::load_checkpoint`] with shard files also looked for in `extra` folders.
+    pub fn load_checkpoint_from(
+        &mut self,
+        dir: &Path,
+        extra: &[PathBuf],
+    ) -> Result<(), TrainError> {
         let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
             .map_err(|e| ck_err(dir, e))?;
-        let moments =
-            candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
-                .map_err(|e| ck_err(dir, e))?;
         let p = dir.join("trainer_state.json");
         let state: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&p).map_err(|e| ck_err(&p, e))?)
                 .map_err(|e| ck_err(&p, e))?;
+        if let Some(d) = state["layout"].as_str() {
+            if d != self.layout.digest() {
+                return Err(ck_err(
+                    &p,
+                    "it was written for a model with other parameters than this student",
+                ));
+            }
+        }
         let vars = self.student.named_vars();
-        for (i, (name, v)) in vars.iter().enumerate() {
+        let mut full_master: Vec<Tensor> = Vec::with_capacity(vars.len());
+        for (name, v) in vars.iter() {
             let w = weights
                 .get(name)
                 .ok_or_else(|| ck_err(dir, format!("no weight {name}")))?;
@@ -397,11 +661,67 @@ impl<'a> Trainer<'a> {
                 ));
             }
             v.set(&w.to_dtype(v.dtype())?.to_device(v.device())?)?;
-            for (k, slot) in [("m", &mut self.opt.m[i]), ("v", &mut self.opt.v[i])] {
-                let t = moments
-                    .get(&format!("{k}.{name}"))
-                    .ok_or_else(|| ck_err(dir, format!("no moment {k}.{name}")))?;
-                *slot = t.to_dtype(DType::F32)?.to_vec1()?;
+            full_master.push(w.to_dtype(DType::F32)?.flatten_all()?);
+        }
+        let (lo, len, n) = (self.opt.lo, self.opt.len, self.layout.len);
+        let mut host = vec![0f32; 3 * len];
+        let mut folders = vec![dir.to_path_buf()];
+        folders.extend(extra.iter().cloned());
+        let mut shards: Vec<(usize, usize, PathBuf)> = Vec::new();
+        for f in &folders {
+            let rd = std::fs::read_dir(f).map_err(|e| ck_err(f, e))?;
+            for e in rd.flatten() {
+                if let Some((r, w)) = e.file_name().to_str().and_then(parse_shard_file) {
+                    if !shards.iter().any(|(r2, w2, _)| (*r2, *w2) == (r, w)) {
+                        shards.push((r, w, e.path()));
+                    }
+                }
+            }
+        }
+        if shards.is_empty() {
+            self.load_legacy_moments(dir, &mut host)?;
+        } else {
+            let w = shards[0].1;
+            if shards.iter().any(|(_, w2, _)| *w2 != w) || shards.len() != w {
+                let mut have: Vec<String> = shards
+                    .iter()
+                    .map(|(r, w, _)| format!("{r} of {w}"))
+                    .collect();
+                have.sort();
+                return Err(ck_err(
+                    dir,
+                    format!(
+                        "optimizer shards are incomplete or mixed: found {}",
+                        have.join(", ")
+                    ),
+                ));
+            }
+            for (_, _, path) in &shards {
+                let t = candle_core::safetensors::load(path, &Device::Cpu)
+                    .map_err(|e| ck_err(path, e))?;
+                let get = |k: &str| {
+                    t.get(k)
+                        .ok_or_else(|| ck_err(path, format!("no tensor {k:?}")))
+                };
+                let range: Vec<i64> = get("range")?.to_vec1()?;
+                let (s_lo, s_n) = match range.as_slice() {
+                    [a, b] if *a >= 0 && *b >= 0 => (*a as usize, *b as usize),
+                    _ => return Err(ck_err(path, "a bad range")),
+                };
+                if s_n != n {
+                    return Err(ck_err(
+                        path,
+                        format!("the shard is of {s_n} parameters, the student has {n}"),
+                    ));
+                }
+                for (j, key) in ["master", "m", "v"].iter().enumerate() {
+                    let x: Vec<f32> = get(key)?.to_dtype(DType::F32)?.to_vec1()?;
+                    let (a, b) = (s_lo.max(lo), (s_lo + x.len()).min(lo + len));
+                    if a < b {
+                        host[j * len + (a - lo)..j * len + (b - lo)]
+                            .copy_from_slice(&x[a - s_lo..b - s_lo]);
+                    }
+                }
             }
         }
         let num = |k: &str| {
@@ -412,14 +732,65 @@ impl<'a> Trainer<'a> {
         self.step = num("step")?;
         self.tokens = num("tokens")?;
         self.opt.step = num("adam_step")?;
+        self.opt.state = Tensor::from_vec(host, 3 * len, self.student.device())?;
         // Checkpoints written before it was recorded have none.
         self.last_loss = state["last_loss"].as_f64().unwrap_or(f64::NAN);
         self.data = serde_json::from_value(state["data"].clone()).map_err(|e| ck_err(&p, e))?;
-        self.sync_params()?;
         if self.data.cursors.len() != self.domains.len() {
             return Err(ck_err(&p, "the checkpoint has another number of domains"));
         }
+        drop(full_master);
         Ok(())
+    }
+
+    /// Master weights (the saved parameters) and moments from a checkpoint of the format before
+    /// shards, into `host` (master, m, v of this rank's range).
+    fn load_legacy_moments(&self, dir: &Path, host: &mut [f32]) -> Result<(), TrainError> {
+        let path = dir.join("optimizer.safetensors");
+        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+            .map_err(|e| ck_err(dir, e))?;
+        let moments =
+            candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| ck_err(&path, e))?;
+        let (lo, len) = (self.opt.lo, self.opt.len);
+        for (i, name) in self.layout.names.iter().enumerate() {
+            let (a, n) = (self.layout.offsets[i], self.layout.size(i));
+            let (s, e) = (a.max(lo), (a + n).min(lo + len));
+            if s >= e {
+                continue;
+            }
+            let parts = [
+                weights.get(name),
+                moments.get(&format!("m.{name}")),
+                moments.get(&format!("v.{name}")),
+            ];
+            for (j, t) in parts.into_iter().enumerate() {
+                let t = t.ok_or_else(|| ck_err(&path, format!("no state for {name}")))?;
+                let x: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                if x.len() != n {
+                    return Err(ck_err(&path, format!("{name} has another size")));
+                }
+                host[j * len + (s - lo)..j * len + (e - lo)].copy_from_slice(&x[s - a..e - a]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The summed gradients of the last step on the host (unsharded runs: under sharding the
+    /// buffer holds the gathered weights after a step), for tests.
+    pub fn last_gradients(&self) -> Result<Vec<f32>, TrainError> {
+        Ok(self.grad.narrow(0, 0, self.layout.len)?.to_vec1()?)
+    }
+
+    /// Length of the flat parameter vector, padded to a multiple of the world size (the
+    /// vector the shards split).
+    pub fn num_params_padded(&self) -> usize {
+        self.layout.padded
+    }
+
+    /// This rank's optimizer state on the host: (updates taken, master weights, m, v of its
+    /// shard), for tests and tools.
+    pub fn optimizer_state(&self) -> Result<(u64, Vec<f32>), TrainError> {
+        Ok((self.opt.step, self.opt.state.to_vec1()?))
     }
 
     /// Mean per-token KL of the student to the teacher on `sequences` (for reports and tests).

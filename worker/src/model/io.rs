@@ -151,15 +151,6 @@ pub fn from_tensors(
 /// Writes `model` as a Hugging Face directory; tokenizer files are copied from `source` when
 /// given.
 pub fn save_dir(model: &Llama, dir: &Path, source: Option<&Path>) -> Result<(), ModelIoError> {
-    std::fs::create_dir_all(dir).map_err(|source| ModelIoError::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let cfg = dir.join("config.json");
-    std::fs::write(&cfg, model.config.to_json()).map_err(|source| ModelIoError::Io {
-        path: cfg.display().to_string(),
-        source,
-    })?;
     let tensors: HashMap<String, Tensor> = model
         .named_vars()
         .into_iter()
@@ -172,7 +163,27 @@ pub fn save_dir(model: &Llama, dir: &Path, source: Option<&Path>) -> Result<(), 
             )
         })
         .collect();
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    save_dir_with(&model.config, &tensors, dir, source)
+}
+
+/// Writes a model of `config` with the parameters `tensors` (Hugging Face names) as a Hugging
+/// Face directory, as [`save_dir`] does.
+pub fn save_dir_with(
+    config: &LlamaConfig,
+    tensors: &HashMap<String, Tensor>,
+    dir: &Path,
+    source: Option<&Path>,
+) -> Result<(), ModelIoError> {
+    std::fs::create_dir_all(dir).map_err(|source| ModelIoError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, config.to_json()).map_err(|source| ModelIoError::Io {
+        path: cfg.display().to_string(),
+        source,
+    })?;
+    candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
     // Copying a file onto itself would truncate it: saving into the source folder keeps its files.
     let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,

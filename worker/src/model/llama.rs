@@ -289,6 +289,18 @@ impl Llama {
         v
     }
 
+    /// A copy of the model with its parameters in `dtype` (the same device).
+    pub fn converted(&self, dtype: DType) -> Result<Llama> {
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+            for (name, v) in self.named_vars() {
+                data.insert(name, Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?);
+            }
+        }
+        Llama::from_varmap(self.config.clone(), varmap, dtype, &self.device)
+    }
+
     /// Number of parameters (a tied head counted once).
     pub fn num_params(&self) -> usize {
         self.named_vars()
@@ -370,7 +382,11 @@ impl Llama {
     /// What every layer of a pass over positions `start..start + t` shares.
     pub(crate) fn pass(&self, start: usize, t: usize, grad: bool) -> Result<Pass> {
         let c = &self.config;
-        let masked = if grad { MASKED_TRAIN } else { f64::NEG_INFINITY };
+        let masked = if grad {
+            MASKED_TRAIN
+        } else {
+            f64::NEG_INFINITY
+        };
         let mut ropes = vec![self.rope_tables(&c.rope(), start, t)?];
         if let Some(local) = &c.rope_local {
             ropes.push(self.rope_tables(local, start, t)?);

@@ -15,8 +15,7 @@ use distillery_proto::v1 as pb;
 use super::common::{self, fatal, input, report};
 use crate::collective::{ring, Collective, CollectiveError, Solo};
 use crate::distill::data::Domain;
-use crate::distill::train::{DynamicBatchLoading, TrainConfig, TrainError, Trainer};
-use crate::model::io;
+use crate::distill::train::{DynamicBatchLoading, Precision, TrainConfig, TrainError, Trainer};
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
 
 /// Validation sequences per domain used for dynamic batch loading.
@@ -140,7 +139,16 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
     let device = common::device(task)?;
     let student_dir = common::model_dir(ctx, input(task, "pruned")?)?;
     let teacher_dir = common::model_dir(ctx, input(task, "teacher")?)?;
+    let teacher_precision = Precision::parse(&d.teacher_precision)
+        .map_err(|e| fatal(format!("distill.teacher_precision: {e}")))?;
     let teacher = common::load_model(&teacher_dir, &device)?;
+    let teacher = if teacher.dtype() == teacher_precision.dtype() {
+        teacher
+    } else {
+        teacher
+            .converted(teacher_precision.dtype())
+            .map_err(fatal)?
+    };
     let student = common::load_model(&student_dir, &device)?;
     let tok = common::load_tokenizer(&student_dir)?;
     let eos = common::eos_id(&student);
@@ -219,7 +227,8 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         max_grad_norm: 1.0,
         weight_decay: 0.01,
         dynamic,
-        precision: crate::distill::train::Precision::parse(&d.precision).map_err(|e| fatal(format!("distill.precision: {e}")))?,
+        precision: Precision::parse(&d.precision)
+            .map_err(|e| fatal(format!("distill.precision: {e}")))?,
         shard_optimizer: d.shard_optimizer,
         recompute: d.recompute,
     };
@@ -233,7 +242,8 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         domains,
         &weights,
         validation,
-    );
+    )
+    .map_err(|e| train_err(e, ctx))?;
     let start_from = if task.resume_checkpoint.is_empty() {
         task.inputs.get("init_checkpoint").cloned()
     } else {
@@ -241,8 +251,19 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
     };
     if let Some(ck) = &start_from {
         let dir = ctx.fetch(ck)?;
+        // Other ranks' optimizer shards of a sharded checkpoint are artifacts of their own.
+        let mut extra = Vec::new();
+        let listed = dir.join(SHARDS_FILE);
+        if listed.is_file() {
+            let bytes = std::fs::read(&listed).map_err(|e| fatal(format!("{ck}: {e}")))?;
+            let digests: Vec<String> = serde_json::from_slice(&bytes)
+                .map_err(|e| fatal(format!("{ck}: {SHARDS_FILE}: {e}")))?;
+            for digest in digests.iter().filter(|d| !d.is_empty()) {
+                extra.push(ctx.fetch(digest)?);
+            }
+        }
         trainer
-            .load_checkpoint(&dir)
+            .load_checkpoint_from(&dir, &extra)
             .map_err(|e| train_err(e, ctx))?;
         tracing::info!(
             rank,
@@ -261,6 +282,13 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         let t0 = Instant::now();
         let s = trainer.train_step().map_err(|e| train_err(e, ctx))?;
         tracing::info!(rank, step = s.step, loss = s.loss, "distill step");
+        // Every rank takes part in a checkpoint (a sharded optimizer's state is spread over
+        // them); the last step checkpoints too, so a gate extension continues from the end.
+        let checkpoint = if s.step.is_multiple_of(every) || s.step == total_steps {
+            Some(checkpoint(ctx, &mut trainer, s.step, &student_dir, rank)?)
+        } else {
+            None
+        };
         if rank != 0 {
             continue;
         }
@@ -286,31 +314,20 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
             "distill step {}/{total_steps} loss {:.4} lr {:.2e} {tps:.0} tok/s",
             s.step, s.loss, s.lr
         );
-        // The last step checkpoints too, so a gate extension continues from the end.
-        let checkpoint = if s.step.is_multiple_of(every) || s.step == total_steps {
-            let dir = ctx.work_dir().join(format!("checkpoint-{}", s.step));
-            trainer
-                .save_checkpoint(&dir, Some(&student_dir))
-                .map_err(|e| train_err(e, ctx))?;
-            let digest = ctx.upload_dir(&dir)?;
-            let _ = std::fs::remove_dir_all(&dir);
-            tracing::info!(step = s.step, %digest, "distill: checkpoint uploaded");
-            Some(digest)
-        } else {
-            None
-        };
         let m = common::progress_metrics(&metrics);
-        if checkpoint.is_some() {
-            ctx.progress(m, checkpoint.as_deref(), &msg)?;
+        if let Some(digest) = checkpoint.flatten() {
+            ctx.progress(m, Some(&digest), &msg)?;
         } else if !report(ctx, &metrics, &msg) {
             return Err(TaskError::cancelled());
         }
     }
     let mut out = TaskOutput::default();
+    let dir = ctx.work_dir().join("student");
+    let _ = std::fs::remove_dir_all(&dir);
+    trainer
+        .save_student(&dir, Some(&student_dir))
+        .map_err(|e| train_err(e, ctx))?;
     if rank == 0 {
-        let dir = ctx.work_dir().join("student");
-        let _ = std::fs::remove_dir_all(&dir);
-        io::save_dir(&trainer.student, &dir, Some(&student_dir)).map_err(fatal)?;
         out.outputs.insert("student".into(), ctx.upload_dir(&dir)?);
         let secs = started.elapsed().as_secs_f64();
         out.metrics = BTreeMap::from([
@@ -332,4 +349,52 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         }
     }
     Ok(out)
+}
+
+/// In a sharded checkpoint: the digests of ranks 1.. 's optimizer shard folders (rank 0's
+/// shard is in the checkpoint folder itself), a JSON list in rank order ("" for rank 0).
+const SHARDS_FILE: &str = "optimizer_shards.json";
+
+/// Writes and uploads a checkpoint; every rank calls it. Without sharding rank 0 writes and
+/// uploads everything; with it each other rank uploads its shard, the ranks exchange those
+/// digests at the rendezvous, and rank 0 lists them in the checkpoint it uploads. Returns the
+/// checkpoint's digest on rank 0.
+fn checkpoint(
+    ctx: &TaskContext,
+    trainer: &mut Trainer<'_>,
+    step: u64,
+    student_dir: &Path,
+    rank: usize,
+) -> Result<Option<String>, TaskError> {
+    let dir = ctx.work_dir().join(format!("checkpoint-{step}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    trainer
+        .save_checkpoint(&dir, Some(student_dir))
+        .map_err(|e| train_err(e, ctx))?;
+    if trainer.cfg.shard_optimizer {
+        let mine = if rank == 0 {
+            String::new()
+        } else {
+            ctx.upload_dir(&dir)?
+        };
+        let all = ctx.rendezvous(&format!("checkpoint-{step}"), mine.as_bytes())?;
+        if rank == 0 {
+            let digests: Vec<String> = all
+                .iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect();
+            let p = dir.join(SHARDS_FILE);
+            std::fs::write(&p, serde_json::to_vec(&digests).unwrap_or_default())
+                .map_err(|e| TaskError::retryable(format!("{}: {e}", p.display())))?;
+        }
+    }
+    let digest = if rank == 0 {
+        let d = ctx.upload_dir(&dir)?;
+        tracing::info!(step, digest = %d, "distill: checkpoint uploaded");
+        Some(d)
+    } else {
+        None
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(digest)
 }
