@@ -1,14 +1,16 @@
 //! Distillation end to end: a campaign round whose Distill phase runs with world_size = 2 on two
 //! `worker join` processes; one is SIGKILLed mid-distillation and a new one started; the round
 //! finishes from the last checkpoint, and the student is bit-identical (same artifact digest) to
-//! that of the same campaign run without interruption.
+//! that of the same campaign run without interruption — once with the plain f32 step, once with
+//! bf16 compute, a bf16 teacher, a sharded optimizer (each rank's shard its own artifact) and
+//! activation recomputation.
 
 use std::time::{Duration, Instant};
 
 use distillery_tests::*;
 use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
 
-fn spec(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+fn spec(dir: &std::path::Path, name: &str, extra: &str) -> std::path::PathBuf {
     let teacher = dir.join("teacher");
     if !teacher.exists() {
         write_test_model(
@@ -36,7 +38,7 @@ fn spec(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
          dynamic_batch_loading = {{ reference_loss = {{ web = 2.0, code = 1.0 }}, update_every = 5 }}\n\
          [evaluation]\nperplexity = false\n\
          [[rounds]]\ntarget = {{ hidden_size = 48, intermediate_size = 192, num_layers = 2 }}\n\
-         distill = {{ tokens = 8192, seq_len = 32, micro_batch = 2, world_size = 2, lr = 0.003, warmup_steps = 2, checkpoint_every = 4 }}\n",
+         distill = {{ tokens = 8192, seq_len = 32, micro_batch = 2, world_size = 2, lr = 0.003, warmup_steps = 2, checkpoint_every = 4{extra} }}\n",
         teacher.display()
     );
     write_spec(dir, &format!("{name}.toml"), &toml)
@@ -51,13 +53,24 @@ fn student_of(v: &serde_json::Value) -> String {
 
 #[test]
 fn a_gang_survives_sigkill_of_a_rank_and_ends_bit_identical_to_an_uninterrupted_run() {
+    sigkill_and_compare("");
+}
+
+#[test]
+fn a_sharded_bf16_gang_with_recomputation_survives_sigkill_bit_identically() {
+    sigkill_and_compare(
+        ", precision = \"bf16\", teacher_precision = \"bf16\", shard_optimizer = true, recompute = true",
+    );
+}
+
+fn sigkill_and_compare(extra: &str) {
     let fx = tempfile::tempdir().unwrap();
     let coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);
     let mut w1 = WorkerProc::real(&coord.url(), &fx.path().join("w1"), "cpu");
     let mut w2 = WorkerProc::real(&coord.url(), &fx.path().join("w2"), "cpu");
 
     // Interrupted run: SIGKILL a worker right after the first checkpoint.
-    let id = submit(&coord, &spec(fx.path(), "interrupted"));
+    let id = submit(&coord, &spec(fx.path(), "interrupted", extra));
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let ck = |w: &WorkerProc| w.log_text().contains("distill: checkpoint uploaded");
@@ -95,7 +108,7 @@ fn a_gang_survives_sigkill_of_a_rank_and_ends_bit_identical_to_an_uninterrupted_
     );
 
     // The same campaign again, uninterrupted, on whichever workers are alive.
-    let id2 = submit(&coord, &spec(fx.path(), "straight"));
+    let id2 = submit(&coord, &spec(fx.path(), "straight", extra));
     let v2 = wait_terminal(&coord, &id2, Duration::from_secs(240));
     assert_eq!(v2["state"], "succeeded", "{v2}");
     assert_eq!(
