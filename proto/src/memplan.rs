@@ -14,7 +14,7 @@
 //! | master + AdamW moments | `12 · ⌈P_s / S⌉` (f32 master, m, v; the master exists even in f32) |
 //! | activations | every layer's saved tensors ([`LAYER`]), or with `recompute` the layers' outputs plus one layer's |
 //! | loss | the student's logits and the f32 vocabulary tensors of the KD loss ([`LOSS`]) |
-//! | transient | the larger of the teacher's no-grad forward and the backward's gradient store + working set (never alive together) |
+//! | transient | the larger of the teacher's no-grad forward and the backward's gradient store ([`grad_store_params`]) + working set (never alive together) |
 //! | runtime | a constant per device kind ([`CPU_RUNTIME_BYTES`], [`CUDA_RUNTIME_BYTES`]) |
 //!
 //! The tensor counts are named constants below, one comment per line, so they can be
@@ -230,6 +230,22 @@ pub const TEACHER_LOSS_F32_IF_BF16: f64 = 1.0;
 /// worth of gradients inside the layers, whichever is larger.
 pub const BACKWARD_VOCAB_F32: f64 = 3.0;
 
+/// Parameters whose gradients candle's gradient store holds at once: all of them after one
+/// `backward()`; with recompute, where each layer's backward runs on its own, the largest of one
+/// layer's parameters and the embedding + head's.
+pub fn grad_store_params(s: &ModelShape, recompute: bool) -> u64 {
+    let all = crate::shape::param_count(s);
+    if !recompute {
+        return all;
+    }
+    let ends = u64::from(s.vocab_size)
+        * u64::from(s.hidden_size)
+        * if s.tie_word_embeddings { 1 } else { 2 }
+        + u64::from(s.hidden_size);
+    let layer = (all - ends.min(all)) / u64::from(s.num_layers.max(1));
+    layer.max(ends)
+}
+
 /// Everything the plan depends on for one round.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Setup {
@@ -389,7 +405,8 @@ pub fn plan(s: &Setup) -> MemoryPlan {
     let teacher_forward =
         ceil(teacher_vocab * bt as f64 + teacher_layer.max(teacher_vocab * teacher_loss_f32 * 4.0));
 
-    let backward = p_s * b + ceil(one_layer.max(vocab_tensor * BACKWARD_VOCAB_F32 * 4.0));
+    let backward = grad_store_params(&s.student, s.recompute) * b
+        + ceil(one_layer.max(vocab_tensor * BACKWARD_VOCAB_F32 * 4.0));
 
     let teacher_weights = p_t * bt;
     let student_weights = p_s * b;
@@ -593,6 +610,23 @@ pub fn suggest(s: &Setup, device_memory: u64) -> Option<Suggestion> {
     }
     let total = total_with(s, &changes);
     Some(Suggestion { changes, total })
+}
+
+/// The least a rank can need by the changes [`suggest`] tries: all of them at once, the
+/// optimizer sharded over [`MAX_WORLD_SIZE`] ranks. What is left is the teacher, the student's
+/// compute weights, the full-size gradients, one micro-batch's activations and the runtime.
+pub fn floor(s: &Setup) -> u64 {
+    total_with(
+        s,
+        &[
+            Change::TeacherBf16,
+            Change::StudentBf16,
+            Change::ShardOptimizer,
+            Change::Recompute,
+            Change::MicroBatch(1),
+            Change::WorldSize(MAX_WORLD_SIZE),
+        ],
+    )
 }
 
 /// `12.34 GiB`.

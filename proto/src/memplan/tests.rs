@@ -237,8 +237,12 @@ fn a_combination_when_no_single_change_fits_and_none_when_nothing_can() {
         fewer.remove(i);
         assert!(total_with(&su, &fewer) > usable(dev), "{sug} without {i}");
     }
-    // A device smaller than the teacher's bf16 weights: nothing makes a rank fit.
+    // A device smaller than the teacher's bf16 weights: nothing makes a rank fit, and the floor
+    // says how far off it is.
     assert_eq!(suggest(&su, 8 << 30), None);
+    assert!(floor(&su) > usable(8 << 30));
+    assert!(floor(&su) <= all);
+    assert!(floor(&su) >= param_count(&t) * 2 + param_count(&s) * (2 + 4));
 }
 
 #[test]
@@ -303,4 +307,16 @@ fn device_kinds_of_slots() {
     assert_eq!(DeviceKind::of_slot("cpu:3"), Some(DeviceKind::Cpu));
     assert_eq!(DeviceKind::of_slot("cuda:0"), Some(DeviceKind::Cuda));
     assert_eq!(DeviceKind::of_slot("tpu:0"), None);
+}
+
+#[test]
+fn recompute_shrinks_the_gradient_store_to_one_layer_or_the_ends() {
+    let s = llama_8b();
+    assert_eq!(grad_store_params(&s, false), param_count(&s));
+    // Untied 128256 x 4096 embedding and head (+ the final norm) outweigh one layer (218M).
+    assert_eq!(grad_store_params(&s, true), 2 * 128_256 * 4096 + 4096);
+    let mut deep = shape(512, 2048, 8, 8, 4, 1000, true);
+    deep.head_dim = 64;
+    let layer = (param_count(&deep) - 1000 * 512 - 512) / 4;
+    assert_eq!(grad_store_params(&deep, true), layer);
 }
