@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use distillery_proto::memplan::{self, gib, DeviceKind, Precision as PlanPrecision, Setup};
 use distillery_proto::v1::ModelShape;
 use distillery_worker::collective::ring::{bind, Ring};
