@@ -14,7 +14,7 @@
 //! | master + AdamW moments | `12 · ⌈P_s / S⌉` (f32 master, m, v; the master exists even in f32) |
 //! | activations | every layer's saved tensors ([`LAYER`]), or with `recompute` the layers' outputs plus one layer's |
 //! | loss | the student's logits and the f32 vocabulary tensors of the KD loss ([`LOSS`]) |
-//! | transient | the larger of the teacher's no-grad forward and the backward's gradient store ([`grad_store_params`]) + working set (never alive together) |
+//! | transient | the larger of the teacher's no-grad forward and the backward's gradient store ([`grad_store_params`], [`BACKWARD_KEPT_LAYER`]) + working set (never alive together) |
 //! | runtime | a constant per device kind ([`CPU_RUNTIME_BYTES`], [`CUDA_RUNTIME_BYTES`]) |
 //!
 //! The tensor counts are named constants below, one comment per line, so they can be
@@ -108,9 +108,9 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 /// A CPU rank's process before it loads a model: the binary, the allocator's arenas, thread
-/// stacks, the data set's token ids (measured by `worker/benches/memory.rs`: VmHWM of a rank
-/// process just before the models are built).
-pub const CPU_RUNTIME_BYTES: u64 = 64 * MIB;
+/// stacks (`worker/benches/memory.rs` measures VmHWM 7 MiB in a rank process just before it
+/// builds its models; rounded up for the compute pool's threads and the data's token ids).
+pub const CPU_RUNTIME_BYTES: u64 = 16 * MIB;
 
 /// Assumption, not measured: a CUDA rank's context, cuBLAS workspaces and NCCL's buffers,
 /// about 1 GiB on current drivers.
@@ -229,6 +229,23 @@ pub const TEACHER_LOSS_F32_IF_BF16: f64 = 1.0;
 /// gradient, its product with an operand, the sum it is added into) or one layer's activations
 /// worth of gradients inside the layers, whichever is larger.
 pub const BACKWARD_VOCAB_F32: f64 = 3.0;
+
+/// Gradients candle's backward also leaves in its gradient store, per differentiated layer
+/// (measured with `BENCH_PHASES=1` of `worker/benches/memory.rs`): an untracked operand that is
+/// broadcast into a tracked op gets a gradient of the broadcast shape that is never consumed.
+pub const BACKWARD_KEPT_LAYER: LayerTensors = LayerTensors {
+    hidden: 0.0,
+    // RoPE's cos and sin tables broadcast over the queries.
+    q: 2.0,
+    // ... and over the keys.
+    kv: 2.0,
+    inter: 0.0,
+    // The causal mask broadcast over batch and heads.
+    scores: 1.0,
+};
+/// ... and at the loss, in f32: the gradients of the teacher's log-probabilities and
+/// probabilities (operands of the KL, detached).
+pub const BACKWARD_KEPT_VOCAB_F32: f64 = 2.0;
 
 /// Parameters whose gradients candle's gradient store holds at once: all of them after one
 /// `backward()`; with recompute, where each layer's backward runs on its own, the largest of one
@@ -405,8 +422,11 @@ pub fn plan(s: &Setup) -> MemoryPlan {
     let teacher_forward =
         ceil(teacher_vocab * bt as f64 + teacher_layer.max(teacher_vocab * teacher_loss_f32 * 4.0));
 
+    let kept_layers = if s.recompute { 1.0 } else { layers };
+    let kept = kept_layers * layer_bytes(&BACKWARD_KEPT_LAYER, &s.student, batch, seq, bf)
+        + vocab_tensor * BACKWARD_KEPT_VOCAB_F32 * 4.0;
     let backward = grad_store_params(&s.student, s.recompute) * b
-        + ceil(one_layer.max(vocab_tensor * BACKWARD_VOCAB_F32 * 4.0));
+        + ceil(kept + one_layer.max(vocab_tensor * BACKWARD_VOCAB_F32 * 4.0));
 
     let teacher_weights = p_t * bt;
     let student_weights = p_s * b;

@@ -11,8 +11,10 @@
 //! resident set, `/proc/self/status`) after its steps, and VmHWM before it built any model (the
 //! process baseline the plan's CPU runtime constant stands for). Linux only.
 
+use std::alloc::{GlobalAlloc, Layout};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use candle_core::Device;
@@ -27,8 +29,50 @@ use distillery_worker::prune::plan::{choose_shape, shape_of, Target};
 mod common;
 use common::env_usize;
 
+/// mimalloc (as the worker uses it) counting the bytes live on the heap, so a rank can report
+/// its peak heap beside its peak resident set (the difference is what the allocator keeps).
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK_LIVE: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(n: usize) {
+    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK_LIVE.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: every call forwards to mimalloc with the caller's layout; the counters are plain atomics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { mimalloc::MiMalloc.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+        if !q.is_null() {
+            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+            grew(new);
+        }
+        q
+    }
+}
+
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: Counting = Counting;
 
 const WORLD: usize = 2;
 
@@ -118,6 +162,7 @@ fn peak_rss() -> u64 {
 /// A rank: builds the models, joins the ring, runs the steps, prints one JSON line.
 fn rank_main(rank: usize) {
     let baseline = peak_rss();
+    let heap_before = LIVE.load(Ordering::Relaxed);
     let cfg = Config::parse(&std::env::var("MEMBENCH_CONFIG").unwrap_or_default())
         .expect("MEMBENCH_CONFIG");
     let addrs: Vec<SocketAddr> = std::env::var("MEMBENCH_ADDRS")
@@ -178,12 +223,17 @@ fn rank_main(rank: usize) {
         vec![],
     );
     let mut loss = f64::NAN;
+    let after_models = LIVE.load(Ordering::Relaxed);
     for _ in 0..steps {
         loss = t.train_step().expect("step").loss;
     }
     println!(
         "{}",
-        serde_json::json!({"rank": rank, "baseline": baseline, "peak": peak_rss(), "loss": loss})
+        serde_json::json!({
+            "rank": rank, "baseline": baseline, "peak": peak_rss(), "loss": loss,
+            "heap_before": heap_before, "heap_models": after_models,
+            "heap_peak": PEAK_LIVE.load(Ordering::Relaxed),
+        })
     );
 }
 
@@ -207,8 +257,89 @@ fn plan_for(cfg: Config, teacher: ModelShape, student: ModelShape) -> memplan::M
     })
 }
 
+/// `BENCH_PHASES=1`: one process, one micro-batch by hand (the trainer's step without the
+/// optimizer), printing the heap that each phase adds beside the plan's line for it, so the
+/// plan's tensor counts can be checked one by one.
+fn phases(cfg: Config) {
+    use candle_core::Tensor;
+    use distillery_worker::distill::loss::kd_loss;
+    let (tc, ts, sc, ss) = models();
+    let plan = plan_for(cfg, ts, ss);
+    let dtype = cfg.precision.dtype();
+    let teacher = Llama::new(tc, dtype, &Device::Cpu).expect("teacher");
+    let student = Llama::new(sc, dtype, &Device::Cpu).expect("student");
+    let (seq, micro) = (env_usize("BENCH_SEQ", 256), env_usize("BENCH_MICRO", 1));
+    let rows: Vec<Vec<u32>> = (0..micro as u32)
+        .map(|i| {
+            (0..seq as u32)
+                .map(|j| (i * 7919 + j * 104_729) % 49152)
+                .collect()
+        })
+        .collect();
+    let ids = Tensor::new(rows.clone(), &Device::Cpu).expect("ids");
+    let targets = Tensor::new(rows, &Device::Cpu).expect("targets");
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let mark = || {
+        let now = LIVE.load(Ordering::Relaxed);
+        PEAK_LIVE.store(now, Ordering::Relaxed);
+        now
+    };
+    let peak = || PEAK_LIVE.load(Ordering::Relaxed);
+    let m0 = mark();
+    let logits = student.forward_train(&ids).expect("student forward");
+    let after_fwd = LIVE.load(Ordering::Relaxed);
+    let m1 = mark();
+    let tl = teacher.forward(&ids).expect("teacher forward");
+    let teacher_peak = peak();
+    let l = kd_loss(&logits, &tl, &targets, 1.0, 0.0).expect("loss");
+    let loss_peak = peak();
+    drop(tl);
+    let after_loss = LIVE.load(Ordering::Relaxed);
+    let m2 = mark();
+    let g = l.total.backward().expect("backward");
+    let bw_peak = peak();
+    let after_bw = LIVE.load(Ordering::Relaxed);
+    println!("{}: phases of one micro-batch (heap MiB above what was live before the phase; plan line in brackets)", cfg.name());
+    println!(
+        "  student forward (activations + logits)  {:>8.1}  [activations {:.1} + logits {:.1}]",
+        mib(after_fwd - m0),
+        mib(plan.activations as usize),
+        mib((micro * seq * 49152) * cfg.precision.dtype().size_in_bytes())
+    );
+    println!(
+        "  teacher forward + loss, peak            {:>8.1}  [teacher fwd {:.1}; loss {:.1} minus logits]",
+        mib(teacher_peak.max(loss_peak) - m1),
+        mib(plan.teacher_forward as usize),
+        mib(plan.loss as usize)
+    );
+    println!(
+        "  loss tensors held for the backward      {:>8.1}",
+        mib(after_loss - m1)
+    );
+    println!(
+        "  backward, peak above forward + loss     {:>8.1}  [backward {:.1}]",
+        mib(bw_peak - m2),
+        mib(plan.backward as usize)
+    );
+    println!(
+        "  gradient store after the backward       {:>8.1}  [student weights {:.1}]",
+        mib(after_bw - m2),
+        mib(plan.student_weights as usize)
+    );
+    drop(g);
+}
+
 fn main() {
     distillery_worker::tune_allocator();
+    if std::env::var("BENCH_PHASES").is_ok_and(|v| v == "1") {
+        for c in std::env::var("BENCH_CONFIGS")
+            .unwrap_or_else(|_| "f32".into())
+            .split(',')
+        {
+            phases(Config::parse(c).unwrap_or_else(|e| panic!("BENCH_CONFIGS: {e}")));
+        }
+        return;
+    }
     if let Ok(r) = std::env::var("MEMBENCH_RANK") {
         rank_main(r.parse().expect("MEMBENCH_RANK"));
         return;
@@ -281,13 +412,17 @@ fn main() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("rank JSON");
             let peak = v["peak"].as_u64().unwrap_or(0);
             let base = v["baseline"].as_u64().unwrap_or(0);
+            let heap = v["heap_peak"].as_u64().unwrap_or(0);
             println!(
-                "  rank {}: measured peak {} (process baseline {}), plan {}, plan / measured {:.3}; loss after the steps {:.4}",
+                "  rank {}: measured peak RSS {} (process baseline {} MiB), peak heap {} (models {}); plan {}, plan / RSS {:.3}, plan / heap {:.3}; loss after the steps {:.4}",
                 v["rank"],
                 gib(peak),
-                gib(base),
+                base >> 20,
+                gib(heap),
+                gib(v["heap_models"].as_u64().unwrap_or(0)),
                 gib(plan.total),
                 plan.total as f64 / peak.max(1) as f64,
+                plan.total as f64 / heap.max(1) as f64,
                 v["loss"].as_f64().unwrap_or(f64::NAN)
             );
         }
