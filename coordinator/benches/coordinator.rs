@@ -118,6 +118,7 @@ async fn throughput(workers: usize, tasks: usize) {
                 .register(pb::RegisterRequest {
                     host: "bench".into(),
                     devices: vec!["cpu".into()],
+                    device_memory: Vec::new(),
                     task_kinds: distillery_coordinator::phases::kind::ALL
                         .iter()
                         .map(|k| k.to_string())
@@ -224,6 +225,7 @@ async fn build_history(dir: &Path, n: usize) -> usize {
         Event::Register {
             host: "h".into(),
             devices: vec!["cpu".into()],
+            device_memory: Vec::new(),
             labels: Default::default(),
             version: "0".into(),
             task_kinds: distillery_coordinator::phases::kind::ALL

@@ -61,6 +61,25 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Per round and rank: the memory a distillation needs (weights, gradients, master weights
+    /// and moments, activations, loss), whether it fits a device, and the cheapest change that
+    /// makes it fit. Exit 0 when every round fits, 3 when one does not, 2 for bad input.
+    Plan {
+        spec: PathBuf,
+        /// Memory of one device: a number and a unit, e.g. 80GiB, 24GB.
+        #[arg(long)]
+        device_memory: String,
+        /// The kind of device the ranks run on: cuda or cpu (their fixed overhead differs).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Read the teacher's shape from this model directory (its config.json) or GGUF file
+        /// instead of the spec's teacher.model (e.g. a config on a machine without the weights).
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one campaign, or all.
     Status {
         id: Option<String>,
@@ -252,6 +271,13 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
     match cli.command {
         Command::Serve(a) => serve(a).await,
         Command::Submit { spec, wait, client } => submit(&spec, wait, &client).await,
+        Command::Plan {
+            spec,
+            device_memory,
+            device,
+            teacher,
+            json,
+        } => plan(&spec, &device_memory, &device, teacher.as_deref(), json),
         Command::Status { id, json, client } => status(id.as_deref(), json, &client).await,
         Command::Watch { id, client } => {
             let mut c = connect(&client).await?;
@@ -401,6 +427,50 @@ async fn submit(path: &Path, wait: bool, client: &ClientOpts) -> Result<i32, Cli
     Ok(0)
 }
 
+/// `coordinator plan`: reads only the teacher's config (the data need not exist here).
+fn plan(
+    path: &Path,
+    device_memory: &str,
+    device: &str,
+    teacher: Option<&Path>,
+    as_json: bool,
+) -> Result<i32, CliError> {
+    use distillery_proto::memplan::{parse_size, DeviceKind};
+    let memory =
+        parse_size(device_memory).map_err(|e| CliError::input(format!("--device-memory {e}")))?;
+    let kind = DeviceKind::parse(device).map_err(|e| CliError::input(format!("--device {e}")))?;
+    let bad_spec = |e: spec::SpecError| CliError::input(format!("{}: {e}", path.display()));
+    let spec = match teacher {
+        Some(t) => {
+            let mut s = spec::load_file_with(path, spec::FileChecks::None).map_err(bad_spec)?;
+            let shape = crate::source_model::read_shape(t)
+                .map_err(|e| CliError::input(format!("--teacher {e}")))?;
+            if let Some(teacher) = s.teacher.as_mut() {
+                teacher.shape = Some(shape);
+            }
+            s
+        }
+        None => spec::load_file_with(path, spec::FileChecks::TeacherOnly).map_err(|e| {
+            CliError::input(format!(
+                "{}: {e} (give the teacher's config with --teacher DIR when the model is not on this machine)",
+                path.display()
+            ))
+        })?,
+    };
+    let plans = crate::plan::campaign_plan(&spec, kind, Some(memory))
+        .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let all_fit = plans.iter().all(|p| p.fits == Some(true));
+    if as_json {
+        println!(
+            "{}",
+            json!({"spec": spec.name, "fits": all_fit, "rounds": crate::plan::to_json(&plans)})
+        );
+    } else {
+        print!("{}", crate::plan::render_text(&plans));
+    }
+    Ok(if all_fit { 0 } else { 3 })
+}
+
 async fn control(client: &ClientOpts, id: &str, what: &str) -> Result<i32, CliError> {
     let mut c = connect(client).await?;
     let r = pb::CampaignRef {
@@ -505,6 +575,24 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
         })
     };
     let mut rounds = rounds;
+    // The memory plan of each round's ranks (on a CUDA device; no fit: the client does not know
+    // the workers' devices, the coordinator checked them at submit).
+    let plans = c
+        .spec
+        .as_ref()
+        .and_then(|s| {
+            crate::plan::campaign_plan(s, distillery_proto::memplan::DeviceKind::Cuda, None).ok()
+        })
+        .map(|p| crate::plan::to_json(&p));
+    for (i, r) in rounds.iter_mut().enumerate() {
+        let plan = plans
+            .as_ref()
+            .and_then(|p| p.get(i).cloned())
+            .unwrap_or(Value::Null);
+        if let Some(o) = r.as_object_mut() {
+            o.insert("memory_plan".into(), plan);
+        }
+    }
     for (r, pr) in rounds.iter_mut().zip(&c.rounds) {
         let mine: Vec<Value> = records
             .iter()

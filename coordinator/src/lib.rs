@@ -9,6 +9,7 @@ pub mod demo;
 pub mod engine;
 pub mod machine;
 pub mod phases;
+pub mod plan;
 pub mod server;
 pub mod source_model;
 pub mod spec;

@@ -245,6 +245,9 @@ pub struct Worker {
     pub id: String,
     pub host: String,
     pub devices: Vec<String>,
+    /// Bytes of memory of each of `devices` (same order; 0 = unknown), for submit's memory check.
+    #[serde(default)]
+    pub device_memory: Vec<u64>,
     pub labels: BTreeMap<String, String>,
     pub version: String,
     pub task_kinds: Vec<String>,
@@ -349,6 +352,8 @@ pub enum Event {
     Register {
         host: String,
         devices: Vec<String>,
+        /// Memory of each device in bytes (same order; empty or 0: unknown).
+        device_memory: Vec<u64>,
         labels: BTreeMap<String, String>,
         version: String,
         task_kinds: Vec<String>,
@@ -553,6 +558,7 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
         Event::Register {
             host,
             devices,
+            device_memory,
             labels,
             version,
             task_kinds,
@@ -563,6 +569,11 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
             Worker {
                 id: String::new(),
                 host,
+                device_memory: if device_memory.is_empty() {
+                    vec![0; devices.len()]
+                } else {
+                    device_memory
+                },
                 devices,
                 labels,
                 version,
@@ -725,6 +736,20 @@ impl Tx<'_> {
     fn submit(&mut self, spec: pb::CampaignSpec, now: Millis) -> Result<(), MachineError> {
         crate::spec::validate_wire(&spec)
             .map_err(|e| MachineError::InvalidArgument(format!("spec.{e}")))?;
+        // A round no registered device can hold would wait forever: refuse it now.
+        let devices: Vec<(String, u64)> = self
+            .s
+            .workers
+            .values()
+            .flat_map(|w| {
+                w.devices
+                    .iter()
+                    .cloned()
+                    .zip(w.device_memory.iter().copied().chain(std::iter::repeat(0)))
+            })
+            .collect();
+        crate::plan::check_registered(&spec, &devices)
+            .map_err(|e| MachineError::InvalidArgument(format!("spec.{e}")))?;
         self.s.meta.next_campaign += 1;
         self.t.dirty.meta = true;
         let id = format!("c{:06}", self.s.meta.next_campaign);
@@ -794,6 +819,13 @@ impl Tx<'_> {
             return Err(MachineError::InvalidArgument(format!(
                 "devices {:?} name a device twice",
                 w.devices
+            )));
+        }
+        if w.device_memory.len() != w.devices.len() {
+            return Err(MachineError::InvalidArgument(format!(
+                "device_memory has {} entries for {} devices: give one per device (0 = unknown)",
+                w.device_memory.len(),
+                w.devices.len()
             )));
         }
         self.s.meta.next_worker += 1;

@@ -38,6 +38,9 @@ pub enum FileChecks {
     /// Files are not looked at; the shape must already be in the spec (the server, which may not
     /// see the client's disk).
     None,
+    /// Only the teacher is looked at (resolved and its shape read as with `Local`); the data and
+    /// other files are not (`coordinator plan`, which needs shapes, not data).
+    TeacherOnly,
 }
 
 #[derive(Deserialize)]
@@ -277,6 +280,11 @@ pub fn default_scheduling() -> pb::SchedulingSpec {
 
 /// Reads and validates a spec file; relative paths resolve against its folder.
 pub fn load_file(path: &Path) -> Result<pb::CampaignSpec, SpecError> {
+    load_file_with(path, FileChecks::Local)
+}
+
+/// [`load_file`] with the given file checks.
+pub fn load_file_with(path: &Path, checks: FileChecks) -> Result<pb::CampaignSpec, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         SpecError::new(
             "spec",
@@ -289,7 +297,7 @@ pub fn load_file(path: &Path) -> Result<pb::CampaignSpec, SpecError> {
     } else {
         base
     };
-    parse(&text, &base, FileChecks::Local)
+    parse(&text, &base, checks)
 }
 
 /// Parses TOML text and validates it. With [`FileChecks::Local`], paths resolve against `base`.
@@ -332,27 +340,33 @@ impl Validator<'_> {
             return Err(SpecError::new(field, "is empty: give a file path"));
         }
         match self.checks {
-            FileChecks::None => Ok(value.to_string()),
-            FileChecks::Local => {
-                let p = Path::new(value);
-                let full = if p.is_absolute() {
-                    p.to_path_buf()
-                } else {
-                    self.base.join(p)
-                };
-                if !full.exists() {
-                    return Err(SpecError::new(
-                        field,
-                        format!(
-                            "{value:?} does not exist (looked at {}); fix the path, relative paths start at the spec's folder",
-                            full.display()
-                        ),
-                    ));
-                }
-                let abs = std::fs::canonicalize(&full).unwrap_or(full);
-                Ok(abs.to_string_lossy().into_owned())
-            }
+            FileChecks::None | FileChecks::TeacherOnly => Ok(value.to_string()),
+            FileChecks::Local => self.local_path(field, value),
         }
+    }
+
+    /// `value` resolved against the spec's folder; it must exist.
+    fn local_path(&self, field: &str, value: &str) -> Result<String, SpecError> {
+        if value.trim().is_empty() {
+            return Err(SpecError::new(field, "is empty: give a file path"));
+        }
+        let p = Path::new(value);
+        let full = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        };
+        if !full.exists() {
+            return Err(SpecError::new(
+                field,
+                format!(
+                    "{value:?} does not exist (looked at {}); fix the path, relative paths start at the spec's folder",
+                    full.display()
+                ),
+            ));
+        }
+        let abs = std::fs::canonicalize(&full).unwrap_or(full);
+        Ok(abs.to_string_lossy().into_owned())
     }
 
     fn validate(&self, raw: RawSpec) -> Result<pb::CampaignSpec, SpecError> {
@@ -371,10 +385,15 @@ impl Validator<'_> {
             ));
         }
 
-        let model = self.path("teacher.model", &raw.teacher.model)?;
+        let model = match self.checks {
+            FileChecks::TeacherOnly => self.local_path("teacher.model", &raw.teacher.model)?,
+            _ => self.path("teacher.model", &raw.teacher.model)?,
+        };
         let shape = match self.checks {
-            FileChecks::Local => source_model::read_shape(Path::new(&model))
-                .map_err(|e| SpecError::new("teacher.model", e.to_string()))?,
+            FileChecks::Local | FileChecks::TeacherOnly => {
+                source_model::read_shape(Path::new(&model))
+                    .map_err(|e| SpecError::new("teacher.model", e.to_string()))?
+            }
             FileChecks::None => pb::ModelShape::default(),
         };
 

@@ -273,6 +273,7 @@ mod tests {
                 Event::Register {
                     host: "h".into(),
                     devices: vec!["cpu".into()],
+                    device_memory: vec![24 << 30],
                     labels: Default::default(),
                     version: "0".into(),
                     task_kinds: vec![],
@@ -289,6 +290,8 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         let st = store.load().unwrap();
         assert!(st.workers.contains_key(&worker));
+        // The device's memory survives a restart (submit checks against it).
+        assert_eq!(st.workers[&worker].device_memory, vec![24u64 << 30]);
         assert_eq!(st.meta, seqs);
     }
 }

@@ -1,6 +1,7 @@
 //! The wire schema of Distillery (`proto/distillery/v1`) and the artifact transfer format, and
-//! the dependency-free code both the coordinator and the worker run: model shapes, judge
-//! statistics, and the GGUF reader (so submit-time checks accept exactly the files workers load).
+//! the dependency-free code both the coordinator and the worker run: model shapes, the memory
+//! plan of a distillation rank, judge statistics, and the GGUF reader (so submit-time checks
+//! accept exactly the files workers load).
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
@@ -17,5 +18,6 @@ pub mod artifact;
 pub mod client;
 pub mod gguf;
 pub mod judge_stats;
+pub mod memplan;
 pub mod py_json;
 pub mod shape;

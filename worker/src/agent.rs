@@ -143,7 +143,7 @@ impl Shared {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 task_kinds: self.runner.kinds(),
                 previous_worker_id: previous.clone(),
-                device_memory: Vec::new(),
+                device_memory: crate::devices::device_memory(&self.cfg.devices),
             };
             let mut c = self.client.clone();
             match c.register(req).await {

@@ -78,6 +78,7 @@ impl WorkerService for Workers {
             .apply(Event::Register {
                 host: r.host,
                 devices: r.devices,
+                device_memory: r.device_memory,
                 labels: to_btree(r.labels),
                 version: r.version,
                 task_kinds: r.task_kinds,

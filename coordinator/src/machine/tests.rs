@@ -44,6 +44,7 @@ fn register(st: &mut State, devices: &[&str]) -> String {
         Event::Register {
             host: "h".into(),
             devices: devices.iter().map(|d| d.to_string()).collect(),
+            device_memory: Vec::new(),
             labels: BTreeMap::new(),
             version: "0".into(),
             task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
@@ -739,6 +740,7 @@ fn a_restarted_worker_loses_its_attempts_at_once() {
         Event::Register {
             host: "h".into(),
             devices: vec!["cpu".into()],
+            device_memory: Vec::new(),
             labels: BTreeMap::new(),
             version: "0".into(),
             task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
@@ -1017,6 +1019,7 @@ impl Harness {
             Op::Register(n, previous) => Event::Register {
                 host: "h".into(),
                 devices: (0..*n).map(|i| format!("cpu:{i}")).collect(),
+                device_memory: Vec::new(),
                 labels: BTreeMap::new(),
                 version: "0".into(),
                 task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
