@@ -221,7 +221,8 @@ fn rank_main(rank: usize) {
         domains,
         &[1.0],
         vec![],
-    );
+    )
+    .expect("trainer");
     let mut loss = f64::NAN;
     let after_models = LIVE.load(Ordering::Relaxed);
     for _ in 0..steps {
