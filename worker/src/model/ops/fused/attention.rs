@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::simd::{axpy, dot, scale, vectorized};
-use super::{by_dtype, dt, dtype_of, storage, cpu_slice, par_rows, read, tensor, Elem, Real};
+use super::{by_dtype, cpu_slice, dt, dtype_of, par_rows, read, storage, tensor, Elem, Real};
 
 const BLOCK_Q: usize = 32;
 const BLOCK_K: usize = 64;

@@ -5,7 +5,10 @@
 use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 
 use super::simd::vectorized;
-use super::{by_dtype, dt, dtype_of, storage, cpu_slice, par_rows, par_rows2, read, rows_of, tensor, Elem, Real};
+use super::{
+    by_dtype, cpu_slice, dt, dtype_of, par_rows, par_rows2, read, rows_of, storage, tensor, Elem,
+    Real,
+};
 
 /// The activation of the gate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,13 +65,7 @@ impl Glu {
     }
 
     /// (d gate, d up).
-    fn backward<E: Elem, R: Real>(
-        &self,
-        g: &[E],
-        u: &[E],
-        dy: &[E],
-        d: usize,
-    ) -> (Vec<E>, Vec<E>) {
+    fn backward<E: Elem, R: Real>(&self, g: &[E], u: &[E], dy: &[E], d: usize) -> (Vec<E>, Vec<E>) {
         let a = self.0;
         par_rows2::<E>(g.len() / d, d, |r0, og, ou| {
             vectorized(|| {

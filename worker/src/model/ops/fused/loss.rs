@@ -133,7 +133,13 @@ impl Loss {
             .map(|r| {
                 vectorized(|| {
                     let sr = &s[r * v..(r + 1) * v];
-                    row_forward::<ES, ET, R>(sr, t.map(|t| &t[r * v..(r + 1) * v]), y[r], temp, unit)
+                    row_forward::<ES, ET, R>(
+                        sr,
+                        t.map(|t| &t[r * v..(r + 1) * v]),
+                        y[r],
+                        temp,
+                        unit,
+                    )
                 })
             })
             .collect();
@@ -321,7 +327,9 @@ fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
 
 fn vocab(dims: &[usize], targets: &[usize]) -> Result<usize> {
     match dims.split_last() {
-        Some((&v, rest)) if v > 0 && rest.iter().product::<usize>() == targets.iter().product::<usize>() => {
+        Some((&v, rest))
+            if v > 0 && rest.iter().product::<usize>() == targets.iter().product::<usize>() =>
+        {
             Ok(v)
         }
         _ => Err(Error::Msg(format!(

@@ -27,8 +27,8 @@ use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use half::bf16;
 use candle_core::{CpuStorage, DType, Device, Error, Layout, Result, Storage, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 pub use attention::attention;
@@ -390,7 +390,9 @@ pub(crate) fn read<E: candle_core::WithDType, T>(
     let (st, l) = t.storage_and_layout();
     match &*st {
         Storage::Cpu(c) => f(cpu_slice::<E>(c, l, what)?),
-        _ => Err(Error::Msg(format!("{what}: the fused kernels run on the CPU only"))),
+        _ => Err(Error::Msg(format!(
+            "{what}: the fused kernels run on the CPU only"
+        ))),
     }
 }
 
@@ -430,7 +432,9 @@ pub(crate) fn par_rows<E: Copy + Send + Sync>(
 pub(crate) fn rows_of(dims: &[usize], what: &str) -> Result<(usize, usize)> {
     match dims.split_last() {
         Some((&d, rest)) if d > 0 => Ok((rest.iter().product(), d)),
-        _ => Err(Error::Msg(format!("{what}: needs a non-empty last dim, got {dims:?}"))),
+        _ => Err(Error::Msg(format!(
+            "{what}: needs a non-empty last dim, got {dims:?}"
+        ))),
     }
 }
 

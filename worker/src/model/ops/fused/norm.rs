@@ -6,7 +6,10 @@ use candle_core::{CpuStorage, CustomOp2, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::simd::{dot, vectorized};
-use super::{by_dtype, dt, dtype_of, storage, cpu_slice, par_rows, read, rows_of, rows_per_task, tensor, Elem, Real};
+use super::{
+    by_dtype, cpu_slice, dt, dtype_of, par_rows, read, rows_of, rows_per_task, storage, tensor,
+    Elem, Real,
+};
 
 /// Fused RMSNorm of `x` `[.., D]` with weight `w` `[D]` (same dtype), differentiable in both.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool) -> Result<Tensor> {

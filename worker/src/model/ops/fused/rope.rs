@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 
 use super::simd::vectorized;
-use super::{by_dtype, dt, dtype_of, storage, cpu_slice, par_rows, read, tensor, Elem, Real};
+use super::{by_dtype, cpu_slice, dt, dtype_of, par_rows, read, storage, tensor, Elem, Real};
 
 /// Fused RoPE of `x` `[B, T, H, hd]` with `cos`, `sin` `[T, hd]` (no gradient to the tables).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -49,7 +49,10 @@ fn rotate<E: Elem, R: Real>(
             for (i, o) in out.chunks_exact_mut(hd).enumerate() {
                 let row = r0 + i;
                 let pos = (row / h) % t;
-                let (c, s) = (&cos[pos * hd..(pos + 1) * hd], &sin[pos * hd..(pos + 1) * hd]);
+                let (c, s) = (
+                    &cos[pos * hd..(pos + 1) * hd],
+                    &sin[pos * hd..(pos + 1) * hd],
+                );
                 for (a, b) in xr.iter_mut().zip(&x[row * hd..(row + 1) * hd]) {
                     *a = b.to_r();
                 }
@@ -92,7 +95,9 @@ impl CustomOp3 for Rope {
         let (_, t, h, hd) = dims(l1.dims(), l2.dims())?;
         dims(l1.dims(), l3.dims())?;
         if dt(s2) != dt(s1) || dt(s3) != dt(s1) {
-            return Err(Error::Msg("rope: x and the tables must share a dtype".into()));
+            return Err(Error::Msg(
+                "rope: x and the tables must share a dtype".into(),
+            ));
         }
         by_dtype!(dt(s1), "rope", |E, R| {
             let x = cpu_slice::<E>(s1, l1, "rope")?;

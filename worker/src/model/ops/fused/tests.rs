@@ -49,7 +49,11 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
         .max(1.0);
-    max_abs_diff(&a.to_dtype(DType::F64).unwrap(), &b.to_dtype(DType::F64).unwrap()).unwrap()
+    max_abs_diff(
+        &a.to_dtype(DType::F64).unwrap(),
+        &b.to_dtype(DType::F64).unwrap(),
+    )
+    .unwrap()
         / scale
 }
 
@@ -83,7 +87,10 @@ fn assert_fd(
             .unwrap()
             .to_vec1::<f64>()
             .unwrap();
-        assert!(g.iter().any(|v| *v != 0.0), "{label}: input {i}: zero gradient");
+        assert!(
+            g.iter().any(|v| *v != 0.0),
+            "{label}: input {i}: zero gradient"
+        );
         let orig = inputs[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let step = (orig.len() / per_input).max(1);
         for idx in (0..orig.len()).step_by(step).chain([orig.len() - 1]) {
@@ -186,13 +193,23 @@ fn rms_norm_matches_the_composed_form_forward_and_backward() {
         )
         .unwrap();
         assert_eq!(yb.dtype(), DType::BF16);
-        let xr = x.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
-        let wr = w.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let xr = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let wr = w
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let d = rel_diff(&yb, &norm_ref(&xr, &wr, 1e-5, plus_one));
         assert!(d < 8e-3, "bf16: {d}");
         // f32 gradients equal autograd's of the composed form.
         let inputs = [x.clone(), w.clone()];
-        let fused = grads_of(&inputs, &|t| rms_norm(&t[0], &t[1], 1e-5, plus_one).unwrap());
+        let fused = grads_of(&inputs, &|t| {
+            rms_norm(&t[0], &t[1], 1e-5, plus_one).unwrap()
+        });
         let composed = grads_of(&inputs, &|t| norm_ref(&t[0], &t[1], 1e-5, plus_one));
         for (a, b) in fused.iter().zip(&composed) {
             let d = rel_diff(a, b);
@@ -352,7 +369,12 @@ fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<
 #[test]
 fn attention_matches_the_composed_form_across_blocks_windows_and_groups() {
     // T = 70 crosses query blocks (32) and key blocks (64); windows cut blocks in the middle.
-    for (h, kv, window) in [(4, 2, None), (4, 4, Some(5)), (6, 2, Some(40)), (2, 1, Some(1))] {
+    for (h, kv, window) in [
+        (4, 2, None),
+        (4, 4, Some(5)),
+        (6, 2, Some(40)),
+        (2, 1, Some(1)),
+    ] {
         let (b, t, hd) = (2, 70, 16);
         let q = rand(&[b, t, h, hd], 20, 1.5, DType::F32);
         let k = rand(&[b, t, kv, hd], 21, 1.5, DType::F32);
@@ -368,7 +390,9 @@ fn attention_matches_the_composed_form_across_blocks_windows_and_groups() {
         let d = rel_diff(&yb, &attention_ref(&q, &k, &v, sc, window));
         assert!(d < 3e-2, "{label} bf16: {d}");
         let inputs = [q.clone(), k.clone(), v.clone()];
-        let fused = grads_of(&inputs, &|t| attention(&t[0], &t[1], &t[2], sc, window).unwrap());
+        let fused = grads_of(&inputs, &|t| {
+            attention(&t[0], &t[1], &t[2], sc, window).unwrap()
+        });
         let composed = grads_of(&inputs, &|t| attention_ref(&t[0], &t[1], &t[2], sc, window));
         for (i, (x, r)) in fused.iter().zip(&composed).enumerate() {
             let d = rel_diff(x, r);
@@ -418,7 +442,9 @@ fn kd_ref(s: &Tensor, t: &Tensor, y: &Tensor, temp: f64, cw: f64) -> (Tensor, f6
 }
 
 fn targets(n: usize, v: usize, seed: u32) -> Tensor {
-    let y: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + seed * 31) % v as u32).collect();
+    let y: Vec<u32> = (0..n as u32)
+        .map(|i| (i * 7919 + seed * 31) % v as u32)
+        .collect();
     Tensor::from_vec(y, n, &cpu()).unwrap()
 }
 
@@ -433,8 +459,16 @@ fn kd_loss_matches_the_composed_form_forward_and_backward() {
         let l = kd_loss(&s, &t, &y, temp, cw).unwrap();
         let (total, kl, ce) = kd_ref(&s, &t, &y, temp, cw);
         let f = |x: &Tensor| x.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
-        assert!((l.kl - kl).abs() < 1e-4 * kl.abs().max(1.0), "kl {} vs {kl}", l.kl);
-        assert!((l.ce - ce).abs() < 1e-4 * ce.abs().max(1.0), "ce {} vs {ce}", l.ce);
+        assert!(
+            (l.kl - kl).abs() < 1e-4 * kl.abs().max(1.0),
+            "kl {} vs {kl}",
+            l.kl
+        );
+        assert!(
+            (l.ce - ce).abs() < 1e-4 * ce.abs().max(1.0),
+            "ce {} vs {ce}",
+            l.ce
+        );
         assert!((f(&l.total) - f(&total)).abs() < 1e-4 * f(&total).abs().max(1.0));
         // Gradients with respect to the student equal the composed form's autograd.
         let sv = Var::from_tensor(&s).unwrap();
@@ -444,7 +478,10 @@ fn kd_loss_matches_the_composed_form_forward_and_backward() {
             .backward()
             .unwrap();
         let gf = g.get(sv.as_tensor()).unwrap().clone();
-        let gr = kd_ref(sv.as_tensor(), &t, &y, temp, cw).0.backward().unwrap();
+        let gr = kd_ref(sv.as_tensor(), &t, &y, temp, cw)
+            .0
+            .backward()
+            .unwrap();
         let d = rel_diff(&gf, gr.get(sv.as_tensor()).unwrap());
         assert!(d < 1e-5, "T {temp} ce {cw}: backward {d}");
         // bf16 logits (student and teacher), f32 arithmetic: equal to the loss of the rounded
@@ -453,8 +490,16 @@ fn kd_loss_matches_the_composed_form_forward_and_backward() {
         let lb = kd_loss(&bf(&s), &bf(&t), &y, temp, cw).unwrap();
         let up = |x: &Tensor| bf(x).to_dtype(DType::F32).unwrap();
         let (_, klr, cer) = kd_ref(&up(&s), &up(&t), &y, temp, cw);
-        assert!((lb.kl - klr).abs() < 1e-4 * klr.abs().max(1.0), "bf16 kl {} vs {klr}", lb.kl);
-        assert!((lb.ce - cer).abs() < 1e-4 * cer.abs().max(1.0), "bf16 ce {} vs {cer}", lb.ce);
+        assert!(
+            (lb.kl - klr).abs() < 1e-4 * klr.abs().max(1.0),
+            "bf16 kl {} vs {klr}",
+            lb.kl
+        );
+        assert!(
+            (lb.ce - cer).abs() < 1e-4 * cer.abs().max(1.0),
+            "bf16 ce {} vs {cer}",
+            lb.ce
+        );
     }
     let (n, v) = (3, 20);
     let y = targets(n, v, 2);
@@ -487,7 +532,13 @@ fn ce_loss_matches_the_composed_form_and_the_teacher_gets_no_gradient() {
         .unwrap();
     assert!(g.get(t.as_tensor()).is_none());
     // Each row's gradient sums to zero (softmax minus one-hot, and p_s - p_t).
-    let gs = g.get(s.as_tensor()).unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+    let gs = g
+        .get(s.as_tensor())
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(gs.iter().all(|x| x.abs() < 1e-5), "{gs:?}");
 }
 
@@ -572,7 +623,10 @@ fn every_architecture_trains_alike_with_the_kernels_on_and_off() {
                 .zip(&gc)
                 .map(|(a, b)| rel_diff(a, b))
                 .fold(0.0, f64::max);
-            assert!(worst < 1e-4, "{arch}: {k:?} alone: gradients differ by {worst}");
+            assert!(
+                worst < 1e-4,
+                "{arch}: {k:?} alone: gradients differ by {worst}"
+            );
         }
     }
 }
