@@ -76,9 +76,7 @@ impl Precision {
         match s {
             "f32" | "" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            other => Err(format!(
-                "{other:?} is not a precision: use \"f32\" or \"bf16\""
-            )),
+            other => Err(format!("{other:?} is not a precision: use \"f32\" or \"bf16\"")),
         }
     }
 

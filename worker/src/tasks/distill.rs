@@ -219,8 +219,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         max_grad_norm: 1.0,
         weight_decay: 0.01,
         dynamic,
-        precision: crate::distill::train::Precision::parse(&d.precision)
-            .map_err(|e| fatal(format!("distill.precision: {e}")))?,
+        precision: crate::distill::train::Precision::parse(&d.precision).map_err(|e| fatal(format!("distill.precision: {e}")))?,
         shard_optimizer: d.shard_optimizer,
         recompute: d.recompute,
     };
