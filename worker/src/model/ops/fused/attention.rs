@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::simd::{axpy, dot, scale, vectorized};
+use super::simd::{axpy, dot, multiversion, scale};
 use super::{by_dtype, cpu_slice, dt, dtype_of, par_rows, read, storage, tensor, Elem, Real};
 
 const BLOCK_Q: usize = 32;
@@ -90,130 +90,147 @@ fn gather<E: Elem, R: Real>(x: &[E], d: Dims, heads: usize, b: usize, head: usiz
     }
 }
 
-impl Attention {
-    /// One (batch, head): the output rows `[T, hd]` and the logsumexp of each row.
-    fn forward_head<E: Elem, R: Real>(
-        &self,
-        q: &[E],
-        k: &[E],
-        v: &[E],
-        d: Dims,
-        task: usize,
-    ) -> (Vec<R>, Vec<R>) {
-        vectorized(|| {
-            let (b, h) = (task / d.h, task % d.h);
-            let kvh = h / (d.h / d.kv);
-            let (t, hd) = (d.t, d.hd);
-            let mut qh = vec![R::ZERO; t * hd];
-            let mut kh = vec![R::ZERO; t * hd];
-            let mut vh = vec![R::ZERO; t * hd];
-            gather(q, d, d.h, b, h, &mut qh);
-            gather(k, d, d.kv, b, kvh, &mut kh);
-            gather(v, d, d.kv, b, kvh, &mut vh);
-            let sc = R::from_f64(self.scale);
-            let mut out = vec![R::ZERO; t * hd];
-            let mut lse = vec![R::ZERO; t];
-            let mut s = [R::ZERO; BLOCK_K];
-            let (mut m, mut l) = ([R::NEG_INFINITY; BLOCK_Q], [R::ZERO; BLOCK_Q]);
-            for i0 in (0..t).step_by(BLOCK_Q) {
-                let i1 = (i0 + BLOCK_Q).min(t);
-                m.fill(R::NEG_INFINITY);
-                l.fill(R::ZERO);
-                let lo = d.keys(i0, self.window).0;
-                for j0 in (lo..i1).step_by(BLOCK_K) {
-                    let j1 = (j0 + BLOCK_K).min(i1);
-                    for r in i0..i1 {
-                        let (klo, khi) = d.keys(r, self.window);
-                        let (jlo, jhi) = (klo.max(j0), khi.min(j1));
-                        if jlo >= jhi {
-                            continue;
-                        }
-                        let qr = &qh[r * hd..(r + 1) * hd];
-                        let ri = r - i0;
-                        let mut mx = m[ri];
-                        for j in jlo..jhi {
-                            let sv = dot(qr, &kh[j * hd..(j + 1) * hd]) * sc;
-                            s[j - jlo] = sv;
-                            mx = mx.max(sv);
-                        }
-                        let acc = &mut out[r * hd..(r + 1) * hd];
-                        let corr = (m[ri] - mx).exp();
-                        l[ri] *= corr;
-                        scale(corr, acc);
-                        for j in jlo..jhi {
-                            let p = (s[j - jlo] - mx).exp();
-                            l[ri] += p;
-                            axpy(p, &vh[j * hd..(j + 1) * hd], acc);
-                        }
-                        m[ri] = mx;
-                    }
-                }
-                for r in i0..i1 {
-                    let ri = r - i0;
-                    scale(R::ONE / l[ri], &mut out[r * hd..(r + 1) * hd]);
-                    lse[r] = m[ri] + l[ri].ln();
-                }
-            }
-            (out, lse)
-        })
-    }
+multiversion! {
+    /// One (batch, head) of the forward.
+    fn forward_head[E: Elem, R: Real](
+        sc: f64, window: usize, q: &[E], k: &[E], v: &[E], d: Dims, task: usize,
+    ) -> (Vec<R>, Vec<R>) => forward_head_impl[E, R]
+}
 
-    /// One (batch, head): dq `[T, hd]` and this head's share of dk, dv `[T, hd]`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_head<E: Elem, R: Real>(
-        &self,
-        q: &[E],
-        k: &[E],
-        v: &[E],
-        o: &[E],
-        dout: &[E],
-        lse: &[f64],
-        d: Dims,
-        task: usize,
-    ) -> [Vec<R>; 3] {
-        vectorized(|| {
-            let (b, h) = (task / d.h, task % d.h);
-            let kvh = h / (d.h / d.kv);
-            let (t, hd) = (d.t, d.hd);
-            let buf = || vec![R::ZERO; t * hd];
-            let (mut qh, mut kh, mut vh, mut oh, mut doh) = (buf(), buf(), buf(), buf(), buf());
-            gather(q, d, d.h, b, h, &mut qh);
-            gather(k, d, d.kv, b, kvh, &mut kh);
-            gather(v, d, d.kv, b, kvh, &mut vh);
-            gather(o, d, d.h, b, h, &mut oh);
-            gather(dout, d, d.h, b, h, &mut doh);
-            let lse = &lse[task * t..(task + 1) * t];
-            let delta: Vec<R> = (0..t)
-                .map(|r| dot(&doh[r * hd..(r + 1) * hd], &oh[r * hd..(r + 1) * hd]))
-                .collect();
-            let sc = R::from_f64(self.scale);
-            let (mut dq, mut dk, mut dv) = (buf(), buf(), buf());
-            for i0 in (0..t).step_by(BLOCK_Q) {
-                let i1 = (i0 + BLOCK_Q).min(t);
-                let lo = d.keys(i0, self.window).0;
-                for j0 in (lo..i1).step_by(BLOCK_K) {
-                    let j1 = (j0 + BLOCK_K).min(i1);
-                    for r in i0..i1 {
-                        let (klo, khi) = d.keys(r, self.window);
-                        let (jlo, jhi) = (klo.max(j0), khi.min(j1));
-                        let qr = &qh[r * hd..(r + 1) * hd];
-                        let dor = &doh[r * hd..(r + 1) * hd];
-                        let lr = R::from_f64(lse[r]);
-                        let dqr = &mut dq[r * hd..(r + 1) * hd];
-                        for j in jlo..jhi {
-                            let kj = &kh[j * hd..(j + 1) * hd];
-                            let vj = &vh[j * hd..(j + 1) * hd];
-                            let p = (dot(qr, kj) * sc - lr).exp();
-                            axpy(p, dor, &mut dv[j * hd..(j + 1) * hd]);
-                            let ds = p * (dot(dor, vj) - delta[r]) * sc;
-                            axpy(ds, kj, dqr);
-                            axpy(ds, qr, &mut dk[j * hd..(j + 1) * hd]);
-                        }
+multiversion! {
+    /// One (batch, head) of the backward.
+    fn backward_head[E: Elem, R: Real](
+        sc: f64, window: usize, q: &[E], k: &[E], v: &[E], o: &[E], dout: &[E], lse: &[f64],
+        d: Dims, task: usize,
+    ) -> [Vec<R>; 3] => backward_head_impl[E, R]
+}
+
+/// One (batch, head): the output rows `[T, hd]` and the logsumexp of each row.
+#[inline(always)]
+fn forward_head_impl<E: Elem, R: Real>(
+    sc: f64,
+    window: usize,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    d: Dims,
+    task: usize,
+) -> (Vec<R>, Vec<R>) {
+    {
+        let (b, h) = (task / d.h, task % d.h);
+        let kvh = h / (d.h / d.kv);
+        let (t, hd) = (d.t, d.hd);
+        let mut qh = vec![R::ZERO; t * hd];
+        let mut kh = vec![R::ZERO; t * hd];
+        let mut vh = vec![R::ZERO; t * hd];
+        gather(q, d, d.h, b, h, &mut qh);
+        gather(k, d, d.kv, b, kvh, &mut kh);
+        gather(v, d, d.kv, b, kvh, &mut vh);
+        let sc = R::from_f64(sc);
+        let mut out = vec![R::ZERO; t * hd];
+        let mut lse = vec![R::ZERO; t];
+        let mut s = [R::ZERO; BLOCK_K];
+        let (mut m, mut l) = ([R::NEG_INFINITY; BLOCK_Q], [R::ZERO; BLOCK_Q]);
+        for i0 in (0..t).step_by(BLOCK_Q) {
+            let i1 = (i0 + BLOCK_Q).min(t);
+            m.fill(R::NEG_INFINITY);
+            l.fill(R::ZERO);
+            let lo = d.keys(i0, window).0;
+            for j0 in (lo..i1).step_by(BLOCK_K) {
+                let j1 = (j0 + BLOCK_K).min(i1);
+                for r in i0..i1 {
+                    let (klo, khi) = d.keys(r, window);
+                    let (jlo, jhi) = (klo.max(j0), khi.min(j1));
+                    if jlo >= jhi {
+                        continue;
+                    }
+                    let qr = &qh[r * hd..(r + 1) * hd];
+                    let ri = r - i0;
+                    let mut mx = m[ri];
+                    for j in jlo..jhi {
+                        let sv = dot(qr, &kh[j * hd..(j + 1) * hd]) * sc;
+                        s[j - jlo] = sv;
+                        mx = mx.max(sv);
+                    }
+                    let acc = &mut out[r * hd..(r + 1) * hd];
+                    let corr = (m[ri] - mx).exp();
+                    l[ri] *= corr;
+                    scale(corr, acc);
+                    for j in jlo..jhi {
+                        let p = (s[j - jlo] - mx).exp();
+                        l[ri] += p;
+                        axpy(p, &vh[j * hd..(j + 1) * hd], acc);
+                    }
+                    m[ri] = mx;
+                }
+            }
+            for r in i0..i1 {
+                let ri = r - i0;
+                scale(R::ONE / l[ri], &mut out[r * hd..(r + 1) * hd]);
+                lse[r] = m[ri] + l[ri].ln();
+            }
+        }
+        (out, lse)
+    }
+}
+
+/// One (batch, head): dq `[T, hd]` and this head's share of dk, dv `[T, hd]`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_head_impl<E: Elem, R: Real>(
+    sc: f64,
+    window: usize,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    o: &[E],
+    dout: &[E],
+    lse: &[f64],
+    d: Dims,
+    task: usize,
+) -> [Vec<R>; 3] {
+    {
+        let (b, h) = (task / d.h, task % d.h);
+        let kvh = h / (d.h / d.kv);
+        let (t, hd) = (d.t, d.hd);
+        let buf = || vec![R::ZERO; t * hd];
+        let (mut qh, mut kh, mut vh, mut oh, mut doh) = (buf(), buf(), buf(), buf(), buf());
+        gather(q, d, d.h, b, h, &mut qh);
+        gather(k, d, d.kv, b, kvh, &mut kh);
+        gather(v, d, d.kv, b, kvh, &mut vh);
+        gather(o, d, d.h, b, h, &mut oh);
+        gather(dout, d, d.h, b, h, &mut doh);
+        let lse = &lse[task * t..(task + 1) * t];
+        let delta: Vec<R> = (0..t)
+            .map(|r| dot(&doh[r * hd..(r + 1) * hd], &oh[r * hd..(r + 1) * hd]))
+            .collect();
+        let sc = R::from_f64(sc);
+        let (mut dq, mut dk, mut dv) = (buf(), buf(), buf());
+        for i0 in (0..t).step_by(BLOCK_Q) {
+            let i1 = (i0 + BLOCK_Q).min(t);
+            let lo = d.keys(i0, window).0;
+            for j0 in (lo..i1).step_by(BLOCK_K) {
+                let j1 = (j0 + BLOCK_K).min(i1);
+                for r in i0..i1 {
+                    let (klo, khi) = d.keys(r, window);
+                    let (jlo, jhi) = (klo.max(j0), khi.min(j1));
+                    let qr = &qh[r * hd..(r + 1) * hd];
+                    let dor = &doh[r * hd..(r + 1) * hd];
+                    let lr = R::from_f64(lse[r]);
+                    let dqr = &mut dq[r * hd..(r + 1) * hd];
+                    for j in jlo..jhi {
+                        let kj = &kh[j * hd..(j + 1) * hd];
+                        let vj = &vh[j * hd..(j + 1) * hd];
+                        let p = (dot(qr, kj) * sc - lr).exp();
+                        axpy(p, dor, &mut dv[j * hd..(j + 1) * hd]);
+                        let ds = p * (dot(dor, vj) - delta[r]) * sc;
+                        axpy(ds, kj, dqr);
+                        axpy(ds, qr, &mut dk[j * hd..(j + 1) * hd]);
                     }
                 }
             }
-            [dq, dk, dv]
-        })
+        }
+        [dq, dk, dv]
     }
 }
 
@@ -241,7 +258,7 @@ impl CustomOp3 for Attention {
             let v = cpu_slice::<E>(s3, l3, "attention")?;
             let heads: Vec<(Vec<R>, Vec<R>)> = (0..d.b * d.h)
                 .into_par_iter()
-                .map(|task| self.forward_head::<E, R>(q, k, v, d, task))
+                .map(|task| forward_head::<E, R>(self.scale, self.window, q, k, v, d, task))
                 .collect();
             let y = par_rows::<E>(d.b * d.t * d.h, d.hd, |r0, out| {
                 for (i, o) in out.chunks_exact_mut(d.hd).enumerate() {
@@ -285,8 +302,17 @@ impl CustomOp3 for Attention {
                                 let heads: Vec<[Vec<R>; 3]> = (0..d.b * d.h)
                                     .into_par_iter()
                                     .map(|task| {
-                                        self.backward_head::<E, R>(
-                                            qs, ks, vs, os, dys, lse, d, task,
+                                        backward_head::<E, R>(
+                                            self.scale,
+                                            self.window,
+                                            qs,
+                                            ks,
+                                            vs,
+                                            os,
+                                            dys,
+                                            lse,
+                                            d,
+                                            task,
                                         )
                                     })
                                     .collect();

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::simd::vectorized;
+use std::mem::MaybeUninit;
+
+use super::simd::multiversion;
 use super::{by_dtype, cpu_slice, dt, par_rows, read, tensor, Elem, Real};
 
 /// The loss as a differentiable scalar and its parts as numbers.
@@ -131,16 +133,8 @@ impl Loss {
         let rows: Vec<([f64; 3], f64, f64)> = (0..n)
             .into_par_iter()
             .map(|r| {
-                vectorized(|| {
-                    let sr = &s[r * v..(r + 1) * v];
-                    row_forward::<ES, ET, R>(
-                        sr,
-                        t.map(|t| &t[r * v..(r + 1) * v]),
-                        y[r],
-                        temp,
-                        unit,
-                    )
-                })
+                let sr = &s[r * v..(r + 1) * v];
+                row_forward::<ES, ET, R>(sr, t.map(|t| &t[r * v..(r + 1) * v]), y[r], temp, unit)
             })
             .collect();
         let (kl, ce) = rows
@@ -174,52 +168,33 @@ impl Loss {
         let wk = R::from_f64(grad * self.kl_weight / self.temperature);
         let wc = R::from_f64(grad * self.ce_weight);
         let has_ce = self.ce_weight != 0.0;
+        let k = GradRow {
+            inv_t,
+            wk,
+            wc,
+            has_ce,
+            has_kl: self.kl_weight != 0.0,
+        };
         Ok(par_rows::<ES>(y.len(), v, |r0, out| {
-            vectorized(|| {
-                for (i, o) in out.chunks_exact_mut(v).enumerate() {
-                    let r = r0 + i;
-                    let [ls, lt, l1] = st.lse[r].map(R::from_f64);
-                    let sr = &s[r * v..(r + 1) * v];
-                    match t {
-                        Some(t) if self.kl_weight != 0.0 => {
-                            let tr = &t[r * v..(r + 1) * v];
-                            for ((o, a), b) in o.iter_mut().zip(sr).zip(tr) {
-                                let a: R = a.to_r();
-                                let b: R = b.to_r();
-                                let mut d = wk * ((a * inv_t - ls).exp() - (b * inv_t - lt).exp());
-                                if has_ce {
-                                    d += wc * (a - l1).exp();
-                                }
-                                o.write(ES::from_r(d));
-                            }
-                        }
-                        _ => {
-                            for (o, a) in o.iter_mut().zip(sr) {
-                                let a: R = a.to_r();
-                                o.write(ES::from_r(wc * (a - l1).exp()));
-                            }
-                        }
-                    }
-                    if has_ce {
-                        // The target's own element, with the -1 of the one-hot.
-                        let j = y[r] as usize;
-                        let a: R = sr[j].to_r();
-                        let mut d = wc * ((a - l1).exp() - R::ONE);
-                        if let (Some(t), true) = (t, self.kl_weight != 0.0) {
-                            let b: R = t[r * v + j].to_r();
-                            d += wk * ((a * inv_t - ls).exp() - (b * inv_t - lt).exp());
-                        }
-                        o[j].write(ES::from_r(d));
-                    }
-                }
-            })
+            for (i, o) in out.chunks_exact_mut(v).enumerate() {
+                let r = r0 + i;
+                let lse = st.lse[r].map(R::from_f64);
+                let tr = t.map(|t| &t[r * v..(r + 1) * v]);
+                grad_row::<ES, ET, R>(k, &s[r * v..(r + 1) * v], tr, y[r] as usize, lse, o);
+            }
         }))
     }
 }
 
-/// One row: ([lse_s, lse_t, lse_1], KL, CE).
+multiversion! {
+    /// One row: ([lse_s, lse_t, lse_1], KL, CE).
+    fn row_forward[ES: Elem, ET: Elem, R: Real](
+        s: &[ES], t: Option<&[ET]>, y: u32, temp: R, unit: bool,
+    ) -> ([f64; 3], f64, f64) => row_forward_impl[ES, ET, R]
+}
+
 #[inline(always)]
-fn row_forward<ES: Elem, ET: Elem, R: Real>(
+fn row_forward_impl<ES: Elem, ET: Elem, R: Real>(
     s: &[ES],
     t: Option<&[ET]>,
     y: u32,
@@ -312,6 +287,74 @@ fn lanes_sum2<E1: Elem, E2: Elem, R: Real>(
         a.iter().fold(sa, |s, v| s + *v),
         b.iter().fold(sb, |s, v| s + *v),
     )
+}
+
+/// The constants of one row's gradient.
+#[derive(Clone, Copy)]
+struct GradRow<R> {
+    inv_t: R,
+    /// grad · T²/T.
+    wk: R,
+    /// grad · ce_weight.
+    wc: R,
+    has_ce: bool,
+    has_kl: bool,
+}
+
+multiversion! {
+    /// Writes the gradient of one row (see the module doc).
+    fn grad_row[ES: Elem, ET: Elem, R: Real](
+        k: GradRow<R>, sr: &[ES], tr: Option<&[ET]>, y: usize, lse: [R; 3],
+        o: &mut [MaybeUninit<ES>],
+    ) -> () => grad_row_impl[ES, ET, R]
+}
+
+#[inline(always)]
+fn grad_row_impl<ES: Elem, ET: Elem, R: Real>(
+    k: GradRow<R>,
+    sr: &[ES],
+    tr: Option<&[ET]>,
+    y: usize,
+    lse: [R; 3],
+    o: &mut [MaybeUninit<ES>],
+) {
+    let [ls, lt, l1] = lse;
+    let GradRow {
+        inv_t,
+        wk,
+        wc,
+        has_ce,
+        has_kl,
+    } = k;
+    match tr {
+        Some(tr) if has_kl => {
+            for ((o, a), b) in o.iter_mut().zip(sr).zip(tr) {
+                let a: R = a.to_r();
+                let b: R = b.to_r();
+                let mut d = wk * ((a * inv_t - ls).exp() - (b * inv_t - lt).exp());
+                if has_ce {
+                    d += wc * (a - l1).exp();
+                }
+                o.write(ES::from_r(d));
+            }
+        }
+        _ => {
+            for (o, a) in o.iter_mut().zip(sr) {
+                let a: R = a.to_r();
+                o.write(ES::from_r(wc * (a - l1).exp()));
+            }
+        }
+    }
+    if has_ce {
+        // The target's own element, with the -1 of the one-hot.
+        let a: R = sr[y].to_r();
+        let mut d = wc * ((a - l1).exp() - R::ONE);
+        if let (Some(tr), true) = (tr, has_kl) {
+            let b: R = tr[y].to_r();
+            d += wk * ((a * inv_t - ls).exp() - (b * inv_t - lt).exp());
+        }
+        o[y].write(ES::from_r(d));
+    }
 }
 
 /// The u32 targets of an op's input.

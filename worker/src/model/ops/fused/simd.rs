@@ -4,6 +4,51 @@
 
 use super::Real;
 
+/// Defines `$name`, which calls the `#[inline(always)]` function `$imp` compiled for AVX-512
+/// (F/BW/VL + FMA) where the CPU has it, else AVX2 + FMA, else the baseline: three copies of
+/// `$imp`'s body, one per instruction set, chosen at run time.
+macro_rules! multiversion {
+    (
+        $(#[$m:meta])*
+        fn $name:ident [$($gen:tt)*] ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty
+        => $imp:ident [$($garg:ty),*]
+    ) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name<$($gen)*>($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn v4<$($gen)*>($($arg: $ty),*) -> $ret {
+                    $imp::<$($garg),*>($($arg),*)
+                }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3<$($gen)*>($($arg: $ty),*) -> $ret {
+                    $imp::<$($garg),*>($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the features were detected above.
+                    return unsafe { v4::<$($garg),*>($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the features were detected above.
+                    return unsafe { v3::<$($garg),*>($($arg),*) };
+                }
+            }
+            $imp::<$($garg),*>($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
 /// Runs `f` compiled with AVX-512 (F/BW/VL) where the CPU has it, else AVX2 + FMA, else as is.
 /// `f`'s body (and the `#[inline(always)]` helpers it calls) is inlined into the chosen copy.
 #[inline(always)]
@@ -60,7 +105,9 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
         * r
         + r
         + 1.0;
-    let bits = ((t.to_bits() as i32 - 0x4B40_0000 + 127) << 23) as u32;
+    // Wrapping: no overflow check (it would stop the loop from vectorizing); n is in
+    // [-126, 127] after the clamp, so nothing wraps.
+    let bits = ((t.to_bits() as i32).wrapping_sub(0x4B40_0000 - 127) << 23) as u32;
     let y = p * f32::from_bits(bits);
     if x < -87.336_54 {
         0.0
@@ -104,7 +151,7 @@ fn sum_lanes<R: Real>(acc: [R; LANES]) -> R {
     let mut half = LANES / 2;
     while half > 0 {
         for i in 0..half {
-            w[i] = w[i] + w[i + half];
+            w[i] += w[i + half];
         }
         half /= 2;
     }
