@@ -371,11 +371,7 @@ impl Llama {
     /// What every layer of a pass over positions `start..start + t` shares.
     pub(crate) fn pass(&self, start: usize, t: usize, grad: bool) -> Result<Pass> {
         let c = &self.config;
-        let masked = if grad {
-            MASKED_TRAIN
-        } else {
-            f64::NEG_INFINITY
-        };
+        let masked = if grad { MASKED_TRAIN } else { f64::NEG_INFINITY };
         let mut ropes = vec![self.rope_tables(&c.rope(), start, t)?];
         if let Some(local) = &c.rope_local {
             ropes.push(self.rope_tables(local, start, t)?);
