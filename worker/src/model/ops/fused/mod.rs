@@ -326,14 +326,19 @@ impl Elem for f64 {
     }
 }
 
+// bf16 ⇄ f32 by bit operations (as `half` does, but inlined so the loops vectorize): bf16 is
+// the top half of an f32; to bf16 rounds to nearest even, NaN stays NaN.
 impl Elem for bf16 {
     #[inline(always)]
     fn to_r<R: Real>(self) -> R {
-        R::from_f32(self.to_f32())
+        R::from_f32(f32::from_bits((self.to_bits() as u32) << 16))
     }
     #[inline(always)]
     fn from_r<R: Real>(r: R) -> bf16 {
-        bf16::from_f32(r.to_f32())
+        let x = r.to_f32();
+        let b = x.to_bits();
+        let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+        bf16::from_bits(if x.is_nan() { 0x7FC0 } else { rounded })
     }
 }
 

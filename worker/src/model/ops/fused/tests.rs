@@ -147,6 +147,24 @@ fn the_polynomial_exp_and_tanh_are_within_2_ulp() {
 }
 
 #[test]
+fn bf16_conversions_match_half() {
+    for v in values(10_000, 70, 1e3)
+        .into_iter()
+        .chain([0.0, -0.0, 1e-40, 3.0e38, f64::INFINITY])
+    {
+        let x = v as f32;
+        assert_eq!(
+            <bf16 as Elem>::from_r::<f32>(x).to_bits(),
+            bf16::from_f32(x).to_bits(),
+            "{x}"
+        );
+        let b = bf16::from_f32(x);
+        assert_eq!(<bf16 as Elem>::to_r::<f32>(b), b.to_f32());
+    }
+    assert!(<bf16 as Elem>::from_r::<f32>(f32::NAN).is_nan());
+}
+
+#[test]
 fn the_switch_parses_names_and_scopes_to_the_thread() {
     assert_eq!(Kernels::parse("0").unwrap(), Kernels::none());
     assert_eq!(Kernels::parse("all").unwrap(), Kernels::all());
