@@ -49,8 +49,10 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// Runs `f` compiled with AVX-512 (F/BW/VL) where the CPU has it, else AVX2 + FMA, else as is.
-/// `f`'s body (and the `#[inline(always)]` helpers it calls) is inlined into the chosen copy.
+/// Runs `f` from a copy compiled with AVX-512 (F/BW/VL) where the CPU has it, else AVX2 + FMA,
+/// else as is. Whether `f`'s body is inlined into that copy (and so gets the wider
+/// instructions) is the compiler's choice; the hot kernels (the loss rows, attention heads) use
+/// [`multiversion!`], which guarantees it.
 #[inline(always)]
 pub(crate) fn vectorized<T>(f: impl FnOnce() -> T) -> T {
     #[cfg(target_arch = "x86_64")]
