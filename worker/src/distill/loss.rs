@@ -1,9 +1,13 @@
 //! The distillation loss: T²·KL(softmax(t/T) ‖ softmax(s/T)) per position, plus an optional
-//! `ce_weight`·cross-entropy of the student on the next token. Composed from ops candle
+//! `ce_weight`·cross-entropy of the student on the next token. On the CPU the fused kernel
+//! (`model::ops::fused::kd_loss`: value and gradient in row chunks, no `[N, V]` temporary);
+//! elsewhere, or with `DISTILLERY_FUSED` turning it off, composed from ops candle
 //! differentiates (`log_softmax` is max/sub/exp/sum/log; `gather` has a backward).
 
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::ops::log_softmax;
+
+use crate::model::ops::fused;
 
 /// Summed (not averaged) losses of one micro-batch, as tensors so they can be differentiated.
 pub struct LossSums {
@@ -26,6 +30,17 @@ pub fn kd_loss(
     temperature: f64,
     ce_weight: f64,
 ) -> Result<LossSums> {
+    if fused_ok(student) && fused::supported(teacher.dtype()) {
+        let (s, te, y) = flat(student, Some(teacher), targets)?;
+        let te = te.ok_or_else(|| candle_core::Error::Msg("kd_loss: no teacher".into()))?;
+        let l = fused::kd_loss(&s, &te, &y, temperature, ce_weight)?;
+        return Ok(LossSums {
+            total: l.total,
+            kl: l.kl,
+            ce: l.ce,
+            positions: targets.elem_count(),
+        });
+    }
     let t = temperature;
     let s = student.to_dtype(DType::F32)?;
     let te = teacher.detach().to_dtype(DType::F32)?;
@@ -56,6 +71,16 @@ pub fn kd_loss(
 
 /// Cross-entropy only (training without a teacher), in the same form.
 pub fn ce_only(student: &Tensor, targets: &Tensor) -> Result<LossSums> {
+    if fused_ok(student) {
+        let (s, _, y) = flat(student, None, targets)?;
+        let l = fused::ce_loss(&s, &y)?;
+        return Ok(LossSums {
+            total: l.total,
+            kl: 0.0,
+            ce: l.ce,
+            positions: targets.elem_count(),
+        });
+    }
     let log_p = log_softmax(&student.to_dtype(DType::F32)?, D::Minus1)?;
     let ce = log_p
         .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
@@ -67,6 +92,23 @@ pub fn ce_only(student: &Tensor, targets: &Tensor) -> Result<LossSums> {
         positions: targets.elem_count(),
         total: ce,
     })
+}
+
+fn fused_ok(student: &Tensor) -> bool {
+    fused::active(fused::Kernel::Loss, student.device()) && fused::supported(student.dtype())
+}
+
+/// Logits `[.., V]` as `[N, V]` and targets as `[N]`.
+fn flat(
+    student: &Tensor,
+    teacher: Option<&Tensor>,
+    targets: &Tensor,
+) -> Result<(Tensor, Option<Tensor>, Tensor)> {
+    let v = student.dim(D::Minus1)?;
+    let n = targets.elem_count();
+    let s = student.reshape((n, v))?;
+    let t = teacher.map(|t| t.reshape((n, v))).transpose()?;
+    Ok((s, t, targets.flatten_all()?))
 }
 
 #[cfg(test)]

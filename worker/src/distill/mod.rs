@@ -10,3 +10,5 @@ pub mod train;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fused;

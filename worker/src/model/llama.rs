@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 
 use super::config::{LayerType, LlamaConfig};
+use super::ops::fused;
 
 /// A linear layer over `[.., in]` with weight `[out, in]` (Hugging Face layout).
 #[derive(Clone, Debug)]
@@ -430,8 +431,18 @@ impl Llama {
         let h = (h + attn)?;
         let mlp_norm = norm(&h, &layer.mlp_norm, eps, gemma, g)?;
         let gate = layer.gate.forward(&mlp_norm, g)?;
-        let act = if gemma { gate.gelu()? } else { gate.silu()? };
-        let down_proj_input = (act * layer.up.forward(&mlp_norm, g)?)?;
+        let up = layer.up.forward(&mlp_norm, g)?;
+        let down_proj_input = if fused_ok(fused::Kernel::Glu, &gate) {
+            let act = if gemma {
+                fused::Activation::GeluTanh
+            } else {
+                fused::Activation::Silu
+            };
+            fused::glu(&gate, &up, act)?
+        } else {
+            let act = if gemma { gate.gelu()? } else { gate.silu()? };
+            (act * up)?
+        };
         let mut mlp = layer.down.forward(&down_proj_input, g)?;
         if let Some((_, post_mlp)) = &layer.post_norms {
             mlp = norm(&mlp, post_mlp, eps, gemma, g)?;
@@ -469,40 +480,52 @@ impl Llama {
     ) -> Result<(Tensor, Tensor)> {
         let g = pass.grad;
         let (cos, sin) = &pass.ropes[l.rope.min(pass.ropes.len() - 1)];
-        let mask = pass
-            .masks
-            .iter()
-            .find(|(w, _)| *w == l.window)
-            .map(|(_, m)| m)
-            .unwrap_or(&pass.masks[0].1);
         let c = &self.config;
         let gemma = c.arch().gemma();
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        // Projections as they come out, `[B, T, heads, hd]`; the q/k norms are per row, so
+        // they apply in that layout as in the transposed one.
+        let (mut q, mut k) = (
+            l.q.forward(x, g)?.reshape((b, t, nh, hd))?,
+            l.k.forward(x, g)?.reshape((b, t, nkv, hd))?,
+        );
+        if let Some((qn, kn)) = &l.qk_norms {
+            q = norm(&q, qn, c.rms_norm_eps, gemma, g)?;
+            k = norm(&k, kn, c.rms_norm_eps, gemma, g)?;
+        }
         let rot = |y: Tensor| -> Result<Tensor> {
-            if g || y.dtype() == DType::F64 {
-                rope(&y, cos, sin)
+            if fused_ok(fused::Kernel::Rope, &y) {
+                return fused::rope(&y, cos, sin);
+            }
+            let y = y.transpose(1, 2)?;
+            let r = if g || y.dtype() == DType::F64 {
+                rope(&y, cos, sin)?
             } else {
                 let half = hd / 2;
                 candle_nn::rotary_emb::rope(
                     &y.contiguous()?,
                     &cos.narrow(1, 0, half)?.contiguous()?,
                     &sin.narrow(1, 0, half)?.contiguous()?,
-                )
-            }
+                )?
+            };
+            r.transpose(1, 2)
         };
-        let (mut q, mut k) = (
-            heads(l.q.forward(x, g)?, nh)?,
-            heads(l.k.forward(x, g)?, nkv)?,
-        );
-        if let Some((qn, kn)) = &l.qk_norms {
-            q = norm(&q, qn, c.rms_norm_eps, gemma, g)?;
-            k = norm(&k, kn, c.rms_norm_eps, gemma, g)?;
-        }
         let q = rot(q)?;
         let k = rot(k)?;
-        let v = heads(l.v.forward(x, g)?, nkv)?;
+        let v = l.v.forward(x, g)?.reshape((b, t, nkv, hd))?;
+        let scale = c.attention_scale();
+        if past.is_none() && l.window != Some(0) && fused_ok(fused::Kernel::Attention, &q) {
+            let y = fused::attention(&q, &k, &v, scale, l.window)?.reshape((b, t, nh * hd))?;
+            return Ok((l.o.forward(&y, g)?, y));
+        }
+        let mask = pass
+            .masks
+            .iter()
+            .find(|(w, _)| *w == l.window)
+            .map(|(_, m)| m)
+            .unwrap_or(&pass.masks[0].1);
+        let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
         // With a cache, attend over the stored keys/values followed by the new ones.
         let (k, v) = match past {
             None => (k, v),
@@ -517,7 +540,6 @@ impl Llama {
         };
         let k = repeat_kv(k, nh / nkv)?;
         let v = repeat_kv(v, nh / nkv)?;
-        let scale = c.attention_scale();
         let scores =
             (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
         let probs = if g || scores.dtype() == DType::F64 {
@@ -601,11 +623,20 @@ fn param(w: &Tensor, grad: bool) -> Tensor {
     }
 }
 
-/// RMSNorm over the last dimension, scaled by `w` (Gemma: by `1 + w`): the composed,
-/// differentiable form when differentiating (or in f64, which the fused kernels lack), else
-/// candle's fused kernel.
+/// Whether the fused CPU kernel `k` (see [`fused`]) takes tensors like `x`: switched on, on
+/// the CPU, in a dtype it reads.
+fn fused_ok(k: fused::Kernel, x: &Tensor) -> bool {
+    fused::active(k, x.device()) && fused::supported(x.dtype())
+}
+
+/// RMSNorm over the last dimension, scaled by `w` (Gemma: by `1 + w`): the fused kernel with a
+/// backward where it is on (see [`fused`]); else the composed, differentiable form when
+/// differentiating (or in f64), candle's fused kernel (no backward) otherwise.
 fn norm(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool, grad: bool) -> Result<Tensor> {
     let w = param(w, grad);
+    if fused_ok(fused::Kernel::Norm, x) {
+        return fused::rms_norm(x, &w, eps, plus_one);
+    }
     let w = if plus_one { (w + 1.0)? } else { w };
     if grad || x.dtype() == DType::F64 {
         rms_norm(x, &w, eps)

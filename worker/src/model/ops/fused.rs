@@ -1,1 +1,0 @@
-//! Fused ops with a backward (RMSNorm, RoPE, SwiGLU, causal attention, the KD loss).
