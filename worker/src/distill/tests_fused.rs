@@ -69,7 +69,8 @@ fn train(arch: Arch, kernels: Kernels) -> (Vec<f64>, Vec<candle_core::Tensor>) {
             vec![domain(24)],
             &[1.0],
             vec![],
-        );
+        )
+        .unwrap();
         let losses = (0..20).map(|_| t.train_step().unwrap().loss).collect();
         let w = t
             .student
