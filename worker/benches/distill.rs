@@ -144,7 +144,7 @@ fn main() {
     }
     let sets = vec![
         Set {
-            title: format!("KD step f32 {shape}"),
+            title: format!("KD step f32 {shape} vs PyTorch"),
             anchor: ours("distillery f32", "f32", &[]),
             others: [torch("f32", "sdpa"), torch("f32", "eager")]
                 .into_iter()
@@ -152,7 +152,7 @@ fn main() {
                 .collect(),
         },
         Set {
-            title: format!("KD step bf16 {shape}"),
+            title: format!("KD step bf16 {shape} vs PyTorch"),
             anchor: ours("distillery bf16 teacher + precision=bf16", "bf16", &[]),
             others: torch("bf16", "sdpa").into_iter().collect(),
         },

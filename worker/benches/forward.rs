@@ -134,12 +134,12 @@ fn main() {
             );
         }
         sets.push(Set {
-            title: format!("forward f32 {shape}"),
+            title: format!("forward f32 {shape} vs PyTorch"),
             anchor: ours("distillery f32", "f32", &[]),
             others: f32_others,
         });
         sets.push(Set {
-            title: format!("forward bf16 {shape}"),
+            title: format!("forward bf16 {shape} vs PyTorch"),
             anchor: ours("distillery bf16 (model in bf16)", "bf16", &[]),
             others: [torch("bf16", "sdpa"), torch("bf16", "eager")]
                 .into_iter()
