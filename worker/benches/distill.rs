@@ -17,7 +17,8 @@
 //!
 //! `cargo bench -p distillery-worker --bench distill [-- --quick]`. Env: BENCH_THREADS (2),
 //! BENCH_BATCH (4), BENCH_SEQ (256), BENCH_ROUNDS (3; 2 quick), BENCH_REPS (1), BENCH_MAX_ALIVE
-//! (2 processes at once: ~5 GB each), BENCH_KERNELS (one-kernel rows, none by default: each
+//! (2 processes at once: ~5 GB each), BENCH_KERNELS (one-kernel rows, e.g.
+//! "norm,rope,glu,attention,loss" as `DISTILLERY_FUSED` names them; none by default: each
 //! adds ~1 min), BENCH_TEMPERATURE (1.0), BENCH_CE_WEIGHT (1.0), BENCH_FILTER (run only the sets whose
 //! title contains one of these comma-separated parts), DISTILLERY_PYTHON.
 

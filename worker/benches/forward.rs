@@ -15,7 +15,7 @@
 //! `cargo bench -p distillery-worker --bench forward [-- --quick]`. Env: BENCH_THREADS (2),
 //! BENCH_SEQ (256), BENCH_BATCHES ("1,4"), BENCH_ROUNDS (5; 3 quick), BENCH_REPS (1),
 //! BENCH_MAX_ALIVE (4 processes at once), BENCH_KERNELS (fused kernels for one-at-a-time rows,
-//! "norm,rope,swiglu,attention"; none quick), BENCH_FILTER (run only the sets whose title
+//! "norm,rope,glu,attention", the names `DISTILLERY_FUSED` takes; none quick), BENCH_FILTER (run only the sets whose title
 //! contains one of these comma-separated parts), DISTILLERY_PYTHON (else `.venv-parity`).
 
 mod common;
@@ -54,7 +54,7 @@ fn main() {
     let default_kernels: &[&str] = if quick {
         &[]
     } else {
-        &["norm", "rope", "swiglu", "attention"]
+        &["norm", "rope", "glu", "attention"]
     };
     let kernels = env_list("BENCH_KERNELS", default_kernels);
     let cfg = shapes::smollm2_135m();

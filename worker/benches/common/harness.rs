@@ -162,6 +162,8 @@ pub struct Measured {
     pub variant: Variant,
     /// The child's `info` (versions, attention implementation, threads).
     pub info: Option<Value>,
+    /// The child's peak resident memory (Linux `VmHWM`), read before it exits.
+    pub peak_rss_bytes: Option<u64>,
     /// Seconds per iteration, one per round.
     pub seconds: Vec<f64>,
     /// `(anchor seconds, this row's seconds)` of the same round.
@@ -174,6 +176,7 @@ impl Measured {
         Measured {
             variant,
             info: None,
+            peak_rss_bytes: None,
             seconds: vec![],
             pairs: vec![],
             error: None,
@@ -292,6 +295,19 @@ impl Worker {
         }
     }
 
+    /// Peak resident set size so far (Linux; `None` elsewhere).
+    fn peak_rss(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
     fn stderr_tail(&mut self) -> String {
         let mut s = String::new();
         if self.stderr.seek(SeekFrom::Start(0)).is_ok() {
@@ -392,12 +408,16 @@ pub fn run_set(
                 }
             }
         }
+        for (i, w) in &live {
+            others[*i].peak_rss_bytes = w.peak_rss();
+        }
         drop(live);
         start = end;
         if start >= others.len() {
             break;
         }
     }
+    anchor.peak_rss_bytes = a.peak_rss();
     (anchor, others)
 }
 
@@ -417,8 +437,8 @@ pub fn print_set(
         set.title
     );
     println!(
-        "  {:<44} {:>9} {:>8} {:>6} {:>9} {:>17} {:>9}",
-        "", "tokens/s", "GFLOP/s", "%peak", "s/iter", "tokens/s min-max", "vs first"
+        "  {:<44} {:>9} {:>8} {:>6} {:>9} {:>17} {:>9} {:>9}",
+        "", "tokens/s", "GFLOP/s", "%peak", "s/iter", "tokens/s min-max", "vs first", "peak RSS"
     );
     let row = |m: &Measured, rel: Option<f64>| {
         if let Some(e) = &m.error {
@@ -443,8 +463,11 @@ pub fn print_set(
         let hi = m.seconds.iter().cloned().fold(0.0, f64::max);
         let spread = format!("{:.0}-{:.0}", v.tokens / hi, v.tokens / lo);
         let rel = rel.map_or("1.00x".to_string(), |r| format!("{r:.2}x"));
+        let rss = m
+            .peak_rss_bytes
+            .map_or("n/a".into(), |b| format!("{:.2} GB", b as f64 / 1e9));
         println!(
-            "  {:<44} {tps:>9.1} {gf:>8.1} {pct:>6} {s:>9.3} {spread:>17} {rel:>9}",
+            "  {:<44} {tps:>9.1} {gf:>8.1} {pct:>6} {s:>9.3} {spread:>17} {rel:>9} {rss:>9}",
             v.label
         );
     };
