@@ -17,10 +17,11 @@
 //!
 //! `cargo bench -p distillery-worker --bench distill [-- --quick]`. Env: BENCH_THREADS (2),
 //! BENCH_BATCH (4), BENCH_SEQ (256), BENCH_ROUNDS (3; 2 quick), BENCH_REPS (1), BENCH_MAX_ALIVE
-//! (2 processes at once: ~5 GB each), BENCH_KERNELS (one-kernel rows, e.g.
-//! "norm,rope,glu,attention,loss" as `DISTILLERY_FUSED` names them; none by default: each
-//! adds ~1 min), BENCH_TEMPERATURE (1.0), BENCH_CE_WEIGHT (1.0), BENCH_FILTER (run only the sets whose
-//! title contains one of these comma-separated parts), DISTILLERY_PYTHON.
+//! (2 processes at once; at 4x256 ours peaks at ~10 GB before the fused loss, PyTorch ~5 GB),
+//! BENCH_KERNELS (one-kernel rows, e.g. "norm,rope,glu,attention,loss" as `DISTILLERY_FUSED`
+//! names them; none by default: each adds ~1 min), BENCH_TEMPERATURE (1.0), BENCH_CE_WEIGHT
+//! (1.0), BENCH_FILTER (run only the sets whose title contains one of these comma-separated
+//! parts, e.g. "vs PyTorch"), DISTILLERY_PYTHON. OMP_WAIT_POLICY passes through to PyTorch.
 
 mod common;
 use common::harness::{self, Compare, Precision as Peak, Set, Variant};
@@ -67,12 +68,19 @@ fn main() {
     machine::print_header(threads, &peak);
     let (tp, sp) = (shapes::params(&tc), shapes::params(&sc));
     println!(
-        "distill: teacher SmolLM2-135M shape ({tp} params); student hidden {}, MLP {}, {} heads, {} layers ({sp} params, {:.2}x); \
-         batch {batch} x {seq}, T = {temperature}, ce_weight = {ce_weight}, AdamW lr {LR} wd {WEIGHT_DECAY}, clip {MAX_GRAD_NORM}; \
-         {threads} threads on both sides (ours: RAYON_NUM_THREADS = CANDLE_NUM_THREADS = {threads}; PyTorch: torch.set_num_threads, \
-         OMP/MKL_NUM_THREADS); each row its own process, rounds alternate, warm-up step excluded",
-        sc.hidden_size, sc.intermediate_size, sc.num_attention_heads, sc.num_hidden_layers,
+        "distill: teacher SmolLM2-135M shape ({tp} params); student hidden {}, MLP {}, {} heads, \
+         {} layers ({sp} params, {:.2}x)",
+        sc.hidden_size,
+        sc.intermediate_size,
+        sc.num_attention_heads,
+        sc.num_hidden_layers,
         sp as f64 / tp as f64
+    );
+    println!(
+        "step: batch {batch} x {seq}, T = {temperature}, ce_weight = {ce_weight}, AdamW lr {LR} \
+         wd {WEIGHT_DECAY}, clip {MAX_GRAD_NORM}; {threads} threads on both sides (ours: \
+         RAYON_NUM_THREADS = CANDLE_NUM_THREADS = {threads}; PyTorch: torch.set_num_threads, \
+         OMP/MKL_NUM_THREADS); each row its own process, rounds alternate, warm-up step excluded"
     );
     let py = python();
     if py.is_none() {

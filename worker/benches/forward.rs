@@ -15,8 +15,10 @@
 //! `cargo bench -p distillery-worker --bench forward [-- --quick]`. Env: BENCH_THREADS (2),
 //! BENCH_SEQ (256), BENCH_BATCHES ("1,4"), BENCH_ROUNDS (5; 3 quick), BENCH_REPS (1),
 //! BENCH_MAX_ALIVE (4 processes at once), BENCH_KERNELS (fused kernels for one-at-a-time rows,
-//! "norm,rope,glu,attention", the names `DISTILLERY_FUSED` takes; none quick), BENCH_FILTER (run only the sets whose title
-//! contains one of these comma-separated parts), DISTILLERY_PYTHON (else `.venv-parity`).
+//! "norm,rope,glu,attention", the names `DISTILLERY_FUSED` takes; none quick), BENCH_FILTER
+//! (run only the sets whose title contains one of these comma-separated parts, e.g.
+//! "vs PyTorch"), DISTILLERY_PYTHON (else `.venv-parity`). OMP_WAIT_POLICY passes through to
+//! PyTorch (PASSIVE on a busy machine: OpenMP's default spinning collapses when oversubscribed).
 
 mod common;
 use common::harness::{self, Compare, Precision, Set, Variant};
@@ -81,7 +83,11 @@ fn main() {
         let shape = format!("{batch}x{seq}");
         let tokens = (batch * seq) as f64;
         let flops = tokens * shapes::forward_flops_per_token(&config, seq, true);
-        let spec = |dtype: &str, pass: &str| json!({"batch": batch, "seq": seq, "dtype": dtype, "pass": pass, "config": cfg});
+        let spec = |dtype: &str, pass: &str| {
+            json!({
+                "batch": batch, "seq": seq, "dtype": dtype, "pass": pass, "config": cfg
+            })
+        };
         let ours = |label: &str, dtype: &str, switches: &[(&str, &str)]| {
             let p = if dtype == "bf16" {
                 Precision::Bf16
