@@ -2,9 +2,11 @@
 //! Gemma 3 (text): logits for every position, causal attention with GQA, RoPE (per layer type),
 //! sliding windows, optional q/k norms, SwiGLU or GeGLU MLP, RMSNorm (Gemma's (1 + w) form, and
 //! its norms after attention and MLP), tied or untied embeddings. Every op in the
-//! differentiable pass is one candle differentiates (DESIGN.md §6: the fused `rms_norm`,
-//! `softmax_last_dim`, `rope` record no backward op), and the parameters are `Var`s named
-//! exactly as in Hugging Face checkpoints.
+//! differentiable pass has a backward: on the CPU our fused kernels (`ops::fused`: RMSNorm, RoPE,
+//! SwiGLU/GeGLU, flash-style attention, each a custom op with its own backward, switchable by
+//! `DISTILLERY_FUSED`), elsewhere ops candle differentiates (DESIGN.md §6: candle's own fused
+//! `rms_norm`, `softmax_last_dim`, `rope` record no backward op, so they are never used there).
+//! The parameters are `Var`s named exactly as in Hugging Face checkpoints.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder, VarMap};
