@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::CudaStream;
+use candle_core::cuda_backend::cudarc::nccl::result::NcclError;
 use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, ReduceOp};
 
 use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp1, InplaceOp2, Layout, Tensor};
@@ -17,9 +18,14 @@ fn err(e: impl std::fmt::Debug) -> CollectiveError {
     CollectiveError(format!("nccl: {e:?}"))
 }
 
+/// NCCL's result code (`NcclError`'s own Debug prints no code).
+fn nerr(e: NcclError) -> CollectiveError {
+    CollectiveError(format!("nccl: {:?}", e.0))
+}
+
 /// A new unique id (rank 0), as the bytes the other ranks need.
 pub fn new_id() -> Result<Vec<u8>, CollectiveError> {
-    let id = Id::new().map_err(err)?;
+    let id = Id::new().map_err(nerr)?;
     Ok(id.internal().iter().map(|c| *c as u8).collect())
 }
 
@@ -53,8 +59,10 @@ impl Nccl {
             *a = *b as std::ffi::c_char;
         }
         let stream = d.cuda_stream();
+        // ncclCommInitRank joins on the thread's current device: make it this one.
+        stream.context().bind_to_thread().map_err(err)?;
         let comm =
-            Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal)).map_err(err)?;
+            Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal)).map_err(nerr)?;
         Ok(Nccl {
             comm,
             stream,
@@ -71,8 +79,8 @@ fn span(l: &Layout) -> candle_core::Result<std::ops::Range<usize>> {
     Ok(a..b)
 }
 
-fn cerr(e: impl std::fmt::Debug) -> candle_core::Error {
-    candle_core::Error::Msg(format!("nccl: {e:?}"))
+fn cerr(e: NcclError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("nccl: {:?}", e.0))
 }
 
 /// In-place all-reduce (sum) of a device buffer.
@@ -227,7 +235,7 @@ impl Collective for Nccl {
         let mut d = self.stream.clone_htod(&*buf).map_err(err)?;
         self.comm
             .all_reduce_in_place(&mut d, &ReduceOp::Sum)
-            .map_err(err)?;
+            .map_err(nerr)?;
         self.stream.memcpy_dtoh(&d, buf).map_err(err)?;
         self.stream.synchronize().map_err(err)
     }
@@ -237,7 +245,7 @@ impl Collective for Nccl {
         let mut dl = self.stream.clone_htod(&len[..]).map_err(err)?;
         self.comm
             .broadcast_in_place(&mut dl, root as i32)
-            .map_err(err)?;
+            .map_err(nerr)?;
         self.stream.memcpy_dtoh(&dl, &mut len[..]).map_err(err)?;
         self.stream.synchronize().map_err(err)?;
         buf.resize(len[0] as usize, 0);
@@ -247,7 +255,7 @@ impl Collective for Nccl {
         let mut d = self.stream.clone_htod(&buf[..]).map_err(err)?;
         self.comm
             .broadcast_in_place(&mut d, root as i32)
-            .map_err(err)?;
+            .map_err(nerr)?;
         self.stream.memcpy_dtoh(&d, &mut buf[..]).map_err(err)?;
         self.stream.synchronize().map_err(err)
     }
