@@ -11,9 +11,10 @@ use candle_nn::{Init, VarBuilder, VarMap};
 
 use super::config::{LayerType, LlamaConfig};
 
-/// A linear layer over `[.., in]` with weight `[out, in]` (Hugging Face layout).
+/// A linear layer over `[.., in]` with weight `[out, in]` (Hugging Face layout). In bf16 on the
+/// CPU its product runs on our kernels ([`super::ops::gemm::linear`]).
 #[derive(Clone, Debug)]
-struct Linear {
+pub(crate) struct Linear {
     w: Tensor,
     b: Option<Tensor>,
 }
@@ -36,8 +37,15 @@ impl Linear {
         Ok(Linear { w, b })
     }
 
-    fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&param(&self.w, grad).t()?)?;
+    /// A layer over given tensors (weight `[out, in]`, bias `[out]`).
+    #[cfg(test)]
+    pub(crate) fn from_weight(w: Tensor, b: Option<Tensor>) -> Linear {
+        Linear { w, b }
+    }
+
+    /// `x · Wᵀ (+ b)`; with `grad`, differentiable with respect to the weights.
+    pub(crate) fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let y = super::ops::gemm::linear(x, &param(&self.w, grad))?;
         match &self.b {
             Some(b) => y.broadcast_add(&param(b, grad)),
             None => Ok(y),
@@ -370,7 +378,11 @@ impl Llama {
     /// What every layer of a pass over positions `start..start + t` shares.
     pub(crate) fn pass(&self, start: usize, t: usize, grad: bool) -> Result<Pass> {
         let c = &self.config;
-        let masked = if grad { MASKED_TRAIN } else { f64::NEG_INFINITY };
+        let masked = if grad {
+            MASKED_TRAIN
+        } else {
+            f64::NEG_INFINITY
+        };
         let mut ropes = vec![self.rope_tables(&c.rope(), start, t)?];
         if let Some(local) = &c.rope_local {
             ropes.push(self.rope_tables(local, start, t)?);
