@@ -23,7 +23,13 @@ use distillery_worker::model::ops::gemm::{self, Isa};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// SmolLM2-135M's (K, N): q/o, k/v, gate/up, down, lm_head.
-const KN: [(usize, usize); 5] = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)];
+const KN: [(usize, usize); 5] = [
+    (576, 576),
+    (576, 192),
+    (576, 1536),
+    (1536, 576),
+    (576, 49152),
+];
 
 const TORCH: &str = r#"
 import sys, time, json, torch
@@ -77,7 +83,11 @@ fn main() {
     println!("flags: {}", cpu_flags());
     println!(
         "threads: {threads}; gemm x86-v4 (AVX-512) for candle f32: {}; our best path: {:?}",
-        if cfg!(feature = "gemm-avx512") { "on" } else { "off" },
+        if cfg!(feature = "gemm-avx512") {
+            "on"
+        } else {
+            "off"
+        },
         Isa::best()
     );
     let peak = Peak::measure(threads);
@@ -96,7 +106,7 @@ fn main() {
     }
 
     // Rows: (label, per-shape best seconds).
-    let mut paths: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    let paths: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
     for isa in Isa::ALL.into_iter().filter(|i| !i.available()) {
         println!("ours bf16 {isa:?}: not available on this CPU");
     }
@@ -105,7 +115,10 @@ fn main() {
         ("candle bf16".into(), vec![f64::INFINITY; shapes.len()]),
     ];
     for isa in &paths {
-        rows.push((format!("ours bf16 {isa:?}"), vec![f64::INFINITY; shapes.len()]));
+        rows.push((
+            format!("ours bf16 {isa:?}"),
+            vec![f64::INFINITY; shapes.len()],
+        ));
     }
     let r_no_v4 = rows.len();
     if no_v4.is_some() {
@@ -170,14 +183,6 @@ fn main() {
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
-    // Scalar: one path, so drop the row entirely when it was skipped everywhere.
-    if let Some(p) = paths.iter().position(|i| *i == Isa::Scalar) {
-        if rows[2 + p].1.iter().all(|t| t.is_infinite()) {
-            rows.remove(2 + p);
-            paths.remove(p);
-        }
-    }
-
     println!(
         "\nGFLOP/s (2·M·K·N / best-of-{rounds} time; % of the f32 peak for f32 rows, of the bf16 peak for bf16 rows)"
     );
@@ -211,10 +216,7 @@ fn main() {
             );
         }
     }
-    let ours = 2 + paths
-        .iter()
-        .position(|i| *i == Isa::best())
-        .unwrap_or(0);
+    let ours = 2 + paths.iter().position(|i| *i == Isa::best()).unwrap_or(0);
     for (s, &(m, k, n)) in shapes.iter().enumerate() {
         println!(
             "ratio distillery / candle bf16 matmul {m}x{k}->{n}: {:.2}x",
@@ -232,7 +234,10 @@ fn main() {
 }
 
 fn ms_arg(ms: &[usize]) -> String {
-    ms.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(",")
+    ms.iter()
+        .map(|m| m.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn best(slot: &mut f64, t: f64) {
@@ -319,9 +324,7 @@ fn cpu_flags() -> String {
         .unwrap_or("");
     let mut v: Vec<&str> = flags
         .split_whitespace()
-        .filter(|f| {
-            f.starts_with("avx") || f.starts_with("amx") || *f == "fma" || *f == "f16c"
-        })
+        .filter(|f| f.starts_with("avx") || f.starts_with("amx") || *f == "fma" || *f == "f16c")
         .collect();
     v.sort_unstable();
     v.join(" ")
