@@ -154,14 +154,15 @@ mod x86 {
             // SAFETY (loads): `b` holds 48 and `a` 8 elements per step (caller's contract).
             let (b0, b1, b2): (__m512bh, __m512bh, __m512bh) = unsafe {
                 (
-                    transmute(_mm512_loadu_si512(b as *const __m512i)),
-                    transmute(_mm512_loadu_si512(b.add(16) as *const __m512i)),
-                    transmute(_mm512_loadu_si512(b.add(32) as *const __m512i)),
+                    transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b as *const __m512i)),
+                    transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b.add(16) as *const __m512i)),
+                    transmute::<__m512i, __m512bh>(_mm512_loadu_si512(b.add(32) as *const __m512i)),
                 )
             };
             for (i, c) in c.iter_mut().enumerate() {
                 // SAFETY: see above; a bf16 pair broadcast to every lane.
-                let ai: __m512bh = unsafe { transmute(_mm512_set1_epi32(*a.add(i) as i32)) };
+                let ai =
+                    unsafe { transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*a.add(i) as i32)) };
                 c[0] = _mm512_dpbf16_ps(c[0], ai, b0);
                 c[1] = _mm512_dpbf16_ps(c[1], ai, b1);
                 c[2] = _mm512_dpbf16_ps(c[2], ai, b2);

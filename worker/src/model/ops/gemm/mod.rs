@@ -188,7 +188,7 @@ fn rows_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [bf16],
     };
     let dims = l.dims();
     let last = dims.last().copied().unwrap_or(1);
-    let rows = if last == 0 { 0 } else { (end - start) / last };
+    let rows = (end - start).checked_div(last).unwrap_or(0);
     Ok((&v[start..end], rows, last))
 }
 
