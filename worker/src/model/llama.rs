@@ -14,9 +14,10 @@ use candle_nn::{Init, VarBuilder, VarMap};
 use super::config::{LayerType, LlamaConfig};
 use super::ops::fused;
 
-/// A linear layer over `[.., in]` with weight `[out, in]` (Hugging Face layout).
+/// A linear layer over `[.., in]` with weight `[out, in]` (Hugging Face layout). In bf16 on the
+/// CPU its product runs on our kernels ([`super::ops::gemm::linear`]).
 #[derive(Clone, Debug)]
-struct Linear {
+pub(crate) struct Linear {
     w: Tensor,
     b: Option<Tensor>,
 }
@@ -39,8 +40,15 @@ impl Linear {
         Ok(Linear { w, b })
     }
 
-    fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&param(&self.w, grad).t()?)?;
+    /// A layer over given tensors (weight `[out, in]`, bias `[out]`).
+    #[cfg(test)]
+    pub(crate) fn from_weight(w: Tensor, b: Option<Tensor>) -> Linear {
+        Linear { w, b }
+    }
+
+    /// `x · Wᵀ (+ b)`; with `grad`, differentiable with respect to the weights.
+    pub(crate) fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let y = super::ops::gemm::linear(x, &param(&self.w, grad))?;
         match &self.b {
             Some(b) => y.broadcast_add(&param(b, grad)),
             None => Ok(y),
@@ -470,7 +478,7 @@ impl Llama {
     pub(crate) fn head(&self, h: &Tensor, grad: bool) -> Result<Tensor> {
         let c = &self.config;
         let h = norm(h, &self.norm, c.rms_norm_eps, c.arch().gemma(), grad)?;
-        h.broadcast_matmul(&param(&self.lm_head, grad).t()?)
+        super::ops::gemm::logits(&h, &param(&self.lm_head, grad))
     }
 
     fn attention(

@@ -1,0 +1,375 @@
+//! The bf16 matrix multiply with f32 accumulation for the CPU, dispatched at run time:
+//! `y = x · Wᵀ` for `x` `[.., K]` and `W` `[N, K]` (Hugging Face layout), as a candle custom op
+//! with a backward (`dx = dy · W`, `dW = dyᵀ · x` summed over the batch, same kernels).
+//!
+//! candle 0.11 multiplies bf16 on the CPU by converting both operands to f32 and back; here the
+//! kernels read bf16 directly: AVX-512-BF16 (`vdpbf16ps` on K pairs) where the CPU has it, else
+//! AVX-512F or AVX2+FMA on f32 widened while packing, else a scalar loop (see [`Isa`]). Each
+//! output is one f32 sum over K, rounded once (to bf16, or kept in f32 for the logits).
+//!
+//! [`linear`] and [`logits`] are what the model calls: ours when the tensors are bf16 on the
+//! CPU and the switch is on (`DISTILLERY_BF16_GEMM=0` turns it off, [`set_enabled`] at run
+//! time), candle's matmul otherwise (every other device and dtype).
+
+mod driver;
+mod kernels;
+#[cfg(test)]
+mod tests;
+
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+use driver::{Kernel, MatRef, Out};
+
+/// The instruction set a bf16 multiply runs on, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// `vdpbf16ps` (AVX-512-BF16): bf16 pairs, f32 accumulators.
+    Avx512Bf16,
+    /// AVX-512F FMA on f32 widened from bf16.
+    Avx512F,
+    /// AVX2 + FMA on f32 widened from bf16.
+    Avx2Fma,
+    /// Plain Rust.
+    Scalar,
+}
+
+impl Isa {
+    /// Every path, best first.
+    pub const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512F, Isa::Avx2Fma, Isa::Scalar];
+
+    /// Whether this CPU can run the path.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512Bf16 => {
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("avx512bf16")
+                }
+                Isa::Avx512F => {
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                }
+                Isa::Avx2Fma => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+                Isa::Scalar => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
+    }
+
+    /// The best path this CPU runs (detected once).
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            Isa::ALL
+                .into_iter()
+                .find(|i| i.available())
+                .unwrap_or(Isa::Scalar)
+        })
+    }
+}
+
+fn switch() -> &'static AtomicBool {
+    static ON: OnceLock<AtomicBool> = OnceLock::new();
+    ON.get_or_init(|| {
+        let off = std::env::var("DISTILLERY_BF16_GEMM").is_ok_and(|v| v.trim() == "0");
+        AtomicBool::new(!off)
+    })
+}
+
+/// Whether [`linear`] and [`logits`] use these kernels for bf16 on the CPU (default on;
+/// `DISTILLERY_BF16_GEMM=0`, read once, turns it off).
+pub fn enabled() -> bool {
+    switch().load(Ordering::Relaxed)
+}
+
+/// Turns the bf16 kernels on or off for the whole process (benchmarks compare both).
+pub fn set_enabled(on: bool) {
+    switch().store(on, Ordering::Relaxed)
+}
+
+/// Whether `x · wᵀ` goes to our kernels.
+fn ours(x: &Tensor, w: &Tensor) -> bool {
+    enabled()
+        && x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == DType::BF16
+        && w.dtype() == DType::BF16
+        && w.rank() == 2
+        && x.rank() >= 1
+}
+
+/// `x · wᵀ` for a linear layer (`x` `[.., K]`, `w` `[N, K]`): our bf16 kernel when both are
+/// bf16 on the CPU and [`enabled`], else candle's `broadcast_matmul`. The result has `x`'s dtype.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if ours(x, w) {
+        matmul_wt(x, w, DType::BF16, Isa::best())
+    } else {
+        x.broadcast_matmul(&w.t()?)
+    }
+}
+
+/// `h · wᵀ` for the language-model head: as [`linear`], but bf16 inputs give f32 logits (our
+/// kernel writes its f32 sums directly; candle's path converts its bf16 result), so the loss
+/// sees the same dtype with the switch on or off. Other dtypes: candle's matmul, unchanged.
+pub fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if ours(h, w) {
+        matmul_wt(h, w, DType::F32, Isa::best())
+    } else if h.dtype() == DType::BF16 {
+        h.broadcast_matmul(&w.t()?)?.to_dtype(DType::F32)
+    } else {
+        h.broadcast_matmul(&w.t()?)
+    }
+}
+
+/// `x · wᵀ` on a chosen path (`out`: `BF16` or `F32`), differentiable with respect to both.
+/// `x` `[.., K]` and `w` `[N, K]` must be bf16 on the CPU; the tests force each path here.
+pub fn matmul_wt(x: &Tensor, w: &Tensor, out: DType, isa: Isa) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        w,
+        Bf16Matmul {
+            form: Form::XWt,
+            out,
+            isa,
+        },
+    )
+}
+
+/// Which product an op computes from its two operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    /// `x [.., K] · w[N, K]ᵀ → [.., N]` (the forward).
+    XWt,
+    /// `dy [.., N] · w[N, K] → [.., K]` (the input gradient).
+    XW,
+    /// `dy [.., N]ᵀ · x [.., K] → [N, K]`, summed over every leading index (the weight gradient).
+    DyTX,
+}
+
+/// The bf16 multiply as a candle op.
+#[derive(Clone, Copy, Debug)]
+struct Bf16Matmul {
+    form: Form,
+    out: DType,
+    isa: Isa,
+}
+
+fn err(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
+}
+
+/// The bf16 elements of a contiguous tensor `[.., last]` as a `rows × last` matrix.
+fn rows_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [bf16], usize, usize)> {
+    let CpuStorage::BF16(v) = s else {
+        return Err(err(format!(
+            "bf16 matmul: {what} is {:?}, expected bf16",
+            s.dtype()
+        )));
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        return Err(err(format!(
+            "bf16 matmul: {what} must be contiguous (call .contiguous() first)"
+        )));
+    };
+    let dims = l.dims();
+    let last = dims.last().copied().unwrap_or(1);
+    let rows = (end - start).checked_div(last).unwrap_or(0);
+    Ok((&v[start..end], rows, last))
+}
+
+/// A 2-D bf16 tensor with any strides: (elements from its offset, rows, cols, rs, cs).
+fn strided_2d<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<(&'a [bf16], usize, usize, usize, usize)> {
+    let CpuStorage::BF16(v) = s else {
+        return Err(err(format!(
+            "bf16 matmul: {what} is {:?}, expected bf16",
+            s.dtype()
+        )));
+    };
+    let (&[r, c], &[rs, cs]) = (l.dims(), l.stride()) else {
+        return Err(err(format!(
+            "bf16 matmul: {what} has shape {:?}, expected 2 dimensions",
+            l.dims()
+        )));
+    };
+    Ok((&v[l.start_offset()..], r, c, rs, cs))
+}
+
+fn view<'a>(
+    data: &'a [bf16],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) -> Result<MatRef<'a>> {
+    MatRef::new(data, rows, cols, rs, cs).ok_or_else(|| {
+        err(format!(
+            "bf16 matmul: a {rows}x{cols} view overruns its storage"
+        ))
+    })
+}
+
+impl Bf16Matmul {
+    /// Runs the product and returns the storage and the output shape.
+    fn run(&self, a: &MatRef, bt: &MatRef, shape: Shape) -> Result<(CpuStorage, Shape)> {
+        let n = a.rows() * bt.rows();
+        Ok(match self.out {
+            DType::BF16 => (
+                CpuStorage::BF16(product::<bf16>(self.isa, a, bt, n)?),
+                shape,
+            ),
+            DType::F32 => (CpuStorage::F32(product::<f32>(self.isa, a, bt, n)?), shape),
+            d => {
+                return Err(err(format!(
+                    "bf16 matmul: output {d:?}, expected bf16 or f32"
+                )))
+            }
+        })
+    }
+}
+
+impl CustomOp2 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        match self.form {
+            Form::XWt => "bf16-matmul-xwt",
+            Form::XW => "bf16-matmul-xw",
+            Form::DyTX => "bf16-matmul-dyt-x",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match self.form {
+            Form::XWt => {
+                let (x, m, k) = rows_of(s1, l1, "x")?;
+                let (w, n, kw, rs, cs) = strided_2d(s2, l2, "w")?;
+                if kw != k {
+                    return Err(err(format!(
+                        "bf16 matmul: x is [.., {k}] but w is [{n}, {kw}]: K must agree"
+                    )));
+                }
+                let mut dims = l1.dims().to_vec();
+                if let Some(d) = dims.last_mut() {
+                    *d = n;
+                }
+                self.run(&view(x, m, k, k, 1)?, &view(w, n, k, rs, cs)?, dims.into())
+            }
+            Form::XW => {
+                let (dy, m, n) = rows_of(s1, l1, "dy")?;
+                let (w, nw, k, rs, cs) = strided_2d(s2, l2, "w")?;
+                if nw != n {
+                    return Err(err(format!(
+                        "bf16 matmul: dy is [.., {n}] but w is [{nw}, {k}]: N must agree"
+                    )));
+                }
+                let mut dims = l1.dims().to_vec();
+                if let Some(d) = dims.last_mut() {
+                    *d = k;
+                }
+                // Bt = wᵀ: element (k, n) is w[n, k].
+                self.run(&view(dy, m, n, n, 1)?, &view(w, k, n, cs, rs)?, dims.into())
+            }
+            Form::DyTX => {
+                let (dy, m, n) = rows_of(s1, l1, "dy")?;
+                let (x, mx, k) = rows_of(s2, l2, "x")?;
+                if mx != m {
+                    return Err(err(format!(
+                        "bf16 matmul: dy has {m} rows but x has {mx}: the batch must agree"
+                    )));
+                }
+                // A = dyᵀ [N, M], Bt = xᵀ [K, M]: the reduction runs over the M tokens.
+                self.run(&view(dy, n, m, 1, n)?, &view(x, k, m, 1, k)?, (n, k).into())
+            }
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.form != Form::XWt {
+            return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
+        }
+        // The f32 (logits) variant gets an f32 gradient: it enters the bf16 kernels rounded, as
+        // under PyTorch's autocast.
+        let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
+        let op = |form| Bf16Matmul {
+            form,
+            out: DType::BF16,
+            isa: self.isa,
+        };
+        let dx = dy.apply_op2_no_bwd(w, &op(Form::XW))?;
+        let dw = dy.apply_op2_no_bwd(&x.contiguous()?, &op(Form::DyTX))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `a · btᵀ` into a fresh `Vec` of `n` elements, every one written by the kernel.
+fn product<O: Out>(isa: Isa, a: &MatRef, bt: &MatRef, n: usize) -> Result<Vec<O>> {
+    if !isa.available() {
+        return Err(err(format!(
+            "bf16 matmul: this CPU cannot run the {isa:?} path"
+        )));
+    }
+    let mut out: Vec<MaybeUninit<O>> = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { out.set_len(n) };
+    let threads = candle_core::utils::get_num_threads();
+    // SAFETY: `available()` checked the CPU features of the chosen kernel.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => run::<kernels::Avx512Bf16, O>(a, bt, &mut out, threads),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512F => run::<kernels::Avx512F, O>(a, bt, &mut out, threads),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => run::<kernels::Avx2Fma, O>(a, bt, &mut out, threads),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx512Bf16 | Isa::Avx512F | Isa::Avx2Fma => unreachable!("not available"),
+            Isa::Scalar => run::<kernels::Scalar, O>(a, bt, &mut out, threads),
+        }
+    }
+    let mut out = std::mem::ManuallyDrop::new(out);
+    let (ptr, len, cap) = (out.as_mut_ptr(), out.len(), out.capacity());
+    // SAFETY: `driver::gemm` wrote every one of the `n = M·N` elements, and `MaybeUninit<O>` has
+    // `O`'s layout.
+    Ok(unsafe { Vec::from_raw_parts(ptr as *mut O, len, cap) })
+}
+
+/// # Safety
+/// The CPU has `K`'s features.
+unsafe fn run<K: Kernel, O: Out>(
+    a: &MatRef,
+    bt: &MatRef,
+    out: &mut [MaybeUninit<O>],
+    threads: usize,
+) {
+    // SAFETY: forwarded.
+    unsafe { driver::gemm::<K, O>(a, bt, out, threads) }
+}
