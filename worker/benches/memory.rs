@@ -360,8 +360,22 @@ fn main() {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
+    #[cfg(target_arch = "x86_64")]
+    let flags = [
+        ("avx512f", is_x86_feature_detected!("avx512f")),
+        ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
+        ("avx2", is_x86_feature_detected!("avx2")),
+        ("fma", is_x86_feature_detected!("fma")),
+    ]
+    .iter()
+    .filter(|(_, on)| *on)
+    .map(|(n, _)| *n)
+    .collect::<Vec<_>>()
+    .join("+");
+    #[cfg(not(target_arch = "x86_64"))]
+    let flags = String::from("-");
     println!(
-        "machine: {cpu}, {} threads; {WORLD} rank processes (TCP ring on loopback); micro_batch x seq_len {micro} x {seq}",
+        "machine: {cpu} ({flags}), {} threads; {WORLD} rank processes (TCP ring on loopback); micro_batch x seq_len {micro} x {seq}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!(
