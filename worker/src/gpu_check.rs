@@ -5,8 +5,8 @@
 //! lowers the loss; a bf16 step with a sharded optimizer on two ranks sharing the GPU (an
 //! in-process gang: NCCL refuses two ranks on one device) equals the one-rank bf16 step; and
 //! distillation tokens/s and MFU for the SmolLM2-135M shape (teacher) and a 70% student, f32
-//! and bf16 + sharded, with the memory plan's prediction beside the device's peak use. Prints
-//! one JSON object per check.
+//! and bf16 + sharded, with the memory plan's per-rank prediction (`distillery_proto::memplan`,
+//! as `coordinator plan` prints it) beside each. Prints one JSON object per check.
 
 /// Runs the checks on `device` (`cuda:N`); returns the exit code.
 pub fn run(device: &str) -> i32 {
@@ -25,6 +25,68 @@ pub fn run(device: &str) -> i32 {
                 1
             }
         }
+    }
+}
+
+/// The memory plan of one rank (bytes per line, as `coordinator plan` counts them) for a CUDA
+/// run of `teacher` → `student` at `micro × seq` on `world` ranks.
+pub(crate) fn plan_json(
+    teacher: &crate::model::LlamaConfig,
+    student: &crate::model::LlamaConfig,
+    micro: usize,
+    seq: usize,
+    world: usize,
+    precision: crate::distill::train::Precision,
+    shard: bool,
+) -> serde_json::Value {
+    use distillery_proto::memplan::{self, DeviceKind, Precision as P, Setup};
+    let p = match precision {
+        crate::distill::train::Precision::F32 => P::F32,
+        crate::distill::train::Precision::Bf16 => P::Bf16,
+    };
+    let plan = memplan::plan(&Setup {
+        teacher: crate::prune::plan::shape_of(teacher),
+        student: crate::prune::plan::shape_of(student),
+        world_size: world as u32,
+        micro_batch: micro as u32,
+        seq_len: seq as u32,
+        precision: p,
+        teacher_precision: p,
+        shard_optimizer: shard,
+        recompute: false,
+        temperature_is_one: true,
+        device: DeviceKind::Cuda,
+    });
+    serde_json::json!({
+        "teacher_weights": plan.teacher_weights, "student_weights": plan.student_weights,
+        "gradients": plan.gradients, "optimizer": plan.optimizer,
+        "activations": plan.activations, "loss": plan.loss, "runtime": plan.runtime,
+        "total": plan.total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::distill::train::Precision;
+    use crate::model::test_model::{test_model, TestModelSpec};
+
+    #[test]
+    fn the_gpu_check_reports_the_plan_the_coordinator_prints() {
+        let m = test_model(
+            &TestModelSpec::default(),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let p = m.num_params() as u64;
+        let one = super::plan_json(&m.config, &m.config, 1, 16, 1, Precision::F32, false);
+        let two = super::plan_json(&m.config, &m.config, 1, 16, 2, Precision::Bf16, true);
+        assert_eq!(one["student_weights"], p * 4);
+        assert_eq!(one["gradients"], p * 4);
+        assert_eq!(one["optimizer"], p * 12);
+        assert_eq!(two["student_weights"], p * 2);
+        assert_eq!(two["optimizer"], p.div_ceil(2) * 12);
+        assert!(two["total"].as_u64() < one["total"].as_u64());
     }
 }
 
@@ -274,7 +336,7 @@ mod cuda {
                 "losses_one_rank": one_losses, "losses_two_ranks": two_losses})
         );
 
-        // 3. Distillation throughput, SmolLM2-135M shape teacher and the 70% student the
+        // 4. Distillation throughput, SmolLM2-135M shape teacher and the 70% student the
         //    parameter-budget search picks (as in benches/distill.rs).
         let shape = |h: u32, i: u32, heads: u32, layers: u32| {
             LlamaConfig::from_json(
@@ -357,7 +419,9 @@ mod cuda {
                 serde_json::json!({"check": "distill_throughput_smollm2_135m_to_70pct", "ok": true,
                     "precision": label, "ranks_on_one_gpu": world, "tokens_per_s": tps,
                     "seq_len": seq, "micro_batch": micro, "student_params": params,
-                    "mfu": 6.0 * params * tps / BF16_PEAK.0, "mfu_peak": BF16_PEAK.1})
+                    "mfu": 6.0 * params * tps / BF16_PEAK.0, "mfu_peak": BF16_PEAK.1,
+                    "memory_plan_per_rank": super::plan_json(&teacher.config, &student.config,
+                        micro, seq, world, precision, shard)})
             );
         }
         Ok(ok)
