@@ -342,8 +342,53 @@ fn width(s: &ModelShape) -> (f64, f64, f64, f64, f64, f64) {
     )
 }
 
-/// The saved tensors of one differentiated layer of `s` ([`LAYER`] plus what GQA, biases, q/k
-/// norms and Gemma's extra norms add).
+/// What a differentiated layer keeps with the CPU's fused kernels (`worker/src/model/ops/fused`,
+/// the default on the CPU; measured with `BENCH_PHASES=1` of `worker/benches/memory.rs`: 8,388
+/// floats per token per layer for the 70% SmolLM2 student against 8,304 counted here). Each
+/// fused op keeps only its output (and a row statistic), attention keeps no `T × T` tensor and
+/// reads keys and values unrepeated.
+pub const FUSED_LAYER: LayerTensors = LayerTensors {
+    // the two norms' outputs, o_proj's output, the residual after attention, down_proj's
+    // output, the layer's output (6), and the norms' per-row statistics and the GLU's
+    // bookkeeping (0.5, measured).
+    hidden: 6.5,
+    // q_proj's output, RoPE on q, the attention output.
+    q: 3.0,
+    // k_proj's and v_proj's outputs, RoPE on k.
+    kv: 3.0,
+    // gate, up, the GLU's output.
+    inter: 3.0,
+    // flash-style attention: none.
+    scores: 0.0,
+};
+/// The fused q/k norms: their outputs.
+pub const FUSED_QK_NORM: f64 = 1.0;
+/// Once per pass with the fused kernels: the embedding's output and the final norm's.
+pub const FUSED_EMBED_AND_FINAL_NORM_HIDDEN: f64 = 2.0;
+
+/// The saved tensors of one differentiated layer of `s` on `device` ([`FUSED_LAYER`] on the CPU,
+/// [`LAYER`] elsewhere, plus what GQA, biases, q/k norms and Gemma's extra norms add).
+pub fn layer_tensors_on(s: &ModelShape, device: DeviceKind) -> LayerTensors {
+    if device != DeviceKind::Cpu {
+        return layer_tensors(s);
+    }
+    let mut t = FUSED_LAYER;
+    if s.attention_bias {
+        t.q += BIAS_Q;
+        t.kv += BIAS_KV;
+    }
+    if s.qk_norm {
+        t.q += FUSED_QK_NORM;
+        t.kv += FUSED_QK_NORM;
+    }
+    if s.norms_per_layer >= 4 {
+        t.hidden += 2.0;
+    }
+    t
+}
+
+/// The saved tensors of one differentiated layer of `s` with the composed ops (GPUs) ([`LAYER`]
+/// plus what GQA, biases, q/k norms and Gemma's extra norms add).
 pub fn layer_tensors(s: &ModelShape) -> LayerTensors {
     let mut t = LAYER;
     if s.num_attention_heads > s.num_key_value_heads.max(1) {
@@ -393,8 +438,23 @@ pub fn plan(s: &Setup) -> MemoryPlan {
     let (h, _, _, _, _, vocab) = width(&s.student);
     let layers = f64::from(s.student.num_layers);
 
-    let one_layer = layer_bytes(&layer_tensors(&s.student), &s.student, batch, seq, bf);
-    let outside = EMBED_AND_FINAL_NORM_HIDDEN * tokens * h * bf;
+    // The CPU runs the fused kernels (no T × T tensor, a chunked loss, f32 logits from the bf16
+    // GEMM); other devices the composed ops.
+    let fused = s.device == DeviceKind::Cpu;
+    let one_layer = layer_bytes(
+        &layer_tensors_on(&s.student, s.device),
+        &s.student,
+        batch,
+        seq,
+        bf,
+    );
+    let outside = if fused {
+        FUSED_EMBED_AND_FINAL_NORM_HIDDEN
+    } else {
+        EMBED_AND_FINAL_NORM_HIDDEN
+    } * tokens
+        * h
+        * bf;
     let activations_full = ceil(layers * one_layer + outside);
     let activations_recompute = ceil(layers * tokens * h * bf + one_layer + outside);
     let activations = if s.recompute {
@@ -411,7 +471,13 @@ pub fn plan(s: &Setup) -> MemoryPlan {
     if !s.temperature_is_one {
         loss_f32 += LOSS.f32_if_temperature;
     }
-    let loss = ceil(vocab_tensor * (LOSS.logits * bf + loss_f32 * 4.0));
+    // Fused: the loss keeps only the student's logits, f32 (its gradient is formed in the
+    // backward).
+    let loss = if fused {
+        ceil(vocab_tensor * 4.0)
+    } else {
+        ceil(vocab_tensor * (LOSS.logits * bf + loss_f32 * 4.0))
+    };
 
     let teacher_layer = layer_bytes(&TEACHER_LAYER, &s.teacher, batch, seq, bt as f64);
     let mut teacher_loss_f32 = TEACHER_LOSS_F32;
@@ -419,12 +485,21 @@ pub fn plan(s: &Setup) -> MemoryPlan {
         teacher_loss_f32 += TEACHER_LOSS_F32_IF_BF16;
     }
     let teacher_vocab = tokens * f64::from(s.teacher.vocab_size);
-    let teacher_forward =
-        ceil(teacher_vocab * bt as f64 + teacher_layer.max(teacher_vocab * teacher_loss_f32 * 4.0));
+    let teacher_forward = if fused {
+        // f32 logits (the bf16 GEMM writes f32), one inference layer; the loss reads them.
+        ceil(teacher_vocab * 4.0 + teacher_layer)
+    } else {
+        ceil(teacher_vocab * bt as f64 + teacher_layer.max(teacher_vocab * teacher_loss_f32 * 4.0))
+    };
 
     let kept_layers = if s.recompute { 1.0 } else { layers };
-    let kept = kept_layers * layer_bytes(&BACKWARD_KEPT_LAYER, &s.student, batch, seq, bf)
-        + vocab_tensor * BACKWARD_KEPT_VOCAB_F32 * 4.0;
+    // The fused ops take their tables and masks as plain inputs: no stray gradients.
+    let kept = if fused {
+        0.0
+    } else {
+        kept_layers * layer_bytes(&BACKWARD_KEPT_LAYER, &s.student, batch, seq, bf)
+            + vocab_tensor * BACKWARD_KEPT_VOCAB_F32 * 4.0
+    };
     let backward = grad_store_params(&s.student, s.recompute) * b
         + ceil(kept + one_layer.max(vocab_tensor * BACKWARD_VOCAB_F32 * 4.0));
 

@@ -30,6 +30,7 @@ pub fn run(device: &str) -> i32 {
 
 /// The memory plan of one rank (bytes per line, as `coordinator plan` counts them) for a CUDA
 /// run of `teacher` → `student` at `micro × seq` on `world` ranks.
+#[cfg(any(test, feature = "cuda"))]
 pub(crate) fn plan_json(
     teacher: &crate::model::LlamaConfig,
     student: &crate::model::LlamaConfig,
