@@ -106,7 +106,8 @@ fn activations_of_a_tiny_gqa_model_counted_by_hand() {
     let mut su = setup(st, st);
     su.micro_batch = 2;
     su.seq_len = 8;
-    su.device = DeviceKind::Cpu;
+    // The composed ops (what GPUs run): counted by hand below.
+    su.device = DeviceKind::Cuda;
     let (bt, h, q, kv, i, heads, t) = (16.0, 64.0, 64.0, 32.0, 96.0, 4.0, 8.0);
     let per_layer = [
         // attn norm: x², x·inv, ·w
@@ -145,6 +146,18 @@ fn activations_of_a_tiny_gqa_model_counted_by_hand() {
     assert_eq!(p2.loss, (bt * 50.0 * (2.0 + 12.0 * 4.0)) as u64);
     su.recompute = true;
     assert_eq!(plan(&su).activations, plan(&su).activations_recompute);
+    // The CPU's fused kernels: per layer 6.5 hidden + 3 q + 3 kv + 3 intermediate tensors, no
+    // T × T scores; the loss keeps only the f32 logits.
+    su.device = DeviceKind::Cpu;
+    su.recompute = false;
+    su.precision = Precision::F32;
+    let fused_layer = bt * (6.5 * h + 3.0 * q + 3.0 * kv + 3.0 * i);
+    let f = plan(&su);
+    assert_eq!(
+        f.activations_full,
+        ((3.0 * fused_layer + 2.0 * bt * h) * 4.0) as u64
+    );
+    assert_eq!(f.loss, (bt * 50.0 * 4.0) as u64);
 }
 
 #[test]
