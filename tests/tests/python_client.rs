@@ -230,7 +230,10 @@ async fn the_python_client_runs_a_campaign_against_the_real_coordinator() {
     let cli = coord.status_json(Some(id));
     let mut served = cli.clone();
     for r in served["rounds"].as_array_mut().into_iter().flatten() {
-        assert!(r["memory_plan"]["bytes"]["total"].as_u64().unwrap_or(0) > 0, "{r}");
+        assert!(
+            r["memory_plan"]["bytes"]["total"].as_u64().unwrap_or(0) > 0,
+            "{r}"
+        );
         r.as_object_mut().map(|o| o.remove("memory_plan"));
     }
     assert_eq!(v["status"], served);
