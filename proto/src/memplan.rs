@@ -27,8 +27,9 @@ use crate::shape::head_dim;
 use crate::v1::{DistillSpec, ModelShape};
 
 /// A dtype's width as the plan counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
+    #[default]
     F32,
     Bf16,
 }

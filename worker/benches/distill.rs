@@ -30,7 +30,7 @@ use common::{env_list, env_usize, machine, python, quick, script, shapes};
 use candle_core::{DType, Device};
 use distillery_worker::collective::Solo;
 use distillery_worker::distill::data::Domain;
-use distillery_worker::distill::train::{Precision, TrainConfig, Trainer};
+use distillery_worker::distill::train::{Precision, PrecisionDType, TrainConfig, Trainer};
 use distillery_worker::model::Llama;
 use serde_json::{json, Value};
 
@@ -221,10 +221,7 @@ fn child(spec: Value) -> Result<(), String> {
     let num = |k: &str| spec[k].as_f64().ok_or(format!("spec.{k} missing"));
     let (batch, seq) = (get("batch")?, get("seq")?);
     let precision = Precision::parse(spec["precision"].as_str().unwrap_or("?"))?;
-    let teacher_dtype = match precision {
-        Precision::F32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-    };
+    let teacher_dtype = precision.dtype();
     let tc = shapes::config(&spec["teacher"])?;
     let sc = shapes::config(&spec["student"])?;
     let vocab = tc.vocab_size as u32;

@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use candle_core::Device;
-use distillery_proto::memplan::{self, gib, DeviceKind, Precision as PlanPrecision, Setup};
+use distillery_proto::memplan::{self, gib, DeviceKind, Setup};
 use distillery_proto::v1::ModelShape;
 use distillery_worker::collective::ring::{bind, Ring};
 use distillery_worker::distill::data::Domain;
-use distillery_worker::distill::train::{Precision, TrainConfig, Trainer};
+use distillery_worker::distill::train::{Precision, PrecisionDType, TrainConfig, Trainer};
 use distillery_worker::model::{Llama, LlamaConfig};
 use distillery_worker::prune::plan::{choose_shape, shape_of, Target};
 
@@ -104,10 +104,7 @@ impl Config {
     }
 
     fn name(&self) -> String {
-        let mut n = match self.precision {
-            Precision::F32 => "f32".to_string(),
-            Precision::Bf16 => "bf16".to_string(),
-        };
+        let mut n = self.precision.name().to_string();
         if self.shard {
             n.push_str("+shard");
         }
@@ -239,10 +236,7 @@ fn rank_main(rank: usize) {
 }
 
 fn plan_for(cfg: Config, teacher: ModelShape, student: ModelShape) -> memplan::MemoryPlan {
-    let p = match cfg.precision {
-        Precision::F32 => PlanPrecision::F32,
-        Precision::Bf16 => PlanPrecision::Bf16,
-    };
+    let p = cfg.precision;
     memplan::plan(&Setup {
         teacher,
         student,

@@ -40,19 +40,15 @@ pub(crate) fn plan_json(
     precision: crate::distill::train::Precision,
     shard: bool,
 ) -> serde_json::Value {
-    use distillery_proto::memplan::{self, DeviceKind, Precision as P, Setup};
-    let p = match precision {
-        crate::distill::train::Precision::F32 => P::F32,
-        crate::distill::train::Precision::Bf16 => P::Bf16,
-    };
+    use distillery_proto::memplan::{self, DeviceKind, Setup};
     let plan = memplan::plan(&Setup {
         teacher: crate::prune::plan::shape_of(teacher),
         student: crate::prune::plan::shape_of(student),
         world_size: world as u32,
         micro_batch: micro as u32,
         seq_len: seq as u32,
-        precision: p,
-        teacher_precision: p,
+        precision,
+        teacher_precision: precision,
         shard_optimizer: shard,
         recompute: false,
         temperature_is_one: true,

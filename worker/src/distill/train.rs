@@ -74,27 +74,16 @@ pub struct TrainConfig {
     pub recompute: bool,
 }
 
-/// The dtype a tensor is computed in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    #[default]
-    F32,
-    Bf16,
+/// The dtype a tensor is computed in: the memory plan's own type (one parser, one set of values).
+pub use distillery_proto::memplan::Precision;
+
+/// The candle dtype of a [`Precision`].
+pub trait PrecisionDType {
+    fn dtype(self) -> DType;
 }
 
-impl Precision {
-    /// `"f32"` or `"bf16"` (the spec's values); anything else is an error naming it.
-    pub fn parse(s: &str) -> Result<Precision, String> {
-        match s {
-            "f32" | "" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            other => Err(format!(
-                "{other:?} is not a precision: use \"f32\" or \"bf16\""
-            )),
-        }
-    }
-
-    pub fn dtype(self) -> DType {
+impl PrecisionDType for Precision {
+    fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,

@@ -15,7 +15,9 @@ use distillery_proto::v1 as pb;
 use super::common::{self, fatal, input, report};
 use crate::collective::{ring, Collective, CollectiveError, Solo};
 use crate::distill::data::Domain;
-use crate::distill::train::{DynamicBatchLoading, Precision, TrainConfig, TrainError, Trainer};
+use crate::distill::train::{
+    DynamicBatchLoading, Precision, PrecisionDType, TrainConfig, TrainError, Trainer,
+};
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
 
 /// Validation sequences per domain used for dynamic batch loading.
