@@ -11,6 +11,8 @@
 //! CPU and the switch is on (`DISTILLERY_BF16_GEMM=0` turns it off, [`set_enabled`] at run
 //! time), candle's matmul otherwise (every other device and dtype).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod driver;
 mod kernels;
 #[cfg(test)]
@@ -29,6 +31,8 @@ use driver::{Kernel, MatRef, Out};
 /// The instruction set a bf16 multiply runs on, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AMX tiles (`tdpbf16ps`): bf16 pairs, f32 accumulators, 16 × 16 × 32 per instruction.
+    Amx,
     /// `vdpbf16ps` (AVX-512-BF16): bf16 pairs, f32 accumulators.
     Avx512Bf16,
     /// AVX-512F FMA on f32 widened from bf16.
@@ -41,13 +45,20 @@ pub enum Isa {
 
 impl Isa {
     /// Every path, best first.
-    pub const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512F, Isa::Avx2Fma, Isa::Scalar];
+    pub const ALL: [Isa; 5] = [
+        Isa::Amx,
+        Isa::Avx512Bf16,
+        Isa::Avx512F,
+        Isa::Avx2Fma,
+        Isa::Scalar,
+    ];
 
     /// Whether this CPU can run the path.
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             match self {
+                Isa::Amx => amx::available(),
                 Isa::Avx512Bf16 => {
                     std::arch::is_x86_feature_detected!("avx512f")
                         && std::arch::is_x86_feature_detected!("avx512bw")
@@ -82,6 +93,17 @@ impl Isa {
                 .unwrap_or(Isa::Scalar)
         })
     }
+}
+
+/// FLOPs of `iters` rounds of a register-only AMX loop (four `tdpbf16ps` a round), for the
+/// benches' peak figure; `None` where [`Isa::Amx`] is not available.
+pub fn amx_peak_loop(iters: u64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Amx.available() {
+        return Some(amx::peak_loop(iters));
+    }
+    let _ = iters;
+    None
 }
 
 fn switch() -> &'static AtomicBool {
@@ -345,13 +367,17 @@ fn product<O: Out>(isa: Isa, a: &MatRef, bt: &MatRef, n: usize) -> Result<Vec<O>
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
+            Isa::Amx => run::<amx::Amx, O>(a, bt, &mut out, threads),
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => run::<kernels::Avx512Bf16, O>(a, bt, &mut out, threads),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512F => run::<kernels::Avx512F, O>(a, bt, &mut out, threads),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => run::<kernels::Avx2Fma, O>(a, bt, &mut out, threads),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512Bf16 | Isa::Avx512F | Isa::Avx2Fma => unreachable!("not available"),
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512F | Isa::Avx2Fma => {
+                unreachable!("not available")
+            }
             Isa::Scalar => run::<kernels::Scalar, O>(a, bt, &mut out, threads),
         }
     }
