@@ -105,16 +105,39 @@ fn pack_a_tiles(src: &MatRef, row0: usize, r: usize, dst: &mut [u32]) {
     dst.fill(0);
     let k = src.cols();
     let live = src.rows().saturating_sub(row0).min(r);
-    for i in 0..live {
+    let pair = |i: usize, s: usize| {
+        // SAFETY: `i < live` keeps the row in range and `2s (+1) < k` the column.
+        let lo = unsafe { src.bits(row0 + i, 2 * s) } as u32;
+        let hi = if 2 * s + 1 < k {
+            (unsafe { src.bits(row0 + i, 2 * s + 1) } as u32) << 16
+        } else {
+            0
+        };
+        lo | hi
+    };
+    let at = |i: usize, s: usize| (s / BLOCK) * BLOCK * r + i * BLOCK + s % BLOCK;
+    if let Some(rows) = src.contiguous_rows(row0, live) {
+        // K contiguous: a bf16 pair in memory is already the packed u32 (low half = even
+        // element), so every whole block of 16 pairs is one 64-byte copy.
+        let whole = k / (2 * BLOCK);
+        for (i, row) in rows.enumerate() {
+            for b in 0..whole {
+                let src = &row[b * 2 * BLOCK..(b + 1) * 2 * BLOCK];
+                let d = &mut dst[b * BLOCK * r + i * BLOCK..b * BLOCK * r + (i + 1) * BLOCK];
+                for (d, p) in d.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16;
+                }
+            }
+            for s in whole * BLOCK..k.div_ceil(2) {
+                dst[at(i, s)] = pair(i, s);
+            }
+        }
+    } else {
+        // Rows contiguous (a transposed view in the backward): walk across rows.
         for s in 0..k.div_ceil(2) {
-            // SAFETY: `i < live` keeps the row in range and `2s (+1) < k` the column.
-            let lo = unsafe { src.bits(row0 + i, 2 * s) } as u32;
-            let hi = if 2 * s + 1 < k {
-                (unsafe { src.bits(row0 + i, 2 * s + 1) } as u32) << 16
-            } else {
-                0
-            };
-            dst[(s / BLOCK) * BLOCK * r + i * BLOCK + s % BLOCK] = lo | hi;
+            for i in 0..live {
+                dst[at(i, s)] = pair(i, s);
+            }
         }
     }
 }

@@ -58,6 +58,19 @@ impl<'a> MatRef<'a> {
         self.cols
     }
 
+    /// Rows `row0 .. row0 + n` as slices of `cols` elements, when each row is contiguous
+    /// (`None` for a transposed view, or rows outside the matrix).
+    pub(crate) fn contiguous_rows(
+        &self,
+        row0: usize,
+        n: usize,
+    ) -> Option<impl Iterator<Item = &'a [bf16]> + '_> {
+        if self.cs != 1 || row0 + n > self.rows {
+            return None;
+        }
+        Some((row0..row0 + n).map(move |i| &self.data[i * self.rs..i * self.rs + self.cols]))
+    }
+
     /// Element `(i, r)` as raw bits; the caller keeps `i < rows`, `r < cols`.
     #[inline(always)]
     pub(crate) unsafe fn bits(&self, i: usize, r: usize) -> u16 {
