@@ -70,7 +70,7 @@ impl Tx<'_> {
                     .and_then(|x| x.checkpoint.clone()),
                 _ => None,
             };
-            let (teacher, original_teacher) = search::teachers(c);
+            let (teacher, original_teacher) = super::search::teachers(c);
             let candidates: Vec<String> = r.candidates.iter().map(|x| x.pruned.clone()).collect();
             let ctx = PhaseContext {
                 spec: &c.spec,

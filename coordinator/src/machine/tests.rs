@@ -4,6 +4,7 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::*;
+use crate::phases::kind;
 use crate::spec::{self, FileChecks};
 
 const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
@@ -1256,7 +1257,7 @@ impl Harness {
                     let winners: Vec<usize> = (0..r.candidates.len())
                         .filter(|i| r.candidates[*i].winner)
                         .collect();
-                    prop_assert_eq!(winners.clone(), vec![search::winner(&r.candidates).unwrap()]);
+                    prop_assert_eq!(winners.clone(), vec![super::search::winner(&r.candidates).unwrap()]);
                     prop_assert_eq!(&r.artifacts["pruned"], &r.candidates[winners[0]].pruned);
                 }
             }
@@ -1538,11 +1539,11 @@ fn the_winner_is_the_lowest_finite_score_first_index_on_ties() {
             })
             .collect()
     };
-    assert_eq!(search::winner(&with(&[Some(2.0), Some(1.0), Some(3.0)])), Some(1));
-    assert_eq!(search::winner(&with(&[Some(1.0), Some(1.0)])), Some(0));
-    assert_eq!(search::winner(&with(&[None, Some(5.0)])), Some(1));
-    assert_eq!(search::winner(&with(&[None, None])), None);
-    assert_eq!(search::winner(&[]), None);
+    assert_eq!(super::search::winner(&with(&[Some(2.0), Some(1.0), Some(3.0)])), Some(1));
+    assert_eq!(super::search::winner(&with(&[Some(1.0), Some(1.0)])), Some(0));
+    assert_eq!(super::search::winner(&with(&[None, Some(5.0)])), Some(1));
+    assert_eq!(super::search::winner(&with(&[None, None])), None);
+    assert_eq!(super::search::winner(&[]), None);
 }
 
 #[test]
@@ -1676,10 +1677,14 @@ fn a_correction_survives_a_restart_and_its_phase_can_be_retried() {
         },
     )
     .unwrap();
-    // The coordinator restarts long after: the gang's lease is overdue and lost.
+    // The coordinator restarts: the gang keeps its lease (a full timeout from now), then the
+    // gang stops heart-beating and the attempt is lost.
     let mut st = restart(&st, 10_000);
     let tid = gang[0].task_id.clone();
+    assert_eq!(st.tasks[&tid].state, TaskState::Leased);
+    apply(&mut st, &cfg(), Event::Tick { now: 11_001 }).unwrap();
     assert_eq!(st.tasks[&tid].state, TaskState::Pending);
+    assert_eq!(st.tasks[&tid].lost, 1);
     assert_eq!(st.tasks[&tid].checkpoint, Some(digest(5)), "resumes from its checkpoint");
     // It fails by itself: retry continues the correction phase.
     let again = poll(&mut st, &w, &["cpu:0", "cpu:1"], 20_000);
