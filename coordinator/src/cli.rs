@@ -717,7 +717,10 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
                 r.artifacts.get("student").map(String::as_str).unwrap_or("-"),
             );
             if let Some(o) = m.get("original_teacher_perplexity") {
-                println!("      teacher corrected: ppl {} (original teacher {o:.3})", fmt("teacher_perplexity"));
+                println!(
+                    "      teacher corrected: ppl {} (original teacher {o:.3})",
+                    fmt("teacher_perplexity")
+                );
             }
             for x in &r.candidates {
                 println!("      {}", candidate_line(x));

@@ -45,17 +45,15 @@ pub fn student_shapes(spec: &pb::CampaignSpec) -> Result<Vec<pb::ModelShape>, St
         let s = match (&r.search, t.params) {
             // A search distills every candidate: plan for the largest (the winner, unknown
             // before the run, is at most that; later rounds are planned from it too).
-            (Some(search), Some(frac)) => {
-                distillery_worker::prune::plan::search_candidates(
-                    &src,
-                    frac,
-                    search.candidates as usize,
-                )
-                .map_err(|e| format!("rounds[{i}].search.candidates: {e}"))?
-                .into_iter()
-                .max_by_key(|s| s.params)
-                .ok_or_else(|| format!("rounds[{i}].search.candidates: no candidate"))?
-            }
+            (Some(search), Some(frac)) => distillery_worker::prune::plan::search_candidates(
+                &src,
+                frac,
+                search.candidates as usize,
+            )
+            .map_err(|e| format!("rounds[{i}].search.candidates: {e}"))?
+            .into_iter()
+            .max_by_key(|s| s.params)
+            .ok_or_else(|| format!("rounds[{i}].search.candidates: no candidate"))?,
             _ => distillery_worker::prune::plan::choose_shape(&src, &target)
                 .map_err(|e| format!("rounds[{i}].target: {e}"))?,
         };

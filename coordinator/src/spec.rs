@@ -466,10 +466,7 @@ impl Validator<'_> {
             prev = next;
         }
         let gate = self.gate(raw.gate, &evaluation)?;
-        let teacher_correction = raw
-            .teacher_correction
-            .map(teacher_correction)
-            .transpose()?;
+        let teacher_correction = raw.teacher_correction.map(teacher_correction).transpose()?;
         if let (FileChecks::Local, Some(j)) = (self.checks, &evaluation.judge) {
             // Answers are generated with chat templates: refuse now, not after the first
             // round's distillation, when one is missing or broken.
@@ -1114,11 +1111,9 @@ fn check_search(
     if let Some(src) = source {
         let mut src = *src;
         src.params = src.params.max(param_count(&src));
-        if let Err(e) = distillery_worker::prune::plan::search_candidates(
-            &src,
-            frac,
-            s.candidates as usize,
-        ) {
+        if let Err(e) =
+            distillery_worker::prune::plan::search_candidates(&src, frac, s.candidates as usize)
+        {
             return Err(SpecError::new(
                 format!("{sf}.candidates"),
                 format!("{} is too many: {e}", s.candidates),

@@ -88,19 +88,29 @@ fn tasks_of(v: &serde_json::Value, kind: &str) -> Vec<serde_json::Value> {
 fn check_search(v: &serde_json::Value) -> Vec<serde_json::Value> {
     assert_eq!(v["state"], "succeeded", "{v}");
     let r = &v["rounds"][0];
-    let cands = r["candidates"].as_array().unwrap_or_else(|| panic!("{r}")).clone();
+    let cands = r["candidates"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .clone();
     assert_eq!(cands.len(), 3, "{r}");
     let winners: Vec<&serde_json::Value> = cands.iter().filter(|c| c["winner"] == true).collect();
     assert_eq!(winners.len(), 1, "exactly one winner: {cands:?}");
     let w = winners[0];
     let scores: Vec<f64> = cands.iter().map(|c| num(&c["score"])).collect();
     let min = scores.iter().cloned().fold(f64::INFINITY, f64::min);
-    assert_eq!(num(&w["score"]), min, "the winner is the lowest score: {cands:?}");
+    assert_eq!(
+        num(&w["score"]),
+        min,
+        "the winner is the lowest score: {cands:?}"
+    );
     let shapes: Vec<&serde_json::Value> = cands.iter().map(|c| &c["shape"]).collect();
     for (i, c) in cands.iter().enumerate() {
         assert_eq!(c["index"], i as u64);
         assert_eq!(num(&c["tokens"]) as u64, SEARCH_TOKENS, "{c}");
-        assert!(c["checkpoint"].is_string() && c["pruned"].is_string(), "{c}");
+        assert!(
+            c["checkpoint"].is_string() && c["pruned"].is_string(),
+            "{c}"
+        );
         for j in 0..i {
             assert_ne!(shapes[i], shapes[j], "distinct shapes: {cands:?}");
         }
@@ -111,12 +121,27 @@ fn check_search(v: &serde_json::Value) -> Vec<serde_json::Value> {
     assert_eq!(search.len(), 3, "{search:?}");
     // The round continued the winner: its shape, its pruned model, its checkpoint, and the
     // tokens add up to the round's.
-    assert_eq!(r["metrics"]["shape"], w["shape"], "{r}");
+    for axis in [
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_layers",
+    ] {
+        assert_eq!(
+            num(&r["metrics"]["shape"][axis]),
+            num(&w["shape"][axis]),
+            "the round's {axis} is the winner's: {r}"
+        );
+    }
     assert_eq!(r["params"], w["params"]);
     assert_eq!(r["artifacts"]["pruned"], w["pruned"]);
     assert_eq!(r["artifacts"]["search_checkpoint"], w["checkpoint"]);
     let d = &r["metrics"]["distill"];
-    assert_eq!(num(&d["resumed_from_step"]) as u64, SEARCH_TOKENS / TOKENS_PER_STEP, "{d}");
+    assert_eq!(
+        num(&d["resumed_from_step"]) as u64,
+        SEARCH_TOKENS / TOKENS_PER_STEP,
+        "{d}"
+    );
     assert_eq!(num(&d["tokens"]) as u64, ROUND_TOKENS, "{d}");
     let continued = (num(&d["steps"]) - num(&d["resumed_from_step"])) as u64 * TOKENS_PER_STEP;
     assert_eq!(
@@ -156,8 +181,7 @@ fn worker_id(dir: &Path) -> String {
 }
 
 #[test]
-fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_across_a_sigkill()
-{
+fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_across_a_sigkill() {
     let fx = tempfile::tempdir().unwrap();
     let teacher = setup(fx.path());
     let coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);
@@ -168,7 +192,10 @@ fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     // 1. Uninterrupted.
-    let id = submit(&coord, &spec(fx.path(), "search", &teacher, &search_round(), ""));
+    let id = submit(
+        &coord,
+        &spec(fx.path(), "search", &teacher, &search_round(), ""),
+    );
     let v = wait_terminal(&coord, &id, Duration::from_secs(600));
     let cands = check_search(&v);
     let search_ids: Vec<String> = tasks_of(&v, "search")
@@ -177,9 +204,16 @@ fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_
         .collect();
     event_order(&rt.block_on(all_events(&coord, &id)), &search_ids);
     for t in tasks_of(&v, "search") {
-        assert_eq!((t["attempts"].as_u64(), t["lost"].as_u64()), (Some(1), Some(0)), "{t}");
+        assert_eq!(
+            (t["attempts"].as_u64(), t["lost"].as_u64()),
+            (Some(1), Some(0)),
+            "{t}"
+        );
     }
-    let student = v["rounds"][0]["artifacts"]["student"].as_str().unwrap().to_string();
+    let student = v["rounds"][0]["artifacts"]["student"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // `status` (text) and `watch` show the same candidates.
     let text = String::from_utf8_lossy(&coord.cli(&["status", &id]).stdout).to_string();
     let watch = coord.cli(&["watch", &id]);
@@ -217,7 +251,10 @@ fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_
     let id_plain = submit(&coord, &plain);
     let vp = wait_terminal(&coord, &id_plain, Duration::from_secs(600));
     assert_eq!(vp["state"], "succeeded", "{vp}");
-    assert_eq!(num(&vp["rounds"][0]["metrics"]["distill"]["tokens"]) as u64, ROUND_TOKENS);
+    assert_eq!(
+        num(&vp["rounds"][0]["metrics"]["distill"]["tokens"]) as u64,
+        ROUND_TOKENS
+    );
     assert_eq!(
         vp["rounds"][0]["artifacts"]["student"], student,
         "continuing the winner's checkpoint must equal distilling its shape from the start"
@@ -225,7 +262,10 @@ fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_
 
     // 3. The search again; w2's candidate is SIGKILLed after its first checkpoint and the
     //    worker restarted in its work dir (its attempt is lost at once).
-    let id3 = submit(&coord, &spec(fx.path(), "killed", &teacher, &search_round(), ""));
+    let id3 = submit(
+        &coord,
+        &spec(fx.path(), "killed", &teacher, &search_round(), ""),
+    );
     let victim_worker = worker_id(&d2);
     let deadline = Instant::now() + Duration::from_secs(600);
     let victim: String = loop {
@@ -248,7 +288,10 @@ fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_
                 break t["id"].as_str().unwrap().to_string();
             }
         }
-        assert!(Instant::now() < deadline, "w2 never checkpointed a candidate: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "w2 never checkpointed a candidate: {v}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     w2.kill();
@@ -262,7 +305,11 @@ fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_
             assert_eq!(t["failed"], 0, "{t}");
         } else {
             // Only the killed worker's candidate lost work.
-            assert_eq!((t["attempts"].as_u64(), t["lost"].as_u64()), (Some(1), Some(0)), "{t}");
+            assert_eq!(
+                (t["attempts"].as_u64(), t["lost"].as_u64()),
+                (Some(1), Some(0)),
+                "{t}"
+            );
         }
     }
     // It resumed from its checkpoint, not from scratch.
@@ -271,20 +318,41 @@ fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_
         .iter()
         .find(|e| e.kind == "task_succeeded" && e.task_id == victim)
         .expect("the victim finished");
-    let resumed = done.metrics.get("distill.resumed_from_step").copied().unwrap_or(0.0);
-    assert!(resumed >= 4.0, "resumed from step {resumed}: {:?}", done.metrics);
+    let resumed = done
+        .metrics
+        .get("distill.resumed_from_step")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(
+        resumed >= 4.0,
+        "resumed from step {resumed}: {:?}",
+        done.metrics
+    );
     // Every candidate, the winner and the student are exactly the uninterrupted run's.
     let strip = |c: &[serde_json::Value]| -> Vec<BTreeMap<String, String>> {
         c.iter()
             .map(|x| {
-                ["index", "shape", "params", "tokens", "score", "winner", "pruned", "checkpoint"]
-                    .iter()
-                    .map(|k| (k.to_string(), x[*k].to_string()))
-                    .collect()
+                [
+                    "index",
+                    "shape",
+                    "params",
+                    "tokens",
+                    "score",
+                    "winner",
+                    "pruned",
+                    "checkpoint",
+                ]
+                .iter()
+                .map(|k| (k.to_string(), x[*k].to_string()))
+                .collect()
             })
             .collect()
     };
-    assert_eq!(strip(&cands3), strip(&cands), "the kill changed a candidate");
+    assert_eq!(
+        strip(&cands3),
+        strip(&cands),
+        "the kill changed a candidate"
+    );
     assert_eq!(v3["rounds"][0]["artifacts"]["student"], student);
 }
 
@@ -301,7 +369,13 @@ fn teacher_correction_runs_before_round_0_and_everything_after_uses_the_correcte
     let correction = "[teacher_correction]\ntokens = 2048\nlr = 0.003\nseq_len = 32\nmicro_batch = 2\nworld_size = 2\ncheckpoint_every = 4\n";
     let id = submit(
         &coord,
-        &spec(fx.path(), "corrected", &teacher, round, &format!("{correction}{eval}")),
+        &spec(
+            fx.path(),
+            "corrected",
+            &teacher,
+            round,
+            &format!("{correction}{eval}"),
+        ),
     );
     let v = wait_terminal(&coord, &id, Duration::from_secs(600));
     assert_eq!(v["state"], "succeeded", "{v}");
@@ -347,6 +421,9 @@ fn teacher_correction_runs_before_round_0_and_everything_after_uses_the_correcte
         v2["rounds"][0]["artifacts"]["student"], r["artifacts"]["student"],
         "the student was distilled from the corrected teacher"
     );
-    assert_eq!(num(&v2["rounds"][0]["metrics"]["teacher_perplexity"]), corrected_ppl);
+    assert_eq!(
+        num(&v2["rounds"][0]["metrics"]["teacher_perplexity"]),
+        corrected_ppl
+    );
     assert!(v2["rounds"][0]["metrics"]["original_teacher_perplexity"].is_null());
 }

@@ -10,7 +10,11 @@ use super::*;
 use crate::phases::{self, Phase};
 
 impl Tx<'_> {
-    pub(super) fn submit(&mut self, spec: pb::CampaignSpec, now: Millis) -> Result<(), MachineError> {
+    pub(super) fn submit(
+        &mut self,
+        spec: pb::CampaignSpec,
+        now: Millis,
+    ) -> Result<(), MachineError> {
         crate::spec::validate_wire(&spec)
             .map_err(|e| MachineError::InvalidArgument(format!("spec.{e}")))?;
         // A round no registered device can hold would wait forever: refuse it now.
@@ -81,7 +85,13 @@ impl Tx<'_> {
     }
 
     /// Ends a campaign: its open tasks are cancelled and their leases revoked.
-    pub(super) fn finish_campaign(&mut self, id: &str, to: CampaignState, error: Option<String>, now: Millis) {
+    pub(super) fn finish_campaign(
+        &mut self,
+        id: &str,
+        to: CampaignState,
+        error: Option<String>,
+        now: Millis,
+    ) {
         let Some(c) = self.s.campaigns.get_mut(id) else {
             return;
         };

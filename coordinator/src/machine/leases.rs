@@ -93,7 +93,12 @@ impl Tx<'_> {
         Ok(())
     }
 
-    pub(super) fn poll(&mut self, worker: String, free: Vec<String>, now: Millis) -> Result<(), MachineError> {
+    pub(super) fn poll(
+        &mut self,
+        worker: String,
+        free: Vec<String>,
+        now: Millis,
+    ) -> Result<(), MachineError> {
         let w = self
             .s
             .workers
@@ -387,8 +392,8 @@ impl Tx<'_> {
                 )));
             }
             // A candidate's prune task must say which shape it chose.
-            let candidate = kind == kind::PRUNE
-                && self.s.tasks[&r.task_id].params.contains_key("candidate");
+            let candidate =
+                kind == kind::PRUNE && self.s.tasks[&r.task_id].params.contains_key("candidate");
             let extra: &[&str] = if candidate {
                 kind::CANDIDATE_METRICS
             } else {
@@ -483,7 +488,13 @@ impl Tx<'_> {
     /// `scheduling.max_lost` when set; a *revoked* one toward nothing. The task goes back to
     /// pending (after a backoff for failed and lost attempts), or fails for good, and the
     /// campaign with it, when its budget is spent or the error is not retryable.
-    pub(super) fn attempt_ended(&mut self, task_id: &str, reason: String, ending: Ending, now: Millis) {
+    pub(super) fn attempt_ended(
+        &mut self,
+        task_id: &str,
+        reason: String,
+        ending: Ending,
+        now: Millis,
+    ) {
         let Some(lease) = self.s.leases.remove(task_id) else {
             return;
         };

@@ -684,7 +684,6 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
     Ok(t)
 }
 
-
 struct Tx<'a> {
     s: &'a mut State,
     cfg: &'a Config,

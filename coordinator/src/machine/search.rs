@@ -102,7 +102,13 @@ impl Tx<'_> {
     /// The search phase ended: records each candidate's tokens, score and checkpoint, marks the
     /// winner and makes its pruned model, shape and checkpoint the round's. Returns false (the
     /// campaign failed) when no candidate has a finite score.
-    pub(super) fn fold_search(&mut self, id: &str, round: u32, tasks: &[Task], now: Millis) -> bool {
+    pub(super) fn fold_search(
+        &mut self,
+        id: &str,
+        round: u32,
+        tasks: &[Task],
+        now: Millis,
+    ) -> bool {
         let c = self.s.campaigns.get_mut(id).expect("caller checked");
         let r = &mut c.rounds[round as usize];
         for t in tasks {
@@ -143,7 +149,8 @@ impl Tx<'_> {
                     x.num_attention_heads,
                     x.num_layers,
                     x.params,
-                    x.score.map_or("no score".to_string(), |s| format!("{s:.4}"))
+                    x.score
+                        .map_or("no score".to_string(), |s| format!("{s:.4}"))
                 )
             })
             .collect();
@@ -166,7 +173,10 @@ impl Tx<'_> {
             ("params", x.params as f64),
             ("shape.hidden_size", f64::from(x.hidden_size)),
             ("shape.intermediate_size", f64::from(x.intermediate_size)),
-            ("shape.num_attention_heads", f64::from(x.num_attention_heads)),
+            (
+                "shape.num_attention_heads",
+                f64::from(x.num_attention_heads),
+            ),
             ("shape.num_layers", f64::from(x.num_layers)),
             ("search.winner", f64::from(x.index)),
             ("search.score", x.score.unwrap_or(f64::NAN)),

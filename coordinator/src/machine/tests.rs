@@ -1257,7 +1257,10 @@ impl Harness {
                     let winners: Vec<usize> = (0..r.candidates.len())
                         .filter(|i| r.candidates[*i].winner)
                         .collect();
-                    prop_assert_eq!(winners.clone(), vec![super::search::winner(&r.candidates).unwrap()]);
+                    prop_assert_eq!(
+                        winners.clone(),
+                        vec![super::search::winner(&r.candidates).unwrap()]
+                    );
                     prop_assert_eq!(&r.artifacts["pruned"], &r.candidates[winners[0]].pruned);
                 }
             }
@@ -1341,7 +1344,9 @@ fn digest(n: u32) -> String {
 
 /// Persists and reloads every record the way the store does (JSON), then recovers.
 fn restart(st: &State, now: Millis) -> State {
-    fn again<T: Serialize + serde::de::DeserializeOwned>(m: &BTreeMap<String, T>) -> BTreeMap<String, T> {
+    fn again<T: Serialize + serde::de::DeserializeOwned>(
+        m: &BTreeMap<String, T>,
+    ) -> BTreeMap<String, T> {
         m.iter()
             .map(|(k, v)| {
                 let bytes = serde_json::to_vec(v).unwrap();
@@ -1393,7 +1398,10 @@ fn run_search(scores: &[f64], restart_mid_search: bool) -> (State, String) {
         assert_eq!(st.tasks[&a.task_id].params["candidates"], k.to_string());
         // A candidate's prune must say which shape it chose.
         let refused = complete_with(&mut st, a, &[("pruned", &digest(100 + i))], &[], 4);
-        assert!(matches!(refused, Err(MachineError::InvalidArgument(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(MachineError::InvalidArgument(_))),
+            "{refused:?}"
+        );
         complete_with(
             &mut st,
             a,
@@ -1428,7 +1436,11 @@ fn run_search(scores: &[f64], restart_mid_search: bool) -> (State, String) {
     assert!(!r.artifacts.contains_key("pruned"), "no winner yet");
     let mut running = poll(&mut st, &w1, &["cpu:0", "cpu:1"], 5);
     running.extend(poll(&mut st, &w2, &["cpu:0"], 5));
-    assert_eq!(running.len(), (k as usize).min(3), "candidates run in parallel");
+    assert_eq!(
+        running.len(),
+        (k as usize).min(3),
+        "candidates run in parallel"
+    );
     let mut now = 6;
     let mut done = 0;
     while done < k as usize {
@@ -1474,7 +1486,11 @@ fn run_search(scores: &[f64], restart_mid_search: bool) -> (State, String) {
             st = restart(&st, now);
             // A restart loses the live leases' long polls, not the candidates.
             assert_eq!(st.campaigns[&c].rounds[0].candidates.len(), k as usize);
-            running.retain(|x| st.leases.get(&x.task_id).is_some_and(|l| l.lease_id == x.lease_id));
+            running.retain(|x| {
+                st.leases
+                    .get(&x.task_id)
+                    .is_some_and(|l| l.lease_id == x.lease_id)
+            });
         }
     }
     (st, c)
@@ -1486,8 +1502,18 @@ fn a_search_distills_every_candidate_and_the_round_continues_the_lowest_scoring_
     let (st, c) = run_search(&scores, false);
     let r = &st.campaigns[&c].rounds[0];
     assert_eq!(r.phase, Phase::Distill);
-    let winners: Vec<u32> = r.candidates.iter().filter(|x| x.winner).map(|x| x.index).collect();
-    assert_eq!(winners, vec![1], "the lowest score wins: {:?}", r.candidates);
+    let winners: Vec<u32> = r
+        .candidates
+        .iter()
+        .filter(|x| x.winner)
+        .map(|x| x.index)
+        .collect();
+    assert_eq!(
+        winners,
+        vec![1],
+        "the lowest score wins: {:?}",
+        r.candidates
+    );
     for (x, s) in r.candidates.iter().zip(scores) {
         assert_eq!(x.score, Some(s));
         assert_eq!(x.tokens, 48);
@@ -1505,7 +1531,10 @@ fn a_search_distills_every_candidate_and_the_round_continues_the_lowest_scoring_
     assert_eq!(d.kind, kind::DISTILL);
     assert_eq!(d.inputs["pruned"], digest(101));
     assert_eq!(d.inputs["init_checkpoint"], digest(401));
-    assert_eq!(d.params["tokens"], "100", "the winner continues to the round's tokens");
+    assert_eq!(
+        d.params["tokens"], "100",
+        "the winner continues to the round's tokens"
+    );
     // The client view: one winner, the scores reported.
     let view = campaign_view(&st, &c).unwrap();
     let v = &view.rounds[0].candidates;
@@ -1539,8 +1568,14 @@ fn the_winner_is_the_lowest_finite_score_first_index_on_ties() {
             })
             .collect()
     };
-    assert_eq!(super::search::winner(&with(&[Some(2.0), Some(1.0), Some(3.0)])), Some(1));
-    assert_eq!(super::search::winner(&with(&[Some(1.0), Some(1.0)])), Some(0));
+    assert_eq!(
+        super::search::winner(&with(&[Some(2.0), Some(1.0), Some(3.0)])),
+        Some(1)
+    );
+    assert_eq!(
+        super::search::winner(&with(&[Some(1.0), Some(1.0)])),
+        Some(0)
+    );
     assert_eq!(super::search::winner(&with(&[None, Some(5.0)])), Some(1));
     assert_eq!(super::search::winner(&with(&[None, None])), None);
     assert_eq!(super::search::winner(&[]), None);
@@ -1549,7 +1584,11 @@ fn the_winner_is_the_lowest_finite_score_first_index_on_ties() {
 #[test]
 fn a_search_where_no_candidate_has_a_finite_score_fails_the_campaign_with_the_scores() {
     let mut st = State::default();
-    let c = submit(&mut st, search_spec(1, 1, 2, "[scheduling]\nscore_shards = 1\n"), 0);
+    let c = submit(
+        &mut st,
+        search_spec(1, 1, 2, "[scheduling]\nscore_shards = 1\n"),
+        0,
+    );
     let w = register(&mut st, &["cpu"]);
     let mut now = 1;
     while st.campaigns[&c].rounds[0].phase != Phase::Search {
@@ -1573,7 +1612,10 @@ fn a_search_where_no_candidate_has_a_finite_score_fails_the_campaign_with_the_sc
     let camp = &st.campaigns[&c];
     assert_eq!(camp.state, CampaignState::Failed);
     let err = camp.error.clone().unwrap();
-    assert!(err.contains("no candidate has a finite validation kd_loss"), "{err}");
+    assert!(
+        err.contains("no candidate has a finite validation kd_loss"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -1581,7 +1623,11 @@ fn teacher_correction_runs_before_round_0_and_the_corrected_teacher_is_used_from
     let mut st = State::default();
     let c = submit(
         &mut st,
-        spec(2, 1, &format!("{CORRECTION}[scheduling]\nscore_shards = 1\n")),
+        spec(
+            2,
+            1,
+            &format!("{CORRECTION}[scheduling]\nscore_shards = 1\n"),
+        ),
         0,
     );
     // Round 0 starts with the correction gang (world_size 2), nothing else.
@@ -1608,7 +1654,10 @@ fn teacher_correction_runs_before_round_0_and_the_corrected_teacher_is_used_from
     }
     let camp = &st.campaigns[&c];
     assert_eq!(camp.teacher_artifacts["corrected_teacher"], corrected);
-    assert_eq!(camp.rounds[0].source, corrected, "round 0 prunes the corrected teacher");
+    assert_eq!(
+        camp.rounds[0].source, corrected,
+        "round 0 prunes the corrected teacher"
+    );
     assert_eq!(camp.rounds[0].phase, Phase::Score);
     let mut seen = Vec::new();
     let mut now = 3;
@@ -1623,9 +1672,19 @@ fn teacher_correction_runs_before_round_0_and_the_corrected_teacher_is_used_from
     }
     assert_eq!(st.campaigns[&c].state, CampaignState::Succeeded);
     // Only one correction, ever.
-    assert_eq!(st.tasks.values().filter(|t| t.kind == kind::CORRECT).count(), 1);
+    assert_eq!(
+        st.tasks
+            .values()
+            .filter(|t| t.kind == kind::CORRECT)
+            .count(),
+        1
+    );
     for t in &seen {
-        assert_eq!(t.inputs["teacher"], corrected, "{} uses the corrected teacher", t.kind);
+        assert_eq!(
+            t.inputs["teacher"], corrected,
+            "{} uses the corrected teacher",
+            t.kind
+        );
         if t.round == 0 {
             assert_eq!(t.inputs["source"], corrected);
         }
@@ -1647,7 +1706,10 @@ fn teacher_correction_runs_before_round_0_and_the_corrected_teacher_is_used_from
         .collect();
     assert!(ppl.contains(&("teacher", corrected.as_str())), "{ppl:?}");
     assert!(ppl.contains(&("original_teacher", "path:/m")), "{ppl:?}");
-    assert_eq!(ppl.iter().filter(|(r, _)| *r == "original_teacher").count(), 1);
+    assert_eq!(
+        ppl.iter().filter(|(r, _)| *r == "original_teacher").count(),
+        1
+    );
     let m = &st.campaigns[&c].rounds[1].metrics;
     assert_eq!(m["teacher_perplexity"], 10.0);
     assert_eq!(m["original_teacher_perplexity"], 10.0);
@@ -1660,7 +1722,11 @@ fn a_correction_survives_a_restart_and_its_phase_can_be_retried() {
     let mut st = State::default();
     let c = submit(
         &mut st,
-        spec(1, 1, &format!("{CORRECTION}[scheduling]\nmax_attempts = 1\n")),
+        spec(
+            1,
+            1,
+            &format!("{CORRECTION}[scheduling]\nmax_attempts = 1\n"),
+        ),
         0,
     );
     let w = register(&mut st, &["cpu:0", "cpu:1"]);
@@ -1685,13 +1751,25 @@ fn a_correction_survives_a_restart_and_its_phase_can_be_retried() {
     apply(&mut st, &cfg(), Event::Tick { now: 11_001 }).unwrap();
     assert_eq!(st.tasks[&tid].state, TaskState::Pending);
     assert_eq!(st.tasks[&tid].lost, 1);
-    assert_eq!(st.tasks[&tid].checkpoint, Some(digest(5)), "resumes from its checkpoint");
+    assert_eq!(
+        st.tasks[&tid].checkpoint,
+        Some(digest(5)),
+        "resumes from its checkpoint"
+    );
     // It fails by itself: retry continues the correction phase.
     let again = poll(&mut st, &w, &["cpu:0", "cpu:1"], 20_000);
     assert_eq!(again.len(), 2);
     apply(&mut st, &cfg(), fail_ev(&again[0], false, 20_001)).unwrap();
     assert_eq!(st.campaigns[&c].state, CampaignState::Failed);
-    apply(&mut st, &cfg(), Event::Retry { campaign: c.clone(), now: 20_002 }).unwrap();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Retry {
+            campaign: c.clone(),
+            now: 20_002,
+        },
+    )
+    .unwrap();
     assert_eq!(st.campaigns[&c].rounds[0].phase, Phase::Correct);
     let third = poll(&mut st, &w, &["cpu:0", "cpu:1"], 20_003);
     assert_eq!(third[0].task_id, tid);

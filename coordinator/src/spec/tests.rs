@@ -435,7 +435,9 @@ fn a_judge_template_is_for_a_local_judge_only() {
 fn searching(k: &str, extra: &str) -> String {
     GOOD.replacen(
         "target = { hidden_size = 48, num_attention_heads = 6, num_layers = 3 }",
-        &format!("target = {{ params = 0.7 }}\nsearch = {{ candidates = {k}, tokens = 200 {extra}}}"),
+        &format!(
+            "target = {{ params = 0.7 }}\nsearch = {{ candidates = {k}, tokens = 200 {extra}}}"
+        ),
         1,
     )
 }
@@ -449,10 +451,16 @@ fn a_search_and_a_teacher_correction_reach_the_wire_spec() {
     );
     let s = parse_in(d.path(), &text).unwrap();
     let search = s.rounds[0].search.clone().unwrap();
-    assert_eq!((search.candidates, search.tokens, search.by.as_str()), (3, 200, "perplexity"));
+    assert_eq!(
+        (search.candidates, search.tokens, search.by.as_str()),
+        (3, 200, "perplexity")
+    );
     assert!(s.rounds[1].search.is_none());
     let tc = s.teacher_correction.unwrap();
-    assert_eq!((tc.tokens, tc.seq_len, tc.world_size, tc.lr), (5000, 16, 2, 0.0002));
+    assert_eq!(
+        (tc.tokens, tc.seq_len, tc.world_size, tc.lr),
+        (5000, 16, 2, 0.0002)
+    );
     assert_eq!((tc.micro_batch, tc.checkpoint_every), (4, 100), "defaults");
     // The default score is the KD loss.
     let s = parse_in(d.path(), &searching("2", "")).unwrap();
@@ -463,7 +471,8 @@ fn a_search_and_a_teacher_correction_reach_the_wire_spec() {
 #[test]
 fn a_bad_search_or_correction_is_refused_naming_the_field() {
     let d = fixture();
-    let cases: Vec<(String, &str, &str)> = vec![
+    let cases: Vec<(String, &str, &str)> =
+        vec![
         (searching("0", ""), "rounds[0].search.candidates", "at least 1"),
         (searching("500", ""), "rounds[0].search.candidates", "ask for at most"),
         (searching("2", ", by = \"bleu\" "), "rounds[0].search.by", "kd_loss"),

@@ -483,7 +483,14 @@ mod tests {
             let all = fitting_shapes(&src, frac).unwrap();
             let mut got: Vec<_> = all
                 .iter()
-                .map(|s| (s.hidden_size, s.intermediate_size, s.num_attention_heads, s.num_layers))
+                .map(|s| {
+                    (
+                        s.hidden_size,
+                        s.intermediate_size,
+                        s.num_attention_heads,
+                        s.num_layers,
+                    )
+                })
                 .collect();
             got.sort_unstable();
             if src.num_layers <= 4 {
@@ -511,8 +518,7 @@ mod tests {
         assert_eq!(k3.len(), 3);
         assert_eq!(k3[0], all[0], "the best fit is always a candidate");
         let depths: std::collections::BTreeSet<u32> = k3.iter().map(|s| s.num_layers).collect();
-        let available: std::collections::BTreeSet<u32> =
-            all.iter().map(|s| s.num_layers).collect();
+        let available: std::collections::BTreeSet<u32> = all.iter().map(|s| s.num_layers).collect();
         assert_eq!(depths.len(), available.len().min(3), "{k3:?}");
         // Distinct shapes, deterministic.
         assert!(k3.windows(2).all(|w| w[0] != w[1]));

@@ -157,9 +157,10 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         .ok_or_else(|| fatal(format!("the campaign spec has no round {}", task.round)))?;
     let d = match mode {
         Mode::Correct => {
-            let tc = spec.teacher_correction.as_ref().ok_or_else(|| {
-                fatal("a correct task needs the campaign's [teacher_correction]")
-            })?;
+            let tc = spec
+                .teacher_correction
+                .as_ref()
+                .ok_or_else(|| fatal("a correct task needs the campaign's [teacher_correction]"))?;
             pb::DistillSpec {
                 tokens: tc.tokens,
                 seq_len: tc.seq_len,
@@ -371,14 +372,12 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         tracing::info!(rank, step = s.step, loss = s.loss, "distill step");
         // Every rank takes part in a checkpoint (a sharded optimizer's state is spread over
         // them); the last step checkpoints too, so a gate extension continues from the end.
-        let checkpoint = if s.step.is_multiple_of(every)
-            || s.step == total_steps
-            || s.step == stop_steps
-        {
-            Some(checkpoint(ctx, &mut trainer, s.step, &student_dir, rank)?)
-        } else {
-            None
-        };
+        let checkpoint =
+            if s.step.is_multiple_of(every) || s.step == total_steps || s.step == stop_steps {
+                Some(checkpoint(ctx, &mut trainer, s.step, &student_dir, rank)?)
+            } else {
+                None
+            };
         if let Some(Some(digest)) = &checkpoint {
             last_checkpoint = Some(digest.clone());
         }
@@ -440,7 +439,11 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         return Ok(out);
     }
     if rank == 0 && mode == Mode::Search {
-        let by = task.params.get("by").map(String::as_str).unwrap_or("kd_loss");
+        let by = task
+            .params
+            .get("by")
+            .map(String::as_str)
+            .unwrap_or("kd_loss");
         let score = search_score(&trainer, data, by, |path, field| {
             read(path, field, SEARCH_VALIDATION_SEQUENCES)
         })

@@ -209,9 +209,10 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
                     task.round
                 ))
             })?;
-            shapes.get(i).copied().ok_or_else(|| {
-                fatal(format!("candidate {i} is not one of the {k} candidates"))
-            })?
+            shapes
+                .get(i)
+                .copied()
+                .ok_or_else(|| fatal(format!("candidate {i} is not one of the {k} candidates")))?
         }
         None => plan::choose_shape(&src, &target)
             .map_err(|e| fatal(format!("round {}: {e}", task.round)))?,
