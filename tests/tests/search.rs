@@ -18,9 +18,9 @@ use distillery_worker::model::test_model::{write_test_model, TestModelSpec};
 
 /// Tokens per step: seq_len 32 x micro_batch 2 x world_size 1.
 const TOKENS_PER_STEP: u64 = 64;
-/// The search's share (24 steps) and the round's (48 steps).
-const SEARCH_TOKENS: u64 = 1536;
-const ROUND_TOKENS: u64 = 3072;
+/// The search's share (96 steps) and the round's (192 steps): long enough to kill a candidate mid-way.
+const SEARCH_TOKENS: u64 = 6144;
+const ROUND_TOKENS: u64 = 12288;
 
 fn setup(dir: &Path) -> PathBuf {
     let teacher = dir.join("teacher");
@@ -267,33 +267,29 @@ fn a_search_distills_three_candidates_in_parallel_and_continues_the_winner_even_
         &spec(fx.path(), "killed", &teacher, &search_round(), ""),
     );
     let victim_worker = worker_id(&d2);
+    // The search task w2 got (the lease event names its worker), once it has a checkpoint.
+    let leased = rt.block_on(wait_event(&coord, &id3, Duration::from_secs(600), |e| {
+        e.kind == "task_leased" && e.phase == "search" && e.message.contains(&victim_worker)
+    }));
+    let victim = leased.task_id.clone();
     let deadline = Instant::now() + Duration::from_secs(600);
-    let victim: String = loop {
+    loop {
         let v = coord.status_json(Some(&id3));
-        assert_eq!(v["state"], "running", "{v}");
-        let running: Vec<serde_json::Value> = tasks_of(&v, "search")
+        let t = tasks_of(&v, "search")
             .into_iter()
-            .filter(|t| t["state"] == "leased" && t["checkpoint"].is_string())
-            .collect();
-        if !running.is_empty() {
-            let events = rt.block_on(all_events(&coord, &id3));
-            let on_w2 = running.iter().find(|t| {
-                events
-                    .iter()
-                    .rev()
-                    .find(|e| e.kind == "task_leased" && e.task_id == t["id"].as_str().unwrap())
-                    .is_some_and(|e| e.message.contains(&victim_worker))
-            });
-            if let Some(t) = on_w2 {
-                break t["id"].as_str().unwrap().to_string();
-            }
+            .find(|t| t["id"] == victim.as_str())
+            .unwrap_or_else(|| panic!("no task {victim}: {v}"));
+        assert_eq!(t["state"], "leased", "{victim} ended before a kill: {t}");
+        if t["checkpoint"].is_string() {
+            eprintln!("victim at kill: {t}");
+            break;
         }
         assert!(
             Instant::now() < deadline,
-            "w2 never checkpointed a candidate: {v}"
+            "{victim} never checkpointed: {v}"
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
     w2.kill();
     eprintln!("killed {victim_worker} while it ran candidate task {victim}");
     let _w2b = WorkerProc::real(&coord.url(), &d2, "cpu");
