@@ -7,7 +7,9 @@
 //!   candidate's last checkpoint (every candidate, and the final student, as without the kill);
 //! - `[teacher_correction]` fine-tunes the teacher before round 0, and from then on the corrected
 //!   teacher is the one pruned, distilled from and evaluated against: the campaign's student and
-//!   teacher perplexity equal those of a campaign whose teacher is the corrected model itself.
+//!   teacher perplexity equal those of a campaign whose teacher is the corrected model itself;
+//!   the correction gang survives a SIGKILLed rank, resuming to the same corrected teacher as an
+//!   uninterrupted correction.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -357,22 +359,31 @@ fn teacher_correction_runs_before_round_0_and_everything_after_uses_the_correcte
     let fx = tempfile::tempdir().unwrap();
     let teacher = setup(fx.path());
     let coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);
-    let _w1 = WorkerProc::real(&coord.url(), &fx.path().join("w1"), "cpu");
+    let d1 = fx.path().join("w1");
+    let mut w1 = WorkerProc::real(&coord.url(), &d1, "cpu");
     let _w2 = WorkerProc::real(&coord.url(), &fx.path().join("w2"), "cpu");
     let round = "target = { hidden_size = 48, intermediate_size = 192, num_layers = 2 }";
     let eval = "[evaluation]\nperplexity = true\n";
-    // A data-parallel correction gang of two ranks.
-    let correction = "[teacher_correction]\ntokens = 2048\nlr = 0.003\nseq_len = 32\nmicro_batch = 2\nworld_size = 2\ncheckpoint_every = 4\n";
-    let id = submit(
-        &coord,
-        &spec(
-            fx.path(),
-            "corrected",
-            &teacher,
-            round,
-            &format!("{correction}{eval}"),
-        ),
-    );
+    // A data-parallel correction gang of two ranks, 64 steps.
+    let correction = "[teacher_correction]\ntokens = 8192\nlr = 0.003\nseq_len = 32\nmicro_batch = 2\nworld_size = 2\ncheckpoint_every = 4\n";
+    let top = format!("{correction}{eval}");
+    let id = submit(&coord, &spec(fx.path(), "corrected", &teacher, round, &top));
+    // SIGKILL one rank after the gang's first checkpoint; the worker comes back in its work
+    // dir and the gang resumes from that checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let v = coord.status_json(Some(&id));
+        let t = tasks_of(&v, "correct");
+        assert_eq!(t.len(), 1, "one correction task from the start: {v}");
+        assert_eq!(t[0]["state"], "leased", "killed before it ended: {v}");
+        if t[0]["checkpoint"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w1.kill();
+    let _w1b = WorkerProc::real(&coord.url(), &d1, "cpu");
     let v = wait_terminal(&coord, &id, Duration::from_secs(600));
     assert_eq!(v["state"], "succeeded", "{v}");
     let r = &v["rounds"][0];
@@ -390,7 +401,17 @@ fn teacher_correction_runs_before_round_0_and_everything_after_uses_the_correcte
     let scoring_at = pos(&|e| e.kind == "task_leased" && e.phase == "score");
     assert!(corrected_at < scoring_at, "correction before scoring");
     let m = &r["metrics"];
-    assert_eq!(num(&m["teacher_correction"]["tokens"]) as u64, 2048, "{m}");
+    assert_eq!(num(&m["teacher_correction"]["tokens"]) as u64, 8192, "{m}");
+    assert!(
+        num(&m["teacher_correction"]["resumed_from_step"]) >= 4.0,
+        "{m}"
+    );
+    assert!(
+        correct[0]["lost"].as_u64().unwrap() >= 1,
+        "{:?}",
+        correct[0]
+    );
+    assert_eq!(correct[0]["failed"], 0);
     let (corrected_ppl, original_ppl) = (
         num(&m["teacher_perplexity"]),
         num(&m["original_teacher_perplexity"]),
@@ -422,4 +443,21 @@ fn teacher_correction_runs_before_round_0_and_everything_after_uses_the_correcte
         corrected_ppl
     );
     assert!(v2["rounds"][0]["metrics"]["original_teacher_perplexity"].is_null());
+
+    // The correction resumed exactly: an uninterrupted one gives the same corrected teacher.
+    let id3 = submit(&coord, &spec(fx.path(), "straight", &teacher, round, &top));
+    let v3 = wait_terminal(&coord, &id3, Duration::from_secs(600));
+    assert_eq!(v3["state"], "succeeded", "{v3}");
+    assert_eq!(
+        num(&v3["rounds"][0]["metrics"]["teacher_correction"]["resumed_from_step"]),
+        0.0
+    );
+    assert_eq!(
+        v3["rounds"][0]["artifacts"]["corrected_teacher"],
+        digest.as_str()
+    );
+    assert_eq!(
+        v3["rounds"][0]["artifacts"]["student"],
+        r["artifacts"]["student"]
+    );
 }

@@ -684,6 +684,8 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
     Ok(t)
 }
 
+/// One transition in progress: the state it changes, the knobs, and what it has produced so far.
+/// Its methods live with their concern (`campaigns.rs`, `leases.rs`, `rounds.rs`, `search.rs`).
 struct Tx<'a> {
     s: &'a mut State,
     cfg: &'a Config,
@@ -748,6 +750,7 @@ mod rounds;
 mod search;
 mod view;
 
+pub use search::winner;
 pub use view::campaign_view;
 
 #[cfg(test)]
