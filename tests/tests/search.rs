@@ -461,3 +461,34 @@ fn teacher_correction_runs_before_round_0_and_everything_after_uses_the_correcte
         r["artifacts"]["student"]
     );
 }
+
+#[test]
+fn a_search_by_perplexity_keeps_the_candidate_with_the_lowest_validation_perplexity() {
+    let fx = tempfile::tempdir().unwrap();
+    let teacher = setup(fx.path());
+    let coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);
+    let _w = WorkerProc::real(&coord.url(), &fx.path().join("w"), "cpu:2");
+    let round =
+        "target = { params = 0.6 }\nsearch = { candidates = 2, tokens = 640, by = \"perplexity\" }";
+    let id = submit(&coord, &spec(fx.path(), "by-ppl", &teacher, round, ""));
+    let v = wait_terminal(&coord, &id, Duration::from_secs(600));
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let cands = v["rounds"][0]["candidates"].as_array().unwrap().clone();
+    assert_eq!(cands.len(), 2, "{cands:?}");
+    let scores: Vec<f64> = cands.iter().map(|c| num(&c["score"])).collect();
+    // Perplexities (finite, above 1); the lowest one wins.
+    assert!(
+        scores.iter().all(|s| s.is_finite() && *s > 1.0),
+        "{scores:?}"
+    );
+    let best = if scores[1] < scores[0] { 1 } else { 0 };
+    assert_eq!(cands[best]["winner"], true, "{cands:?}");
+    assert_eq!(cands[1 - best]["winner"], false, "{cands:?}");
+    assert_eq!(
+        num(&v["rounds"][0]["metrics"]["search"]["score"]),
+        scores[best]
+    );
+    let d = &v["rounds"][0]["metrics"]["distill"];
+    assert_eq!(num(&d["resumed_from_step"]), 10.0, "{d}");
+    assert_eq!(num(&d["tokens"]) as u64, ROUND_TOKENS, "{d}");
+}
