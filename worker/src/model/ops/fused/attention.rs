@@ -124,9 +124,137 @@ multiversion! {
     ) -> [Vec<R>; 3] => backward_head_impl[E, R]
 }
 
-/// One (batch, head): the output rows `[T, hd]` and the logsumexp of each row.
+/// One (batch, head): the output rows `[T, hd]` and the logsumexp of each row. The common head
+/// sizes take the register-blocked form; any other size the row-by-row form.
 #[inline(always)]
 fn forward_head_impl<E: Elem, R: Real>(
+    sc: f64,
+    window: usize,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    d: Dims,
+    task: usize,
+) -> (Vec<R>, Vec<R>) {
+    match d.hd {
+        64 => forward_head_blocked::<E, R, 64>(sc, window, q, k, v, d, task),
+        128 => forward_head_blocked::<E, R, 128>(sc, window, q, k, v, d, task),
+        _ => forward_head_rows::<E, R>(sc, window, q, k, v, d, task),
+    }
+}
+
+/// Query rows handled together by [`forward_head_blocked`].
+const RB: usize = 4;
+
+/// The forward for a head size known at compile time: [`RB`] query rows at a time, their scores
+/// for a block of [`BLOCK_K`] keys and their output rows held in fixed-size arrays (registers),
+/// so each key and value row loaded serves four queries. Keys outside a row's causal window get
+/// probability zero; the online softmax is per row as in [`forward_head_rows`].
+#[inline(always)]
+fn forward_head_blocked<E: Elem, R: Real, const HD: usize>(
+    sc: f64,
+    window: usize,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    d: Dims,
+    task: usize,
+) -> (Vec<R>, Vec<R>) {
+    let (b, h) = (task / d.h, task % d.h);
+    let kvh = h / (d.h / d.kv);
+    let t = d.t;
+    // q with its rows padded to a multiple of RB (zeros), K transposed with every row padded by
+    // a block of zeros (so a full block can always be read), v as it is.
+    let mut qh = vec![R::ZERO; t.div_ceil(RB) * RB * HD];
+    gather(q, d, d.h, b, h, &mut qh[..t * HD]);
+    let kstride = t + BLOCK_K;
+    let mut kt = vec![R::ZERO; HD * kstride];
+    for j in 0..t {
+        let src = &k[((b * t + j) * d.kv + kvh) * HD..][..HD];
+        for (c, x) in src.iter().enumerate() {
+            kt[c * kstride + j] = x.to_r();
+        }
+    }
+    let mut vh = vec![R::ZERO; t * HD];
+    gather(v, d, d.kv, b, kvh, &mut vh);
+    let sc = R::from_f64(sc);
+    let mut out = vec![R::ZERO; t * HD];
+    let mut lse = vec![R::ZERO; t];
+    for r0 in (0..t).step_by(RB) {
+        let rows = RB.min(t - r0);
+        let mut m = [R::NEG_INFINITY; RB];
+        let mut l = [R::ZERO; RB];
+        let mut acc = [[R::ZERO; HD]; RB];
+        let klo = d.keys(r0, window).0;
+        let khi = r0 + rows;
+        for j0 in (klo..khi).step_by(BLOCK_K) {
+            let mut s = [[R::ZERO; BLOCK_K]; RB];
+            for c in 0..HD {
+                let kr = &kt[c * kstride + j0..][..BLOCK_K];
+                for (sr, qr) in s.iter_mut().zip(qh[r0 * HD..].chunks_exact(HD)) {
+                    let qv = qr[c] * sc;
+                    for (x, kx) in sr.iter_mut().zip(kr) {
+                        *x += qv * *kx;
+                    }
+                }
+            }
+            for (rr, sr) in s.iter_mut().enumerate() {
+                if rr >= rows {
+                    sr.fill(R::ZERO);
+                    continue;
+                }
+                let (lo, hi) = d.keys(r0 + rr, window);
+                let a = lo.saturating_sub(j0).min(BLOCK_K);
+                let e = hi.saturating_sub(j0).min(BLOCK_K);
+                if a >= e {
+                    sr.fill(R::ZERO);
+                    continue;
+                }
+                let mut mx = m[rr];
+                for x in &sr[a..e] {
+                    mx = mx.max(*x);
+                }
+                let corr = (m[rr] - mx).exp();
+                let mut sum = R::ZERO;
+                for (x, p) in sr.iter_mut().enumerate() {
+                    let e_ = (*p - mx).exp();
+                    *p = if x >= a && x < e { e_ } else { R::ZERO };
+                }
+                for p in sr.iter() {
+                    sum += *p;
+                }
+                l[rr] = l[rr] * corr + sum;
+                for o in acc[rr].iter_mut() {
+                    *o *= corr;
+                }
+                m[rr] = mx;
+            }
+            let nk = BLOCK_K.min(t - j0);
+            for x in 0..nk {
+                let vr = &vh[(j0 + x) * HD..][..HD];
+                for (ar, sr) in acc.iter_mut().zip(&s) {
+                    let p = sr[x];
+                    for (o, vx) in ar.iter_mut().zip(vr) {
+                        *o += p * *vx;
+                    }
+                }
+            }
+        }
+        for rr in 0..rows {
+            let r = r0 + rr;
+            let inv = R::ONE / l[rr];
+            for (o, a) in out[r * HD..(r + 1) * HD].iter_mut().zip(&acc[rr]) {
+                *o = *a * inv;
+            }
+            lse[r] = m[rr] + l[rr].ln();
+        }
+    }
+    (out, lse)
+}
+
+/// [`forward_head_impl`] for any head size, one query row at a time.
+#[inline(always)]
+fn forward_head_rows<E: Elem, R: Real>(
     sc: f64,
     window: usize,
     q: &[E],

@@ -413,19 +413,26 @@ fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<
 
 #[test]
 fn attention_matches_the_composed_form_across_blocks_windows_and_groups() {
-    // T = 70 crosses query blocks (32) and key blocks (64); windows cut blocks in the middle.
-    for (h, kv, window) in [
-        (4, 2, None),
-        (4, 4, Some(5)),
-        (6, 2, Some(40)),
-        (2, 1, Some(1)),
+    // T = 70 crosses query blocks (32) and key blocks (64) and is not a multiple of the
+    // register block (4 rows); windows cut blocks in the middle. Head size 16 takes the
+    // row-by-row forward, 64 and 128 the register-blocked one.
+    for (h, kv, window, hd) in [
+        (4, 2, None, 16),
+        (4, 4, Some(5), 16),
+        (6, 2, Some(40), 16),
+        (2, 1, Some(1), 16),
+        (4, 2, None, 64),
+        (4, 4, Some(5), 64),
+        (6, 2, Some(40), 64),
+        (2, 1, Some(1), 64),
+        (2, 1, Some(67), 128),
     ] {
-        let (b, t, hd) = (2, 70, 16);
+        let (b, t) = (2, 70);
         let q = rand(&[b, t, h, hd], 20, 1.5, DType::F32);
         let k = rand(&[b, t, kv, hd], 21, 1.5, DType::F32);
         let v = rand(&[b, t, kv, hd], 22, 1.0, DType::F32);
         let sc = 0.3;
-        let label = format!("h {h} kv {kv} window {window:?}");
+        let label = format!("h {h} kv {kv} window {window:?} hd {hd}");
         let y = attention(&q, &k, &v, sc, window).unwrap();
         let d = rel_diff(&y, &attention_ref(&q, &k, &v, sc, window));
         assert!(d < 1e-5, "{label} f32: {d}");
