@@ -209,6 +209,7 @@ fn rank_main(rank: usize) {
         precision: cfg.precision,
         shard_optimizer: cfg.shard,
         recompute: cfg.recompute,
+        objective: Default::default(),
     };
     let mut t = Trainer::new(
         student,

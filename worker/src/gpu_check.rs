@@ -128,6 +128,7 @@ mod cuda {
             precision: Default::default(),
             shard_optimizer: false,
             recompute: false,
+            objective: Default::default(),
         }
     }
 

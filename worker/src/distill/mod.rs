@@ -4,6 +4,7 @@
 //! ([`train`]).
 
 pub mod data;
+pub mod hidden;
 pub mod loss;
 pub mod optim;
 pub mod train;

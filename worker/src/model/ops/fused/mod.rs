@@ -15,6 +15,7 @@
 
 mod attention;
 mod glu;
+mod divergence;
 mod loss;
 mod norm;
 mod rope;
@@ -33,6 +34,7 @@ use rayon::prelude::*;
 
 pub use attention::attention;
 pub use glu::{glu, Activation};
+pub use divergence::{divergence_loss, Divergence};
 pub use loss::{ce_loss, kd_loss, LossValue};
 pub use norm::rms_norm;
 pub use rope::rope;
