@@ -53,7 +53,8 @@ pub(crate) fn plan_json(
         recompute: false,
         temperature_is_one: true,
         device: DeviceKind::Cuda,
-    });
+        kd: Default::default(),
+});
     serde_json::json!({
         "teacher_weights": plan.teacher_weights, "student_weights": plan.student_weights,
         "gradients": plan.gradients, "optimizer": plan.optimizer,

@@ -42,7 +42,8 @@ fn setup(teacher: ModelShape, student: ModelShape) -> Setup {
         recompute: false,
         temperature_is_one: true,
         device: DeviceKind::Cuda,
-    }
+        kd: Default::default(),
+}
 }
 
 #[test]

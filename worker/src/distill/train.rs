@@ -151,7 +151,7 @@ impl FlatLayout {
     fn of(vars: &[(String, Var)], world: usize) -> FlatLayout {
         let mut offsets = Vec::with_capacity(vars.len());
         let mut len = 0;
-        for (_, v) in &vars {
+        for (_, v) in vars {
             offsets.push(len);
             len += v.elem_count();
         }
@@ -529,7 +529,8 @@ impl<'a> Trainer<'a> {
         while let Some(x) = inputs.pop() {
             let i = inputs.len();
             if let Some(hg) = hidden_grads[i].take() {
-                upstream = (upstream + hg.to_dtype(upstream.dtype())?)?;
+                let hg = hg.to_dtype(upstream.dtype())?;
+                upstream = (upstream + hg)?;
             }
             let x = Var::from_tensor(&x)?;
             let y = m.layer_forward(i, x.as_tensor(), &pass, None, None)?;
