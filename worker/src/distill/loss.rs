@@ -207,8 +207,13 @@ pub fn kd_loss(
         });
     }
     let t = temperature;
-    let s = student.to_dtype(DType::F32)?;
-    let te = teacher.detach().to_dtype(DType::F32)?;
+    // f32 (f64 for an f64 student, as the fused kernel).
+    let s = if student.dtype() == DType::F64 {
+        student.clone()
+    } else {
+        student.to_dtype(DType::F32)?
+    };
+    let te = teacher.detach().to_dtype(s.dtype())?;
     let log_ps = log_softmax(&(&s / t)?, D::Minus1)?;
     let log_pt = log_softmax(&(&te / t)?, D::Minus1)?;
     let pt = log_pt.exp()?;
@@ -246,7 +251,12 @@ pub fn ce_only(student: &Tensor, targets: &Tensor) -> Result<LossSums> {
             positions: targets.elem_count(),
         });
     }
-    let log_p = log_softmax(&student.to_dtype(DType::F32)?, D::Minus1)?;
+    let s = if student.dtype() == DType::F64 {
+        student.clone()
+    } else {
+        student.to_dtype(DType::F32)?
+    };
+    let log_p = log_softmax(&s, D::Minus1)?;
     let ce = log_p
         .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
         .sum_all()?
@@ -321,8 +331,10 @@ mod tests {
             .map(|r| {
                 (0..v)
                     .map(|i| {
-                        let x = ((r as u64 * 131 + i as u64 * 71 + seed * 977) % 1009) as f64;
-                        (x / 1009.0 - 0.5) * 6.0 + (i as f64) * 1e-3
+                        let h = (r as u64 * 1_000_003 + i as u64 * 7_919 + seed * 104_729)
+                            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                            >> 40;
+                        ((h % 10_007) as f64 / 10_007.0 - 0.5) * 6.0
                     })
                     .collect()
             })
