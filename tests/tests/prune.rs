@@ -184,6 +184,5 @@ fn taylor_depth_scores_shards_through_real_workers_and_keeps_the_first_four_and_
     let imp = distillery_worker::prune::importance::Importance::load(&file).unwrap();
     assert_eq!(imp.sequences, 10);
     assert_eq!(imp.taylor.as_ref().unwrap().tokens, 10.0 * 23.0);
-    let c = coord.cli(&["cancel", &id]);
-    assert!(c.status.success());
+    // (The campaign goes on to distill; the coordinator and workers stop with the test.)
 }

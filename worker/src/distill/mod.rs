@@ -13,3 +13,5 @@ pub mod train;
 mod tests;
 #[cfg(test)]
 mod tests_fused;
+#[cfg(test)]
+mod tests_hidden;
