@@ -858,7 +858,8 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let weight = |key: &str, v: Option<f64>, for_loss: &str, default: f64| match v {
+        let weight = |key: &str, v: Option<f64>, for_loss: &str, default: f64| {
+            match v {
             Some(_) if loss != for_loss => Err(SpecError::new(
                 format!("{df}.{key}"),
                 format!("only applies to loss = \"{for_loss}\" (the loss is {loss:?}): remove it or set the loss"),
@@ -870,6 +871,7 @@ impl Validator<'_> {
             Some(w) => Ok(w),
             None if loss == for_loss => Ok(default),
             None => Ok(0.0),
+        }
         };
         let skew_alpha = weight("skew_alpha", d.skew_alpha, "skew_kl", DEFAULT_SKEW_ALPHA)?;
         let jsd_beta = weight("jsd_beta", d.jsd_beta, "jsd", DEFAULT_JSD_BETA)?;
@@ -1183,7 +1185,10 @@ pub fn check_hidden_pairs(
     if !matches!(h.loss.as_str(), "" | "cosine" | "mse") {
         return Err(SpecError::new(
             format!("{field}.loss"),
-            format!("{:?} is not a hidden-state loss: use \"cosine\" or \"mse\"", h.loss),
+            format!(
+                "{:?} is not a hidden-state loss: use \"cosine\" or \"mse\"",
+                h.loss
+            ),
         ));
     }
     let mut seen = BTreeSet::new();

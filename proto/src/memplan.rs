@@ -319,8 +319,7 @@ impl KdSetup {
             Some(h) => h.pairs.len() as u32,
         };
         KdSetup {
-            general_divergence: !matches!(d.loss.as_str(), "" | "forward_kl" | "ce")
-                || d.top_k > 0,
+            general_divergence: !matches!(d.loss.as_str(), "" | "forward_kl" | "ce") || d.top_k > 0,
             no_teacher: d.loss == "ce" && hidden_pairs == 0,
             hidden_pairs,
         }

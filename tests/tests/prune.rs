@@ -126,7 +126,8 @@ fn taylor_depth_scores_shards_through_real_workers_and_keeps_the_first_four_and_
     write_corpus(
         fx.path(),
         &["calib.jsonl", "web.jsonl"],
-        (0..40).map(|i| format!("Document {i}: a tortoise and a hare race along a road, {i} laps.")),
+        (0..40)
+            .map(|i| format!("Document {i}: a tortoise and a hare race along a road, {i} laps.")),
     );
     let toml = format!(
         "name = \"taylor-e2e\"\nseed = 3\n[teacher]\nmodel = \"{}\"\n[data]\n\

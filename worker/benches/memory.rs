@@ -251,7 +251,7 @@ fn plan_for(cfg: Config, teacher: ModelShape, student: ModelShape) -> memplan::M
         temperature_is_one: true,
         device: DeviceKind::Cpu,
         kd: Default::default(),
-})
+    })
 }
 
 /// `BENCH_PHASES=1`: one process, one micro-batch by hand (the trainer's step without the

@@ -54,7 +54,7 @@ pub(crate) fn plan_json(
         temperature_is_one: true,
         device: DeviceKind::Cuda,
         kd: Default::default(),
-});
+    });
     serde_json::json!({
         "teacher_weights": plan.teacher_weights, "student_weights": plan.student_weights,
         "gradients": plan.gradients, "optimizer": plan.optimizer,

@@ -43,7 +43,7 @@ fn setup(teacher: ModelShape, student: ModelShape) -> Setup {
         temperature_is_one: true,
         device: DeviceKind::Cuda,
         kd: Default::default(),
-}
+    }
 }
 
 #[test]
@@ -101,7 +101,10 @@ fn hidden_states_count_the_projection_and_the_teacher_states_and_ce_only_loads_n
     // 32 pairs of 4096-wide teacher states (f32) and four f32 loss tensors each, 4096 tokens.
     let proj = 4096u64 * 3072;
     let states = 32 * 4096 * 4096u64;
-    assert_eq!(q.hidden, proj * 4 + proj * 4 + 12 * proj + states * (4 + 16));
+    assert_eq!(
+        q.hidden,
+        proj * 4 + proj * 4 + 12 * proj + states * (4 + 16)
+    );
     assert_eq!(q.total, q0.total + q.hidden);
     // Equal widths: no projection, only the states.
     let mut same = h;

@@ -132,7 +132,11 @@ pub fn hidden_loss(
 /// micro-batch, a 0-d tensor on the device (no host round trip), not differentiated.
 pub fn balance_weight(logit_total: &Tensor, hidden_total: &Tensor) -> Result<Tensor> {
     let h = hidden_total.detach();
-    let tiny = if h.dtype() == DType::F64 { 1e-300 } else { 1e-30 };
+    let tiny = if h.dtype() == DType::F64 {
+        1e-300
+    } else {
+        1e-30
+    };
     logit_total.detach().to_dtype(h.dtype())? / h.maximum(tiny)?
 }
 
@@ -201,22 +205,42 @@ mod tests {
             )
             .unwrap();
             let g = l.backward().unwrap();
-            let gs: Vec<f64> = g.get(sv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let gw: Vec<f64> = g.get(wv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let gs: Vec<f64> = g
+                .get(sv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let gw: Vec<f64> = g
+                .get(wv.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let h = 1e-6;
             for i in 0..s0.len() {
                 let (mut a, mut c) = (s0.clone(), s0.clone());
                 a[i] += h;
                 c[i] -= h;
                 let fd = (value(&a, &w0) - value(&c, &w0)) / (2.0 * h);
-                assert!((fd - gs[i]).abs() < 1e-7, "{loss:?} d/ds[{i}]: {} vs {fd}", gs[i]);
+                assert!(
+                    (fd - gs[i]).abs() < 1e-7,
+                    "{loss:?} d/ds[{i}]: {} vs {fd}",
+                    gs[i]
+                );
             }
             for i in 0..w0.len() {
                 let (mut a, mut c) = (w0.clone(), w0.clone());
                 a[i] += h;
                 c[i] -= h;
                 let fd = (value(&s0, &a) - value(&s0, &c)) / (2.0 * h);
-                assert!((fd - gw[i]).abs() < 1e-7, "{loss:?} d/dW[{i}]: {} vs {fd}", gw[i]);
+                assert!(
+                    (fd - gw[i]).abs() < 1e-7,
+                    "{loss:?} d/dW[{i}]: {} vs {fd}",
+                    gw[i]
+                );
             }
             assert!(gw.iter().any(|x| x.abs() > 1e-4) && gs.iter().any(|x| x.abs() > 1e-4));
         }

@@ -59,7 +59,10 @@ pub fn logit_loss(
         return ce_only(student, targets);
     };
     let teacher = teacher.ok_or_else(|| {
-        candle_core::Error::Msg(format!("the {} loss needs the teacher's logits", div.name()))
+        candle_core::Error::Msg(format!(
+            "the {} loss needs the teacher's logits",
+            div.name()
+        ))
     })?;
     if div == Divergence::ForwardKl && spec.top_k.is_none() {
         return kd_loss(student, teacher, targets, spec.temperature, spec.ce_weight);
@@ -409,8 +412,14 @@ mod tests {
         let dev = Device::Cpu;
         let (v, rows) = (7, 4);
         let (sv, tv) = (logits(rows, v, 1), logits(rows, v, 2));
-        let s = Tensor::new(sv.clone(), &dev).unwrap().reshape((2, 2, v)).unwrap();
-        let t = Tensor::new(tv.clone(), &dev).unwrap().reshape((2, 2, v)).unwrap();
+        let s = Tensor::new(sv.clone(), &dev)
+            .unwrap()
+            .reshape((2, 2, v))
+            .unwrap();
+        let t = Tensor::new(tv.clone(), &dev)
+            .unwrap()
+            .reshape((2, 2, v))
+            .unwrap();
         let y = Tensor::new(&[[1u32, 6], [0, 3]], &dev).unwrap();
         for div in DIVERGENCES {
             for k in [None, Some(1), Some(3), Some(v)] {
@@ -431,7 +440,9 @@ mod tests {
                             );
                             let total: f64 =
                                 l.total.to_dtype(DType::F64).unwrap().to_scalar().unwrap();
-                            assert!((total - temp * temp * l.kl).abs() <= tol * total.abs().max(1.0));
+                            assert!(
+                                (total - temp * temp * l.kl).abs() <= tol * total.abs().max(1.0)
+                            );
                         }
                     }
                 }
@@ -454,8 +465,14 @@ mod tests {
     fn top_k_equal_to_the_vocabulary_is_exactly_the_full_loss() {
         let dev = Device::Cpu;
         let v = 11;
-        let s = Tensor::new(logits(6, v, 3), &dev).unwrap().to_dtype(DType::F32).unwrap();
-        let t = Tensor::new(logits(6, v, 4), &dev).unwrap().to_dtype(DType::F32).unwrap();
+        let s = Tensor::new(logits(6, v, 3), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let t = Tensor::new(logits(6, v, 4), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let y = Tensor::new(&[1u32, 2, 3, 4, 5, 6], &dev).unwrap();
         for div in DIVERGENCES {
             for (path, (full, topk)) in both(|| {
@@ -471,7 +488,10 @@ mod tests {
                 }
                 assert_eq!(full.kl, topk.kl, "{div:?} {path}");
                 assert_eq!(full.ce, topk.ce, "{div:?} {path}");
-                let (a, b) = (full.total.to_vec0::<f32>().unwrap(), topk.total.to_vec0::<f32>().unwrap());
+                let (a, b) = (
+                    full.total.to_vec0::<f32>().unwrap(),
+                    topk.total.to_vec0::<f32>().unwrap(),
+                );
                 assert_eq!(a, b, "{div:?} {path}");
             }
             // The fused general kernel, whatever the divergence: an empty bucket adds exactly 0.
@@ -500,12 +520,28 @@ mod tests {
         let want_rev = 0.2 * (0.2f64 / 0.5).ln() + 0.8 * (0.8f64 / 0.5).ln();
         for (path, (f, r)) in both(|| {
             (
-                logit_loss(&s, Some(&t), &y, &spec(Divergence::ForwardKl, 1.0, 0.0, Some(1))).unwrap(),
-                logit_loss(&s, Some(&t), &y, &spec(Divergence::ReverseKl, 1.0, 0.0, Some(1))).unwrap(),
+                logit_loss(
+                    &s,
+                    Some(&t),
+                    &y,
+                    &spec(Divergence::ForwardKl, 1.0, 0.0, Some(1)),
+                )
+                .unwrap(),
+                logit_loss(
+                    &s,
+                    Some(&t),
+                    &y,
+                    &spec(Divergence::ReverseKl, 1.0, 0.0, Some(1)),
+                )
+                .unwrap(),
             )
         }) {
             assert!((f.kl - want).abs() < 1e-12, "{path}: {} vs {want}", f.kl);
-            assert!((r.kl - want_rev).abs() < 1e-12, "{path}: {} vs {want_rev}", r.kl);
+            assert!(
+                (r.kl - want_rev).abs() < 1e-12,
+                "{path}: {} vs {want_rev}",
+                r.kl
+            );
         }
     }
 
@@ -516,7 +552,11 @@ mod tests {
         let sv = logits(3, v, 5);
         let t = Tensor::new(logits(3, v, 6), &dev).unwrap();
         let y = Tensor::new(&[2u32, 0, 5], &dev).unwrap();
-        let kernels = if path == "fused" { Kernels::all() } else { Kernels::none() };
+        let kernels = if path == "fused" {
+            Kernels::all()
+        } else {
+            Kernels::none()
+        };
         let value = |x: &[Vec<f64>]| -> f64 {
             let s = Tensor::new(x.to_vec(), &dev).unwrap();
             with_kernels(kernels, || logit_loss(&s, Some(&t), &y, spec).unwrap())
@@ -525,7 +565,9 @@ mod tests {
                 .unwrap()
         };
         let var = Var::new(sv.clone(), &dev).unwrap();
-        let l = with_kernels(kernels, || logit_loss(var.as_tensor(), Some(&t), &y, spec).unwrap());
+        let l = with_kernels(kernels, || {
+            logit_loss(var.as_tensor(), Some(&t), &y, spec).unwrap()
+        });
         let g: Vec<Vec<f64>> = l
             .total
             .backward()
@@ -550,7 +592,10 @@ mod tests {
                 );
             }
         }
-        assert!(g.iter().flatten().any(|x| x.abs() > 1e-3), "{spec:?}: no gradient");
+        assert!(
+            g.iter().flatten().any(|x| x.abs() > 1e-3),
+            "{spec:?}: no gradient"
+        );
         eprintln!("{spec:?} {path}: max |backward - finite differences| = {worst:e}");
     }
 

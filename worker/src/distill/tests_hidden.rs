@@ -99,11 +99,7 @@ fn the_hidden_loss_gradient_reaches_the_projection_and_the_student_layers_as_fin
 ) {
     let t = teacher(DType::F64);
     let (s, h) = pruned(&t);
-    let ids = Tensor::new(
-        vec![domains()[0].sequences[0][..12].to_vec()],
-        &Device::Cpu,
-    )
-    .unwrap();
+    let ids = Tensor::new(vec![domains()[0].sequences[0][..12].to_vec()], &Device::Cpu).unwrap();
     let (s_layers, t_layers): (Vec<usize>, Vec<usize>) = h.pairs.iter().copied().unzip();
     let (_, th) = t.forward_hidden(&ids, false, &t_layers).unwrap();
     let w = candle_core::Var::from_tensor(
@@ -127,8 +123,14 @@ fn the_hidden_loss_gradient_reaches_the_projection_and_the_student_layers_as_fin
     let mut checked = 0;
     let targets: Vec<(&str, candle_core::Var)> = vec![
         ("projection", w.clone()),
-        ("layer 0 down_proj", vars["model.layers.0.mlp.down_proj.weight"].clone()),
-        ("layer 1 q_proj", vars["model.layers.1.self_attn.q_proj.weight"].clone()),
+        (
+            "layer 0 down_proj",
+            vars["model.layers.0.mlp.down_proj.weight"].clone(),
+        ),
+        (
+            "layer 1 q_proj",
+            vars["model.layers.1.self_attn.q_proj.weight"].clone(),
+        ),
         ("embedding", vars["model.embed_tokens.weight"].clone()),
     ];
     for (what, v) in targets {
@@ -145,10 +147,14 @@ fn the_hidden_loss_gradient_reaches_the_projection_and_the_student_layers_as_fin
         idx.sort_by(|a, b| grad[*b].abs().total_cmp(&grad[*a].abs()));
         idx.truncate(3);
         idx.push(0);
-        assert!(grad[idx[0]].abs() > 1e-6, "{what}: gradient {:e}", grad[idx[0]]);
+        assert!(
+            grad[idx[0]].abs() > 1e-6,
+            "{what}: gradient {:e}",
+            grad[idx[0]]
+        );
         for i in idx {
             let eps = 1e-6;
-            let mut probe = |d: f64| {
+            let probe = |d: f64| {
                 let mut x = base.clone();
                 x[i] += d;
                 v.set(&Tensor::from_vec(x, v.shape(), &Device::Cpu).unwrap())
@@ -192,7 +198,10 @@ fn recomputation_with_hidden_states_gives_the_gradients_of_the_full_graph() {
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     // The projection is the last 64 x 48 entries: it gets a gradient in both.
     let proj = &full[full.len() - 64 * 48..];
-    assert!(proj.iter().any(|x| x.abs() > 1e-6), "no gradient on the projection");
+    assert!(
+        proj.iter().any(|x| x.abs() > 1e-6),
+        "no gradient on the projection"
+    );
     eprintln!("hidden states: max |g - g_recompute| = {diff:e} (max |g| = {scale:e})");
     assert!(diff <= 1e-5 * scale, "{diff} vs {scale}");
 }
@@ -224,7 +233,11 @@ fn a_resumed_run_with_a_projection_is_bit_identical_and_the_exported_student_has
         a.train_step().unwrap();
     }
     let a_master = a.master_weights().unwrap();
-    let end_proj: Vec<f32> = a_master[PROJECTION].flatten_all().unwrap().to_vec1().unwrap();
+    let end_proj: Vec<f32> = a_master[PROJECTION]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_ne!(start_proj, end_proj, "the projection did not train");
     // Interrupted at step 2, resumed by a fresh trainer whose projection starts elsewhere.
     let mut solo1 = Solo;
@@ -262,7 +275,11 @@ fn a_resumed_run_with_a_projection_is_bit_identical_and_the_exported_student_has
     while c.step < 5 {
         c.train_step().unwrap();
     }
-    assert_eq!(weights(&a.student), weights(&c.student), "student weights differ");
+    assert_eq!(
+        weights(&a.student),
+        weights(&c.student),
+        "student weights differ"
+    );
     let c_proj: Vec<f32> = c.master_weights().unwrap()[PROJECTION]
         .flatten_all()
         .unwrap()
@@ -272,8 +289,8 @@ fn a_resumed_run_with_a_projection_is_bit_identical_and_the_exported_student_has
     // The exported student: exactly the student's tensors, loadable as a model of its shape.
     let out = tempfile::tempdir().unwrap();
     a.save_student(out.path(), None).unwrap();
-    let saved = candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu)
-        .unwrap();
+    let saved =
+        candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let mut names: Vec<String> = saved.into_keys().collect();
     names.sort();
     let want: Vec<String> = a.student.named_vars().into_iter().map(|(n, _)| n).collect();
@@ -296,7 +313,10 @@ fn a_resumed_run_with_a_projection_is_bit_identical_and_the_exported_student_has
     p.train_step().unwrap();
     p.save_checkpoint(plain.path(), None).unwrap();
     let e = c.load_checkpoint(plain.path()).unwrap_err().to_string();
-    assert!(e.contains(AUX_FILE) || e.contains("other parameters"), "{e}");
+    assert!(
+        e.contains(AUX_FILE) || e.contains("other parameters"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -604,11 +604,7 @@ impl<'a> Trainer<'a> {
             host[2] = 0.0;
         }
         self.coll.all_reduce_host(&mut host)?;
-        let (loss, kl, hidden) = (
-            f64::from(host[0]),
-            f64::from(host[1]),
-            f64::from(host[3]),
-        );
+        let (loss, kl, hidden) = (f64::from(host[0]), f64::from(host[1]), f64::from(host[3]));
         let grad_norm = if sharded {
             f64::from(host[2])
         } else {

@@ -171,7 +171,11 @@ impl Importance {
                 .and_then(|x| x.flatten_all()?.to_vec1())
                 .map_err(|e| format!("{name}: {e}"))?;
             if w.len() != g.len() {
-                return Err(format!("{name}: {} weights but {} Taylor sums", w.len(), g.len()));
+                return Err(format!(
+                    "{name}: {} weights but {} Taylor sums",
+                    w.len(),
+                    g.len()
+                ));
             }
             out[l] += w
                 .iter()
@@ -336,7 +340,10 @@ impl Importance {
             Tensor::new(&[self.sequences as f64, self.head_dim as f64], &dev)?,
         );
         if let Some(ts) = &self.taylor {
-            t.insert("taylor_tokens".to_string(), Tensor::new(&[ts.tokens], &dev)?);
+            t.insert(
+                "taylor_tokens".to_string(),
+                Tensor::new(&[ts.tokens], &dev)?,
+            );
             for (name, g) in &ts.grads {
                 t.insert(
                     format!("{TAYLOR_PREFIX}{name}"),

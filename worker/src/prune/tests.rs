@@ -466,7 +466,10 @@ fn taylor_plus_scores_an_identity_block_lowest_and_keeps_the_first_four_and_last
         .unwrap()
         .0;
     assert_eq!(lowest, 5, "{raw:?}");
-    assert!(raw[1] < raw[4], "block 1 should score below block 4: {raw:?}");
+    assert!(
+        raw[1] < raw[4],
+        "block 1 should score below block 4: {raw:?}"
+    );
     let s = scores_by_taylor(&imp, &m).unwrap();
     for l in [0, 1, 2, 3, 6, 7] {
         assert_eq!(s.depth[l], f64::INFINITY, "block {l} is protected");

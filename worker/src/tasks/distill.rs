@@ -21,8 +21,8 @@ use crate::distill::train::{
     DynamicBatchLoading, Objective, Precision, PrecisionDType, TrainConfig, TrainError, Trainer,
 };
 use crate::model::Llama;
-use crate::tasks::prune::{read_prune_record, PRUNE_RECORD};
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
+use crate::tasks::prune::{read_prune_record, PRUNE_RECORD};
 
 /// Validation sequences per domain used for dynamic batch loading.
 const DBL_VALIDATION_SEQUENCES: usize = 16;
@@ -417,7 +417,8 @@ fn hidden_of(
     student: &Llama,
     teacher: &Llama,
 ) -> Result<HiddenDistill, TaskError> {
-    let loss = HiddenLoss::parse(&h.loss).map_err(|e| fatal(format!("{field}.hidden.loss: {e}")))?;
+    let loss =
+        HiddenLoss::parse(&h.loss).map_err(|e| fatal(format!("{field}.hidden.loss: {e}")))?;
     let record = read_prune_record(student_dir);
     let list = |key: &str| -> Option<Vec<usize>> {
         record
@@ -443,7 +444,10 @@ fn hidden_of(
             .map(|p| (p.student as usize, p.teacher as usize))
             .collect()
     };
-    let (sl, tl) = (student.config.num_hidden_layers, teacher.config.num_hidden_layers);
+    let (sl, tl) = (
+        student.config.num_hidden_layers,
+        teacher.config.num_hidden_layers,
+    );
     if let Some((s, t)) = pairs.iter().find(|(s, t)| *s >= sl || *t >= tl) {
         return Err(fatal(format!(
             "{field}.hidden.pairs: [{s}, {t}] names a layer that does not exist (the student has {sl} layers, the teacher {tl}); fix the pairs"

@@ -86,7 +86,9 @@ pub fn divergence_loss(
     check_temperature(temperature)?;
     div.check()?;
     if top_k == Some(0) {
-        return Err(Error::Msg("divergence_loss: top_k must be at least 1".into()));
+        return Err(Error::Msg(
+            "divergence_loss: top_k must be at least 1".into(),
+        ));
     }
     let stats = Arc::new(Mutex::new(None));
     let op = DivLoss {
@@ -393,11 +395,7 @@ impl DivLoss {
         let rows: Vec<(Row, f64, f64)> = (0..n)
             .into_par_iter()
             .map(|r| {
-                self.row_forward::<ES, ET, R>(
-                    &s[r * v..(r + 1) * v],
-                    &t[r * v..(r + 1) * v],
-                    y[r],
-                )
+                self.row_forward::<ES, ET, R>(&s[r * v..(r + 1) * v], &t[r * v..(r + 1) * v], y[r])
             })
             .collect();
         let (d, ce) = rows

@@ -14,8 +14,8 @@
 //! for the process, [`with_kernels`] for the calling thread only (tests).
 
 mod attention;
-mod glu;
 mod divergence;
+mod glu;
 mod loss;
 mod norm;
 mod rope;
@@ -33,8 +33,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 pub use attention::attention;
-pub use glu::{glu, Activation};
 pub use divergence::{divergence_loss, Divergence};
+pub use glu::{glu, Activation};
 pub use loss::{ce_loss, kd_loss, LossValue};
 pub use norm::rms_norm;
 pub use rope::rope;
