@@ -165,7 +165,13 @@ mod tests {
         );
         // W s = (2, 0, 1).
         let cos = (2.0 * 3.0 + 1.0 * 0.5) / ((5.0f64).sqrt() * (9.0f64 + 1.0 + 0.25).sqrt());
-        let l = hidden_loss(&[s.clone()], &[t.clone()], Some(&w), HiddenLoss::Cosine).unwrap();
+        let l = hidden_loss(
+            std::slice::from_ref(&s),
+            std::slice::from_ref(&t),
+            Some(&w),
+            HiddenLoss::Cosine,
+        )
+        .unwrap();
         assert!((l.to_scalar::<f64>().unwrap() - (1.0 - cos)).abs() < 1e-12);
         let mse = ((2.0f64 - 3.0).powi(2) + 1.0 + 0.25) / 3.0;
         let l = hidden_loss(&[s], &[t], Some(&w), HiddenLoss::Mse).unwrap();

@@ -361,10 +361,10 @@ impl Llama {
         let mut h = self.embed(ids, grad)?;
         let pass = self.pass(0, t, grad)?;
         let mut kept: Vec<Option<Tensor>> = vec![None; self.layers.len()];
-        for i in 0..self.layers.len() {
+        for (i, slot) in kept.iter_mut().enumerate() {
             h = self.layer_forward(i, &h, &pass, None, None)?;
             if layers.contains(&i) {
-                kept[i] = Some(h.clone());
+                *slot = Some(h.clone());
             }
         }
         let logits = self.head(&h, grad)?;
