@@ -151,6 +151,7 @@ fn train_teacher(
         precision: Default::default(),
         shard_optimizer: false,
         recompute: false,
+        objective: Default::default(),
     };
     let mut solo = Solo;
     let domains = vec![Domain {

@@ -187,6 +187,14 @@ fn lines(p: &RoundPlan) -> Vec<(&'static str, u64, String)> {
             q.runtime,
             format!("{} process / context overhead", s.device.name()),
         ),
+        (
+            "hidden states",
+            q.hidden,
+            format!(
+                "{} layer pairs of teacher states + hidden loss, the projection if the widths differ",
+                s.kd.hidden_pairs
+            ),
+        ),
     ]
 }
 
@@ -269,6 +277,7 @@ pub fn to_json(plans: &[RoundPlan]) -> Value {
                         "teacher_forward": q.teacher_forward,
                         "backward": q.backward,
                         "runtime": q.runtime,
+                        "hidden": q.hidden,
                         "total": q.total,
                     },
                     "device_memory": p.device_memory,

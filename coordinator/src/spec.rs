@@ -192,6 +192,20 @@ struct RawDistill {
     shard_optimizer: bool,
     #[serde(default)]
     recompute: bool,
+    /// "forward_kl" (default), "reverse_kl", "skew_kl", "jsd" or "ce".
+    loss: Option<String>,
+    skew_alpha: Option<f64>,
+    jsd_beta: Option<f64>,
+    top_k: Option<u32>,
+    hidden: Option<RawHidden>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHidden {
+    /// `"auto"` or a list of `[student, teacher]` layer pairs (checked by hand for clear errors).
+    pairs: toml::Value,
+    loss: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -461,7 +475,7 @@ impl Validator<'_> {
         let mut rounds = Vec::with_capacity(raw.rounds.len());
         let mut prev = Some(shape);
         for (i, r) in raw.rounds.into_iter().enumerate() {
-            let (round, next) = self.round(i, r, prev.as_ref(), &data)?;
+            let (round, next) = self.round(i, r, prev.as_ref(), &shape, &data)?;
             rounds.push(round);
             prev = next;
         }
@@ -624,6 +638,7 @@ impl Validator<'_> {
         i: usize,
         r: RawRound,
         source: Option<&pb::ModelShape>,
+        teacher: &pb::ModelShape,
         data: &pb::DataSpec,
     ) -> Result<(pb::RoundSpec, Option<pb::ModelShape>), SpecError> {
         let f = format!("rounds[{i}]");
@@ -686,6 +701,9 @@ impl Validator<'_> {
         // Shape checks need the source's shape: the teacher's, or the previous round's when
         // that one was given by axes (a parameter budget's shape is chosen at prune time).
         let mut next = None;
+        // The student's layer count when it is known now (not for a parameter budget).
+        let mut student_layers = None;
+        let mut source_layers = None;
         if let Some(src) = source.filter(|s| s.hidden_size > 0) {
             let what = if i == 0 {
                 "the teacher's".to_string()
@@ -714,6 +732,10 @@ impl Validator<'_> {
                 src.num_attention_heads,
             )?;
             let layers = check("num_layers", t.num_layers, src.num_layers)?;
+            source_layers = Some(src.num_layers);
+            if t.params.is_none() {
+                student_layers = Some(layers);
+            }
             let kv = src.num_key_value_heads.max(1);
             if heads % kv != 0 || heads < kv {
                 let lo = (heads / kv).max(1) * kv;
@@ -752,15 +774,29 @@ impl Validator<'_> {
         }
         if !matches!(
             r.depth_importance.as_str(),
-            "block_importance" | "perplexity"
+            "block_importance" | "perplexity" | "taylor"
         ) {
             return Err(SpecError::new(
                 format!("{f}.depth_importance"),
                 format!(
-                    "{:?} is not a method: use \"block_importance\" or \"perplexity\"",
+                    "{:?} is not a method: use \"block_importance\", \"perplexity\" or \"taylor\"",
                     r.depth_importance
                 ),
             ));
+        }
+        if r.depth_importance == "taylor" {
+            if let (Some(have), Some(want)) = (source_layers, student_layers) {
+                let droppable = distillery_worker::prune::taylor_droppable(have as usize) as u32;
+                if have - want > droppable {
+                    return Err(SpecError::new(
+                        format!("{f}.target.num_layers"),
+                        format!(
+                            "{want}: depth_importance = \"taylor\" (Taylor+) keeps the first four and the last two of the {have} layers, so at most {droppable} can go; give at least {} layers or use \"block_importance\"",
+                            have - droppable
+                        ),
+                    ));
+                }
+            }
         }
         if r.depth_importance == "perplexity" && data.validation.is_empty() {
             return Err(SpecError::new(
@@ -824,6 +860,7 @@ impl Validator<'_> {
                 Some(search)
             }
         };
+        let loss = self.distill_loss(&df, &d, teacher, student_layers)?;
         let round = pb::RoundSpec {
             search,
             target: Some(pb::TargetShape {
@@ -849,9 +886,167 @@ impl Validator<'_> {
                 teacher_precision: d.teacher_precision,
                 shard_optimizer: d.shard_optimizer,
                 recompute: d.recompute,
+                loss: loss.loss,
+                skew_alpha: loss.skew_alpha,
+                jsd_beta: loss.jsd_beta,
+                top_k: loss.top_k,
+                hidden: loss.hidden,
             }),
         };
         Ok((round, next))
+    }
+
+    /// `distill.loss`, `skew_alpha`, `jsd_beta`, `top_k` and `hidden`, resolved to the proto's
+    /// fields (defaults filled in). `student_layers` is the round's student depth when the
+    /// target gives it.
+    fn distill_loss(
+        &self,
+        df: &str,
+        d: &RawDistill,
+        teacher: &pb::ModelShape,
+        student_layers: Option<u32>,
+    ) -> Result<pb::DistillSpec, SpecError> {
+        let loss = d.loss.clone().unwrap_or_else(|| "forward_kl".into());
+        if !LOSSES.contains(&loss.as_str()) {
+            return Err(SpecError::new(
+                format!("{df}.loss"),
+                format!(
+                    "{loss:?} is not a loss: use \"forward_kl\" (default), \"reverse_kl\", \"skew_kl\", \"jsd\" or \"ce\" (cross-entropy only)"
+                ),
+            ));
+        }
+        let weight = |key: &str, v: Option<f64>, for_loss: &str, default: f64| {
+            match v {
+            Some(_) if loss != for_loss => Err(SpecError::new(
+                format!("{df}.{key}"),
+                format!("only applies to loss = \"{for_loss}\" (the loss is {loss:?}): remove it or set the loss"),
+            )),
+            Some(w) if !(w.is_finite() && w > 0.0 && w < 1.0) => Err(SpecError::new(
+                format!("{df}.{key}"),
+                format!("{w} must be in (0, 1): at 0 the loss is forward KL, at 1 it is identically 0"),
+            )),
+            Some(w) => Ok(w),
+            None if loss == for_loss => Ok(default),
+            None => Ok(0.0),
+        }
+        };
+        let skew_alpha = weight("skew_alpha", d.skew_alpha, "skew_kl", DEFAULT_SKEW_ALPHA)?;
+        let jsd_beta = weight("jsd_beta", d.jsd_beta, "jsd", DEFAULT_JSD_BETA)?;
+        if loss == "ce" && d.ce_weight != 0.0 {
+            return Err(SpecError::new(
+                format!("{df}.ce_weight"),
+                format!(
+                    "{} weighs the cross-entropy added to a KD loss; with loss = \"ce\" the cross-entropy is the whole loss: remove ce_weight",
+                    d.ce_weight
+                ),
+            ));
+        }
+        let top_k = match d.top_k {
+            None => 0,
+            Some(_) if loss == "ce" => {
+                return Err(SpecError::new(
+                    format!("{df}.top_k"),
+                    "selects the teacher's logits, and loss = \"ce\" uses none: remove top_k or use a KD loss",
+                ))
+            }
+            Some(0) => {
+                return Err(SpecError::new(
+                    format!("{df}.top_k"),
+                    "0 must be at least 1 (leave top_k out for the whole vocabulary)",
+                ))
+            }
+            Some(k) if teacher.vocab_size > 0 && k > teacher.vocab_size => {
+                return Err(SpecError::new(
+                    format!("{df}.top_k"),
+                    format!(
+                        "{k} is more than the teacher's vocabulary of {} tokens (give at most {}, or leave top_k out)",
+                        teacher.vocab_size, teacher.vocab_size
+                    ),
+                ))
+            }
+            Some(k) => k,
+        };
+        let hidden = match &d.hidden {
+            None => None,
+            Some(h) => Some(self.hidden(&format!("{df}.hidden"), h, teacher, student_layers)?),
+        };
+        Ok(pb::DistillSpec {
+            loss,
+            skew_alpha,
+            jsd_beta,
+            top_k,
+            hidden,
+            ..Default::default()
+        })
+    }
+
+    fn hidden(
+        &self,
+        hf: &str,
+        h: &RawHidden,
+        teacher: &pb::ModelShape,
+        student_layers: Option<u32>,
+    ) -> Result<pb::HiddenDistillSpec, SpecError> {
+        let loss = h.loss.clone().unwrap_or_else(|| "cosine".into());
+        if !matches!(loss.as_str(), "cosine" | "mse") {
+            return Err(SpecError::new(
+                format!("{hf}.loss"),
+                format!("{loss:?} is not a hidden-state loss: use \"cosine\" (default) or \"mse\""),
+            ));
+        }
+        let shape_hint = "give \"auto\" or a list of [student_layer, teacher_layer] pairs such as [[0, 0], [5, 9]]";
+        let pairs = match &h.pairs {
+            toml::Value::String(a) if a == "auto" => None,
+            toml::Value::String(a) => {
+                return Err(SpecError::new(
+                    format!("{hf}.pairs"),
+                    format!("{a:?} is not a mapping: {shape_hint}"),
+                ))
+            }
+            toml::Value::Array(list) if list.is_empty() => {
+                return Err(SpecError::new(
+                    format!("{hf}.pairs"),
+                    format!("is empty: {shape_hint}"),
+                ))
+            }
+            toml::Value::Array(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for (j, item) in list.iter().enumerate() {
+                    let pf = format!("{hf}.pairs[{j}]");
+                    let nums: Option<Vec<u32>> = item.as_array().and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_integer().and_then(|n| u32::try_from(n).ok()))
+                            .collect()
+                    });
+                    match nums.as_deref() {
+                        Some(&[s, t]) => out.push(pb::LayerPair {
+                            student: s,
+                            teacher: t,
+                        }),
+                        _ => {
+                            return Err(SpecError::new(
+                                pf,
+                                format!("{item} is not a pair of layer indices: {shape_hint}"),
+                            ))
+                        }
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                return Err(SpecError::new(
+                    format!("{hf}.pairs"),
+                    format!("{other} is not a mapping: {shape_hint}"),
+                ))
+            }
+        };
+        let spec = pb::HiddenDistillSpec {
+            auto_pairs: pairs.is_none(),
+            pairs: pairs.unwrap_or_default(),
+            loss,
+        };
+        check_hidden_pairs(hf, &spec, teacher.num_layers, student_layers)?;
+        Ok(spec)
     }
 
     fn evaluation(
@@ -1123,6 +1318,112 @@ fn check_search(
     Ok(())
 }
 
+/// The logit losses `distill.loss` takes.
+pub const LOSSES: &[&str] = &["forward_kl", "reverse_kl", "skew_kl", "jsd", "ce"];
+/// DistiLLM's default α.
+pub const DEFAULT_SKEW_ALPHA: f64 = 0.1;
+/// The symmetric JSD.
+pub const DEFAULT_JSD_BETA: f64 = 0.5;
+
+/// Explicit hidden-state pairs against the layer counts known now (0 / None: unknown): each
+/// index inside its model, no student layer twice.
+pub fn check_hidden_pairs(
+    field: &str,
+    h: &pb::HiddenDistillSpec,
+    teacher_layers: u32,
+    student_layers: Option<u32>,
+) -> Result<(), SpecError> {
+    if h.auto_pairs && !h.pairs.is_empty() {
+        return Err(SpecError::new(
+            format!("{field}.pairs"),
+            "is both \"auto\" and a list: give one",
+        ));
+    }
+    if !h.auto_pairs && h.pairs.is_empty() {
+        return Err(SpecError::new(
+            format!("{field}.pairs"),
+            "is empty: give \"auto\" or [student_layer, teacher_layer] pairs",
+        ));
+    }
+    if !matches!(h.loss.as_str(), "" | "cosine" | "mse") {
+        return Err(SpecError::new(
+            format!("{field}.loss"),
+            format!(
+                "{:?} is not a hidden-state loss: use \"cosine\" or \"mse\"",
+                h.loss
+            ),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (j, p) in h.pairs.iter().enumerate() {
+        let pf = format!("{field}.pairs[{j}]");
+        if teacher_layers > 0 && p.teacher >= teacher_layers {
+            return Err(SpecError::new(
+                pf,
+                format!(
+                    "teacher layer {} does not exist: the teacher has layers 0..={}",
+                    p.teacher,
+                    teacher_layers - 1
+                ),
+            ));
+        }
+        if let Some(n) = student_layers {
+            if p.student >= n {
+                return Err(SpecError::new(
+                    pf,
+                    format!(
+                        "student layer {} does not exist: this round's student has layers 0..={}",
+                        p.student,
+                        n.saturating_sub(1)
+                    ),
+                ));
+            }
+        }
+        if !seen.insert(p.student) {
+            return Err(SpecError::new(
+                pf,
+                format!(
+                    "student layer {} is paired twice: map each student layer to one teacher layer",
+                    p.student
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The loss fields of a `distill` table that need no files (also applied to specs that arrive
+/// parsed over the wire).
+pub fn check_distill_loss(df: &str, d: &pb::DistillSpec) -> Result<(), SpecError> {
+    if !(d.loss.is_empty() || LOSSES.contains(&d.loss.as_str())) {
+        return Err(SpecError::new(
+            format!("{df}.loss"),
+            format!(
+                "{:?} is not a loss: use \"forward_kl\", \"reverse_kl\", \"skew_kl\", \"jsd\" or \"ce\"",
+                d.loss
+            ),
+        ));
+    }
+    for (key, w) in [("skew_alpha", d.skew_alpha), ("jsd_beta", d.jsd_beta)] {
+        if !(w == 0.0 || (w.is_finite() && w > 0.0 && w < 1.0)) {
+            return Err(SpecError::new(
+                format!("{df}.{key}"),
+                format!("{w} must be in (0, 1)"),
+            ));
+        }
+    }
+    if d.loss == "ce" && (d.top_k > 0 || d.ce_weight != 0.0) {
+        return Err(SpecError::new(
+            format!("{df}.loss"),
+            "\"ce\" is the cross-entropy alone: it takes neither top_k nor ce_weight",
+        ));
+    }
+    if let Some(h) = &d.hidden {
+        check_hidden_pairs(&format!("{df}.hidden"), h, 0, None)?;
+    }
+    Ok(())
+}
+
 fn positive(field: &str, v: u32) -> Result<u32, SpecError> {
     if v == 0 {
         Err(SpecError::new(field, "0 must be at least 1"))
@@ -1185,6 +1486,7 @@ pub fn validate_wire(spec: &pb::CampaignSpec) -> Result<(), SpecError> {
                 "0 must be at least 1",
             ));
         }
+        check_distill_loss(&format!("rounds[{i}].distill"), d)?;
         let Some(target) = &r.target else {
             return Err(SpecError::new(format!("rounds[{i}].target"), "is missing"));
         };

@@ -16,6 +16,11 @@
 //! | loss | the student's logits and the f32 vocabulary tensors of the KD loss ([`LOSS`]) |
 //! | transient | the larger of the teacher's no-grad forward and the backward's gradient store ([`grad_store_params`], [`BACKWARD_KEPT_LAYER`]) + working set (never alive together) |
 //! | runtime | a constant per device kind ([`CPU_RUNTIME_BYTES`], [`CUDA_RUNTIME_BYTES`]) |
+//! | hidden | intermediate-state distillation: the projection `d_t × d_s` when the widths differ (weights, f32 gradients, master + moments), the teacher's hidden states of every pair and the hidden loss's tensors ([`HIDDEN_LOSS_F32`]) |
+//!
+//! Cross-entropy only (`loss = "ce"`) without hidden states loads no teacher: its weights and
+//! forward count 0. A divergence other than plain forward KL, or `top_k`, adds
+//! [`GENERAL_LOSS_F32`] vocabulary tensors to the composed loss (the fused CPU kernel adds none).
 //!
 //! The tensor counts are named constants below, one comment per line, so they can be
 //! recalibrated against `worker/benches/memory.rs` when the model's kernels change (a fused
@@ -203,6 +208,16 @@ pub const LOSS: LossTensors = LossTensors {
     f32_if_temperature: 3.0,
 };
 
+/// More f32 `[B, T, vocab]` tensors the composed loss holds for reverse / skew KL, JSD or a
+/// top-k teacher: both probability tensors, the mask and its complement, the masked
+/// probabilities and the terms (the fused CPU kernel holds none of them).
+pub const GENERAL_LOSS_F32: f64 = 6.0;
+
+/// f32 `[B, T, d_teacher]` tensors of the hidden loss per pair while the graph holds it: the
+/// projected student state, the product (cosine) or difference (mse), its square, the teacher
+/// state cast to f32.
+pub const HIDDEN_LOSS_F32: f64 = 4.0;
+
 /// The teacher's no-grad forward (fused kernels, each activation freed when consumed) on top of
 /// the student's saved activations: its logits plus the larger of one inference layer and the
 /// teacher side of the loss.
@@ -279,6 +294,36 @@ pub struct Setup {
     /// The KD temperature is 1 (the cross-entropy then reuses the KD log-softmax).
     pub temperature_is_one: bool,
     pub device: DeviceKind,
+    /// The loss family's settings.
+    pub kd: KdSetup,
+}
+
+/// What the distillation loss adds to the plan (the default: forward KL over the whole
+/// vocabulary, logits only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KdSetup {
+    /// Reverse / skew KL, JSD or a top-k teacher (more vocabulary tensors off the CPU).
+    pub general_divergence: bool,
+    /// Cross-entropy only and no hidden states: no teacher is loaded.
+    pub no_teacher: bool,
+    /// Hidden-state pairs (0: none).
+    pub hidden_pairs: u32,
+}
+
+impl KdSetup {
+    /// From a round's `distill` settings; `student_layers` resolves `pairs = "auto"`.
+    pub fn from_distill(d: &DistillSpec, student_layers: u32) -> KdSetup {
+        let hidden_pairs = match &d.hidden {
+            None => 0,
+            Some(h) if h.auto_pairs => student_layers,
+            Some(h) => h.pairs.len() as u32,
+        };
+        KdSetup {
+            general_divergence: !matches!(d.loss.as_str(), "" | "forward_kl" | "ce") || d.top_k > 0,
+            no_teacher: d.loss == "ce" && hidden_pairs == 0,
+            hidden_pairs,
+        }
+    }
 }
 
 impl Setup {
@@ -302,6 +347,7 @@ impl Setup {
             recompute: d.recompute,
             temperature_is_one: d.temperature == 1.0 || d.temperature == 0.0,
             device,
+            kd: KdSetup::from_distill(d, student.num_layers),
         })
     }
 }
@@ -327,6 +373,9 @@ pub struct MemoryPlan {
     /// The backward's gradient store and working set.
     pub backward: u64,
     pub runtime: u64,
+    /// Intermediate-state distillation: the projection's weights, gradients and optimizer
+    /// state, the teacher's hidden states and the hidden loss's tensors (0 without it).
+    pub hidden: u64,
     /// The peak: every line, with the larger of `teacher_forward` and `backward`.
     pub total: u64,
 }
@@ -474,6 +523,9 @@ pub fn plan(s: &Setup) -> MemoryPlan {
     }
     // Fused: the loss keeps only the student's logits, f32 (its gradient is formed in the
     // backward).
+    if s.kd.general_divergence {
+        loss_f32 += GENERAL_LOSS_F32;
+    }
     let loss = if fused {
         ceil(vocab_tensor * 4.0)
     } else {
@@ -504,7 +556,25 @@ pub fn plan(s: &Setup) -> MemoryPlan {
     let backward = grad_store_params(&s.student, s.recompute) * b
         + ceil(kept + one_layer.max(vocab_tensor * BACKWARD_VOCAB_F32 * 4.0));
 
-    let teacher_weights = p_t * bt;
+    let (teacher_weights, teacher_forward) = if s.kd.no_teacher {
+        (0, 0)
+    } else {
+        (p_t * bt, teacher_forward)
+    };
+    let hidden = if s.kd.hidden_pairs == 0 {
+        0
+    } else {
+        let (dt, ds) = (
+            u64::from(s.teacher.hidden_size),
+            u64::from(s.student.hidden_size),
+        );
+        let proj = if dt == ds { 0 } else { dt * ds };
+        let states = f64::from(s.kd.hidden_pairs) * tokens * dt as f64;
+        proj * b
+            + proj * 4
+            + 12 * proj.div_ceil(shards)
+            + ceil(states * (bt as f64 + HIDDEN_LOSS_F32 * 4.0))
+    };
     let student_weights = p_s * b;
     let gradients = p_s * 4;
     let optimizer = 12 * p_s.div_ceil(shards);
@@ -516,7 +586,8 @@ pub fn plan(s: &Setup) -> MemoryPlan {
         + activations
         + loss
         + teacher_forward.max(backward)
-        + runtime;
+        + runtime
+        + hidden;
     MemoryPlan {
         teacher_weights,
         student_weights,
@@ -529,6 +600,7 @@ pub fn plan(s: &Setup) -> MemoryPlan {
         teacher_forward,
         backward,
         runtime,
+        hidden,
         total,
     }
 }

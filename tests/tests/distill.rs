@@ -3,7 +3,9 @@
 //! finishes from the last checkpoint, and the student is bit-identical (same artifact digest) to
 //! that of the same campaign run without interruption — once with the plain f32 step, once with
 //! bf16 compute, a bf16 teacher, a sharded optimizer (each rank's shard its own artifact) and
-//! activation recomputation.
+//! activation recomputation, and once with reverse KL over the teacher's top-k logits plus
+//! intermediate-state distillation through a learned projection (`pairs = "auto"`), whose
+//! weights the checkpoints carry and the exported student does not.
 
 use std::time::{Duration, Instant};
 
@@ -53,17 +55,68 @@ fn student_of(v: &serde_json::Value) -> String {
 
 #[test]
 fn a_gang_survives_sigkill_of_a_rank_and_ends_bit_identical_to_an_uninterrupted_run() {
-    sigkill_and_compare("");
+    sigkill_and_compare("", |_, _, _| {});
 }
 
 #[test]
 fn a_sharded_bf16_gang_with_recomputation_survives_sigkill_bit_identically() {
     sigkill_and_compare(
         ", precision = \"bf16\", teacher_precision = \"bf16\", shard_optimizer = true, recompute = true",
+        |_, _, _| {},
     );
 }
 
-fn sigkill_and_compare(extra: &str) {
+#[test]
+fn hidden_state_distillation_through_a_projection_resumes_bit_identically_and_exports_a_plain_student(
+) {
+    // The student is 48 wide and 2 layers deep, the teacher 64 and 3: a projection, and "auto"
+    // pairs from the prune record. Sharded optimizer: the projection lives in the shards too.
+    sigkill_and_compare(
+        ", loss = \"reverse_kl\", top_k = 16, shard_optimizer = true, hidden = { pairs = \"auto\" }",
+        |coord, dir, v| {
+            let d = &v["rounds"][0]["metrics"]["progress"]["distill"];
+            let hidden = d["hidden_loss"].as_f64().unwrap_or(f64::NAN);
+            assert!(hidden.is_finite() && hidden > 0.0, "no hidden loss reported: {v}");
+            let out = dir.join("student-out");
+            coord.artifact_get(&student_of(v), &out);
+            let names: Vec<String> =
+                candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+                    .unwrap()
+                    .into_keys()
+                    .collect();
+            assert!(
+                names.iter().all(|n| n.starts_with("model.") || n == "lm_head.weight"),
+                "the exported student holds a non-HF tensor: {names:?}"
+            );
+            assert!(!dir.join("student-out").join("distill_aux.safetensors").exists());
+            // It loads as a standard Hugging Face model of the pruned shape (our loader refuses
+            // unknown tensors), and carries the record later rounds compose with.
+            let m = distillery_worker::model::io::load_dir(&out, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+            assert_eq!((m.config.hidden_size, m.config.num_hidden_layers), (48, 2));
+            let record: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("distillery_prune.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(record["teacher_layers"].as_array().unwrap().len(), 2);
+            assert_eq!(record["teacher_channels"].as_array().unwrap().len(), 48);
+            if let Some(py) = python_or_skip("transformers loads the exported student") {
+                let code = format!(
+                    "import transformers, sys; m = transformers.AutoModelForCausalLM.from_pretrained({:?}); print(sum(p.numel() for p in m.parameters()))",
+                    out.display().to_string()
+                );
+                let o = std::process::Command::new(py).args(["-c", &code]).output().unwrap();
+                assert!(o.status.success(), "transformers refused the student: {}", String::from_utf8_lossy(&o.stderr));
+                eprintln!("transformers loads the student: {} parameters", String::from_utf8_lossy(&o.stdout).trim());
+            }
+        },
+    );
+}
+
+fn sigkill_and_compare(
+    extra: &str,
+    check: impl Fn(&CoordinatorProc, &std::path::Path, &serde_json::Value),
+) {
     let fx = tempfile::tempdir().unwrap();
     let coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);
     let mut w1 = WorkerProc::real(&coord.url(), &fx.path().join("w1"), "cpu");
@@ -128,5 +181,6 @@ fn sigkill_and_compare(extra: &str) {
         text.contains("step 64/64 loss ") && text.contains(" lr ") && text.contains("tok/s"),
         "{text}"
     );
+    check(&coord, fx.path(), &v2);
     w1.kill();
 }

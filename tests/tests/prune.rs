@@ -109,3 +109,81 @@ fn score_and_prune_phases_produce_the_pruned_model_through_real_workers() {
     let v = wait_terminal(&coord, &id, Duration::from_secs(20));
     assert_eq!(v["state"], "cancelled");
 }
+
+#[test]
+fn taylor_depth_scores_shards_through_real_workers_and_keeps_the_first_four_and_last_two() {
+    let fx = tempfile::tempdir().unwrap();
+    let teacher = fx.path().join("teacher");
+    write_test_model(
+        &teacher,
+        &TestModelSpec {
+            num_layers: 8,
+            seed: 9,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    write_corpus(
+        fx.path(),
+        &["calib.jsonl", "web.jsonl"],
+        (0..40)
+            .map(|i| format!("Document {i}: a tortoise and a hare race along a road, {i} laps.")),
+    );
+    let toml = format!(
+        "name = \"taylor-e2e\"\nseed = 3\n[teacher]\nmodel = \"{}\"\n[data]\n\
+         calibration = {{ path = \"calib.jsonl\", samples = 10, seq_len = 24 }}\n\
+         train = [ {{ name = \"web\", path = \"web.jsonl\" }} ]\n\
+         [evaluation]\nperplexity = false\n\
+         [scheduling]\nscore_shards = 2\n\
+         [[rounds]]\ntarget = {{ num_layers = 6 }}\n\
+         depth_importance = \"taylor\"\n\
+         distill = {{ tokens = 64, seq_len = 16, micro_batch = 1 }}\n",
+        teacher.display()
+    );
+    let spec_path = write_spec(fx.path(), "c.toml", &toml);
+    let coord = CoordinatorProc::start(&fx.path().join("data"), ML_TIMING);
+    let _w1 = WorkerProc::real(&coord.url(), &fx.path().join("w1"), "cpu");
+    let _w2 = WorkerProc::real(&coord.url(), &fx.path().join("w2"), "cpu");
+    let id = submit(&coord, &spec_path);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let round = loop {
+        let v = coord.status_json(Some(&id));
+        assert_ne!(v["state"], "failed", "campaign failed: {v}");
+        let r = v["rounds"][0].clone();
+        if r["artifacts"]["pruned"].is_string() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no pruned model yet: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for k in ["scores.0", "scores.1", "scores"] {
+        assert!(round["artifacts"][k].is_string(), "no {k}: {round}");
+    }
+    let out = fx.path().join("pruned");
+    coord.artifact_get(round["artifacts"]["pruned"].as_str().unwrap(), &out);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("distillery_prune.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["depth_importance"], "taylor");
+    let kept: Vec<u64> = record["kept"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(kept, vec![0, 1, 2, 3, 6, 7], "{record}");
+    assert_eq!(record["teacher_layers"], record["kept"]["layers"]);
+    // The merged scores hold the two shards' Taylor sums over all 10 sequences.
+    let scores = fx.path().join("scores");
+    coord.artifact_get(round["artifacts"]["scores"].as_str().unwrap(), &scores);
+    let file = std::fs::read_dir(&scores)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_file())
+        .expect("the scores file");
+    let imp = distillery_worker::prune::importance::Importance::load(&file).unwrap();
+    assert_eq!(imp.sequences, 10);
+    assert_eq!(imp.taylor.as_ref().unwrap().tokens, 10.0 * 23.0);
+    // (The campaign goes on to distill; the coordinator and workers stop with the test.)
+}

@@ -266,6 +266,7 @@ fn child(spec: Value) -> Result<(), String> {
         precision,
         shard_optimizer: false,
         recompute: false,
+        objective: Default::default(),
     };
     let mut solo = Solo;
     let mut t = Trainer::new(

@@ -209,6 +209,7 @@ fn rank_main(rank: usize) {
         precision: cfg.precision,
         shard_optimizer: cfg.shard,
         recompute: cfg.recompute,
+        objective: Default::default(),
     };
     let mut t = Trainer::new(
         student,
@@ -249,6 +250,7 @@ fn plan_for(cfg: Config, teacher: ModelShape, student: ModelShape) -> memplan::M
         recompute: cfg.recompute,
         temperature_is_one: true,
         device: DeviceKind::Cpu,
+        kd: Default::default(),
     })
 }
 

@@ -53,6 +53,7 @@ pub(crate) fn plan_json(
         recompute: false,
         temperature_is_one: true,
         device: DeviceKind::Cuda,
+        kd: Default::default(),
     });
     serde_json::json!({
         "teacher_weights": plan.teacher_weights, "student_weights": plan.student_weights,
@@ -128,6 +129,7 @@ mod cuda {
             precision: Default::default(),
             shard_optimizer: false,
             recompute: false,
+            objective: Default::default(),
         }
     }
 

@@ -542,3 +542,191 @@ fn a_bad_search_or_correction_is_refused_naming_the_field() {
     let err = validate_wire(&s).unwrap_err();
     assert_eq!(err.field, "rounds[0].search.candidates", "{err}");
 }
+
+/// `distill = { tokens = 1000 }` of round 1 (2 layers, from a 4-layer teacher) replaced by `d`.
+fn with_round1_distill(d: &str) -> String {
+    GOOD.replacen("distill = { tokens = 1000 }", d, 1)
+}
+
+#[test]
+fn the_loss_family_reaches_the_wire_spec_with_its_defaults() {
+    let d = fixture();
+    let s = parse_in(d.path(), GOOD).unwrap();
+    let plain = s.rounds[1].distill.clone().unwrap();
+    assert_eq!(
+        (plain.loss.as_str(), plain.top_k, plain.hidden.is_none()),
+        ("forward_kl", 0, true)
+    );
+    let dist = |text: &str| {
+        parse_in(d.path(), &with_round1_distill(text))
+            .unwrap_or_else(|e| panic!("{text}: {e}"))
+            .rounds[1]
+            .distill
+            .clone()
+            .unwrap()
+    };
+    let skew = dist("distill = { tokens = 1000, loss = \"skew_kl\" }");
+    assert_eq!((skew.loss.as_str(), skew.skew_alpha), ("skew_kl", 0.1));
+    let jsd = dist("distill = { tokens = 1000, loss = \"jsd\", jsd_beta = 0.9, top_k = 16 }");
+    assert_eq!((jsd.jsd_beta, jsd.top_k, jsd.skew_alpha), (0.9, 16, 0.0));
+    let ce = dist("distill = { tokens = 1000, loss = \"ce\" }");
+    assert_eq!(ce.loss, "ce");
+    let auto = dist("distill = { tokens = 1000, hidden = { pairs = \"auto\" } }");
+    let h = auto.hidden.unwrap();
+    assert!(h.auto_pairs && h.pairs.is_empty());
+    assert_eq!(h.loss, "cosine");
+    let listed = dist(
+        "distill = { tokens = 1000, loss = \"reverse_kl\", hidden = { pairs = [[0, 1], [1, 3]], loss = \"mse\" } }",
+    );
+    let h = listed.hidden.unwrap();
+    assert_eq!(
+        h.pairs
+            .iter()
+            .map(|p| (p.student, p.teacher))
+            .collect::<Vec<_>>(),
+        vec![(0, 1), (1, 3)]
+    );
+    assert_eq!((h.loss.as_str(), h.auto_pairs), ("mse", false));
+    // The parsed spec passes the server's wire check too.
+    validate_wire(
+        &parse_in(
+            d.path(),
+            &with_round1_distill(
+                "distill = { tokens = 1000, loss = \"jsd\", hidden = { pairs = \"auto\" } }",
+            ),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut bad = parse_in(d.path(), GOOD).unwrap();
+    bad.rounds[0].distill.as_mut().unwrap().skew_alpha = 1.0;
+    let e = validate_wire(&bad).unwrap_err();
+    assert_eq!(e.field, "rounds[0].distill.skew_alpha", "{e}");
+    let mut bad = parse_in(d.path(), GOOD).unwrap();
+    bad.rounds[0].distill.as_mut().unwrap().loss = "kl".into();
+    assert_eq!(
+        validate_wire(&bad).unwrap_err().field,
+        "rounds[0].distill.loss"
+    );
+}
+
+#[test]
+fn a_bad_loss_setting_is_refused_with_its_field() {
+    let d = fixture();
+    for (distill, field, needle) in [
+        ("loss = \"kl\"", "rounds[1].distill.loss", "not a loss"),
+        (
+            "loss = \"skew_kl\", skew_alpha = 1.0",
+            "rounds[1].distill.skew_alpha",
+            "(0, 1)",
+        ),
+        (
+            "loss = \"skew_kl\", skew_alpha = 0.0",
+            "rounds[1].distill.skew_alpha",
+            "(0, 1)",
+        ),
+        (
+            "loss = \"skew_kl\", skew_alpha = -0.5",
+            "rounds[1].distill.skew_alpha",
+            "(0, 1)",
+        ),
+        (
+            "skew_alpha = 0.2",
+            "rounds[1].distill.skew_alpha",
+            "only applies to loss = \"skew_kl\"",
+        ),
+        (
+            "loss = \"jsd\", jsd_beta = 1.0",
+            "rounds[1].distill.jsd_beta",
+            "(0, 1)",
+        ),
+        (
+            "loss = \"reverse_kl\", jsd_beta = 0.5",
+            "rounds[1].distill.jsd_beta",
+            "only applies",
+        ),
+        ("top_k = 0", "rounds[1].distill.top_k", "at least 1"),
+        (
+            "top_k = 257",
+            "rounds[1].distill.top_k",
+            "vocabulary of 256",
+        ),
+        (
+            "loss = \"ce\", top_k = 8",
+            "rounds[1].distill.top_k",
+            "loss = \"ce\"",
+        ),
+        (
+            "loss = \"ce\", ce_weight = 0.5",
+            "rounds[1].distill.ce_weight",
+            "remove ce_weight",
+        ),
+        (
+            "hidden = { pairs = \"all\" }",
+            "rounds[1].distill.hidden.pairs",
+            "not a mapping",
+        ),
+        (
+            "hidden = { pairs = [] }",
+            "rounds[1].distill.hidden.pairs",
+            "is empty",
+        ),
+        (
+            "hidden = { pairs = [[0, 1, 2]] }",
+            "rounds[1].distill.hidden.pairs[0]",
+            "not a pair",
+        ),
+        (
+            "hidden = { pairs = [[0, 4]] }",
+            "rounds[1].distill.hidden.pairs[0]",
+            "teacher layer 4 does not exist",
+        ),
+        (
+            "hidden = { pairs = [[0, 1], [2, 3]] }",
+            "rounds[1].distill.hidden.pairs[1]",
+            "student layer 2 does not exist",
+        ),
+        (
+            "hidden = { pairs = [[0, 1], [0, 3]] }",
+            "rounds[1].distill.hidden.pairs[1]",
+            "paired twice",
+        ),
+        (
+            "hidden = { pairs = \"auto\", loss = \"l1\" }",
+            "rounds[1].distill.hidden.loss",
+            "not a hidden-state loss",
+        ),
+        (
+            "hidden = { pairs = \"auto\", layers = 3 }",
+            "rounds[1].distill.hidden.layers",
+            "unknown field",
+        ),
+    ] {
+        let text = with_round1_distill(&format!("distill = {{ tokens = 1000, {distill} }}"));
+        let err = parse_in(d.path(), &text).expect_err(distill);
+        assert_eq!(err.field, field, "{distill}: {err}");
+        assert!(err.message.contains(needle), "{distill}: {err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+}
+
+#[test]
+fn taylor_depth_is_a_third_criterion_that_keeps_six_blocks() {
+    let d = fixture();
+    let text = GOOD.replace(
+        "depth_importance = \"perplexity\"",
+        "depth_importance = \"taylor\"",
+    );
+    // Round 1 goes from 3 layers to 2: Taylor+ keeps the first four and last two of 3 layers,
+    // so none may go.
+    let err = parse_in(d.path(), &text).unwrap_err();
+    assert_eq!(err.field, "rounds[1].target.num_layers", "{err}");
+    assert!(err.message.contains("first four and the last two"), "{err}");
+    // Without dropping layers it is fine.
+    let ok = text.replace(
+        "target = { num_layers = 2 }",
+        "target = { hidden_size = 42 }",
+    );
+    let s = parse_in(d.path(), &ok).unwrap();
+    assert_eq!(s.rounds[1].depth_importance, "taylor");
+}

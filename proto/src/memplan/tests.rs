@@ -42,6 +42,7 @@ fn setup(teacher: ModelShape, student: ModelShape) -> Setup {
         recompute: false,
         temperature_is_one: true,
         device: DeviceKind::Cuda,
+        kd: Default::default(),
     }
 }
 
@@ -84,6 +85,57 @@ fn weights_gradients_and_optimizer_follow_the_table() {
             + q.loss
             + q.teacher_forward.max(q.backward)
             + q.runtime
+    );
+    assert_eq!(q.hidden, 0);
+}
+
+#[test]
+fn hidden_states_count_the_projection_and_the_teacher_states_and_ce_only_loads_no_teacher() {
+    let t = llama_8b();
+    let s = shape(3072, 9216, 24, 8, 32, 128_256, false);
+    let base = setup(t, s);
+    let mut h = base;
+    h.kd.hidden_pairs = 32;
+    let (q0, q) = (plan(&base), plan(&h));
+    // The projection 4096 x 3072: f32 weights, f32 gradients, master + moments (unsharded);
+    // 32 pairs of 4096-wide teacher states (f32) and four f32 loss tensors each, 4096 tokens.
+    let proj = 4096u64 * 3072;
+    let states = 32 * 4096 * 4096u64;
+    assert_eq!(
+        q.hidden,
+        proj * 4 + proj * 4 + 12 * proj + states * (4 + 16)
+    );
+    assert_eq!(q.total, q0.total + q.hidden);
+    // Equal widths: no projection, only the states.
+    let mut same = h;
+    same.student.hidden_size = 4096;
+    assert_eq!(plan(&same).hidden, states * 20);
+    // CE only: no teacher weights or forward.
+    let mut ce = base;
+    ce.kd.no_teacher = true;
+    let qc = plan(&ce);
+    assert_eq!((qc.teacher_weights, qc.teacher_forward), (0, 0));
+    assert!(qc.total < q0.total);
+    // A general divergence on the composed path holds more vocabulary tensors.
+    let mut g = base;
+    g.kd.general_divergence = true;
+    assert!(plan(&g).loss > q0.loss);
+    // And the spec fields map onto it.
+    let d = DistillSpec {
+        loss: "jsd".into(),
+        hidden: Some(crate::v1::HiddenDistillSpec {
+            auto_pairs: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        KdSetup::from_distill(&d, 30),
+        KdSetup {
+            general_divergence: true,
+            no_teacher: false,
+            hidden_pairs: 30
+        }
     );
 }
 

@@ -4,6 +4,7 @@
 //! ([`train`]).
 
 pub mod data;
+pub mod hidden;
 pub mod loss;
 pub mod optim;
 pub mod train;
@@ -12,3 +13,5 @@ pub mod train;
 mod tests;
 #[cfg(test)]
 mod tests_fused;
+#[cfg(test)]
+mod tests_hidden;

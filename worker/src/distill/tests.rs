@@ -37,6 +37,7 @@ fn cfg(steps: u64) -> TrainConfig {
         precision: Default::default(),
         shard_optimizer: false,
         recompute: false,
+        objective: Default::default(),
     }
 }
 

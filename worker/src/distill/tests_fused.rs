@@ -39,6 +39,7 @@ fn cfg(steps: u64, seq_len: usize) -> TrainConfig {
         precision: Default::default(),
         shard_optimizer: false,
         recompute: false,
+        objective: Default::default(),
     }
 }
 

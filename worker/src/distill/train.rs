@@ -21,7 +21,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::data::{global_batch, update_weights, DataState, Domain};
-use super::loss::{ce_only, kd_loss, LossSums};
+use super::hidden::{balance_weight, hidden_loss, initial_projection, HiddenDistill, PROJECTION};
+use super::loss::{ce_only, kd_loss, logit_loss, Divergence, LogitLoss, LossSums};
 use super::optim::{accumulate, lr_at, sum_squares, FlatAdamW, Segment};
 use crate::collective::{padded_len, shard_range, Collective, CollectiveError};
 use crate::model::io::{save_dir_with, ModelIoError};
@@ -72,7 +73,35 @@ pub struct TrainConfig {
     pub shard_optimizer: bool,
     /// Keep only each layer's input and recompute the layer in the backward pass.
     pub recompute: bool,
+    /// The divergence, top-k and intermediate-state distillation.
+    pub objective: Objective,
 }
+
+/// What the step minimizes besides `temperature` and `ce_weight`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objective {
+    /// The KD divergence; None: cross-entropy only (the teacher's logits are not used).
+    pub divergence: Option<Divergence>,
+    /// The teacher's top-k tokens, the rest in one bucket; None: the whole vocabulary.
+    pub top_k: Option<usize>,
+    /// Intermediate-state distillation.
+    pub hidden: Option<HiddenDistill>,
+}
+
+impl Default for Objective {
+    /// Minitron's: forward KL over the whole vocabulary, logits only.
+    fn default() -> Objective {
+        Objective {
+            divergence: Some(Divergence::ForwardKl),
+            top_k: None,
+            hidden: None,
+        }
+    }
+}
+
+/// The checkpoint file holding the auxiliary trained tensors (the hidden-state projection) as
+/// f32: part of the training state, never of the exported student.
+pub const AUX_FILE: &str = "distill_aux.safetensors";
 
 /// The dtype a tensor is computed in: the memory plan's own type (one parser, one set of values).
 pub use distillery_proto::memplan::Precision;
@@ -97,8 +126,10 @@ pub struct StepStats {
     pub step: u64,
     /// Mean over the global batch's tokens of T²·KL + ce_weight·CE.
     pub loss: f64,
-    /// Mean KL(teacher ‖ student) per token at temperature T.
+    /// Mean divergence (KL(teacher ‖ student) by default) per token at temperature T.
     pub kl: f64,
+    /// Mean hidden-state loss per token (before its rescaling), 0 without one.
+    pub hidden: f64,
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: u64,
@@ -117,11 +148,10 @@ struct FlatLayout {
 }
 
 impl FlatLayout {
-    fn of(model: &Llama, world: usize) -> FlatLayout {
-        let vars = model.named_vars();
+    fn of(vars: &[(String, Var)], world: usize) -> FlatLayout {
         let mut offsets = Vec::with_capacity(vars.len());
         let mut len = 0;
-        for (_, v) in &vars {
+        for (_, v) in vars {
             offsets.push(len);
             len += v.elem_count();
         }
@@ -161,6 +191,42 @@ impl FlatLayout {
     }
 }
 
+/// The auxiliary trained tensors `objective` asks for: the hidden-state projection
+/// `[d_teacher, d_student]` when the widths differ (in the compute dtype `dtype`).
+fn aux_params(
+    student: &Llama,
+    teacher: Option<&Llama>,
+    objective: &Objective,
+    dtype: DType,
+) -> Result<Vec<(String, Var)>, TrainError> {
+    let (Some(h), Some(t)) = (&objective.hidden, teacher) else {
+        return Ok(Vec::new());
+    };
+    let (ds, dt) = (student.config.hidden_size, t.config.hidden_size);
+    let (sl, tl) = (student.num_layers(), t.num_layers());
+    if let Some((s, te)) = h.pairs.iter().find(|(s, te)| *s >= sl || *te >= tl) {
+        return Err(TrainError::Candle(candle_core::Error::Msg(format!(
+            "hidden pair [{s}, {te}]: the student has {sl} layers and the teacher {tl}"
+        ))));
+    }
+    if ds == dt {
+        return Ok(Vec::new());
+    }
+    let channels = h.channels.as_deref().ok_or_else(|| {
+        TrainError::Candle(candle_core::Error::Msg(format!(
+            "the student is {ds} wide and the teacher {dt}: the hidden-state projection needs the channel map of the prune record"
+        )))
+    })?;
+    if channels.len() != ds {
+        return Err(TrainError::Candle(candle_core::Error::Msg(format!(
+            "the channel map names {} channels, the student has {ds}",
+            channels.len()
+        ))));
+    }
+    let w = initial_projection(dt, channels, dtype, student.device())?;
+    Ok(vec![(PROJECTION.to_string(), Var::from_tensor(&w)?)])
+}
+
 /// One rank's training state.
 pub struct Trainer<'a> {
     /// The model trained, in the compute precision; its parameters are set from the master
@@ -185,6 +251,9 @@ pub struct Trainer<'a> {
     /// The loss of the last step taken (NaN before the first); checkpointed, so a run resumed
     /// from its final checkpoint still knows its final loss.
     pub last_loss: f64,
+    /// Trained tensors that are not the student's (the hidden-state projection), after the
+    /// student's parameters in the flat vector.
+    aux: Vec<(String, Var)>,
 }
 
 fn ck_err(path: &Path, m: impl std::fmt::Display) -> TrainError {
@@ -221,8 +290,12 @@ impl<'a> Trainer<'a> {
         validation: Vec<Vec<Vec<u32>>>,
     ) -> Result<Trainer<'a>, TrainError> {
         let world = coll.world_size();
-        let layout = FlatLayout::of(&student, world);
         let dev = student.device().clone();
+        let dtype = cfg.precision.dtype();
+        let aux = aux_params(&student, teacher, &cfg.objective, dtype)?;
+        let mut params = student.named_vars();
+        params.extend(aux.iter().cloned());
+        let layout = FlatLayout::of(&params, world);
         let (lo, len) = if cfg.shard_optimizer {
             let r = shard_range(layout.padded, world, coll.rank());
             (r.start, r.len())
@@ -231,7 +304,7 @@ impl<'a> Trainer<'a> {
         };
         // The master shard, copied var by var (no full-size temporary).
         let master = Tensor::zeros(len, DType::F32, &dev)?;
-        for (i, (_, v)) in student.named_vars().iter().enumerate() {
+        for (i, (_, v)) in params.iter().enumerate() {
             let (a, n) = (layout.offsets[i], layout.size(i));
             let (s, e) = (a.max(lo), (a + n).min(lo + len));
             if s < e {
@@ -246,7 +319,7 @@ impl<'a> Trainer<'a> {
         }
         let opt = FlatAdamW::new(&master, lo, layout.segments(), cfg.weight_decay)?;
         drop(master);
-        let dtype = cfg.precision.dtype();
+        drop(params);
         let student = if student.dtype() == dtype {
             student
         } else {
@@ -267,12 +340,48 @@ impl<'a> Trainer<'a> {
             step: 0,
             tokens: 0,
             last_loss: f64::NAN,
+            aux,
         };
         if t.student.dtype() != DType::F32 {
             // The compute copy is the master weights rounded once (not twice via another dtype).
             t.set_params_from_master()?;
         }
         Ok(t)
+    }
+
+    /// Every trained tensor in flat-vector order: the student's parameters (by name), then the
+    /// auxiliary ones.
+    fn params(&self) -> Vec<(String, Var)> {
+        let mut v = self.student.named_vars();
+        v.extend(self.aux.iter().cloned());
+        v
+    }
+
+    /// The hidden-state projection, when the run has one.
+    fn projection(&self) -> Option<&Tensor> {
+        self.aux
+            .iter()
+            .find(|(n, _)| n == PROJECTION)
+            .map(|(_, v)| v.as_tensor())
+    }
+
+    /// `logit_total + w·hidden` with Minitron's balance weight `w` when the run distils hidden
+    /// states (student states `student`, teacher states `teacher`, pair by pair), and the hidden
+    /// loss's value; else the logit loss alone.
+    fn add_hidden(
+        &self,
+        logit_total: &Tensor,
+        student: &[Tensor],
+        teacher: &[Tensor],
+    ) -> candle_core::Result<(Tensor, f64)> {
+        let Some(h) = &self.cfg.objective.hidden else {
+            return Ok((logit_total.clone(), 0.0));
+        };
+        let hl = hidden_loss(student, teacher, self.projection(), h.loss)?;
+        let w = balance_weight(logit_total, &hl)?;
+        let value = hl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let total = (logit_total + (w * hl)?.to_dtype(logit_total.dtype())?)?;
+        Ok((total, value))
     }
 
     /// Sequences this rank processes per step.
@@ -312,27 +421,48 @@ impl<'a> Trainer<'a> {
         norm: f64,
         vars: &[(String, Var)],
         written: &mut [bool],
-    ) -> Result<(LossSums, f64), TrainError> {
+    ) -> Result<(LossSums, f64, f64), TrainError> {
         let cfg = &self.cfg;
-        let teacher_logits = match self.teacher {
-            Some(t) => Some(t.forward(ids)?),
-            None => None,
+        let obj = &cfg.objective;
+        let spec = LogitLoss {
+            divergence: obj.divergence,
+            temperature: cfg.temperature,
+            ce_weight: cfg.ce_weight,
+            top_k: obj.top_k,
+        };
+        let hidden = obj.hidden.as_ref().filter(|_| self.teacher.is_some());
+        let (s_layers, t_layers): (Vec<usize>, Vec<usize>) = hidden
+            .map(|h| h.pairs.iter().copied().unzip())
+            .unwrap_or_default();
+        let (teacher_logits, teacher_hidden) = match self.teacher {
+            Some(t) if hidden.is_some() => {
+                let (l, hs) = t.forward_hidden(ids, false, &t_layers)?;
+                (spec.needs_teacher().then_some(l), hs)
+            }
+            Some(t) if spec.needs_teacher() => (Some(t.forward(ids)?), Vec::new()),
+            _ => (None, Vec::new()),
         };
         let loss_of = |logits: &Tensor| -> candle_core::Result<LossSums> {
-            match &teacher_logits {
-                Some(tl) => kd_loss(logits, tl, targets, cfg.temperature, cfg.ce_weight),
+            match self.teacher {
+                Some(_) => logit_loss(logits, teacher_logits.as_ref(), targets, &spec),
                 None => ce_only(logits, targets),
             }
         };
         if !cfg.recompute {
-            let logits = self.student.forward_train(ids)?;
+            let (logits, student_hidden) = if hidden.is_some() {
+                self.student.forward_hidden(ids, true, &s_layers)?
+            } else {
+                (self.student.forward_train(ids)?, Vec::new())
+            };
             let l = loss_of(&logits)?;
             drop(logits);
-            let scaled = (&l.total / norm)?;
+            let (total, hidden_value) =
+                self.add_hidden(&l.total, &student_hidden, &teacher_hidden)?;
+            let scaled = (total / norm)?;
             let value = scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let g = scaled.backward()?;
             self.add_grads(vars, &g, written)?;
-            return Ok((l, value));
+            return Ok((l, value, hidden_value));
         }
         // Activation recomputation: a forward that keeps only each layer's input (each layer's
         // graph is dropped as soon as its output is detached), then the head's backward, then
@@ -352,7 +482,7 @@ impl<'a> Trainer<'a> {
         drop(h);
         let l = loss_of(&m.head(top.as_tensor(), true)?)?;
         let scaled = (&l.total / norm)?;
-        let value = scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut value = scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let mut g = scaled.backward()?;
         let missing = |what: String| candle_core::Error::Msg(format!("no gradient reached {what}"));
         let mut upstream = g
@@ -360,8 +490,48 @@ impl<'a> Trainer<'a> {
             .ok_or_else(|| missing("the last layer".into()))?;
         self.add_grads(vars, &g, written)?;
         drop(g);
+        // The hidden loss on the kept layer outputs: its gradients with respect to those
+        // outputs join the upstream gradient when the backward reaches each layer.
+        let layers = m.num_layers();
+        let mut hidden_grads: Vec<Option<Tensor>> = vec![None; layers];
+        let mut hidden_value = 0.0;
+        if hidden.is_some() {
+            let outs: Vec<Var> = s_layers
+                .iter()
+                .map(|&j| {
+                    let out = if j + 1 < layers {
+                        &inputs[j + 1]
+                    } else {
+                        top.as_tensor()
+                    };
+                    Var::from_tensor(out)
+                })
+                .collect::<candle_core::Result<_>>()?;
+            let states: Vec<Tensor> = outs.iter().map(|v| v.as_tensor().clone()).collect();
+            let hl = hidden_loss(&states, &teacher_hidden, self.projection(), {
+                hidden.map_or(super::hidden::HiddenLoss::Cosine, |h| h.loss)
+            })?;
+            let w = balance_weight(&l.total, &hl)?;
+            hidden_value = hl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let term = ((w * hl)? / norm)?;
+            value += term.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let mut g = term.backward()?;
+            for (k, &j) in s_layers.iter().enumerate() {
+                if let Some(gj) = g.remove(outs[k].as_tensor()) {
+                    hidden_grads[j] = Some(match hidden_grads[j].take() {
+                        Some(a) => (a + gj)?,
+                        None => gj,
+                    });
+                }
+            }
+            self.add_grads(vars, &g, written)?;
+        }
         while let Some(x) = inputs.pop() {
             let i = inputs.len();
+            if let Some(hg) = hidden_grads[i].take() {
+                let hg = hg.to_dtype(upstream.dtype())?;
+                upstream = (upstream + hg)?;
+            }
             let x = Var::from_tensor(&x)?;
             let y = m.layer_forward(i, x.as_tensor(), &pass, None, None)?;
             let mut g = (y * upstream.detach())?.sum_all()?.backward()?;
@@ -373,7 +543,7 @@ impl<'a> Trainer<'a> {
         let e = m.embed(ids, true)?;
         let g = (e * upstream.detach())?.sum_all()?.backward()?;
         self.add_grads(vars, &g, written)?;
-        Ok((l, value))
+        Ok((l, value, hidden_value))
     }
 
     /// One optimizer step.
@@ -394,18 +564,19 @@ impl<'a> Trainer<'a> {
         let mine = self.my_share(batch);
         let t = cfg.seq_len;
         let norm = (cfg.global_batch * t) as f64;
-        let vars = self.student.named_vars();
+        let vars = self.params();
         let mut written = vec![false; vars.len()];
-        let (mut loss_sum, mut kl_sum) = (0.0, 0.0);
+        let (mut loss_sum, mut kl_sum, mut hidden_sum) = (0.0, 0.0, 0.0);
         let dev = self.student.device().clone();
         for micro in mine.chunks(cfg.micro_batch.max(1)) {
             let rows: Vec<Vec<u32>> = micro.iter().map(|s| s[..t].to_vec()).collect();
             let tgts: Vec<Vec<u32>> = micro.iter().map(|s| s[1..=t].to_vec()).collect();
             let ids = Tensor::new(rows, &dev)?;
             let targets = Tensor::new(tgts, &dev)?;
-            let (l, value) = self.micro_step(&ids, &targets, norm, &vars, &mut written)?;
+            let (l, value, hidden) = self.micro_step(&ids, &targets, norm, &vars, &mut written)?;
             loss_sum += value;
             kl_sum += l.kl / norm;
+            hidden_sum += hidden / norm;
         }
         // Parameters no gradient reached (or none: this rank had no sequence) add nothing.
         for (i, (_, v)) in vars.iter().enumerate() {
@@ -423,12 +594,17 @@ impl<'a> Trainer<'a> {
         }
         let mine = self.opt.lo..self.opt.lo + self.opt.len;
         let local_sq = sum_squares(&self.grad, mine)?;
-        let mut host = [loss_sum as f32, kl_sum as f32, local_sq as f32];
+        let mut host = [
+            loss_sum as f32,
+            kl_sum as f32,
+            local_sq as f32,
+            hidden_sum as f32,
+        ];
         if !sharded {
             host[2] = 0.0;
         }
         self.coll.all_reduce_host(&mut host)?;
-        let (loss, kl) = (f64::from(host[0]), f64::from(host[1]));
+        let (loss, kl, hidden) = (f64::from(host[0]), f64::from(host[1]), f64::from(host[3]));
         let grad_norm = if sharded {
             f64::from(host[2])
         } else {
@@ -450,6 +626,7 @@ impl<'a> Trainer<'a> {
             step: self.step,
             loss,
             kl,
+            hidden,
             lr,
             grad_norm,
             tokens: self.tokens,
@@ -470,7 +647,7 @@ impl<'a> Trainer<'a> {
     /// Writes the student's parameters from the master weights.
     fn set_params_from_master(&mut self) -> Result<(), TrainError> {
         let full = self.full_master()?;
-        for (i, (_, v)) in self.student.named_vars().iter().enumerate() {
+        for (i, (_, v)) in self.params().iter().enumerate() {
             let w = full
                 .narrow(0, self.layout.offsets[i], self.layout.size(i))?
                 .reshape(v.shape())?
@@ -501,7 +678,9 @@ impl<'a> Trainer<'a> {
         dir: &Path,
         tokenizer_src: Option<&Path>,
     ) -> Result<(), TrainError> {
-        let w = self.master_weights()?;
+        let mut w = self.master_weights()?;
+        // The exported student is the student's tensors only: never the projection.
+        w.retain(|name, _| !self.aux.iter().any(|(a, _)| a == name));
         if self.coll.rank() == 0 {
             save_dir_with(&self.student.config, &w, dir, tokenizer_src)?;
         }
@@ -558,6 +737,18 @@ impl<'a> Trainer<'a> {
     ) -> Result<(), TrainError> {
         let (rank, world) = (self.coll.rank(), self.coll.world_size());
         self.save_student(dir, tokenizer_src)?;
+        if !self.aux.is_empty() {
+            let mut w = self.master_weights()?;
+            w.retain(|name, _| self.aux.iter().any(|(a, _)| a == name));
+            if rank == 0 {
+                let path = dir.join(AUX_FILE);
+                let w: HashMap<String, Tensor> = w
+                    .into_iter()
+                    .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+                    .collect::<candle_core::Result<_>>()?;
+                candle_core::safetensors::save(&w, &path).map_err(|e| ck_err(&path, e))?;
+            }
+        }
         let (r, w) = if self.cfg.shard_optimizer {
             (rank, world)
         } else {
@@ -619,8 +810,19 @@ impl<'a> Trainer<'a> {
         dir: &Path,
         extra: &[PathBuf],
     ) -> Result<(), TrainError> {
-        let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
-            .map_err(|e| ck_err(dir, e))?;
+        let mut weights =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+                .map_err(|e| ck_err(dir, e))?;
+        if !self.aux.is_empty() {
+            let path = dir.join(AUX_FILE);
+            let aux = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
+                ck_err(
+                    &path,
+                    format!("{e} (the run trains a hidden-state projection; its checkpoint must hold it)"),
+                )
+            })?;
+            weights.extend(aux);
+        }
         let p = dir.join("trainer_state.json");
         let state: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&p).map_err(|e| ck_err(&p, e))?)
@@ -633,7 +835,7 @@ impl<'a> Trainer<'a> {
                 ));
             }
         }
-        let vars = self.student.named_vars();
+        let vars = self.params();
         let mut full_master: Vec<Tensor> = Vec::with_capacity(vars.len());
         for (name, v) in vars.iter() {
             let w = weights

@@ -342,6 +342,43 @@ impl Llama {
         self.run(ids, opts, None)
     }
 
+    /// Logits and the outputs of decoder layers `layers` (in the order given; a layer may
+    /// appear twice), for intermediate-state distillation: with `grad` the same differentiable
+    /// ops as [`Llama::forward_train`], else the inference pass of [`Llama::forward`].
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        grad: bool,
+        layers: &[usize],
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        if let Some(bad) = layers.iter().find(|l| **l >= self.layers.len()) {
+            return Err(candle_core::Error::Msg(format!(
+                "layer {bad} does not exist: the model has {} layers",
+                self.layers.len()
+            )));
+        }
+        let t = ids.dim(1)?;
+        let mut h = self.embed(ids, grad)?;
+        let pass = self.pass(0, t, grad)?;
+        let mut kept: Vec<Option<Tensor>> = vec![None; self.layers.len()];
+        for (i, slot) in kept.iter_mut().enumerate() {
+            h = self.layer_forward(i, &h, &pass, None, None)?;
+            if layers.contains(&i) {
+                *slot = Some(h.clone());
+            }
+        }
+        let logits = self.head(&h, grad)?;
+        let out = layers
+            .iter()
+            .map(|&l| {
+                kept[l]
+                    .clone()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("layer {l} was not kept")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((logits, out))
+    }
+
     /// Logits for `ids` `[B, T]` continuing the sequence held in `cache` (empty: from the
     /// start); the cache is extended with the new keys and values.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {

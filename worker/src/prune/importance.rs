@@ -1,8 +1,13 @@
 //! Minitron importance from forward passes only (DESIGN.md §6). Every accumulator is a sum over
 //! calibration sequences (of squared sequence-means of |activation|, or of per-token `1 - cos`),
 //! so scores from shards of the data merge exactly by addition, whatever the batching.
+//!
+//! With `depth_importance = "taylor"` the shards also accumulate Shortened LLaMA's Taylor
+//! ingredients ([`TaylorSums`]): the gradient of the calibration loss with respect to every
+//! decoder-layer parameter, signed, so that the shards' sums add up to the whole set's gradient;
+//! the block score `Σ |W ⊙ ∂L/∂W|` is formed only after merging ([`Importance::taylor_block_scores`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -33,6 +38,37 @@ pub struct Importance {
     pub bi_tokens: Vec<f64>,
     /// Head dimension (to group `attn` channels into heads).
     pub head_dim: usize,
+    /// Taylor depth ingredients, when asked for.
+    pub taylor: Option<TaylorSums>,
+}
+
+/// The gradient of the summed next-token NLL of the calibration tokens with respect to each
+/// decoder-layer parameter (`model.layers.*`), f32, and the tokens summed. Signed sums, so shards
+/// merge by addition into exactly the gradient over all of them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TaylorSums {
+    pub grads: BTreeMap<String, Vec<f32>>,
+    pub tokens: f64,
+}
+
+impl TaylorSums {
+    fn merge(&mut self, other: &TaylorSums) -> Result<(), String> {
+        if self.grads.len() != other.grads.len() {
+            return Err("the Taylor sums are of models with different parameters".into());
+        }
+        for (name, g) in &mut self.grads {
+            let o = other
+                .grads
+                .get(name)
+                .filter(|o| o.len() == g.len())
+                .ok_or_else(|| format!("the Taylor sums disagree on {name}"))?;
+            for (a, b) in g.iter_mut().zip(o) {
+                *a += b;
+            }
+        }
+        self.tokens += other.tokens;
+        Ok(())
+    }
 }
 
 fn zeros(layers: usize, width: usize) -> Vec<Vec<f64>> {
@@ -70,7 +106,84 @@ impl Importance {
             bi_sum: vec![0.0; l],
             bi_tokens: vec![0.0; l],
             head_dim: c.head_dim(),
+            taylor: None,
         }
+    }
+
+    /// Adds the gradient of the summed next-token NLL of `batch` (`[B, T]` token ids; the
+    /// first T - 1 positions predict the next) to `acc` (device tensors by parameter name),
+    /// returning the tokens predicted.
+    fn accumulate_taylor(
+        model: &Llama,
+        batch: &Tensor,
+        acc: &mut BTreeMap<String, Tensor>,
+    ) -> candle_core::Result<usize> {
+        let t = batch.dim(1)?;
+        if t < 2 {
+            return Ok(0);
+        }
+        let ids = batch.narrow(1, 0, t - 1)?.contiguous()?;
+        let targets = batch.narrow(1, 1, t - 1)?.contiguous()?;
+        let logits = model.forward_train(&ids)?;
+        let l = crate::distill::loss::ce_only(&logits, &targets)?;
+        drop(logits);
+        let g = l.total.backward()?;
+        for (name, v) in model.named_vars() {
+            if !name.starts_with("model.layers.") {
+                continue;
+            }
+            let gi = match g.get(v.as_tensor()) {
+                Some(gi) => gi.to_dtype(DType::F32)?,
+                None => v.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
+            };
+            let sum = match acc.remove(&name) {
+                Some(a) => (a + gi)?,
+                None => gi,
+            };
+            acc.insert(name, sum);
+        }
+        Ok(targets.elem_count())
+    }
+
+    /// Taylor block importance per layer: `Σ |W ⊙ G|` over the layer's parameters, G the
+    /// merged gradient of the mean calibration NLL, W the weights of `model` (the model scored).
+    pub fn taylor_block_scores(&self, model: &Llama) -> Result<Vec<f64>, String> {
+        let t = self.taylor.as_ref().ok_or_else(|| {
+            "the scores hold no Taylor sums (were they computed with depth_importance = \"taylor\"?)"
+                .to_string()
+        })?;
+        let layers = model.config.num_hidden_layers;
+        let mut out = vec![0.0; layers];
+        let tokens = t.tokens.max(1.0);
+        let vars: HashMap<String, candle_core::Var> = model.named_vars().into_iter().collect();
+        for (name, g) in &t.grads {
+            let l: usize = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse().ok())
+                .filter(|l| *l < layers)
+                .ok_or_else(|| format!("Taylor sums of {name}, not a layer of this model"))?;
+            let w: Vec<f32> = vars
+                .get(name)
+                .ok_or_else(|| format!("the model has no {name} (Taylor sums of another model?)"))?
+                .as_tensor()
+                .to_dtype(DType::F32)
+                .and_then(|x| x.flatten_all()?.to_vec1())
+                .map_err(|e| format!("{name}: {e}"))?;
+            if w.len() != g.len() {
+                return Err(format!(
+                    "{name}: {} weights but {} Taylor sums",
+                    w.len(),
+                    g.len()
+                ));
+            }
+            out[l] += w
+                .iter()
+                .zip(g)
+                .map(|(w, g)| (f64::from(*w) * f64::from(*g) / tokens).abs())
+                .sum::<f64>();
+        }
+        Ok(out)
     }
 
     /// Runs `batch` (`[B, T]` token ids) through `model` and accumulates its activations (f32).
@@ -127,6 +240,13 @@ impl Importance {
         };
         if shape(self) != shape(other) {
             return Err("the scores are of models with different shapes".into());
+        }
+        match (&mut self.taylor, &other.taylor) {
+            (Some(a), Some(b)) => a.merge(b)?,
+            (None, None) => {}
+            // A fresh accumulator takes the first shard's sums.
+            (None, Some(b)) if self.sequences == 0 => self.taylor = Some(b.clone()),
+            _ => return Err("some score shards hold Taylor sums and others do not".into()),
         }
         self.sequences += other.sequences;
         for (a, b) in [
@@ -219,6 +339,18 @@ impl Importance {
             "meta".to_string(),
             Tensor::new(&[self.sequences as f64, self.head_dim as f64], &dev)?,
         );
+        if let Some(ts) = &self.taylor {
+            t.insert(
+                "taylor_tokens".to_string(),
+                Tensor::new(&[ts.tokens], &dev)?,
+            );
+            for (name, g) in &ts.grads {
+                t.insert(
+                    format!("{TAYLOR_PREFIX}{name}"),
+                    Tensor::new(g.as_slice(), &dev)?,
+                );
+            }
+        }
         candle_core::safetensors::save(&t, path)
     }
 
@@ -246,7 +378,27 @@ impl Importance {
         if meta.len() != 2 {
             return Err(format!("{}: malformed meta", path.display()));
         }
+        let taylor = if t.contains_key("taylor_tokens") {
+            let mut grads = BTreeMap::new();
+            for (k, v) in &t {
+                if let Some(name) = k.strip_prefix(TAYLOR_PREFIX) {
+                    let g: Vec<f32> = v
+                        .to_dtype(DType::F32)
+                        .and_then(|x| x.to_vec1())
+                        .map_err(|e| format!("{}: {k}: {e}", path.display()))?;
+                    grads.insert(name.to_string(), g);
+                }
+            }
+            let tokens = vec("taylor_tokens")?
+                .first()
+                .copied()
+                .ok_or_else(|| format!("{}: empty taylor_tokens", path.display()))?;
+            Some(TaylorSums { grads, tokens })
+        } else {
+            None
+        };
         Ok(Importance {
+            taylor,
             sequences: meta[0] as u64,
             head_dim: meta[1] as usize,
             neuron: mat("neuron")?,
@@ -270,17 +422,52 @@ pub fn score(
     model: &Llama,
     sequences: &[Vec<u32>],
     batch: usize,
+    progress: impl FnMut(usize, usize) -> bool,
+) -> candle_core::Result<Importance> {
+    score_with(model, sequences, batch, false, progress)
+}
+
+/// Names in a scores file holding Taylor sums: `taylor.grad.<parameter>`.
+const TAYLOR_PREFIX: &str = "taylor.grad.";
+
+/// [`score`], with the Taylor sums too when `taylor` (a forward and backward pass per batch).
+pub fn score_with(
+    model: &Llama,
+    sequences: &[Vec<u32>],
+    batch: usize,
+    taylor: bool,
     mut progress: impl FnMut(usize, usize) -> bool,
 ) -> candle_core::Result<Importance> {
     let mut imp = Importance::new(&model.config);
+    let mut acc = BTreeMap::new();
+    let mut tokens = 0usize;
     let mut done = 0;
     for chunk in sequences.chunks(batch.max(1)) {
         let ids = Tensor::new(chunk.to_vec(), model.device())?;
         imp.accumulate(model, &ids)?;
+        if taylor {
+            tokens += Importance::accumulate_taylor(model, &ids, &mut acc)?;
+        }
         done += chunk.len();
         if !progress(done, sequences.len()) {
             return Err(candle_core::Error::Msg("cancelled".into()));
         }
+    }
+    if taylor {
+        let mut grads = BTreeMap::new();
+        for (name, g) in acc {
+            grads.insert(name, g.flatten_all()?.to_vec1::<f32>()?);
+        }
+        // A shard without sequences still names every parameter (zeros), so it merges.
+        for (name, v) in model.named_vars() {
+            if name.starts_with("model.layers.") && !grads.contains_key(&name) {
+                grads.insert(name, vec![0.0; v.elem_count()]);
+            }
+        }
+        imp.taylor = Some(TaylorSums {
+            grads,
+            tokens: tokens as f64,
+        });
     }
     Ok(imp)
 }

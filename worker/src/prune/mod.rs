@@ -38,5 +38,40 @@ pub fn scores(imp: &Importance, depth: &[DepthScores]) -> Result<Scores, String>
     })
 }
 
+/// Taylor+ (Shortened LLaMA, Kim et al. 2024) never removes the first four and the last two
+/// blocks.
+pub const TAYLOR_KEEP_FIRST: usize = 4;
+pub const TAYLOR_KEEP_LAST: usize = 2;
+
+/// How many of `layers` blocks Taylor+ may remove.
+pub fn taylor_droppable(layers: usize) -> usize {
+    layers.saturating_sub(TAYLOR_KEEP_FIRST + TAYLOR_KEEP_LAST)
+}
+
+/// Taylor+ depth scores: the Taylor block scores with the first four and last two blocks
+/// raised to +inf, so no plan drops them.
+pub fn taylor_plus(block: &[f64]) -> Vec<f64> {
+    let n = block.len();
+    block
+        .iter()
+        .enumerate()
+        .map(|(l, s)| {
+            if l < TAYLOR_KEEP_FIRST || l + TAYLOR_KEEP_LAST >= n {
+                f64::INFINITY
+            } else {
+                *s
+            }
+        })
+        .collect()
+}
+
+/// [`scores`] with Taylor+ depth: the merged Taylor sums of `imp` against the weights of
+/// `model` (the model that was scored).
+pub fn scores_by_taylor(imp: &Importance, model: &crate::model::Llama) -> Result<Scores, String> {
+    let mut s = scores(imp, &[])?;
+    s.depth = taylor_plus(&imp.taylor_block_scores(model)?);
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests;

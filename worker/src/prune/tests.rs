@@ -386,3 +386,108 @@ fn each_of_gemmas_four_norms_feeds_the_channel_score() {
         assert_eq!(Importance::load(&p).unwrap(), imp);
     }
 }
+
+fn deep(seed: u64) -> Llama {
+    model(TestModelSpec {
+        num_layers: 8,
+        seed,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn taylor_sums_of_three_shards_merge_to_the_unsharded_taylor_scores() {
+    use super::importance::score_with;
+    let m = deep(6);
+    let all = sequences(9, 16, 3);
+    let whole = score_with(&m, &all, 4, true, |_, _| true).unwrap();
+    let mut merged = Importance::new(&m.config);
+    let dir = tempfile::tempdir().unwrap();
+    for k in 0..3 {
+        let shard: Vec<Vec<u32>> = all.iter().skip(k).step_by(3).cloned().collect();
+        let part = score_with(&m, &shard, 2, true, |_, _| true).unwrap();
+        let p = dir.path().join(format!("t{k}.safetensors"));
+        part.save(&p).unwrap();
+        merged.merge(&Importance::load(&p).unwrap()).unwrap();
+    }
+    let (a, b) = (
+        merged.taylor_block_scores(&m).unwrap(),
+        whole.taylor_block_scores(&m).unwrap(),
+    );
+    eprintln!("Taylor block scores, merged {a:?}\n                     whole  {b:?}");
+    assert_eq!(merged.taylor.as_ref().unwrap().tokens, 9.0 * 15.0);
+    assert!(b.iter().all(|x| *x > 0.0));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "{a:?} vs {b:?}");
+    }
+    // Not the sum of the shards' own |W·G| (the abs comes after the merge): merging the
+    // scores instead of the sums would give a different, larger number.
+    let parts: f64 = (0..3)
+        .map(|k| {
+            let shard: Vec<Vec<u32>> = all.iter().skip(k).step_by(3).cloned().collect();
+            let p = score_with(&m, &shard, 2, true, |_, _| true).unwrap();
+            let t = p.taylor.as_ref().unwrap().tokens;
+            p.taylor_block_scores(&m).unwrap()[4] * t / (9.0 * 15.0)
+        })
+        .sum();
+    assert!(parts > b[4] * (1.0 + 1e-3), "{parts} vs {}", b[4]);
+    let src = shape_of(&m.config);
+    let mut target = src;
+    target.num_layers = 6;
+    let pa = plan(&src, &scores_by_taylor(&merged, &m).unwrap(), &target).unwrap();
+    let pb = plan(&src, &scores_by_taylor(&whole, &m).unwrap(), &target).unwrap();
+    assert_eq!(pa, pb);
+    // Shards with and without Taylor sums do not mix.
+    let plain = score(&m, &all[..2], 2, |_, _| true).unwrap();
+    let mut mixed = whole.clone();
+    assert!(mixed.merge(&plain).unwrap_err().contains("Taylor"));
+}
+
+#[test]
+fn taylor_plus_scores_an_identity_block_lowest_and_keeps_the_first_four_and_last_two() {
+    use super::importance::score_with;
+    let m = deep(7);
+    // Block 5 made an identity-ish no-op (its output projections scaled by 1e-3), and block 1,
+    // which Taylor+ protects, nearly so (1e-2).
+    for (layer, k) in [(5, 1e-3f32), (1, 1e-2)] {
+        for w in ["self_attn.o_proj", "mlp.down_proj"] {
+            set(&m, &format!("model.layers.{layer}.{w}.weight"), |r| {
+                r.iter_mut().flatten().for_each(|x| *x *= k)
+            });
+        }
+    }
+    let imp = score_with(&m, &sequences(6, 16, 8), 2, true, |_, _| true).unwrap();
+    let raw = imp.taylor_block_scores(&m).unwrap();
+    eprintln!("Taylor block scores {raw:?}");
+    let lowest = raw
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0;
+    assert_eq!(lowest, 5, "{raw:?}");
+    assert!(
+        raw[1] < raw[4],
+        "block 1 should score below block 4: {raw:?}"
+    );
+    let s = scores_by_taylor(&imp, &m).unwrap();
+    for l in [0, 1, 2, 3, 6, 7] {
+        assert_eq!(s.depth[l], f64::INFINITY, "block {l} is protected");
+    }
+    assert_eq!((s.depth[4], s.depth[5]), (raw[4], raw[5]));
+    let src = shape_of(&m.config);
+    let mut target = src;
+    target.num_layers = 7;
+    assert_eq!(
+        plan(&src, &s, &target).unwrap().layers,
+        vec![0, 1, 2, 3, 4, 6, 7]
+    );
+    // Dropping both droppable blocks keeps every protected one, whatever their scores.
+    target.num_layers = 6;
+    assert_eq!(
+        plan(&src, &s, &target).unwrap().layers,
+        vec![0, 1, 2, 3, 6, 7]
+    );
+    assert_eq!(taylor_droppable(8), 2);
+    assert_eq!(taylor_droppable(5), 0);
+}

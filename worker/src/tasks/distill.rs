@@ -21,10 +21,14 @@ use distillery_proto::v1 as pb;
 use super::common::{self, fatal, input, report};
 use crate::collective::{ring, Collective, CollectiveError, Solo};
 use crate::distill::data::Domain;
+use crate::distill::hidden::{HiddenDistill, HiddenLoss};
+use crate::distill::loss::Divergence;
 use crate::distill::train::{
-    DynamicBatchLoading, Precision, PrecisionDType, TrainConfig, TrainError, Trainer,
+    DynamicBatchLoading, Objective, Precision, PrecisionDType, TrainConfig, TrainError, Trainer,
 };
+use crate::model::Llama;
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
+use crate::tasks::prune::{read_prune_record, PRUNE_RECORD};
 
 /// Validation sequences per domain used for dynamic batch loading.
 const DBL_VALIDATION_SEQUENCES: usize = 16;
@@ -171,6 +175,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
                 checkpoint_every: tc.checkpoint_every,
                 precision: "f32".into(),
                 teacher_precision: "f32".into(),
+                loss: "ce".into(),
                 ..Default::default()
             }
         }
@@ -186,20 +191,30 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         .and_then(|t| t.parse().ok())
         .unwrap_or(d.tokens);
     let device = common::device(task)?;
-    // Teacher correction trains the teacher itself, with no KD teacher.
+    // Teacher correction trains the teacher itself against the data alone (loss = "ce"): it has
+    // no KD teacher.
     let trained = if mode == Mode::Correct {
         "teacher"
     } else {
         "pruned"
     };
     let student_dir = common::model_dir(ctx, input(task, trained)?)?;
-    let teacher = if mode == Mode::Correct {
+    let teacher_dir = if mode == Mode::Correct {
         None
     } else {
-        let teacher_dir = common::model_dir(ctx, input(task, "teacher")?)?;
-        let teacher_precision = Precision::parse(&d.teacher_precision)
-            .map_err(|e| fatal(format!("distill.teacher_precision: {e}")))?;
-        let teacher = common::load_model(&teacher_dir, &device)?;
+        Some(common::model_dir(ctx, input(task, "teacher")?)?)
+    };
+    let teacher_precision = Precision::parse(&d.teacher_precision)
+        .map_err(|e| fatal(format!("distill.teacher_precision: {e}")))?;
+    let student = common::load_model(&student_dir, &device)?;
+    let field = format!("rounds[{}].distill", task.round);
+    let divergence = divergence_of(&d).map_err(|e| fatal(format!("{field}.loss: {e}")))?;
+    // Cross-entropy only, without hidden states, needs no teacher at all.
+    let teacher = if let Some(teacher_dir) = teacher_dir
+        .as_ref()
+        .filter(|_| divergence.is_some() || d.hidden.is_some())
+    {
+        let teacher = common::load_model(teacher_dir, &device)?;
         Some(if teacher.dtype() == teacher_precision.dtype() {
             teacher
         } else {
@@ -207,8 +222,18 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
                 .converted(teacher_precision.dtype())
                 .map_err(fatal)?
         })
+    } else {
+        None
     };
-    let student = common::load_model(&student_dir, &device)?;
+    let hidden = match (&d.hidden, &teacher) {
+        (Some(h), Some(t)) => Some(hidden_of(h, &field, &student_dir, &student, t)?),
+        _ => None,
+    };
+    let objective = Objective {
+        divergence,
+        top_k: (d.top_k > 0).then_some(d.top_k as usize),
+        hidden,
+    };
     let tok = common::load_tokenizer(&student_dir)?;
     let eos = common::eos_id(&student);
     let seq_len = d.seq_len.max(2) as usize;
@@ -298,6 +323,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
             .map_err(|e| fatal(format!("distill.precision: {e}")))?,
         shard_optimizer: d.shard_optimizer,
         recompute: d.recompute,
+        objective,
     };
     let mut coll = connect_collective(ctx, &device, rank, world)?;
     let names: Vec<String> = domains.iter().map(|x| x.name.clone()).collect();
@@ -386,6 +412,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         }
         let tps = (global_batch * seq_len) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let mut metrics = vec![
+            ("distill.hidden_loss", s.hidden),
             ("distill.step", s.step as f64),
             ("distill.total_steps", stop_steps as f64),
             ("distill.tokens", s.tokens as f64),
@@ -469,6 +496,13 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         return Ok(out);
     }
     if rank == 0 {
+        // The student carries its prune record, so a later round's record can map its layers
+        // and channels back to the teacher's.
+        let record = student_dir.join(PRUNE_RECORD);
+        if record.is_file() {
+            std::fs::copy(&record, dir.join(PRUNE_RECORD))
+                .map_err(|e| TaskError::retryable(format!("{}: {e}", record.display())))?;
+        }
         out.outputs.insert("student".into(), ctx.upload_dir(&dir)?);
         let secs = started.elapsed().as_secs_f64();
         out.metrics = BTreeMap::from([
@@ -534,6 +568,88 @@ fn search_score(
             "search.by = {other:?}: use \"kd_loss\" or \"perplexity\""
         )))),
     }
+}
+
+/// The KD divergence `distill.loss` names (None: cross-entropy only).
+fn divergence_of(d: &pb::DistillSpec) -> Result<Option<Divergence>, String> {
+    let div = match d.loss.as_str() {
+        "" | "forward_kl" => Divergence::ForwardKl,
+        "reverse_kl" => Divergence::ReverseKl,
+        "skew_kl" => Divergence::SkewKl {
+            alpha: if d.skew_alpha > 0.0 {
+                d.skew_alpha
+            } else {
+                0.1
+            },
+        },
+        "jsd" => Divergence::Jsd {
+            beta: if d.jsd_beta > 0.0 { d.jsd_beta } else { 0.5 },
+        },
+        "ce" => return Ok(None),
+        other => {
+            return Err(format!(
+                "{other:?} is not a loss: use forward_kl, reverse_kl, skew_kl, jsd or ce"
+            ))
+        }
+    };
+    div.check().map_err(|e| e.to_string())?;
+    Ok(Some(div))
+}
+
+/// The intermediate-state distillation of `h`: explicit pairs as given, `auto` pairs and the
+/// projection's channel map from the student's prune record.
+fn hidden_of(
+    h: &pb::HiddenDistillSpec,
+    field: &str,
+    student_dir: &Path,
+    student: &Llama,
+    teacher: &Llama,
+) -> Result<HiddenDistill, TaskError> {
+    let loss =
+        HiddenLoss::parse(&h.loss).map_err(|e| fatal(format!("{field}.hidden.loss: {e}")))?;
+    let record = read_prune_record(student_dir);
+    let list = |key: &str| -> Option<Vec<usize>> {
+        record
+            .as_ref()?
+            .get(key)?
+            .as_array()?
+            .iter()
+            .map(|v| v.as_u64().map(|x| x as usize))
+            .collect()
+    };
+    let no_record = |what: &str| {
+        fatal(format!(
+            "{field}.hidden: {what} needs the student's prune record ({PRUNE_RECORD} with teacher_layers and teacher_channels, written by the prune phase), and the pruned student at {} has none (a student from before the record, or a chain of rounds with a link missing); give explicit pairs with equal widths, or rerun the campaign from round 0",
+            student_dir.display()
+        ))
+    };
+    let pairs: Vec<(usize, usize)> = if h.auto_pairs {
+        let layers = list("teacher_layers").ok_or_else(|| no_record("pairs = \"auto\""))?;
+        layers.into_iter().enumerate().collect()
+    } else {
+        h.pairs
+            .iter()
+            .map(|p| (p.student as usize, p.teacher as usize))
+            .collect()
+    };
+    let (sl, tl) = (
+        student.config.num_hidden_layers,
+        teacher.config.num_hidden_layers,
+    );
+    if let Some((s, t)) = pairs.iter().find(|(s, t)| *s >= sl || *t >= tl) {
+        return Err(fatal(format!(
+            "{field}.hidden.pairs: [{s}, {t}] names a layer that does not exist (the student has {sl} layers, the teacher {tl}); fix the pairs"
+        )));
+    }
+    let channels = list("teacher_channels");
+    if student.config.hidden_size != teacher.config.hidden_size && channels.is_none() {
+        return Err(no_record("a projection between different widths"));
+    }
+    Ok(HiddenDistill {
+        pairs,
+        loss,
+        channels,
+    })
 }
 
 /// In a sharded checkpoint: the digests of ranks 1.. 's optimizer shard folders (rank 0's

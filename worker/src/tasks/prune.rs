@@ -53,7 +53,12 @@ fn score(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
     let all = common::calibration(task, &model, &tok)?;
     // Sequence i belongs to shard i mod shards: the merged sums equal one pass over all of them.
     let mine: Vec<Vec<u32>> = all.iter().skip(shard).step_by(shards).cloned().collect();
-    let imp = importance::score(&model, &mine, SCORE_BATCH, |done, total| {
+    let taylor = task
+        .spec
+        .as_ref()
+        .and_then(|s| s.rounds.get(task.round as usize))
+        .is_some_and(|r| r.depth_importance == "taylor");
+    let imp = importance::score_with(&model, &mine, SCORE_BATCH, taylor, |done, total| {
         report(
             ctx,
             &[
@@ -111,6 +116,15 @@ fn score_depth(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutpu
         outputs: BTreeMap::from([("depth_scores".into(), ctx.upload_file(&path)?)]),
         metrics: BTreeMap::new(),
     })
+}
+
+/// The name of the prune record a pruned model (and the student distilled from it) carries.
+pub const PRUNE_RECORD: &str = "distillery_prune.json";
+
+/// The prune record in a model folder, if it has one that parses.
+pub fn read_prune_record(dir: &std::path::Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(PRUNE_RECORD)).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// Shard artifacts `name.N` when there are any, else the single `name`.
@@ -217,13 +231,59 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
         None => plan::choose_shape(&src, &target)
             .map_err(|e| fatal(format!("round {}: {e}", task.round)))?,
     };
-    let scores = crate::prune::scores(&imp, &depth).map_err(fatal)?;
+    let scores = if round.depth_importance == "taylor" {
+        let have = src.num_layers as usize;
+        let droppable = crate::prune::taylor_droppable(have);
+        if have - shape.num_layers as usize > droppable {
+            return Err(fatal(format!(
+                "rounds[{}]: the target keeps {} of {have} layers, but depth_importance = \"taylor\" (Taylor+) keeps the first four and the last two, so at most {droppable} can go; keep at least {} layers or use \"block_importance\"",
+                task.round,
+                shape.num_layers,
+                have - droppable
+            )));
+        }
+        crate::prune::scores_by_taylor(&imp, &model).map_err(fatal)?
+    } else {
+        crate::prune::scores(&imp, &depth).map_err(fatal)?
+    };
     let keep = plan::plan(&src, &scores, &shape).map_err(fatal)?;
     let pruned = crate::prune::apply::apply(&model, &keep).map_err(fatal)?;
     let out = ctx.work_dir().join("pruned");
     let _ = std::fs::remove_dir_all(&out);
     io::save_dir(&pruned, &out, Some(&dir)).map_err(fatal)?;
+    // Which teacher layer and channel each kept one was pruned from: the teacher itself is
+    // round 0's source; later rounds compose with their source's own record.
+    let (teacher_layers, teacher_channels) = if task.round == 0 {
+        (Some(keep.layers.clone()), Some(keep.channels.clone()))
+    } else {
+        let prev = read_prune_record(&dir);
+        let map = |key: &str, kept: &[usize]| -> Option<Vec<usize>> {
+            let from = prev.as_ref()?.get(key)?.as_array()?;
+            kept.iter()
+                .map(|&i| from.get(i)?.as_u64().map(|x| x as usize))
+                .collect()
+        };
+        (
+            map("teacher_layers", &keep.layers),
+            map("teacher_channels", &keep.channels),
+        )
+    };
+    if let Some(h) = round.distill.as_ref().and_then(|d| d.hidden.as_ref()) {
+        // Explicit pairs name the student's layers: now that the shape is known, check them
+        // before any distillation is spent.
+        if let Some(p) = h.pairs.iter().find(|p| p.student >= shape.num_layers) {
+            return Err(fatal(format!(
+                "rounds[{}].distill.hidden.pairs: student layer {} does not exist, the pruned student has {} layers (0..={}); fix the pairs",
+                task.round,
+                p.student,
+                shape.num_layers,
+                shape.num_layers.saturating_sub(1)
+            )));
+        }
+    }
     let record = serde_json::json!({
+        "teacher_layers": teacher_layers,
+        "teacher_channels": teacher_channels,
         "source_shape": {"hidden_size": src.hidden_size, "intermediate_size": src.intermediate_size,
             "num_attention_heads": src.num_attention_heads, "num_layers": src.num_layers, "params": src.params},
         "shape": {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
@@ -233,7 +293,7 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
         "calibration_sequences": imp.sequences,
         "kept": {"layers": keep.layers, "channels": keep.channels, "heads": keep.heads, "neurons": keep.neurons},
     });
-    let rec = out.join("distillery_prune.json");
+    let rec = out.join(PRUNE_RECORD);
     std::fs::write(
         &rec,
         serde_json::to_string_pretty(&record).unwrap_or_default(),

@@ -57,7 +57,7 @@ pub fn ce_loss(student: &Tensor, targets: &Tensor) -> Result<LossValue> {
     finish(total, &stats)
 }
 
-fn check_temperature(t: f64) -> Result<()> {
+pub(super) fn check_temperature(t: f64) -> Result<()> {
     if t.is_finite() && t > 0.0 {
         Ok(())
     } else {
@@ -358,7 +358,7 @@ fn grad_row_impl<ES: Elem, ET: Elem, R: Real>(
 }
 
 /// The u32 targets of an op's input.
-fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+pub(super) fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     match s {
         CpuStorage::U32(_) => cpu_slice::<u32>(s, l, "kd_loss targets"),
         _ => Err(Error::Msg(format!(
@@ -368,7 +368,7 @@ fn targets<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     }
 }
 
-fn vocab(dims: &[usize], targets: &[usize]) -> Result<usize> {
+pub(super) fn vocab(dims: &[usize], targets: &[usize]) -> Result<usize> {
     match dims.split_last() {
         Some((&v, rest))
             if v > 0 && rest.iter().product::<usize>() == targets.iter().product::<usize>() =>

@@ -15,6 +15,7 @@
 
 mod add;
 mod attention;
+mod divergence;
 mod glu;
 mod loss;
 mod norm;
@@ -34,6 +35,7 @@ use rayon::prelude::*;
 
 pub use add::add;
 pub use attention::attention;
+pub use divergence::{divergence_loss, Divergence};
 pub use glu::{glu, Activation};
 pub use loss::{ce_loss, kd_loss, LossValue};
 pub use norm::rms_norm;
