@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::phases::{self, kind, GateDecision, Phase, PhaseContext};
 
+pub mod history;
+pub use history::{AttemptOutcome, AttemptRecord, ProgressPoint, ProgressSeries};
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
 
@@ -177,6 +180,20 @@ pub struct Round {
     #[serde(with = "finite_metrics", default)]
     pub metrics: BTreeMap<String, f64>,
     pub extensions: u32,
+    /// Every gate decision on this round (the report's "gate decisions and why").
+    #[serde(default)]
+    pub gate_log: Vec<GateRecord>,
+}
+
+/// One gate decision and the figures it was taken on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct GateRecord {
+    pub time_ms: Millis,
+    /// `pass`, `extend` or `stop`.
+    pub decision: String,
+    pub reason: String,
+    #[serde(with = "finite_metrics", default)]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -217,6 +234,12 @@ pub struct Task {
     pub checkpoint: Option<String>,
     /// Why the last failed or lost attempt ended.
     pub error: Option<String>,
+    /// Its progress reports over time, downsampled (the report's curves).
+    #[serde(default)]
+    pub progress: ProgressSeries,
+    /// Its attempts: workers, start, end, outcome (the report's timeline).
+    #[serde(default)]
+    pub attempt_log: Vec<AttemptRecord>,
 }
 
 /// One attempt of a task: all ranks share the lease id (the fencing token).
@@ -660,6 +683,19 @@ enum Ending {
     Revoked,
 }
 
+/// Closes the attempt log's record of lease `lease_id`.
+fn end_attempt(task: &mut Task, lease_id: u64, outcome: AttemptOutcome, now: Millis) {
+    if let Some(a) = task
+        .attempt_log
+        .iter_mut()
+        .rev()
+        .find(|a| a.lease_id == lease_id && a.end_ms.is_none())
+    {
+        a.end_ms = Some(now);
+        a.outcome = Some(outcome);
+    }
+}
+
 fn backoff(cfg: &Config, attempts: u32) -> Millis {
     let exp = attempts.saturating_sub(1).min(20);
     cfg.backoff_base_ms
@@ -768,6 +804,7 @@ impl Tx<'_> {
                 artifacts: BTreeMap::new(),
                 metrics: BTreeMap::new(),
                 extensions: 0,
+                gate_log: Vec::new(),
             })
             .collect();
         let name = spec.name.clone();
@@ -997,6 +1034,16 @@ impl Tx<'_> {
                 let task = self.s.tasks.get_mut(&task_id).expect("candidate exists");
                 task.state = TaskState::Leased;
                 task.attempts += 1;
+                if task.attempt_log.len() >= history::MAX_ATTEMPTS_KEPT {
+                    task.attempt_log.remove(0);
+                }
+                task.attempt_log.push(AttemptRecord {
+                    lease_id,
+                    workers: ranks.iter().map(|(w, _)| w.clone()).collect(),
+                    start_ms: now,
+                    end_ms: None,
+                    outcome: None,
+                });
                 round = task.round;
                 phase = task.phase;
                 attempt = task.attempts;
@@ -1110,6 +1157,20 @@ impl Tx<'_> {
         for (k, v) in &metrics {
             task.metrics.insert(k.clone(), *v);
         }
+        let point: BTreeMap<String, f64> = metrics
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(k, v)| (k.strip_prefix("progress.").unwrap_or(k).to_string(), *v))
+            .collect();
+        if !point.is_empty() {
+            task.progress.push(
+                ProgressPoint {
+                    time_ms: now,
+                    metrics: point,
+                },
+                history::MAX_POINTS,
+            );
+        }
         if let Some(ck) = checkpoint.filter(|c| !c.is_empty()) {
             task.checkpoint = Some(normalize_ref(&ck));
         }
@@ -1178,6 +1239,7 @@ impl Tx<'_> {
         let rank0 = lease.ranks.into_iter().next().expect("a lease has a rank");
         let task = self.s.tasks.get_mut(&r.task_id).expect("checked");
         task.state = TaskState::Succeeded;
+        end_attempt(task, r.lease_id, AttemptOutcome::Succeeded, now);
         if let Some(n) = self.s.open_in_phase.get_mut(&task.campaign) {
             *n = n.saturating_sub(1);
         }
@@ -1245,6 +1307,12 @@ impl Tx<'_> {
         self.t.dirty.leases.insert(task_id.to_string());
         self.t.dirty.tasks.insert(task_id.to_string());
         let task = self.s.tasks.get_mut(task_id).expect("a lease has a task");
+        let outcome = match ending {
+            Ending::Failed { .. } => AttemptOutcome::Failed,
+            Ending::Lost => AttemptOutcome::Lost,
+            Ending::Revoked => AttemptOutcome::Revoked,
+        };
+        end_attempt(task, lease.lease_id, outcome, now);
         let (kind_name, give_up, delay) = match ending {
             Ending::Failed { retryable } => {
                 task.failed += 1;
@@ -1346,7 +1414,8 @@ impl Tx<'_> {
             if !task.state.is_terminal() {
                 task.state = TaskState::Cancelled;
                 self.s.pending.remove(&t);
-                if self.s.leases.remove(&t).is_some() {
+                if let Some(l) = self.s.leases.remove(&t) {
+                    end_attempt(task, l.lease_id, AttemptOutcome::Cancelled, now);
                     self.t.dirty.leases.insert(t.clone());
                 }
                 self.t.dirty.tasks.insert(t);
@@ -1693,6 +1762,8 @@ impl Tx<'_> {
                         metrics: BTreeMap::new(),
                         checkpoint: None,
                         error: None,
+                        progress: ProgressSeries::default(),
+                        attempt_log: Vec::new(),
                     },
                 );
                 self.s.pending.insert(tid.clone());
@@ -1788,6 +1859,20 @@ impl Tx<'_> {
         let extensions = c.rounds[round as usize].extensions;
         let decision = phases::gate(&c.spec, &metrics, extensions);
         let last = round as usize + 1 == c.rounds.len();
+        let (name, reason) = match &decision {
+            GateDecision::Pass => ("pass", phases::gate_pass_reason(&c.spec, &metrics)),
+            GateDecision::Extend { reason } => ("extend", reason.clone()),
+            GateDecision::Stop { reason } => ("stop", reason.clone()),
+        };
+        c.rounds[round as usize].gate_log.push(GateRecord {
+            time_ms: now,
+            decision: name.into(),
+            reason,
+            metrics: ["perplexity", "teacher_perplexity", "judge.win_rate"]
+                .iter()
+                .filter_map(|k| metrics.get(*k).map(|v| (k.to_string(), *v)))
+                .collect(),
+        });
         self.t.dirty.campaigns.insert(id.to_string());
         match decision {
             GateDecision::Pass => {
@@ -1870,6 +1955,30 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
             error: t.error.clone().unwrap_or_default(),
             world_size: t.world_size,
             checkpoint: t.checkpoint.clone().unwrap_or_default(),
+            progress: t
+                .progress
+                .all()
+                .map(|p| pb::ProgressPoint {
+                    time_ms: p.time_ms,
+                    metrics: p.metrics.clone().into_iter().collect(),
+                })
+                .collect(),
+            attempt_log: t
+                .attempt_log
+                .iter()
+                .map(|a| pb::AttemptRecord {
+                    lease_id: a.lease_id,
+                    workers: a.workers.clone(),
+                    hosts: a
+                        .workers
+                        .iter()
+                        .map(|w| state.workers.get(w).map(|w| w.host.clone()).unwrap_or_default())
+                        .collect(),
+                    start_ms: a.start_ms,
+                    end_ms: a.end_ms.unwrap_or(0),
+                    outcome: a.outcome.map(|o| o.as_str().to_string()).unwrap_or_default(),
+                })
+                .collect(),
         });
         match t.state {
             TaskState::Pending => counts.pending += 1,
@@ -1894,6 +2003,16 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
             artifacts: r.artifacts.clone().into_iter().collect(),
             metrics: r.metrics.clone().into_iter().collect(),
             extensions: r.extensions,
+            gate: r
+                .gate_log
+                .iter()
+                .map(|g| pb::GateRecord {
+                    time_ms: g.time_ms,
+                    decision: g.decision.clone(),
+                    reason: g.reason.clone(),
+                    metrics: g.metrics.clone().into_iter().collect(),
+                })
+                .collect(),
         })
         .collect();
     Some(pb::Campaign {
@@ -1948,6 +2067,7 @@ mod finite_metrics {
                 artifacts: Default::default(),
                 metrics: [("a".to_string(), f64::NAN), ("b".to_string(), 1.5)].into(),
                 extensions: 0,
+                gate_log: vec![],
             };
             let text = serde_json::to_string(&r).unwrap();
             let back: Round = serde_json::from_str(&text).unwrap();
