@@ -2,7 +2,6 @@
 //! input (arguments, spec, files), 1 for other failures.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

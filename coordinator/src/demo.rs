@@ -69,7 +69,7 @@ pub fn corpus(docs: usize, seed: u64) -> Vec<String> {
         state ^= state << 17;
         (state % n as u64) as usize
     };
-    let mut word = |pick: &mut dyn FnMut(usize) -> usize, capital: bool| {
+    let word = |pick: &mut dyn FnMut(usize) -> usize, capital: bool| {
         let mut w = String::new();
         for _ in 0..2 + pick(2) {
             w.push(CONS[pick(CONS.len())] as char);
