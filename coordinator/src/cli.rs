@@ -848,7 +848,11 @@ async fn report(client: &ClientOpts, id: &str, out: &Path) -> Result<i32, CliErr
 pub fn write_report(out: &Path, html: &str) -> Result<(), CliError> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| {
-            CliError::input(format!("--out {}: cannot create {}: {e}", out.display(), dir.display()))
+            CliError::input(format!(
+                "--out {}: cannot create {}: {e}",
+                out.display(),
+                dir.display()
+            ))
         })?;
     }
     std::fs::write(out, html).map_err(|e| {

@@ -276,11 +276,20 @@ pub fn table(campaign: &serde_json::Value, student_dir: &Path, report: Option<&P
     let _ = writeln!(
         s,
         "{:<9} {:>10} {:>11} {:>14} {:>10} {:>22} {:>9} {:>7}",
-        "model", "params", "ppl pruned", "ppl distilled", "x teacher", "judge W/T/L vs teacher", "tokens", "tok/s"
+        "model",
+        "params",
+        "ppl pruned",
+        "ppl distilled",
+        "x teacher",
+        "judge W/T/L vs teacher",
+        "tokens",
+        "tok/s"
     );
     let rounds: Vec<&serde_json::Value> = v["rounds"].as_array().into_iter().flatten().collect();
     let opt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |x| format!("{x:.p$}"));
-    let tppl = rounds.iter().find_map(|r| r["metrics"]["teacher_perplexity"].as_f64());
+    let tppl = rounds
+        .iter()
+        .find_map(|r| r["metrics"]["teacher_perplexity"].as_f64());
     let tparams = rounds
         .first()
         .and_then(|r| r["metrics"]["source"]["params"].as_f64());
@@ -338,8 +347,12 @@ pub fn table(campaign: &serde_json::Value, student_dir: &Path, report: Option<&P
 /// does (windows of `seq_len` advancing by half, an end-of-sequence token after each document).
 fn model_perplexity(model_dir: &Path, val: &[String], seq_len: usize) -> Result<f64, String> {
     use distillery_worker::model::perplexity::perplexity;
-    let model = load_dir(model_dir, candle_core::DType::F32, &candle_core::Device::Cpu)
-        .map_err(|e| e.to_string())?;
+    let model = load_dir(
+        model_dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .map_err(|e| e.to_string())?;
     let tok = tokenizer::load(&model_dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
     let eos = distillery_worker::tasks::common::eos_id(&model);
     let (mut ids, mut bytes) = (Vec::new(), 0);

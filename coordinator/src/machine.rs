@@ -1972,11 +1972,20 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
                     hosts: a
                         .workers
                         .iter()
-                        .map(|w| state.workers.get(w).map(|w| w.host.clone()).unwrap_or_default())
+                        .map(|w| {
+                            state
+                                .workers
+                                .get(w)
+                                .map(|w| w.host.clone())
+                                .unwrap_or_default()
+                        })
                         .collect(),
                     start_ms: a.start_ms,
                     end_ms: a.end_ms.unwrap_or(0),
-                    outcome: a.outcome.map(|o| o.as_str().to_string()).unwrap_or_default(),
+                    outcome: a
+                        .outcome
+                        .map(|o| o.as_str().to_string())
+                        .unwrap_or_default(),
                 })
                 .collect(),
         });

@@ -255,8 +255,14 @@ mod tests {
     #[test]
     fn bars_follow_tasks_and_end_with_them() {
         let mut b = Bars::new(ProgressDrawTarget::hidden());
-        b.event(&progress(&[("distill.step", 1.0), ("distill.total_steps", 4.0)]));
-        b.event(&progress(&[("distill.step", 3.0), ("distill.total_steps", 4.0)]));
+        b.event(&progress(&[
+            ("distill.step", 1.0),
+            ("distill.total_steps", 4.0),
+        ]));
+        b.event(&progress(&[
+            ("distill.step", 3.0),
+            ("distill.total_steps", 4.0),
+        ]));
         assert_eq!(b.bars.len(), 1);
         assert_eq!(b.bars["t00000007"].position(), 3);
         assert_eq!(b.bars["t00000007"].length(), Some(4));

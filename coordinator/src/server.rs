@@ -211,7 +211,11 @@ async fn spawn_metrics(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<
 fn http_route(engine: &Engine, method: &str, path: &str) -> (&'static str, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
     if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", TEXT, format!("{method} {path}: only GET is served here\n"));
+        return (
+            "405 Method Not Allowed",
+            TEXT,
+            format!("{method} {path}: only GET is served here\n"),
+        );
     }
     let path = path.split('?').next().unwrap_or("");
     if path == "/metrics" || path == "/" {
@@ -228,7 +232,11 @@ fn http_route(engine: &Engine, method: &str, path: &str) -> (&'static str, &'sta
         };
         let v = crate::cli::campaign_json(&c);
         return if *what == "report" {
-            ("200 OK", "text/html; charset=utf-8", crate::report::render(&v))
+            (
+                "200 OK",
+                "text/html; charset=utf-8",
+                crate::report::render(&v),
+            )
         } else {
             ("200 OK", "application/json", format!("{v}\n"))
         };

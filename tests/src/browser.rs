@@ -71,7 +71,13 @@ pub struct Screenshot {
     pub path: PathBuf,
 }
 
-pub fn screenshot(chromium: &Path, page: &Path, work: &Path, width: u32, height: u32) -> Screenshot {
+pub fn screenshot(
+    chromium: &Path,
+    page: &Path,
+    work: &Path,
+    width: u32,
+    height: u32,
+) -> Screenshot {
     let png = work.join("screenshot.png");
     let _ = std::fs::remove_file(&png);
     let out = run(

@@ -63,16 +63,20 @@ fn a_real_campaigns_report_is_served_written_and_drawn_with_its_charts() {
     let series = distill["progress"].as_array().expect("progress series");
     assert_eq!(series.len(), 32, "one point per step (32 < the cap)");
     assert_eq!(series.last().unwrap()["metrics"]["distill.step"], 32.0);
-    assert!(series
-        .iter()
-        .all(|p| p["metrics"]["distill.loss"].as_f64().is_some_and(f64::is_finite)));
+    assert!(series.iter().all(|p| p["metrics"]["distill.loss"]
+        .as_f64()
+        .is_some_and(f64::is_finite)));
     let attempts = distill["attempt_log"].as_array().expect("attempt log");
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0]["outcome"], "succeeded");
     assert_eq!(attempts[0]["workers"].as_array().unwrap().len(), 2);
     assert_eq!(v["rounds"][0]["gate"][0]["decision"], "pass", "{v}");
-    assert!(v["rounds"][0]["metrics"]["source"]["params"].as_f64().unwrap()
-        > v["rounds"][0]["params"].as_f64().unwrap());
+    assert!(
+        v["rounds"][0]["metrics"]["source"]["params"]
+            .as_f64()
+            .unwrap()
+            > v["rounds"][0]["params"].as_f64().unwrap()
+    );
 
     // Served and written: the same page.
     let served = http_get(&metrics, &format!("/campaigns/{id}/report")).expect("report served");
@@ -81,7 +85,11 @@ fn a_real_campaigns_report_is_served_written_and_drawn_with_its_charts() {
     assert!(head.contains("text/html"), "{head}");
     let file = fx.path().join("out/report.html");
     let out = coord.cli(&["report", &id, "--out", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let written = std::fs::read_to_string(&file).unwrap();
     assert_eq!(written, body, "the served report is the written one");
     for fetch in ["<script", "<link", "src=", "href=\"http", "url(", "@import"] {
@@ -94,12 +102,19 @@ fn a_real_campaigns_report_is_served_written_and_drawn_with_its_charts() {
     let err = String::from_utf8_lossy(&missing.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("c999999"), "{err}");
-    let unwritable = coord.cli(&["report", &id, "--out", fx.path().join("report.toml/x.html").to_str().unwrap()]);
+    let unwritable = coord.cli(&[
+        "report",
+        &id,
+        "--out",
+        fx.path().join("report.toml/x.html").to_str().unwrap(),
+    ]);
     assert_eq!(unwritable.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unwritable.stderr).contains("--out"));
     let nf = http_get(&metrics, "/campaigns/c999999/report").unwrap();
     assert!(nf.starts_with("HTTP/1.1 404"), "{nf}");
-    assert!(http_get(&metrics, "/metrics").unwrap().contains("distillery_tasks"));
+    assert!(http_get(&metrics, "/metrics")
+        .unwrap()
+        .contains("distillery_tasks"));
 
     // The series is durable: the same after a restart.
     coord.restart();
@@ -117,7 +132,11 @@ fn a_real_campaigns_report_is_served_written_and_drawn_with_its_charts() {
     assert_eq!(browser::polyline_points(loss, "#D62728"), 32, "loss curve");
     assert_eq!(browser::polyline_points(loss, "#1F77B4"), 32, "KL curve");
     let frontier = browser::figure(&dom, "frontier").expect("frontier chart");
-    assert_eq!(browser::polyline_points(frontier, "#2CA02C"), 2, "teacher → round 0");
+    assert_eq!(
+        browser::polyline_points(frontier, "#2CA02C"),
+        2,
+        "teacher → round 0"
+    );
     assert!(frontier.contains("teacher\n</text>") && frontier.contains("round 0\n</text>"));
     let timeline = browser::figure(&dom, "timeline").expect("timeline chart");
     assert!(timeline.matches("<rect").count() >= 5, "attempt bars");
@@ -125,8 +144,18 @@ fn a_real_campaigns_report_is_served_written_and_drawn_with_its_charts() {
         assert!(browser::figure(&dom, &id).is_some(), "{id}");
     }
     // The screenshot shows the charts' colours: the loss (red), KL (blue), the students'
-    // frontier (green) and the teacher's point (orange).
+    // frontier (green) and the teacher's point (orange). The HTML legends' swatches are paler
+    // (opacity 0.7): every pixel counted here is one a chart drew.
     let shot = browser::screenshot(&chromium, &file, fx.path(), 1400, 3200);
+    // Kept for a look when the test fails.
+    let _ = std::fs::copy(
+        &shot.path,
+        std::env::temp_dir().join("distillery-report-e2e.png"),
+    );
+    let _ = std::fs::copy(
+        &file,
+        std::env::temp_dir().join("distillery-report-e2e.html"),
+    );
     let counts: Vec<(&str, usize)> = [
         ("loss", (0xd6, 0x27, 0x28)),
         ("kl", (0x1f, 0x77, 0xb4)),

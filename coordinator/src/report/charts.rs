@@ -18,15 +18,17 @@ pub mod palette {
     pub const FAILED: RGBColor = RGBColor(0xd6, 0x27, 0x28);
     pub const LOST: RGBColor = RGBColor(0xbc, 0xbd, 0x22);
     /// Task kinds on the timeline, in order of first appearance.
+    /// (Lighter tones, none of them a series colour above, so a colour in a screenshot says
+    /// which chart drew it.)
     pub const KINDS: [RGBColor; 8] = [
-        RGBColor(0x1f, 0x77, 0xb4),
-        RGBColor(0x2c, 0xa0, 0x2c),
-        RGBColor(0xff, 0x7f, 0x0e),
-        RGBColor(0x94, 0x67, 0xbd),
-        RGBColor(0x17, 0xbe, 0xcf),
-        RGBColor(0x8c, 0x56, 0x4b),
-        RGBColor(0xe3, 0x77, 0xc2),
-        RGBColor(0x7f, 0x7f, 0x7f),
+        RGBColor(0xae, 0xc7, 0xe8),
+        RGBColor(0x98, 0xdf, 0x8a),
+        RGBColor(0xff, 0xbb, 0x78),
+        RGBColor(0xc5, 0xb0, 0xd5),
+        RGBColor(0x9e, 0xda, 0xe5),
+        RGBColor(0xc4, 0x9c, 0x94),
+        RGBColor(0xf7, 0xb6, 0xd2),
+        RGBColor(0xdb, 0xdb, 0x8d),
     ];
 
     pub fn hex(c: RGBColor) -> String {
@@ -81,11 +83,7 @@ fn range(values: impl Iterator<Item = f64>, pad: f64, from_zero: bool) -> Option
     if from_zero && lo > 0.0 {
         lo = 0.0;
     }
-    let span = if hi > lo {
-        hi - lo
-    } else {
-        hi.abs().max(1e-9)
-    };
+    let span = if hi > lo { hi - lo } else { hi.abs().max(1e-9) };
     let lo = if from_zero && lo == 0.0 {
         0.0
     } else {
@@ -107,7 +105,7 @@ pub fn short(v: f64) -> String {
         format!("{:.2}M", v / 1e6)
     } else if a >= 1e4 {
         format!("{:.0}k", v / 1e3)
-    } else if a >= 100.0 || (a >= 1.0 && (v - v.round()).abs() < 1e-9) {
+    } else if a >= 100.0 || (a >= 1.0 && (v - v.round()).abs() < 1e-6 * a) {
         format!("{v:.0}")
     } else if a >= 1.0 {
         format!("{v:.2}")
@@ -118,7 +116,8 @@ pub fn short(v: f64) -> String {
     }
 }
 
-/// An x/y chart of lines and points (with labels and intervals where given).
+/// An x/y chart of lines and points (with labels and intervals where given). Its legend is
+/// the caller's ([`legend_html`]), outside the plot, where it hides no point.
 pub fn xy(axes: &Axes, series: &[Series], y_from_zero: bool) -> Result<String, String> {
     let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let ys = series.iter().flat_map(|s| {
@@ -131,6 +130,9 @@ pub fn xy(axes: &Axes, series: &[Series], y_from_zero: bool) -> Result<String, S
     else {
         return Err("no data".into());
     };
+    // Room on the right for point labels.
+    let labelled = series.iter().any(|s| !s.labels.is_empty());
+    let x1 = if labelled { x1 + (x1 - x0) * 0.1 } else { x1 };
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (axes.width, axes.height)).into_drawing_area();
@@ -155,6 +157,7 @@ pub fn xy(axes: &Axes, series: &[Series], y_from_zero: bool) -> Result<String, S
             .light_line_style(RGBColor(0xee, 0xee, 0xee))
             .draw()
             .map_err(err)?;
+        let mut first_line = true;
         for s in series {
             let style = ShapeStyle::from(&s.color).stroke_width(2);
             let fill = ShapeStyle::from(&s.color).filled();
@@ -165,16 +168,14 @@ pub fn xy(axes: &Axes, series: &[Series], y_from_zero: bool) -> Result<String, S
                     )))
                     .map_err(err)?;
             }
-            let color = s.color;
-            let legend = move |(x, y): (i32, i32)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&color).stroke_width(3))
-            };
+            // Lines wider than the ones drawn after them, so equal curves (loss = KL without
+            // cross-entropy) both show.
+            let style = ShapeStyle::from(&s.color).stroke_width(if first_line { 4 } else { 2 });
             if s.line && s.points.len() > 1 {
+                first_line = false;
                 chart
                     .draw_series(LineSeries::new(s.points.iter().copied(), style))
-                    .map_err(err)?
-                    .label(s.name.as_str())
-                    .legend(legend);
+                    .map_err(err)?;
                 if s.points.len() <= 24 {
                     chart
                         .draw_series(s.points.iter().map(|p| Circle::new(*p, 3, fill)))
@@ -182,10 +183,8 @@ pub fn xy(axes: &Axes, series: &[Series], y_from_zero: bool) -> Result<String, S
                 }
             } else {
                 chart
-                    .draw_series(s.points.iter().map(|p| Circle::new(*p, 5, fill)))
-                    .map_err(err)?
-                    .label(s.name.as_str())
-                    .legend(legend);
+                    .draw_series(s.points.iter().map(|p| Circle::new(*p, 6, fill)))
+                    .map_err(err)?;
             }
             for (p, l) in s.points.iter().zip(&s.labels) {
                 chart
@@ -196,19 +195,23 @@ pub fn xy(axes: &Axes, series: &[Series], y_from_zero: bool) -> Result<String, S
                     .map_err(err)?;
             }
         }
-        if series.len() > 1 || series.iter().any(|s| !s.name.is_empty()) {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(0xbb, 0xbb, 0xbb))
-                .label_font(("sans-serif", 15))
-                .draw()
-                .map_err(err)?;
-        }
         root.present().map_err(err)?;
     }
     Ok(svg)
+}
+
+/// A legend in HTML: a swatch and a name per series.
+pub fn legend_html(items: &[(String, RGBColor)]) -> String {
+    let mut o = String::from("<figcaption class=\"legend\">");
+    for (name, c) in items {
+        o.push_str(&format!(
+            "<span><i style=\"background:{}\"></i>{}</span>",
+            palette::hex(*c),
+            super::esc(name)
+        ));
+    }
+    o.push_str("</figcaption>");
+    o
 }
 
 /// One bar on a timeline lane.
@@ -222,16 +225,10 @@ pub struct Bar {
 }
 
 /// Horizontal bars per lane over time (seconds): the tasks each worker ran.
-pub fn timeline(
-    title: &str,
-    lanes: &[String],
-    bars: &[Bar],
-    legend: &[(String, RGBColor)],
-    width: u32,
-) -> Result<String, String> {
+pub fn timeline(title: &str, lanes: &[String], bars: &[Bar], width: u32) -> Result<String, String> {
     let t1 = bars.iter().map(|b| b.end).fold(0.0f64, f64::max).max(1.0);
     let n = lanes.len().max(1);
-    let height = 90 + 34 * n as u32;
+    let height = 110 + 56 * n as u32;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
@@ -240,7 +237,7 @@ pub fn timeline(
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(36)
-            .y_label_area_size(120)
+            .y_label_area_size(230)
             .build_cartesian_2d(0.0..t1 * 1.02, 0.0..n as f64)
             .map_err(err)?;
         let lane_name = |v: &f64| {
@@ -284,26 +281,6 @@ pub fn timeline(
                     )))
                     .map_err(err)?;
             }
-        }
-        for (name, color) in legend {
-            let c = *color;
-            chart
-                .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
-                .map_err(err)?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 14, y + 5)], ShapeStyle::from(&c).filled())
-                });
-        }
-        if !legend.is_empty() {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(0xbb, 0xbb, 0xbb))
-                .label_font(("sans-serif", 15))
-                .draw()
-                .map_err(err)?;
         }
         root.present().map_err(err)?;
     }
@@ -398,7 +375,9 @@ mod tests {
         let s = Series::line(
             "loss",
             palette::LOSS,
-            (0..20).map(|i| (i as f64, 1.0 / (1.0 + i as f64))).collect(),
+            (0..20)
+                .map(|i| (i as f64, 1.0 / (1.0 + i as f64)))
+                .collect(),
         );
         let svg = xy(
             &Axes {
@@ -417,9 +396,18 @@ mod tests {
             .lines()
             .find(|l| l.contains("<polyline") && l.contains("#D62728"))
             .unwrap_or_else(|| panic!("no loss polyline in {svg}"));
-        let pts = line.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+        let pts = line
+            .split("points=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
         assert_eq!(pts.split_whitespace().count(), 20, "{line}");
-        assert!(svg.contains("step\n</text>"), "axis label as SVG text: {svg}");
+        assert!(
+            svg.contains("step\n</text>"),
+            "axis label as SVG text: {svg}"
+        );
     }
 
     #[test]

@@ -62,14 +62,34 @@ fn curve(task: &Value, x: &str, y: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// A chart wrapped in a figure whose attributes say what it plots (the tests read them).
+/// A chart wrapped in a figure whose attributes say what it plots (the tests read them), with
+/// the legend of its series.
 fn figure(out: &mut String, id: &str, points: usize, svg: Result<String, String>) {
+    figure_with(out, id, points, svg, &[]);
+}
+
+fn legend_of(series: &[Series]) -> Vec<(String, plotters::style::RGBColor)> {
+    series.iter().map(|s| (s.name.clone(), s.color)).collect()
+}
+
+fn figure_with(
+    out: &mut String,
+    id: &str,
+    points: usize,
+    svg: Result<String, String>,
+    legend: &[(String, plotters::style::RGBColor)],
+) {
     match svg {
         Ok(svg) => {
             let _ = write!(
                 out,
-                "<figure class=\"chart\" id=\"chart-{}\" data-points=\"{points}\">{svg}</figure>\n",
-                esc(id)
+                "<figure class=\"chart\" id=\"chart-{}\" data-points=\"{points}\">{svg}{}</figure>\n",
+                esc(id),
+                if legend.is_empty() {
+                    String::new()
+                } else {
+                    charts::legend_html(legend)
+                }
             );
         }
         Err(e) => {
@@ -86,7 +106,11 @@ fn figure(out: &mut String, id: &str, points: usize, svg: Result<String, String>
 /// The shape a round's prune reported (`metrics.shape.*`) or its spec target.
 fn shape_text(r: &Value, key: &str) -> String {
     let m = &r["metrics"][key];
-    let t = if key == "shape" { &r["target"] } else { &Value::Null };
+    let t = if key == "shape" {
+        &r["target"]
+    } else {
+        &Value::Null
+    };
     let get = |k: &str| {
         num(&m[k])
             .or_else(|| num(&t[k]).filter(|v| *v > 0.0))
@@ -307,7 +331,13 @@ fn frontier_section(o: &mut String, c: &Value, rounds: &[&Value]) {
         });
     }
     let n: usize = series.iter().map(|s| s.points.len()).sum();
-    figure(
+    // The teacher's own entry first in the legend, then the path and the rest.
+    let mut legend = legend_of(&series);
+    legend.retain(|(n, _)| n != "teacher");
+    if tp.is_some() && tppl.is_some() {
+        legend.insert(0, ("teacher".into(), palette::TEACHER));
+    }
+    figure_with(
         o,
         "frontier",
         n,
@@ -322,6 +352,7 @@ fn frontier_section(o: &mut String, c: &Value, rounds: &[&Value]) {
             &series,
             false,
         ),
+        &legend,
     );
     // Judge score against parameters: win rate against the baseline with its interval, or the
     // MT-Bench overall score where the campaign graded that way.
@@ -332,7 +363,10 @@ fn frontier_section(o: &mut String, c: &Value, rounds: &[&Value]) {
     for r in rounds {
         let j = &r["metrics"]["judge"];
         let Some(p) = round_params(r) else { continue };
-        if let Some(w) = num(&j["win_rate"]) {
+        // A round whose judge decided nothing (all ties) has no win rate to plot.
+        let decided = num(&j["wins"]).unwrap_or(0.0) + num(&j["losses"]).unwrap_or(0.0) > 0.0
+            || num(&j["wins"]).is_none();
+        if let Some(w) = num(&j["win_rate"]).filter(|_| decided) {
             wr.push((p / 1e6, w));
             ci.push((
                 num(&j["ci_low"]).unwrap_or(w),
@@ -354,7 +388,8 @@ fn frontier_section(o: &mut String, c: &Value, rounds: &[&Value]) {
             intervals: ci,
         };
         let n = s.points.len();
-        figure(
+        let legend = legend_of(std::slice::from_ref(&s));
+        figure_with(
             o,
             "judge-vs-params",
             n,
@@ -369,6 +404,7 @@ fn frontier_section(o: &mut String, c: &Value, rounds: &[&Value]) {
                 &[s],
                 true,
             ),
+            &legend,
         );
     }
     if !mt.is_empty() {
@@ -418,11 +454,15 @@ fn rounds_section(o: &mut String, c: &Value, rounds: &[&Value]) {
         let p = round_params(r);
         let src = num(&m["source"]["params"]);
         let kept = match (p, src) {
-            (Some(p), Some(s)) if s > 0.0 => format!("{:.0}% of {}", 100.0 * p / s, fmt_params(Some(s))),
+            (Some(p), Some(s)) if s > 0.0 => {
+                format!("{:.0}% of {}", 100.0 * p / s, fmt_params(Some(s)))
+            }
             _ => "–".into(),
         };
         let ppl = num(&m["perplexity"]);
-        let ratio = ppl.zip(num(&m["teacher_perplexity"]).or(tppl)).map(|(a, b)| a / b);
+        let ratio = ppl
+            .zip(num(&m["teacher_perplexity"]).or(tppl))
+            .map(|(a, b)| a / b);
         let _ = writeln!(
             o,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -510,7 +550,8 @@ fn candidates_section(o: &mut String, rounds: &[&Value]) {
             }
         }
         let n = series.iter().map(|s| s.points.len()).sum();
-        figure(
+        let legend = legend_of(&series);
+        figure_with(
             o,
             &format!("candidates-{idx}"),
             n,
@@ -525,6 +566,7 @@ fn candidates_section(o: &mut String, rounds: &[&Value]) {
                 &series,
                 false,
             ),
+            &legend,
         );
     }
     o.push_str("</section>\n");
@@ -577,11 +619,12 @@ fn distill_section(o: &mut String, rounds: &[&Value]) {
             width: 420,
             height: 300,
         };
-        figure(
+        figure_with(
             o,
             &format!("loss-{tid}"),
             n,
             charts::xy(&small("loss and KL"), &s, false),
+            &legend_of(&s),
         );
         let lr = curve(t, "distill.step", "distill.lr");
         if !lr.is_empty() {
@@ -799,18 +842,19 @@ fn timeline_section(o: &mut String, c: &Value, rounds: &[&Value]) {
                 });
             }
         }
+        o.push_str("<p>Each bar is one attempt on one worker, coloured by task kind; a red outline marks a failed attempt, a yellow one an attempt lost (lease expired, worker gone) or revoked.</p>\n");
         let legend: Vec<(String, plotters::style::RGBColor)> = kinds
             .iter()
             .enumerate()
             .map(|(i, k)| (k.clone(), palette::KINDS[i % palette::KINDS.len()]))
             .collect();
-        o.push_str("<p>Each bar is one attempt on one worker, coloured by task kind; a red outline marks a failed attempt, a yellow one an attempt lost (lease expired, worker gone) or revoked.</p>\n");
         let n = bars.len();
-        figure(
+        figure_with(
             o,
             "timeline",
             n,
-            charts::timeline("tasks per worker", &lanes, &bars, &legend, 960),
+            charts::timeline("tasks per worker", &lanes, &bars, 1240),
+            &legend,
         );
     }
     o.push_str("<details><summary>every task</summary><table><thead><tr><th>task</th><th>round</th><th>phase</th><th>kind</th><th>state</th><th>ranks</th><th>attempts</th><th>failed</th><th>lost</th><th>last error</th></tr></thead><tbody>\n");
@@ -846,7 +890,7 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px soli
 th{background:#f6f6f6}td:first-child,th:first-child{text-align:left}tr.teacher td{background:#fff4e8}tr.winner td{background:#e8f6e8}\
 tr.troubled td{background:#fff0f0}tr.gate-stop td{background:#fbd5d5}tr.gate-extend td{background:#fff7d6}\
 .note{color:#8a5a00}.error{color:#b00}figure.chart{display:inline-block;margin:8px 12px 8px 0}.row{display:flex;flex-wrap:wrap}\
-code{font-size:12px}footer{margin-top:40px;color:#888;font-size:12px}";
+code{font-size:12px}.legend{text-align:center;margin-top:2px}.legend span{margin-right:14px;font-size:13px}.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle;opacity:.7}footer{margin-top:40px;color:#888;font-size:12px}";
 
 #[cfg(test)]
 mod tests;

@@ -86,21 +86,20 @@ fn a_two_round_campaign_has_every_section_with_data() {
         round(0, 600_000.0, 12.0),
         round(1, 400_000.0, 15.0),
     ]));
-    for id in [
-        "frontier",
-        "rounds",
-        "distill",
-        "judge",
-        "gate",
-        "tasks",
-    ] {
-        assert!(html.contains(&format!("<section id=\"{id}\"")), "section {id}");
+    for id in ["frontier", "rounds", "distill", "judge", "gate", "tasks"] {
+        assert!(
+            html.contains(&format!("<section id=\"{id}\"")),
+            "section {id}"
+        );
     }
     // The frontier joins teacher → round 0 → round 1: three points on the student colour.
     std::fs::write(std::env::temp_dir().join("report-unit.html"), &html).unwrap();
     let f = figure(&html, "frontier").expect("frontier chart");
     assert_eq!(polyline_points(f, "#2CA02C"), 3, "{f}");
-    assert!(has_text(f, "teacher") && has_text(f, "round 1"), "point labels");
+    assert!(
+        has_text(f, "teacher") && has_text(f, "round 1"),
+        "point labels"
+    );
     // Loss and KL curves of each distillation, 40 points each.
     let l = figure(&html, "loss-t0b").expect("loss chart");
     assert_eq!(polyline_points(l, "#D62728"), 40);
@@ -112,7 +111,10 @@ fn a_two_round_campaign_has_every_section_with_data() {
     assert!(t.contains("a (w1)") && t.contains("b (w2)"), "worker lanes");
     // Failed attempts outlined in red.
     assert!(t.matches("stroke=\"#D62728\"").count() >= 2);
-    assert!(html.contains("kept") && html.contains("67% of 900.0 k"), "kept fraction");
+    assert!(
+        html.contains("kept") && html.contains("67% of 900.0 k"),
+        "kept fraction"
+    );
     assert!(html.contains("not comparable with published MT-Bench"));
     // Absent data, absent sections.
     assert!(!html.contains("id=\"candidates\""));
@@ -134,7 +136,8 @@ fn candidates_mtbench_and_a_ranking_light_up_when_reported() {
         {"shape": {"hidden_size": 80, "intermediate_size": 320, "num_attention_heads": 4, "num_layers": 4},
          "params": 600_000, "tokens": 5000, "score": 2.3, "winner": false},
     ]);
-    r0["metrics"]["judge"]["mtbench"] = json!({"turn1": 6.5, "turn2": 5.5, "overall": 6.0, "invalid": 1});
+    r0["metrics"]["judge"]["mtbench"] =
+        json!({"turn1": 6.5, "turn2": 5.5, "overall": 6.0, "invalid": 1});
     let mut c = campaign(vec![r0, round(1, 400_000.0, 15.0)]);
     c["rounds"][1]["metrics"]["judge"]["ranking"] = json!([
         {"model": "teacher", "rating": 1000.0, "ci_low": 1000.0, "ci_high": 1000.0},
@@ -162,6 +165,10 @@ fn an_all_ties_judge_is_called_out_not_shown_as_a_result() {
     r0["metrics"]["judge"] = json!({"wins": 0, "ties": 12, "losses": 0, "win_rate": 0.5});
     let html = render(&campaign(vec![r0]));
     assert!(html.contains("every judgment was a tie"), "{html}");
+    assert!(
+        figure(&html, "judge-vs-params").is_none(),
+        "ties are not plotted as a result"
+    );
 }
 
 #[test]
