@@ -175,7 +175,10 @@ fn train_teacher(
     let start = Instant::now();
     let mut loss = f64::NAN;
     let bar = bars.then(|| {
-        let b = indicatif::ProgressBar::new(steps);
+        let b = indicatif::ProgressBar::with_draw_target(
+            Some(steps),
+            indicatif::ProgressDrawTarget::stdout(),
+        );
         b.set_style(
             indicatif::ProgressStyle::with_template(
                 "  teacher [{bar:28.cyan/blue}] step {pos}/{len} {msg} ({elapsed}, budget {prefix})",

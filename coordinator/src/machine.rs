@@ -1163,12 +1163,19 @@ impl Tx<'_> {
             .map(|(k, v)| (k.strip_prefix("progress.").unwrap_or(k).to_string(), *v))
             .collect();
         if !point.is_empty() {
+            // Curves for the distillations; a short trace for everything else, so a campaign of
+            // many shards keeps its status well inside a gRPC message.
+            let cap = if task.kind == kind::DISTILL {
+                history::MAX_POINTS
+            } else {
+                history::MAX_POINTS / 4
+            };
             task.progress.push(
                 ProgressPoint {
                     time_ms: now,
                     metrics: point,
                 },
-                history::MAX_POINTS,
+                cap,
             );
         }
         if let Some(ck) = checkpoint.filter(|c| !c.is_empty()) {

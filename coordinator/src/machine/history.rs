@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::Millis;
 
-/// Points kept per task before the series is thinned (every other point dropped, the sampling
-/// stride doubled). A task's record stays a few tens of kilobytes however long it runs.
+/// Points kept per distillation before the series is thinned (every other point dropped, the
+/// sampling stride doubled); other tasks keep a quarter of it. A task's record stays a few tens
+/// of kilobytes however long it runs.
 pub const MAX_POINTS: usize = 128;
 
 /// One progress report: its time and metrics (without the `progress.` prefix).

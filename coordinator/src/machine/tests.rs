@@ -1270,3 +1270,54 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn attempts_and_progress_are_kept_in_the_task_record() {
+    let mut st = State::default();
+    submit(&mut st, spec(1, 1, ""), 0);
+    let w1 = register(&mut st, &["cpu"]);
+    let w2 = register(&mut st, &["cpu"]);
+    let a = poll(&mut st, &w1, &["cpu"], 10);
+    let tid = a[0].task_id.clone();
+    // Progress reports become points without the `progress.` prefix, at the event's time.
+    for i in 0..3u32 {
+        apply(
+            &mut st,
+            &cfg(),
+            Event::Progress {
+                lease: lref(&a[0]),
+                metrics: [("progress.score.sequences".to_string(), f64::from(i))].into(),
+                checkpoint: None,
+                message: String::new(),
+                now: 20 + u64::from(i),
+            },
+        )
+        .unwrap();
+    }
+    let pts: Vec<(u64, f64)> = st.tasks[&tid]
+        .progress
+        .all()
+        .map(|p| (p.time_ms, p.metrics["score.sequences"]))
+        .collect();
+    assert_eq!(pts, vec![(20, 0.0), (21, 1.0), (22, 2.0)]);
+    // w1's lease expires (lost), w2 finishes the task: two attempts, each with its worker, times
+    // and ending.
+    apply(&mut st, &cfg(), Event::Tick { now: 1_100 }).unwrap();
+    let b = poll(&mut st, &w2, &["cpu"], 1_300);
+    assert_eq!(b[0].task_id, tid);
+    complete(&mut st, &b[0], 1_400).unwrap();
+    let log = &st.tasks[&tid].attempt_log;
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].workers, vec![w1.clone()]);
+    assert_eq!((log[0].start_ms, log[0].end_ms), (10, Some(1_100)));
+    assert_eq!(log[0].outcome, Some(AttemptOutcome::Lost));
+    assert_eq!(log[1].workers, vec![w2.clone()]);
+    assert_eq!((log[1].start_ms, log[1].end_ms), (1_300, Some(1_400)));
+    assert_eq!(log[1].outcome, Some(AttemptOutcome::Succeeded));
+    // Both reach the client view.
+    let view = campaign_view(&st, &st.tasks[&tid].campaign.clone()).unwrap();
+    let rec = view.task_records.iter().find(|t| t.id == tid).unwrap();
+    assert_eq!(rec.progress.len(), 3);
+    assert_eq!(rec.attempt_log[0].outcome, "lost");
+    assert_eq!(rec.attempt_log[1].end_ms, 1_400);
+}

@@ -81,9 +81,9 @@ fn figure_with(
 ) {
     match svg {
         Ok(svg) => {
-            let _ = write!(
+            let _ = writeln!(
                 out,
-                "<figure class=\"chart\" id=\"chart-{}\" data-points=\"{points}\">{svg}{}</figure>\n",
+                "<figure class=\"chart\" id=\"chart-{}\" data-points=\"{points}\">{svg}{}</figure>",
                 esc(id),
                 if legend.is_empty() {
                     String::new()
