@@ -301,22 +301,25 @@ fn frontier_section(o: &mut String, c: &Value, rounds: &[&Value]) {
         series.push(s);
     }
     // Where a round's pruned model was measured before its distillation (the demo does).
-    let pruned: Vec<(f64, f64)> = rounds
+    let (pruned, pruned_labels): (Vec<(f64, f64)>, Vec<String>) = rounds
         .iter()
         .filter_map(|r| {
             Some((
-                round_params(r)? / 1e6,
-                num(&r["metrics"]["pruned_perplexity"])?,
+                (
+                    round_params(r)? / 1e6,
+                    num(&r["metrics"]["pruned_perplexity"])?,
+                ),
+                format!("round {} pruned", r["index"].as_u64().unwrap_or(0)),
             ))
         })
-        .collect();
+        .unzip();
     if !pruned.is_empty() {
         series.push(Series {
             name: "pruned, before distillation".into(),
             color: palette::PRUNED,
             points: pruned,
             line: false,
-            labels: Vec::new(),
+            labels: pruned_labels,
             intervals: Vec::new(),
         });
     }
@@ -684,6 +687,9 @@ fn judge_section(o: &mut String, c: &Value, rounds: &[&Value]) {
             let j = &r["metrics"]["judge"];
             let mt = &j["mtbench"];
             let (w, t, l) = (num(&j["wins"]), num(&j["ties"]), num(&j["losses"]));
+            // All ties: the judge preferred nothing, which is no win rate of 0.5.
+            let no_verdict =
+                matches!((w, t, l), (Some(w), Some(t), Some(l)) if w + l == 0.0 && t > 0.0);
             let _ = writeln!(
                 o,
                 "<tr><td>{}</td><td>{} / {} / {}</td><td>{}</td><td>[{}, {}]</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td></tr>",
@@ -691,9 +697,21 @@ fn judge_section(o: &mut String, c: &Value, rounds: &[&Value]) {
                 fmt_opt(w, 0),
                 fmt_opt(t, 0),
                 fmt_opt(l, 0),
-                fmt_opt(num(&j["win_rate"]), 3),
-                fmt_opt(num(&j["ci_low"]), 3),
-                fmt_opt(num(&j["ci_high"]), 3),
+                if no_verdict {
+                    "none".to_string()
+                } else {
+                    fmt_opt(num(&j["win_rate"]), 3)
+                },
+                if no_verdict {
+                    "–".to_string()
+                } else {
+                    fmt_opt(num(&j["ci_low"]), 3)
+                },
+                if no_verdict {
+                    "–".to_string()
+                } else {
+                    fmt_opt(num(&j["ci_high"]), 3)
+                },
                 fmt_opt(num(&j["position_consistency"]), 3),
                 fmt_opt(num(&j["unparsed"]), 0),
                 fmt_opt(num(&j["winner_mean_chars"]), 0),
