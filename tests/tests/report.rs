@@ -61,15 +61,27 @@ fn a_real_campaigns_report_is_served_written_and_drawn_with_its_charts() {
         .expect("a distill task")
         .clone();
     let series = distill["progress"].as_array().expect("progress series");
-    assert_eq!(series.len(), 32, "one point per step (32 < the cap)");
+    // One point per step (32 < the cap), more only if an attempt was lost and resumed.
+    assert!(series.len() >= 32, "{}", series.len());
     assert_eq!(series.last().unwrap()["metrics"]["distill.step"], 32.0);
     assert!(series.iter().all(|p| p["metrics"]["distill.loss"]
         .as_f64()
         .is_some_and(f64::is_finite)));
     let attempts = distill["attempt_log"].as_array().expect("attempt log");
-    assert_eq!(attempts.len(), 1);
-    assert_eq!(attempts[0]["outcome"], "succeeded");
-    assert_eq!(attempts[0]["workers"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        attempts.last().unwrap()["outcome"],
+        "succeeded",
+        "{attempts:?}"
+    );
+    assert_eq!(attempts.len() as u64, distill["attempts"].as_u64().unwrap());
+    for a in attempts {
+        assert_eq!(
+            a["workers"].as_array().unwrap().len(),
+            2,
+            "a gang of 2: {a}"
+        );
+        assert!(a["end_ms"].as_u64().unwrap() >= a["start_ms"].as_u64().unwrap());
+    }
     assert_eq!(v["rounds"][0]["gate"][0]["decision"], "pass", "{v}");
     assert!(
         v["rounds"][0]["metrics"]["source"]["params"]
@@ -129,8 +141,16 @@ fn a_real_campaigns_report_is_served_written_and_drawn_with_its_charts() {
     let tid = distill["id"].as_str().unwrap();
     // Loss and KL over 32 steps; the frontier from the teacher to the student; the timeline.
     let loss = browser::figure(&dom, &format!("loss-{tid}")).expect("loss chart in the DOM");
-    assert_eq!(browser::polyline_points(loss, "#D62728"), 32, "loss curve");
-    assert_eq!(browser::polyline_points(loss, "#1F77B4"), 32, "KL curve");
+    assert_eq!(
+        browser::polyline_points(loss, "#D62728"),
+        series.len(),
+        "loss curve"
+    );
+    assert_eq!(
+        browser::polyline_points(loss, "#1F77B4"),
+        series.len(),
+        "KL curve"
+    );
     let frontier = browser::figure(&dom, "frontier").expect("frontier chart");
     assert_eq!(
         browser::polyline_points(frontier, "#2CA02C"),
