@@ -46,13 +46,14 @@ pub fn progress_metrics(e: &pb::Event) -> BTreeMap<String, f64> {
 
 /// Where a task is: `(done, total, unit)` from the counters a task kind reports
 /// (`distill.step/total_steps`, `score.sequences/total`, `score_depth.passes/total`,
-/// `judge.done/total`, or any `X.done/X.total`).
+/// `judge.done/total`, `generate.questions/total`, or any `X.done/X.total`).
 pub fn position(m: &BTreeMap<String, f64>) -> Option<(f64, f64, &'static str)> {
     for (total_key, done_key, unit) in [
         ("distill.total_steps", "distill.step", "step"),
         ("score.total", "score.sequences", "sequences"),
         ("score_depth.total", "score_depth.passes", "passes"),
         ("judge.total", "judge.done", "judged"),
+        ("generate.total", "generate.questions", "answered"),
     ] {
         if let (Some(d), Some(t)) = (m.get(done_key), m.get(total_key)) {
             return Some((*d, *t, unit));
@@ -230,6 +231,10 @@ mod tests {
         assert_eq!(
             position(&m(&[("judge.done", 1.0), ("judge.total", 4.0)])),
             Some((1.0, 4.0, "judged"))
+        );
+        assert_eq!(
+            position(&m(&[("generate.questions", 3.0), ("generate.total", 8.0)])),
+            Some((3.0, 8.0, "answered"))
         );
         assert_eq!(
             position(&m(&[("eval.done", 2.0), ("eval.total", 5.0)])),
