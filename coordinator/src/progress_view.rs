@@ -257,6 +257,71 @@ mod tests {
         assert!(l.contains("loss 1.2346") && l.contains("4321 tok/s"), "{l}");
     }
 
+    /// A terminal that keeps what is drawn on it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(std::sync::Arc<std::sync::Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            160
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            let mut t = self.0.lock().unwrap();
+            t.push_str(s);
+            t.push('\n');
+            Ok(())
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn on_a_terminal_a_bar_shows_task_position_loss_and_eta_and_events_print_above() {
+        let screen = Screen::default();
+        let mut b = Bars::new(ProgressDrawTarget::term_like(Box::new(screen.clone())));
+        b.event(&progress(&[
+            ("distill.step", 3.0),
+            ("distill.total_steps", 12.0),
+            ("distill.loss", 0.75),
+            ("distill.tokens_per_s", 999.0),
+        ]));
+        b.event(&pb::Event {
+            kind: "task_leased".into(),
+            message: "task t00000008 leased to w1".into(),
+            time_ms: 3_723_000,
+            ..Default::default()
+        });
+        b.finish();
+        let text = screen.0.lock().unwrap().clone();
+        assert!(text.contains("round 1 distill t00000007"), "{text}");
+        assert!(text.contains("3/12 step loss 0.7500"), "{text}");
+        assert!(text.contains("999 tok/s") && text.contains("ETA"), "{text}");
+        assert!(
+            text.contains("01:02:03 task t00000008 leased to w1"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn bars_follow_tasks_and_end_with_them() {
         let mut b = Bars::new(ProgressDrawTarget::hidden());
