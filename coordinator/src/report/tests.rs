@@ -93,7 +93,6 @@ fn a_two_round_campaign_has_every_section_with_data() {
         );
     }
     // The frontier joins teacher → round 0 → round 1: three points on the student colour.
-    std::fs::write(std::env::temp_dir().join("report-unit.html"), &html).unwrap();
     let f = figure(&html, "frontier").expect("frontier chart");
     assert_eq!(polyline_points(f, "#2CA02C"), 3, "{f}");
     assert!(
