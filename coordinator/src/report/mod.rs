@@ -145,8 +145,9 @@ fn teacher_ppl(c: &Value) -> Option<f64> {
 }
 
 /// The ranking where the campaign reports one: `ranking` at the top or `metrics.judge.ranking`
-/// of the last round that has it; a list of `{model|name, rating|elo|score, ci_low, ci_high}`
-/// or an object of those by name.
+/// of the last round that has it (the judge's `judge.ranking.<model>.{elo, ci_low, ci_high}`,
+/// nested: an object by model name); also a list of `{model|name, rating|elo|score, ci_low,
+/// ci_high}`.
 fn ranking(c: &Value) -> Vec<Estimate> {
     let found = [&c["ranking"], &c["judge"]["ranking"]]
         .into_iter()
@@ -519,8 +520,9 @@ fn candidates_section(o: &mut String, rounds: &[&Value]) {
             let winner = k["winner"].as_bool().unwrap_or(false);
             let _ = writeln!(
                 o,
-                "<tr{}><td>{i}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr{}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 if winner { " class=\"winner\"" } else { "" },
+                k["index"].as_u64().unwrap_or(i as u64),
                 esc(&shape),
                 fmt_params(num(&k["params"])),
                 fmt_opt(num(&k["tokens"]), 0),
@@ -583,10 +585,9 @@ fn distill_section(o: &mut String, rounds: &[&Value]) {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|t| {
-                    t["kind"].as_str() == Some("distill")
-                        && !curve(t, "distill.step", "distill.loss").is_empty()
-                })
+                // Distillations, and any task that reports the same curves (a search
+                // candidate's short distillation, a teacher correction).
+                .filter(|t| !curve(t, "distill.step", "distill.loss").is_empty())
                 .map(move |t| (*r, t))
         })
         .collect();
@@ -596,11 +597,17 @@ fn distill_section(o: &mut String, rounds: &[&Value]) {
     o.push_str("<section id=\"distill\"><h2>Distillation</h2>\n");
     for (r, t) in tasks {
         let tid = t["id"].as_str().unwrap_or("?");
-        let m = &r["metrics"]["distill"];
+        let none = Value::Null;
+        let m = if t["kind"].as_str() == Some("distill") {
+            &r["metrics"]["distill"]
+        } else {
+            &none
+        };
         let _ = writeln!(
             o,
-            "<h3>round {} · task {} · {} rank(s)</h3><p>{} steps, {} tokens, final loss {}, {} tok/s overall</p><div class=\"row\">",
+            "<h3>round {} · {} task {} · {} rank(s)</h3><p>{} steps, {} tokens, final loss {}, {} tok/s overall</p><div class=\"row\">",
             r["index"].as_u64().unwrap_or(0),
+            esc(t["kind"].as_str().unwrap_or("")),
             esc(tid),
             t["world_size"].as_u64().unwrap_or(1),
             fmt_opt(num(&m["steps"]), 0),
@@ -679,7 +686,13 @@ fn judge_section(o: &mut String, c: &Value, rounds: &[&Value]) {
         let mtbench = judged
             .iter()
             .any(|r| r["metrics"]["judge"]["mtbench"].is_object());
-        if !mtbench {
+        // The label the status gives the judge's mode, else what the figures are by default.
+        let label = judged
+            .iter()
+            .find_map(|r| r["metrics"]["judge"]["comparability"].as_str());
+        if let Some(l) = label {
+            let _ = writeln!(o, "<p class=\"note\">Judge: {}.</p>", esc(l));
+        } else if !mtbench {
             o.push_str("<p class=\"note\">Pairwise against the baseline, both orders (a disagreement is a tie): not comparable with published MT-Bench.</p>\n");
         }
         o.push_str("<table><thead><tr><th>round</th><th>wins / ties / losses</th><th>win rate</th><th>95% interval</th><th>position consistency</th><th>unparsed</th><th>mean chars winner / loser</th><th>MT-Bench turn 1 / 2 / overall</th></tr></thead><tbody>\n");

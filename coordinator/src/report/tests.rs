@@ -128,7 +128,7 @@ fn a_two_round_campaign_has_every_section_with_data() {
 fn candidates_mtbench_and_a_ranking_light_up_when_reported() {
     let mut r0 = round(0, 600_000.0, 12.0);
     r0["candidates"] = json!([
-        {"shape": {"hidden_size": 96, "intermediate_size": 256, "num_attention_heads": 4, "num_layers": 4},
+        {"index": 0, "shape": {"hidden_size": 96, "intermediate_size": 256, "num_attention_heads": 4, "num_layers": 4},
          "params": 610_000, "tokens": 5000, "score": 2.1, "winner": false},
         {"shape": {"hidden_size": 112, "intermediate_size": 192, "num_attention_heads": 4, "num_layers": 3},
          "params": 590_000, "tokens": 5000, "score": 1.9, "winner": true, "perplexity": 11.0},
@@ -138,11 +138,14 @@ fn candidates_mtbench_and_a_ranking_light_up_when_reported() {
     r0["metrics"]["judge"]["mtbench"] =
         json!({"turn1": 6.5, "turn2": 5.5, "overall": 6.0, "invalid": 1});
     let mut c = campaign(vec![r0, round(1, 400_000.0, 15.0)]);
-    c["rounds"][1]["metrics"]["judge"]["ranking"] = json!([
-        {"model": "teacher", "rating": 1000.0, "ci_low": 1000.0, "ci_high": 1000.0},
-        {"model": "round 0", "rating": 950.0, "ci_low": 900.0, "ci_high": 990.0},
-        {"model": "round 1", "rating": 880.0, "ci_low": 820.0, "ci_high": 930.0},
-    ]);
+    // As the judge's status nests `judge.ranking.<model>.{elo, ci_low, ci_high, battles}`.
+    c["rounds"][1]["metrics"]["judge"]["ranking"] = json!({
+        "teacher": {"elo": 1000.0, "ci_low": 1000.0, "ci_high": 1000.0, "battles": 16},
+        "round0": {"elo": 950.0, "ci_low": 900.0, "ci_high": 990.0, "battles": 16},
+        "round1": {"elo": 880.0, "ci_low": 820.0, "ci_high": 930.0, "battles": 16},
+    });
+    c["rounds"][0]["metrics"]["judge"]["comparability"] =
+        json!("MT-Bench (FastChat's prompts and grading, comparable with published MT-Bench)");
     let html = render(&c);
     assert!(html.contains("<section id=\"candidates\""));
     let k = figure(&html, "candidates-0").expect("candidates chart");
@@ -154,7 +157,11 @@ fn candidates_mtbench_and_a_ranking_light_up_when_reported() {
     assert!(figure(&html, "mtbench-vs-params").is_some());
     assert!(html.contains("6.50 / 5.50 / 6.00"));
     let r = figure(&html, "ranking").expect("ranking chart");
-    assert!(r.contains("data-points=\"3\"") && has_text(r, "round 1"));
+    assert!(r.contains("data-points=\"3\"") && has_text(r, "round1"));
+    // Best first in the table.
+    let t = html.find("<td>teacher</td><td>1000</td>").unwrap();
+    assert!(t < html.find("<td>round1</td><td>880</td>").unwrap());
+    assert!(html.contains("comparable with published MT-Bench)."));
     assert!(!html.contains("not comparable with published MT-Bench"));
 }
 
