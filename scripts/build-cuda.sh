@@ -35,7 +35,7 @@ done
 
 # libcuda is the driver's: link against a stub whose functions all return CUDA_ERROR_NO_DEVICE.
 (cd "$ROOT" && cargo fetch -q)
-CUDARC=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.* | sort -V | tail -1)
+CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | sort -V | tail -1)
 {
   grep -ohE '\bcu[A-Z][A-Za-z0-9_]*\s*\(' "$CU/include/cuda.h" || true
   grep -ohE 'pub (unsafe )?fn cu[A-Z][A-Za-z0-9_]*' "$CUDARC/src/driver/sys/mod.rs" | sed -E 's/.*fn //' || true

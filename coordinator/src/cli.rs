@@ -2,7 +2,6 @@
 //! input (arguments, spec, files), 1 for other failures.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -89,9 +88,25 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Follow a campaign's progress; exit 0 iff it succeeded.
+    /// Follow a campaign's progress; exit 0 iff it succeeded. On a terminal: a progress bar per
+    /// running task; otherwise (or with --plain) one line per event.
     Watch {
         id: String,
+        /// Plain log lines even on a terminal.
+        #[arg(long)]
+        plain: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Write a campaign's report: one self-contained HTML file (no script, nothing fetched) with
+    /// the size/quality frontier, each distillation's curves, judge results, gate decisions and
+    /// the tasks per worker. The coordinator also serves it on `--metrics-listen` at
+    /// `/campaigns/ID/report`.
+    Report {
+        id: String,
+        /// The HTML file to write.
+        #[arg(long)]
+        out: PathBuf,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -134,6 +149,9 @@ pub enum Command {
         teacher_seconds: u64,
         #[arg(long, default_value_t = 600)]
         teacher_steps: u64,
+        /// Plain log lines even on a terminal (no progress bars).
+        #[arg(long)]
+        plain: bool,
     },
     /// Fetch artifacts.
     Artifact {
@@ -279,10 +297,12 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             json,
         } => plan(&spec, &device_memory, &device, teacher.as_deref(), json),
         Command::Status { id, json, client } => status(id.as_deref(), json, &client).await,
-        Command::Watch { id, client } => {
+        Command::Watch { id, plain, client } => {
             let mut c = connect(&client).await?;
-            watch(&mut c, &client, &id, &mut std::io::stdout()).await
+            let mut view = crate::progress_view::for_stdout(plain);
+            watch(&mut c, &client, &id, view.as_mut()).await
         }
+        Command::Report { id, out, client } => report(&client, &id, &out).await,
         Command::Cancel { id, client } => control(&client, &id, "cancel").await,
         Command::Pause { id, client } => control(&client, &id, "pause").await,
         Command::Resume { id, client } => control(&client, &id, "resume").await,
@@ -295,12 +315,14 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             dir,
             teacher_seconds,
             teacher_steps,
+            plain,
         } => {
             crate::demo::run(crate::demo::DemoArgs {
                 workers,
                 dir,
                 teacher_seconds,
                 teacher_steps,
+                plain,
             })
             .await
         }
@@ -422,7 +444,8 @@ async fn submit(path: &Path, wait: bool, client: &ClientOpts) -> Result<i32, Cli
         .campaign_id;
     println!("{id}");
     if wait {
-        return watch(&mut c, client, &id, &mut std::io::stderr()).await;
+        let mut view = crate::progress_view::Plain(Box::new(std::io::stderr()));
+        return watch(&mut c, client, &id, &mut view).await;
     }
     Ok(0)
 }
@@ -598,6 +621,10 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
                 "metrics": metrics,
                 "extensions": r.extensions,
                 "candidates": candidates,
+                "gate": r.gate.iter().map(|g| json!({
+                    "time_ms": g.time_ms, "decision": g.decision, "reason": g.reason,
+                    "metrics": g.metrics.iter().collect::<BTreeMap<_, _>>(),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -610,6 +637,16 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
             "failed": t.failed, "revoked": t.revoked,
             "checkpoint": if t.checkpoint.is_empty() { Value::Null } else { json!(t.checkpoint) },
             "error": if t.error.is_empty() { Value::Null } else { json!(t.error) },
+            "progress": t.progress.iter().map(|p| json!({
+                "time_ms": p.time_ms,
+                "metrics": p.metrics.iter().collect::<BTreeMap<_, _>>(),
+            })).collect::<Vec<_>>(),
+            "attempt_log": t.attempt_log.iter().map(|a| json!({
+                "lease_id": a.lease_id, "workers": a.workers, "hosts": a.hosts,
+                "start_ms": a.start_ms,
+                "end_ms": if a.end_ms == 0 { Value::Null } else { json!(a.end_ms) },
+                "outcome": if a.outcome.is_empty() { Value::Null } else { json!(a.outcome) },
+            })).collect::<Vec<_>>(),
         })
     };
     let mut rounds = rounds;
@@ -751,33 +788,24 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
     Ok(0)
 }
 
-fn bar(done: f64, total: f64) -> String {
-    let frac = if total > 0.0 {
-        (done / total).clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    let n = (frac * 24.0).round() as usize;
-    format!(
-        "[{}{}] {:>5.1}%",
-        "#".repeat(n),
-        ".".repeat(24 - n),
-        frac * 100.0
-    )
-}
-
-fn clock(ms: u64) -> String {
-    let s = (ms / 1000) % 86_400;
-    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
-}
-
 /// Follows a campaign's events (reconnecting across coordinator restarts); returns 0 iff it
 /// succeeded.
 pub async fn watch(
     c: &mut CampaignClient,
     client: &ClientOpts,
     id: &str,
-    out: &mut dyn Write,
+    view: &mut dyn crate::progress_view::ProgressView,
+) -> Result<i32, CliError> {
+    let code = watch_events(c, client, id, view).await;
+    view.finish();
+    code
+}
+
+async fn watch_events(
+    c: &mut CampaignClient,
+    client: &ClientOpts,
+    id: &str,
+    view: &mut dyn crate::progress_view::ProgressView,
 ) -> Result<i32, CliError> {
     let mut next = 1u64;
     let mut failures = 0u32;
@@ -810,36 +838,7 @@ pub async fn watch(
             };
             failures = 0;
             next = e.seq + 1;
-            let m: BTreeMap<String, f64> = e.metrics.clone().into_iter().collect();
-            // Distillation progress (workers report it under `progress.distill.*`).
-            let get = |k: &str| m.get(&format!("progress.distill.{k}")).or_else(|| m.get(k));
-            let line = match (e.kind.as_str(), get("step"), get("total_steps")) {
-                ("task_progress", Some(s), Some(t)) => {
-                    let mut extra = String::new();
-                    if let Some(l) = get("loss") {
-                        extra.push_str(&format!(" loss {l:.4}"));
-                    }
-                    if let Some(lr) = get("lr") {
-                        extra.push_str(&format!(" lr {lr:.2e}"));
-                    }
-                    if let Some(tps) = get("tokens_per_s") {
-                        extra.push_str(&format!(" {tps:.0} tok/s"));
-                    }
-                    format!(
-                        "{} round {} {:<8} {} {} step {}/{}{}",
-                        clock(e.time_ms),
-                        e.round,
-                        e.phase,
-                        e.task_id,
-                        bar(*s, *t),
-                        s,
-                        t,
-                        extra
-                    )
-                }
-                _ => format!("{} {}", clock(e.time_ms), e.message),
-            };
-            let _ = writeln!(out, "{line}");
+            view.event(&e);
             if e.kind == "search_decided" {
                 // The candidates as the report shows them.
                 let got = c
@@ -855,7 +854,7 @@ pub async fn watch(
                         .filter(|r| r.index == e.round)
                         .flat_map(|r| &r.candidates)
                     {
-                        let _ = writeln!(out, "    {}", candidate_line(x));
+                        view.note(&format!("    {}", candidate_line(x)));
                     }
                 }
             }
@@ -893,6 +892,41 @@ pub async fn watch(
             *c = nc;
         }
     }
+}
+
+/// `coordinator report ID --out FILE`.
+async fn report(client: &ClientOpts, id: &str, out: &Path) -> Result<i32, CliError> {
+    let mut c = connect(client).await?;
+    let camp = c
+        .get(pb::GetCampaignRequest {
+            campaign_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| status_error(&format!("report {id}"), s))?
+        .into_inner();
+    let html = crate::report::render(&campaign_json(&camp));
+    write_report(out, &html)?;
+    println!("{}", out.display());
+    Ok(0)
+}
+
+/// Writes a report file (its folder created), or says where and why it could not.
+pub fn write_report(out: &Path, html: &str) -> Result<(), CliError> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            CliError::input(format!(
+                "--out {}: cannot create {}: {e}",
+                out.display(),
+                dir.display()
+            ))
+        })?;
+    }
+    std::fs::write(out, html).map_err(|e| {
+        CliError::input(format!(
+            "--out {}: cannot write the report: {e} (choose a writable file path)",
+            out.display()
+        ))
+    })
 }
 
 async fn artifact_get(client: &ClientOpts, what: &str, out: &Path) -> Result<i32, CliError> {

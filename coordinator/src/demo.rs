@@ -4,6 +4,7 @@
 //! prune, distill, evaluate with perplexity and a local pairwise judge, gate), and prints a report.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,45 +31,38 @@ pub struct DemoArgs {
     /// Teacher training budget.
     pub teacher_seconds: u64,
     pub teacher_steps: u64,
+    /// Log lines instead of progress bars even on a terminal.
+    pub plain: bool,
 }
 
 const QUESTIONS: &str = include_str!("../../worker/data/questions.jsonl");
 
-/// A deterministic corpus of simple English: enough structure for a small model to learn.
+/// A deterministic corpus with real entropy: short sentences of a made-up language, a small
+/// grammar of English words (verbs, adjectives, nouns, prepositions) around invented names and
+/// places spelled from random syllables, and random counts. The grammar is learnable; the
+/// invented words are not (a consonant of 14 and a vowel of 5 per syllable: about 3 bits per
+/// letter), so a teacher's perplexity per byte stays well above 1 (a small one trained for a
+/// minute on 2 cores: 5 to 12).
+/// Pruning takes away what the teacher learned of the grammar and distillation gives it back,
+/// which is the trade-off the demo shows.
 pub fn corpus(docs: usize, seed: u64) -> Vec<String> {
-    let subjects = [
-        "the cat",
-        "a dog",
-        "the old man",
-        "my sister",
-        "the farmer",
-        "a small bird",
-        "the teacher",
-        "our neighbour",
+    const VERBS: [&str; 16] = [
+        "sees", "likes", "finds", "carries", "paints", "follows", "calls", "watches", "sells",
+        "builds", "keeps", "hides", "brings", "counts", "mends", "fears",
     ];
-    let verbs = [
-        "sees", "likes", "finds", "carries", "paints", "follows", "calls", "watches",
+    const ADJS: [&str; 16] = [
+        "red", "green", "old", "small", "bright", "quiet", "warm", "wooden", "heavy", "broken",
+        "silver", "tiny", "dark", "long", "soft", "round",
     ];
-    let objects = [
-        "the red ball",
-        "a green apple",
-        "the long river",
-        "a wooden box",
-        "the bright moon",
-        "an old book",
-        "the quiet garden",
-        "a warm coat",
+    const NOUNS: [&str; 16] = [
+        "ball", "apple", "river", "box", "moon", "book", "garden", "coat", "lamp", "stone", "boat",
+        "bell", "basket", "door", "horse", "cup",
     ];
-    let places = [
-        "in the morning",
-        "near the hill",
-        "after dinner",
-        "by the sea",
-        "under the tree",
-        "at the market",
-        "in the rain",
-        "before dawn",
+    const PREPS: [&str; 8] = [
+        "in", "near", "under", "behind", "above", "beside", "past", "through",
     ];
+    const CONS: &[u8] = b"bdfgklmnprstvz";
+    const VOWELS: &[u8] = b"aeiou";
     let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut pick = |n: usize| {
         state ^= state << 13;
@@ -76,25 +70,44 @@ pub fn corpus(docs: usize, seed: u64) -> Vec<String> {
         state ^= state << 17;
         (state % n as u64) as usize
     };
+    let word = |pick: &mut dyn FnMut(usize) -> usize, capital: bool| {
+        let mut w = String::new();
+        for _ in 0..2 + pick(2) {
+            w.push(CONS[pick(CONS.len())] as char);
+            w.push(VOWELS[pick(VOWELS.len())] as char);
+        }
+        if pick(2) == 0 {
+            w.push(CONS[pick(CONS.len())] as char);
+        }
+        if capital {
+            w[..1].to_uppercase() + &w[1..]
+        } else {
+            w
+        }
+    };
     (0..docs)
         .map(|_| {
-            let sentences = 3 + pick(4);
             let mut d = String::new();
-            for _ in 0..sentences {
-                let s = subjects[pick(subjects.len())];
-                let mut first = s.chars();
-                let cap: String = first
-                    .next()
-                    .map(|c| c.to_uppercase().collect::<String>())
-                    .unwrap_or_default()
-                    + first.as_str();
-                let _ = write!(
-                    d,
-                    "{cap} {} {} {}. ",
-                    verbs[pick(verbs.len())],
-                    objects[pick(objects.len())],
-                    places[pick(places.len())]
-                );
+            for _ in 0..3 + pick(4) {
+                let name = word(&mut pick, true);
+                let verb = VERBS[pick(VERBS.len())];
+                let adj = ADJS[pick(ADJS.len())];
+                let noun = NOUNS[pick(NOUNS.len())];
+                let prep = PREPS[pick(PREPS.len())];
+                let place = word(&mut pick, true);
+                match pick(3) {
+                    0 => {
+                        let _ = write!(d, "{name} {verb} the {adj} {noun} {prep} {place}. ");
+                    }
+                    1 => {
+                        let n = 2 + pick(98);
+                        let _ = write!(d, "{name} {verb} {n} {adj} {noun}s {prep} {place}. ");
+                    }
+                    _ => {
+                        let other = word(&mut pick, true);
+                        let _ = write!(d, "In {place}, {name} {verb} {other} and the {noun}. ");
+                    }
+                }
             }
             d.trim_end().to_string()
         })
@@ -116,6 +129,7 @@ fn train_teacher(
     train: &[String],
     seconds: u64,
     steps: u64,
+    bars: bool,
 ) -> Result<(f64, u64), CliError> {
     let err = |e: &dyn std::fmt::Display| CliError::other(format!("teacher: {e}"));
     let spec = TestModelSpec {
@@ -162,10 +176,28 @@ fn train_teacher(
         Trainer::new(model, None, cfg, &mut solo, domains, &[1.0], vec![]).map_err(|e| err(&e))?;
     let start = Instant::now();
     let mut loss = f64::NAN;
+    let bar = bars.then(|| {
+        let b = indicatif::ProgressBar::with_draw_target(
+            Some(steps),
+            indicatif::ProgressDrawTarget::stdout(),
+        );
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "  teacher [{bar:28.cyan/blue}] step {pos}/{len} {msg} ({elapsed}, budget {prefix})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.set_prefix(format!("{seconds} s"));
+        b
+    });
     while t.step < steps && start.elapsed() < Duration::from_secs(seconds) {
         let s = t.train_step().map_err(|e| err(&e))?;
         loss = s.loss;
-        if s.step % 20 == 0 {
+        if let Some(b) = &bar {
+            b.set_position(s.step);
+            b.set_message(format!("loss {:.3}", s.loss));
+        } else if s.step % 20 == 0 {
             println!(
                 "  teacher step {:>4}  loss {:.3}  ({:.0} s)",
                 s.step,
@@ -173,6 +205,9 @@ fn train_teacher(
                 start.elapsed().as_secs_f64()
             );
         }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     let steps_done = t.step;
     save_dir(&t.student, dir, Some(dir)).map_err(|e| err(&e))?;
@@ -215,63 +250,153 @@ on_fail = "extend_distill"
     )
 }
 
-/// The report: a row per round.
-pub fn report(c: &pb::Campaign, student_dir: &Path) -> String {
-    let v = campaign_json(c);
+/// What the judge could say about a round: its counts, or why they are no result.
+fn judge_cell(j: &serde_json::Value) -> String {
+    let f = |k: &str| j[k].as_f64();
+    match (f("wins"), f("ties"), f("losses")) {
+        (Some(w), Some(t), Some(l)) if w + l == 0.0 => {
+            format!("no verdict ({t:.0} ties)*")
+        }
+        (Some(w), Some(t), Some(l)) => format!(
+            "{w:.0}/{t:.0}/{l:.0} win {}",
+            f("win_rate").map_or("-".into(), |x| format!("{x:.2}"))
+        ),
+        _ => "-".into(),
+    }
+}
+
+/// The demo's table: the teacher, then each round (smaller and smaller) with its perplexity
+/// after pruning and after distillation, the judge, and the distillation's tokens and speed.
+/// `campaign` is the `status --json` object (with `metrics.pruned_perplexity` where measured).
+pub fn table(campaign: &serde_json::Value, student_dir: &Path, report: Option<&Path>) -> String {
+    let v = campaign;
     let mut s = String::new();
     let _ = writeln!(
         s,
         "\ncampaign {} ({}): {}",
-        c.id,
-        c.name,
+        v["id"].as_str().unwrap_or("?"),
+        v["name"].as_str().unwrap_or("?"),
         v["state"].as_str().unwrap_or("?")
     );
     let _ = writeln!(
         s,
-        "{:<6} {:>10} {:>12} {:>12} {:>8} {:>22} {:>10} {:>9}",
-        "round",
+        "{:<9} {:>10} {:>11} {:>14} {:>10} {:>22} {:>9} {:>7}",
+        "model",
         "params",
-        "perplexity",
-        "teacher ppl",
-        "ratio",
-        "judge W/T/L (win rate)",
+        "ppl pruned",
+        "ppl distilled",
+        "x teacher",
+        "judge W/T/L vs teacher",
         "tokens",
         "tok/s"
     );
-    for r in v["rounds"].as_array().into_iter().flatten() {
+    let rounds: Vec<&serde_json::Value> = v["rounds"].as_array().into_iter().flatten().collect();
+    let opt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    let tppl = rounds
+        .iter()
+        .find_map(|r| r["metrics"]["teacher_perplexity"].as_f64());
+    let tparams = rounds
+        .first()
+        .and_then(|r| r["metrics"]["source"]["params"].as_f64());
+    let _ = writeln!(
+        s,
+        "{:<9} {:>10} {:>11} {:>14} {:>10} {:>22} {:>9} {:>7}",
+        "teacher",
+        opt(tparams, 0),
+        "-",
+        opt(tppl, 2),
+        "1.00",
+        "-",
+        "-",
+        "-"
+    );
+    let mut no_verdict = false;
+    for r in &rounds {
         let m = &r["metrics"];
-        let f = |x: &serde_json::Value| x.as_f64();
-        let ppl = f(&m["perplexity"]);
-        let tppl = f(&m["teacher_perplexity"]);
-        let j = &m["judge"];
-        let judge = match (f(&j["wins"]), f(&j["ties"]), f(&j["losses"])) {
-            (Some(w), Some(t), Some(l)) => format!(
-                "{w:.0}/{t:.0}/{l:.0} ({})",
-                f(&j["win_rate"]).map_or("-".into(), |x| format!("{x:.2}"))
-            ),
-            _ => "-".into(),
-        };
-        let opt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |x| format!("{x:.p$}"));
+        let ppl = m["perplexity"].as_f64();
+        let judge = judge_cell(&m["judge"]);
+        no_verdict |= judge.ends_with('*');
         let _ = writeln!(
             s,
-            "{:<6} {:>10} {:>12} {:>12} {:>8} {:>22} {:>10} {:>9}",
-            r["index"].as_u64().unwrap_or(0),
+            "{:<9} {:>10} {:>11} {:>14} {:>10} {:>22} {:>9} {:>7}",
+            format!("round {}", r["index"].as_u64().unwrap_or(0)),
             r["params"].as_u64().map_or("-".into(), |p| p.to_string()),
+            opt(m["pruned_perplexity"].as_f64(), 2),
             opt(ppl, 2),
-            opt(tppl, 2),
             opt(ppl.zip(tppl).map(|(a, b)| a / b), 2),
             judge,
-            opt(f(&m["distill"]["tokens"]), 0),
-            opt(f(&m["distill"]["tokens_per_s"]), 0),
+            opt(m["distill"]["tokens"].as_f64(), 0),
+            opt(m["distill"]["tokens_per_s"].as_f64(), 0),
         );
     }
-    for r in &c.rounds {
-        for x in &r.candidates {
-            let _ = writeln!(s, "round {} {}", r.index, crate::cli::candidate_line(x));
+    let _ = writeln!(
+        s,
+        "ppl: validation perplexity per byte; pruned = the pruned model before distillation."
+    );
+    if no_verdict {
+        let _ = writeln!(
+            s,
+            "* the local judge (the demo's own small teacher) preferred neither answer in any pair \
+             once both orders were asked: at this size it cannot judge, so there is no win rate. \
+             Point evaluation.judge at a real model (backend = \"openai\") for one."
+        );
+    }
+    // A searching round's candidates (`rounds[i].candidates` of `status --json`).
+    for r in &rounds {
+        for x in r["candidates"].as_array().into_iter().flatten() {
+            let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+            let shape = &x["shape"];
+            let candidate = pb::Candidate {
+                index: n(&x["index"]) as u32,
+                hidden_size: n(&shape["hidden_size"]) as u32,
+                intermediate_size: n(&shape["intermediate_size"]) as u32,
+                num_attention_heads: n(&shape["num_attention_heads"]) as u32,
+                num_layers: n(&shape["num_layers"]) as u32,
+                params: n(&x["params"]),
+                tokens: n(&x["tokens"]),
+                score: x["score"].as_f64(),
+                winner: x["winner"].as_bool().unwrap_or(false),
+                ..Default::default()
+            };
+            let _ = writeln!(
+                s,
+                "round {} {}",
+                n(&r["index"]),
+                crate::cli::candidate_line(&candidate)
+            );
         }
     }
     let _ = writeln!(s, "student: {}", student_dir.display());
+    if let Some(p) = report {
+        let _ = writeln!(s, "report:  {}", p.display());
+    }
     s
+}
+
+/// Validation perplexity of a model directory, measured as the campaign's `perplexity` task
+/// does (windows of `seq_len` advancing by half, an end-of-sequence token after each document).
+fn model_perplexity(model_dir: &Path, val: &[String], seq_len: usize) -> Result<f64, String> {
+    use distillery_worker::model::perplexity::perplexity;
+    let model = load_dir(
+        model_dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .map_err(|e| e.to_string())?;
+    let tok = tokenizer::load(&model_dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
+    let eos = distillery_worker::tasks::common::eos_id(&model);
+    let (mut ids, mut bytes) = (Vec::new(), 0);
+    for d in val {
+        if ids.len() >= 1 << 15 {
+            break;
+        }
+        ids.extend(tokenizer::encode(&tok, d, false).map_err(|e| e.to_string())?);
+        ids.extend(eos);
+        bytes += d.len() + 1;
+    }
+    let window = seq_len.min(model.config.max_position_embeddings).max(2);
+    let p = perplexity(&model, &ids, bytes, window, window / 2).map_err(|e| e.to_string())?;
+    Ok(p.perplexity())
 }
 
 /// Runs the demo; returns the exit code.
@@ -308,8 +433,9 @@ pub async fn run(a: DemoArgs) -> Result<i32, CliError> {
         let train = docs[..2000].to_vec();
         let t = teacher.clone();
         let (secs, steps) = (a.teacher_seconds, a.teacher_steps);
+        let bars = !a.plain && std::io::stdout().is_terminal();
         let (loss, done) =
-            tokio::task::spawn_blocking(move || train_teacher(&t, &train, secs, steps))
+            tokio::task::spawn_blocking(move || train_teacher(&t, &train, secs, steps, bars))
                 .await
                 .map_err(|e| CliError::other(e.to_string()))??;
         std::fs::write(
@@ -383,7 +509,9 @@ pub async fn run(a: DemoArgs) -> Result<i32, CliError> {
         .into_inner()
         .campaign_id;
     println!("campaign {id}: {}", spec_path.display());
-    let code = watch(&mut c, &client, &id, &mut std::io::stdout()).await?;
+    let mut view = crate::progress_view::for_stdout(a.plain);
+    let code = watch(&mut c, &client, &id, view.as_mut()).await?;
+    drop(view);
     let camp = c
         .get(pb::GetCampaignRequest {
             campaign_id: id.clone(),
@@ -391,7 +519,8 @@ pub async fn run(a: DemoArgs) -> Result<i32, CliError> {
         .await
         .map_err(|s| CliError::other(s.message().to_string()))?
         .into_inner();
-    // 4. The student, fetched like a user would, and the report.
+    // 4. The student, fetched like a user would; each round's pruned model (before its
+    // distillation) measured like the campaign measures its students; the report.
     let student_dir = dir.join("student");
     if let Some(d) = camp
         .rounds
@@ -401,6 +530,32 @@ pub async fn run(a: DemoArgs) -> Result<i32, CliError> {
     {
         crate::cli::fetch_artifact(&mut c, &d, &student_dir).await?;
     }
-    print!("{}", report(&camp, &student_dir));
+    let mut status = campaign_json(&camp);
+    let val = docs[2200..].to_vec();
+    for r in &camp.rounds {
+        let Some(d) = r.artifacts.get("pruned") else {
+            continue;
+        };
+        let pruned_dir = dir.join(format!("rounds/{}/pruned", r.index));
+        let _ = std::fs::remove_dir_all(&pruned_dir);
+        crate::cli::fetch_artifact(&mut c, d, &pruned_dir).await?;
+        let (pd, v) = (pruned_dir.clone(), val.clone());
+        match tokio::task::spawn_blocking(move || model_perplexity(&pd, &v, 64)).await {
+            Ok(Ok(ppl)) => {
+                if let Some(m) = status["rounds"][r.index as usize]["metrics"].as_object_mut() {
+                    m.insert("pruned_perplexity".into(), serde_json::json!(ppl));
+                }
+            }
+            Ok(Err(e)) => println!(
+                "round {}: could not measure the pruned model ({}): {e}",
+                r.index,
+                pruned_dir.display()
+            ),
+            Err(e) => return Err(CliError::other(e.to_string())),
+        }
+    }
+    let report_path = dir.join("report.html");
+    crate::cli::write_report(&report_path, &crate::report::render(&status))?;
+    print!("{}", table(&status, &student_dir, Some(&report_path)));
     Ok(code)
 }

@@ -10,6 +10,8 @@ pub mod engine;
 pub mod machine;
 pub mod phases;
 pub mod plan;
+pub mod progress_view;
+pub mod report;
 pub mod server;
 pub mod source_model;
 pub mod spec;

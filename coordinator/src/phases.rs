@@ -446,6 +446,32 @@ pub fn gate(
     }
 }
 
+/// Why a round passed the gate: the rules checked and the figures that met them.
+pub fn gate_pass_reason(spec: &pb::CampaignSpec, metrics: &BTreeMap<String, f64>) -> String {
+    let Some(g) = &spec.gate else {
+        return "no [gate] rules".into();
+    };
+    let mut parts = Vec::new();
+    if let (Some(max), Some(s), Some(t)) = (
+        g.max_perplexity_ratio,
+        metrics.get("perplexity"),
+        metrics.get("teacher_perplexity"),
+    ) {
+        parts.push(format!(
+            "perplexity {s:.3} is {:.3}x the teacher's {t:.3} (limit {max})",
+            s / t
+        ));
+    }
+    if let (Some(min), Some(w)) = (g.min_win_rate, metrics.get("judge.win_rate")) {
+        parts.push(format!("win rate {w:.3} (at least {min})"));
+    }
+    if parts.is_empty() {
+        "no [gate] rules".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
 /// Merges a phase's task metrics into the round's: `sum.`-prefixed keys add up (across shards)
 /// under the name without the prefix; others are copied. Judge counts yield `judge.win_rate`
 /// when no task reported one.

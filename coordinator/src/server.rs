@@ -168,7 +168,10 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// Prometheus text exposition of the coordinator's counts on `GET /metrics`.
+/// The HTTP side port (`--metrics-listen`): Prometheus text on `GET /metrics`, a campaign's
+/// HTML report on `GET /campaigns/ID/report`, its `status --json` object on
+/// `GET /campaigns/ID/status`. Read-only, like the metrics (no token: bind it to a private
+/// address).
 async fn spawn_metrics(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
@@ -177,18 +180,72 @@ async fn spawn_metrics(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<
         while let Ok((mut sock, _)) = listener.accept().await {
             let engine = engine.clone();
             tokio::spawn(async move {
+                // The request head: up to 8 KiB or the blank line.
+                let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = sock.read(&mut buf).await;
-                let body = metrics_text(&engine);
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => break,
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (status, ctype, body) = http_route(&engine, method, path);
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
-                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.write_all(head.as_bytes()).await;
+                if method != "HEAD" {
+                    let _ = sock.write_all(body.as_bytes()).await;
+                }
             });
         }
     });
     Ok(())
+}
+
+/// Answers one request of the side port: (status line, content type, body).
+fn http_route(engine: &Engine, method: &str, path: &str) -> (&'static str, &'static str, String) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if method != "GET" && method != "HEAD" {
+        return (
+            "405 Method Not Allowed",
+            TEXT,
+            format!("{method} {path}: only GET is served here\n"),
+        );
+    }
+    let path = path.split('?').next().unwrap_or("");
+    if path == "/metrics" || path == "/" {
+        return ("200 OK", "text/plain; version=0.0.4", metrics_text(engine));
+    }
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let ["campaigns", id, what @ ("report" | "status")] = parts.as_slice() {
+        let Some(c) = engine.read(|s| crate::machine::campaign_view(s, id)) else {
+            return (
+                "404 Not Found",
+                TEXT,
+                format!("campaign {id} not found (list them with `coordinator status`)\n"),
+            );
+        };
+        let v = crate::cli::campaign_json(&c);
+        return if *what == "report" {
+            (
+                "200 OK",
+                "text/html; charset=utf-8",
+                crate::report::render(&v),
+            )
+        } else {
+            ("200 OK", "application/json", format!("{v}\n"))
+        };
+    }
+    (
+        "404 Not Found",
+        TEXT,
+        format!("{path}: not found (try /metrics or /campaigns/ID/report)\n"),
+    )
 }
 
 fn metrics_text(engine: &Engine) -> String {

@@ -152,7 +152,12 @@ where
     S: futures::Stream<Item = Result<Chunk, tonic::Status>> + Unpin,
 {
     use futures::StreamExt;
-    let tmp = dest.with_extension(format!("part-{}", std::process::id()));
+    // Unique per transfer, not just per process: tasks running side by side in one worker (a
+    // search's candidates fetching the same scores) may download the same blob at once, and
+    // each must write its own file before the atomic rename.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dest.with_extension(format!("part-{}-{n}", std::process::id()));
     if let Some(parent) = dest.parent() {
         tokio::fs::create_dir_all(parent)
             .await

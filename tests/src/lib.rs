@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use distillery_proto::client::{CampaignClient, Target, WorkerClient};
 use distillery_proto::v1 as pb;
 
+pub mod browser;
 pub mod chaos;
 pub mod proxy;
 pub mod python;

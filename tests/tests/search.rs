@@ -121,6 +121,25 @@ fn check_search(v: &serde_json::Value) -> Vec<serde_json::Value> {
     // first one finished.
     let search = tasks_of(v, "search");
     assert_eq!(search.len(), 3, "{search:?}");
+    // The report's records cover the search tasks like every task: their attempts (the last one
+    // succeeded) and their training curves; the report shows the candidates.
+    for t in &search {
+        let log = t["attempt_log"].as_array().unwrap_or_else(|| panic!("{t}"));
+        assert_eq!(
+            log.last().map(|a| &a["outcome"]),
+            Some(&"succeeded".into()),
+            "{t}"
+        );
+        assert!(
+            t["progress"].as_array().is_some_and(|p| !p.is_empty()),
+            "{t}"
+        );
+    }
+    let html = distillery_coordinator::report::render(v);
+    assert!(
+        html.contains("<section id=\"candidates\""),
+        "no candidates in the report"
+    );
     // The round continued the winner: its shape, its pruned model, its checkpoint, and the
     // tokens add up to the round's.
     for axis in [
@@ -391,6 +410,16 @@ fn teacher_correction_runs_before_round_0_and_everything_after_uses_the_correcte
     assert_eq!(correct.len(), 1, "{v}");
     assert_eq!(correct[0]["world_size"], 2);
     assert_eq!(correct[0]["phase"], "correct");
+    // Its attempt log: the killed attempt ended lost, the last one succeeded.
+    let log = correct[0]["attempt_log"].as_array().unwrap();
+    assert_eq!(
+        log.len() as u64,
+        correct[0]["attempts"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert!(log.len() >= 2, "{v}");
+    assert_eq!(log[0]["outcome"], "lost", "{v}");
+    assert_eq!(log[log.len() - 1]["outcome"], "succeeded", "{v}");
     // Before round 0's scoring: the correction finished before any score task was leased.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let events = rt.block_on(all_events(&coord, &id));

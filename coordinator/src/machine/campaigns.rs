@@ -50,6 +50,7 @@ impl Tx<'_> {
                 metrics: BTreeMap::new(),
                 extensions: 0,
                 candidates: Vec::new(),
+                gate_log: Vec::new(),
             })
             .collect();
         let name = spec.name.clone();
@@ -114,7 +115,8 @@ impl Tx<'_> {
             if !task.state.is_terminal() {
                 task.state = TaskState::Cancelled;
                 self.s.pending.remove(&t);
-                if self.s.leases.remove(&t).is_some() {
+                if let Some(l) = self.s.leases.remove(&t) {
+                    super::leases::end_attempt(task, l.lease_id, AttemptOutcome::Cancelled, now);
                     self.t.dirty.leases.insert(t.clone());
                 }
                 self.t.dirty.tasks.insert(t);

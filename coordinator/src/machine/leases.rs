@@ -21,6 +21,19 @@ pub(super) enum Ending {
     Revoked,
 }
 
+/// Closes the attempt log's record of lease `lease_id`.
+pub(super) fn end_attempt(task: &mut Task, lease_id: u64, outcome: AttemptOutcome, now: Millis) {
+    if let Some(a) = task
+        .attempt_log
+        .iter_mut()
+        .rev()
+        .find(|a| a.lease_id == lease_id && a.end_ms.is_none())
+    {
+        a.end_ms = Some(now);
+        a.outcome = Some(outcome);
+    }
+}
+
 pub(super) fn backoff(cfg: &Config, attempts: u32) -> Millis {
     let exp = attempts.saturating_sub(1).min(20);
     cfg.backoff_base_ms
@@ -238,6 +251,16 @@ impl Tx<'_> {
                 let task = self.s.tasks.get_mut(&task_id).expect("candidate exists");
                 task.state = TaskState::Leased;
                 task.attempts += 1;
+                if task.attempt_log.len() >= history::MAX_ATTEMPTS_KEPT {
+                    task.attempt_log.remove(0);
+                }
+                task.attempt_log.push(AttemptRecord {
+                    lease_id,
+                    workers: ranks.iter().map(|(w, _)| w.clone()).collect(),
+                    start_ms: now,
+                    end_ms: None,
+                    outcome: None,
+                });
                 round = task.round;
                 phase = task.phase;
                 attempt = task.attempts;
@@ -351,6 +374,31 @@ impl Tx<'_> {
         for (k, v) in &metrics {
             task.metrics.insert(k.clone(), *v);
         }
+        let point: BTreeMap<String, f64> = metrics
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(k, v)| (k.strip_prefix("progress.").unwrap_or(k).to_string(), *v))
+            .collect();
+        if !point.is_empty() {
+            // Curves for the training tasks (distillations, the search's short distillations,
+            // teacher correction); a short trace for everything else, so a campaign of many
+            // shards keeps its status well inside a gRPC message.
+            let cap = if matches!(
+                task.kind.as_str(),
+                kind::DISTILL | kind::SEARCH | kind::CORRECT
+            ) {
+                history::MAX_POINTS
+            } else {
+                history::MAX_POINTS / 4
+            };
+            task.progress.push(
+                ProgressPoint {
+                    time_ms: now,
+                    metrics: point,
+                },
+                cap,
+            );
+        }
         if let Some(ck) = checkpoint.filter(|c| !c.is_empty()) {
             task.checkpoint = Some(normalize_ref(&ck));
         }
@@ -428,6 +476,7 @@ impl Tx<'_> {
         let rank0 = lease.ranks.into_iter().next().expect("a lease has a rank");
         let task = self.s.tasks.get_mut(&r.task_id).expect("checked");
         task.state = TaskState::Succeeded;
+        end_attempt(task, r.lease_id, AttemptOutcome::Succeeded, now);
         if let Some(n) = self.s.open_in_phase.get_mut(&task.campaign) {
             *n = n.saturating_sub(1);
         }
@@ -501,6 +550,12 @@ impl Tx<'_> {
         self.t.dirty.leases.insert(task_id.to_string());
         self.t.dirty.tasks.insert(task_id.to_string());
         let task = self.s.tasks.get_mut(task_id).expect("a lease has a task");
+        let outcome = match ending {
+            Ending::Failed { .. } => AttemptOutcome::Failed,
+            Ending::Lost => AttemptOutcome::Lost,
+            Ending::Revoked => AttemptOutcome::Revoked,
+        };
+        end_attempt(task, lease.lease_id, outcome, now);
         let (kind_name, give_up, delay) = match ending {
             Ending::Failed { retryable } => {
                 task.failed += 1;

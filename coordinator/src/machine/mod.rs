@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::phases::Phase;
 
+pub mod history;
+pub use history::{AttemptOutcome, AttemptRecord, ProgressPoint, ProgressSeries};
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
 
@@ -180,6 +183,20 @@ pub struct Round {
     /// distillations' results and the winner (when the search phase ends).
     #[serde(default)]
     pub candidates: Vec<Candidate>,
+    /// Every gate decision on this round (the report's "gate decisions and why").
+    #[serde(default)]
+    pub gate_log: Vec<GateRecord>,
+}
+
+/// One gate decision and the figures it was taken on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct GateRecord {
+    pub time_ms: Millis,
+    /// `pass`, `extend` or `stop`.
+    pub decision: String,
+    pub reason: String,
+    #[serde(with = "finite_metrics", default)]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// One shape of a round's candidate search.
@@ -252,6 +269,12 @@ pub struct Task {
     pub checkpoint: Option<String>,
     /// Why the last failed or lost attempt ended.
     pub error: Option<String>,
+    /// Its progress reports over time, downsampled (the report's curves).
+    #[serde(default)]
+    pub progress: ProgressSeries,
+    /// Its attempts: workers, start, end, outcome (the report's timeline).
+    #[serde(default)]
+    pub attempt_log: Vec<AttemptRecord>,
 }
 
 /// One attempt of a task: all ranks share the lease id (the fencing token).
@@ -791,6 +814,7 @@ mod finite_metrics {
                 metrics: [("a".to_string(), f64::NAN), ("b".to_string(), 1.5)].into(),
                 extensions: 0,
                 candidates: Vec::new(),
+                gate_log: vec![],
             };
             let text = serde_json::to_string(&r).unwrap();
             let back: Round = serde_json::from_str(&text).unwrap();

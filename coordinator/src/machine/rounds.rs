@@ -130,6 +130,8 @@ impl Tx<'_> {
                         metrics: BTreeMap::new(),
                         checkpoint: None,
                         error: None,
+                        progress: ProgressSeries::default(),
+                        attempt_log: Vec::new(),
                     },
                 );
                 self.s.pending.insert(tid.clone());
@@ -262,6 +264,20 @@ impl Tx<'_> {
         let extensions = c.rounds[round as usize].extensions;
         let decision = phases::gate(&c.spec, &metrics, extensions);
         let last = round as usize + 1 == c.rounds.len();
+        let (name, reason) = match &decision {
+            GateDecision::Pass => ("pass", phases::gate_pass_reason(&c.spec, &metrics)),
+            GateDecision::Extend { reason } => ("extend", reason.clone()),
+            GateDecision::Stop { reason } => ("stop", reason.clone()),
+        };
+        c.rounds[round as usize].gate_log.push(GateRecord {
+            time_ms: now,
+            decision: name.into(),
+            reason,
+            metrics: ["perplexity", "teacher_perplexity", "judge.win_rate"]
+                .iter()
+                .filter_map(|k| metrics.get(*k).map(|v| (k.to_string(), *v)))
+                .collect(),
+        });
         self.t.dirty.campaigns.insert(id.to_string());
         match decision {
             GateDecision::Pass => {

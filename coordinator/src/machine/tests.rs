@@ -1543,6 +1543,26 @@ fn a_search_distills_every_candidate_and_the_round_continues_the_lowest_scoring_
     assert!(v[1].winner);
     assert_eq!(v[0].score, Some(0.9));
     assert_eq!(v[2].tokens, 48);
+    // The report's records cover the search tasks like every task: an attempt each, closed,
+    // and their progress curve.
+    for x in &r.candidates {
+        let t = &st.tasks[x.task.as_ref().unwrap()];
+        assert_eq!(t.attempt_log.len(), 1, "{:?}", t.attempt_log);
+        assert_eq!(t.attempt_log[0].outcome, Some(AttemptOutcome::Succeeded));
+        let tokens: Vec<f64> = t
+            .progress
+            .all()
+            .map(|p| p.metrics["distill.tokens"])
+            .collect();
+        assert_eq!(tokens, vec![20.0]);
+        let rec = view
+            .task_records
+            .iter()
+            .find(|r| Some(&r.id) == x.task.as_ref())
+            .unwrap();
+        assert_eq!(rec.attempt_log[0].outcome, "succeeded");
+        assert_eq!(rec.progress.len(), 1);
+    }
 }
 
 #[test]
@@ -1642,6 +1662,18 @@ fn teacher_correction_runs_before_round_0_and_the_corrected_teacher_is_used_from
     let gang = poll(&mut st, &w, &["cpu:0", "cpu:1"], 1);
     assert_eq!(gang.len(), 2);
     let corrected = digest(7);
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Progress {
+            lease: lref(&gang[0]),
+            metrics: [("progress.distill.loss".to_string(), 2.7)].into(),
+            checkpoint: None,
+            message: String::new(),
+            now: 1,
+        },
+    )
+    .unwrap();
     for a in &gang {
         complete_with(
             &mut st,
@@ -1659,6 +1691,13 @@ fn teacher_correction_runs_before_round_0_and_the_corrected_teacher_is_used_from
         "round 0 prunes the corrected teacher"
     );
     assert_eq!(camp.rounds[0].phase, Phase::Score);
+    // The correction's attempt (one gang on w) and its curve are kept for the report.
+    let ct = &st.tasks[&gang[0].task_id];
+    assert_eq!(ct.attempt_log.len(), 1, "{:?}", ct.attempt_log);
+    assert_eq!(ct.attempt_log[0].workers, vec![w.clone(), w.clone()]);
+    assert_eq!(ct.attempt_log[0].end_ms, Some(2));
+    assert_eq!(ct.attempt_log[0].outcome, Some(AttemptOutcome::Succeeded));
+    assert_eq!(ct.progress.all().count(), 1);
     let mut seen = Vec::new();
     let mut now = 3;
     while !st.campaigns[&c].state.is_terminal() {
@@ -1715,6 +1754,12 @@ fn teacher_correction_runs_before_round_0_and_the_corrected_teacher_is_used_from
     assert_eq!(m["original_teacher_perplexity"], 10.0);
     assert_eq!(m["teacher_correction.tokens"], 64.0);
     assert_eq!(m["teacher_correction.final_loss"], 2.5);
+    // Every round's gate decision is logged, with its reason.
+    for r in &st.campaigns[&c].rounds {
+        let g = r.gate_log.last().expect("a gate decision");
+        assert_eq!(g.decision, "pass", "{:?}", r.gate_log);
+        assert!(!g.reason.is_empty());
+    }
 }
 
 #[test]
@@ -1773,4 +1818,55 @@ fn a_correction_survives_a_restart_and_its_phase_can_be_retried() {
     assert_eq!(st.campaigns[&c].rounds[0].phase, Phase::Correct);
     let third = poll(&mut st, &w, &["cpu:0", "cpu:1"], 20_003);
     assert_eq!(third[0].task_id, tid);
+}
+
+#[test]
+fn attempts_and_progress_are_kept_in_the_task_record() {
+    let mut st = State::default();
+    submit(&mut st, spec(1, 1, ""), 0);
+    let w1 = register(&mut st, &["cpu"]);
+    let w2 = register(&mut st, &["cpu"]);
+    let a = poll(&mut st, &w1, &["cpu"], 10);
+    let tid = a[0].task_id.clone();
+    // Progress reports become points without the `progress.` prefix, at the event's time.
+    for i in 0..3u32 {
+        apply(
+            &mut st,
+            &cfg(),
+            Event::Progress {
+                lease: lref(&a[0]),
+                metrics: [("progress.score.sequences".to_string(), f64::from(i))].into(),
+                checkpoint: None,
+                message: String::new(),
+                now: 20 + u64::from(i),
+            },
+        )
+        .unwrap();
+    }
+    let pts: Vec<(u64, f64)> = st.tasks[&tid]
+        .progress
+        .all()
+        .map(|p| (p.time_ms, p.metrics["score.sequences"]))
+        .collect();
+    assert_eq!(pts, vec![(20, 0.0), (21, 1.0), (22, 2.0)]);
+    // w1's lease expires (lost), w2 finishes the task: two attempts, each with its worker, times
+    // and ending.
+    apply(&mut st, &cfg(), Event::Tick { now: 1_100 }).unwrap();
+    let b = poll(&mut st, &w2, &["cpu"], 1_300);
+    assert_eq!(b[0].task_id, tid);
+    complete(&mut st, &b[0], 1_400).unwrap();
+    let log = &st.tasks[&tid].attempt_log;
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].workers, vec![w1.clone()]);
+    assert_eq!((log[0].start_ms, log[0].end_ms), (10, Some(1_100)));
+    assert_eq!(log[0].outcome, Some(AttemptOutcome::Lost));
+    assert_eq!(log[1].workers, vec![w2.clone()]);
+    assert_eq!((log[1].start_ms, log[1].end_ms), (1_300, Some(1_400)));
+    assert_eq!(log[1].outcome, Some(AttemptOutcome::Succeeded));
+    // Both reach the client view.
+    let view = campaign_view(&st, &st.tasks[&tid].campaign.clone()).unwrap();
+    let rec = view.task_records.iter().find(|t| t.id == tid).unwrap();
+    assert_eq!(rec.progress.len(), 3);
+    assert_eq!(rec.attempt_log[0].outcome, "lost");
+    assert_eq!(rec.attempt_log[1].end_ms, 1_400);
 }

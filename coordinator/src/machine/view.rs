@@ -23,6 +23,39 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
             error: t.error.clone().unwrap_or_default(),
             world_size: t.world_size,
             checkpoint: t.checkpoint.clone().unwrap_or_default(),
+            progress: t
+                .progress
+                .all()
+                .map(|p| pb::ProgressPoint {
+                    time_ms: p.time_ms,
+                    metrics: p.metrics.clone().into_iter().collect(),
+                })
+                .collect(),
+            attempt_log: t
+                .attempt_log
+                .iter()
+                .map(|a| pb::AttemptRecord {
+                    lease_id: a.lease_id,
+                    workers: a.workers.clone(),
+                    hosts: a
+                        .workers
+                        .iter()
+                        .map(|w| {
+                            state
+                                .workers
+                                .get(w)
+                                .map(|w| w.host.clone())
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                    start_ms: a.start_ms,
+                    end_ms: a.end_ms.unwrap_or(0),
+                    outcome: a
+                        .outcome
+                        .map(|o| o.as_str().to_string())
+                        .unwrap_or_default(),
+                })
+                .collect(),
         });
         match t.state {
             TaskState::Pending => counts.pending += 1,
@@ -58,6 +91,16 @@ pub fn campaign_view(state: &State, id: &str) -> Option<pb::Campaign> {
                 .candidates
                 .iter()
                 .map(|x| super::search::candidate_view(state, x))
+                .collect(),
+            gate: r
+                .gate_log
+                .iter()
+                .map(|g| pb::GateRecord {
+                    time_ms: g.time_ms,
+                    decision: g.decision.clone(),
+                    reason: g.reason.clone(),
+                    metrics: g.metrics.clone().into_iter().collect(),
+                })
                 .collect(),
         })
         .collect();

@@ -315,6 +315,18 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
                 f64::from(shape.num_attention_heads),
             ),
             ("shape.num_layers".into(), f64::from(shape.num_layers)),
+            // What it was pruned from (round 0: the teacher), for the report's "what was kept".
+            ("source.params".into(), src.params as f64),
+            ("source.hidden_size".into(), f64::from(src.hidden_size)),
+            (
+                "source.intermediate_size".into(),
+                f64::from(src.intermediate_size),
+            ),
+            (
+                "source.num_attention_heads".into(),
+                f64::from(src.num_attention_heads),
+            ),
+            ("source.num_layers".into(), f64::from(src.num_layers)),
         ]),
     })
 }

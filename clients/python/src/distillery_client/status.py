@@ -88,6 +88,15 @@ def _round(r: campaign_pb2.Round) -> JSON:
         "metrics": metrics,
         "extensions": r.extensions,
         "candidates": [_candidate(x) for x in r.candidates],
+        "gate": [
+            {
+                "time_ms": g.time_ms,
+                "decision": g.decision,
+                "reason": g.reason,
+                "metrics": dict(g.metrics),
+            }
+            for g in r.gate
+        ],
     }
 
 
@@ -115,7 +124,8 @@ def campaign_dict(c: campaign_pb2.Campaign) -> JSON:
     """``id``, ``name``, ``state``, ``error``, ``created_ms``, ``updated_ms``, ``tasks`` and
     ``rounds[]`` with ``index``, ``state``, ``phase``, ``params``, ``target``,
     ``artifacts{student, ...}``, ``metrics{perplexity, teacher_perplexity, judge{...},
-    distill{...}, ...}``, ``extensions`` and ``tasks[]{id, kind, state, attempts, lost, failed, ...}``,
+    distill{...}, ...}``, ``extensions``, ``candidates[]``, ``gate[]`` and
+    ``tasks[]{id, kind, state, attempts, lost, failed, ..., progress[], attempt_log[]}``,
     and ``retries``: equal to ``coordinator status ID --json``."""
     t = c.tasks
     return {
@@ -151,6 +161,20 @@ def _task(t: Any) -> JSON:
         "revoked": t.revoked,
         "checkpoint": t.checkpoint or None,
         "error": t.error or None,
+        "progress": [
+            {"time_ms": p.time_ms, "metrics": dict(p.metrics)} for p in t.progress
+        ],
+        "attempt_log": [
+            {
+                "lease_id": a.lease_id,
+                "workers": list(a.workers),
+                "hosts": list(a.hosts),
+                "start_ms": a.start_ms,
+                "end_ms": a.end_ms or None,
+                "outcome": a.outcome or None,
+            }
+            for a in t.attempt_log
+        ],
     }
 
 
