@@ -520,6 +520,42 @@ fn nest(flat: &BTreeMap<String, f64>) -> Map<String, Value> {
     root
 }
 
+/// One candidate of a round's search in `status --json`: `{index, shape, params, tokens, score,
+/// winner, pruned, checkpoint, task_id}`.
+pub fn candidate_json(x: &pb::Candidate) -> Value {
+    let text = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
+    json!({
+        "index": x.index,
+        "shape": {
+            "hidden_size": x.hidden_size, "intermediate_size": x.intermediate_size,
+            "num_attention_heads": x.num_attention_heads, "num_layers": x.num_layers,
+        },
+        "params": x.params,
+        "tokens": x.tokens,
+        "score": x.score,
+        "winner": x.winner,
+        "pruned": text(&x.pruned),
+        "checkpoint": text(&x.checkpoint),
+        "task_id": text(&x.task_id),
+    })
+}
+
+/// One line of the plain-text report per search candidate.
+pub fn candidate_line(x: &pb::Candidate) -> String {
+    format!(
+        "candidate #{} {}/{}/{}/{} (hidden/intermediate/heads/layers) params {} tokens {} score {}{}",
+        x.index,
+        x.hidden_size,
+        x.intermediate_size,
+        x.num_attention_heads,
+        x.num_layers,
+        x.params,
+        x.tokens,
+        x.score.map_or("-".to_string(), |s| format!("{s:.4}")),
+        if x.winner { "  <- winner" } else { "" }
+    )
+}
+
 /// The `status --json` object of one campaign (DESIGN.md §4 field names).
 pub fn campaign_json(c: &pb::Campaign) -> Value {
     let rounds: Vec<Value> = c
@@ -551,6 +587,7 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
             });
             let mut artifacts: Map<String, Value> = r.artifacts.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
             artifacts.entry("student").or_insert(Value::Null);
+            let candidates: Vec<Value> = r.candidates.iter().map(candidate_json).collect();
             json!({
                 "index": r.index,
                 "state": r.state,
@@ -560,6 +597,7 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
                 "artifacts": artifacts,
                 "metrics": metrics,
                 "extensions": r.extensions,
+                "candidates": candidates,
             })
         })
         .collect();
@@ -678,6 +716,15 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
                 fmt("judge.win_rate"),
                 r.artifacts.get("student").map(String::as_str).unwrap_or("-"),
             );
+            if let Some(o) = m.get("original_teacher_perplexity") {
+                println!(
+                    "      teacher corrected: ppl {} (original teacher {o:.3})",
+                    fmt("teacher_perplexity")
+                );
+            }
+            for x in &r.candidates {
+                println!("      {}", candidate_line(x));
+            }
             // Tasks whose attempts did not all go smoothly: how many were lost, how many failed.
             for t in c
                 .task_records
@@ -793,6 +840,25 @@ pub async fn watch(
                 _ => format!("{} {}", clock(e.time_ms), e.message),
             };
             let _ = writeln!(out, "{line}");
+            if e.kind == "search_decided" {
+                // The candidates as the report shows them.
+                let got = c
+                    .get(pb::GetCampaignRequest {
+                        campaign_id: id.to_string(),
+                    })
+                    .await;
+                if let Ok(camp) = got {
+                    let camp = camp.into_inner();
+                    for x in camp
+                        .rounds
+                        .iter()
+                        .filter(|r| r.index == e.round)
+                        .flat_map(|r| &r.candidates)
+                    {
+                        let _ = writeln!(out, "    {}", candidate_line(x));
+                    }
+                }
+            }
             if e.kind == "campaign_state" {
                 match pb::CampaignState::try_from(e.state) {
                     Ok(pb::CampaignState::Succeeded) => return Ok(0),

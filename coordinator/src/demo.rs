@@ -265,6 +265,11 @@ pub fn report(c: &pb::Campaign, student_dir: &Path) -> String {
             opt(f(&m["distill"]["tokens_per_s"]), 0),
         );
     }
+    for r in &c.rounds {
+        for x in &r.candidates {
+            let _ = writeln!(s, "round {} {}", r.index, crate::cli::candidate_line(x));
+        }
+    }
     let _ = writeln!(s, "student: {}", student_dir.display());
     s
 }

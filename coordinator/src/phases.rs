@@ -10,8 +10,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// Once per campaign, before round 0's scoring, with `[teacher_correction]`.
+    Correct,
     Score,
     Prune,
+    /// With `rounds[i].search`: the candidates' short distillations.
+    Search,
     Distill,
     Evaluate,
     Judge,
@@ -23,8 +27,10 @@ impl Phase {
     /// The name used on the wire and in `status --json`.
     pub fn as_str(self) -> &'static str {
         match self {
+            Phase::Correct => "correct",
             Phase::Score => "score",
             Phase::Prune => "prune",
+            Phase::Search => "search",
             Phase::Distill => "distill",
             Phase::Evaluate => "evaluate",
             Phase::Judge => "judge",
@@ -36,8 +42,10 @@ impl Phase {
     /// The phase after this one.
     pub fn next(self) -> Phase {
         match self {
+            Phase::Correct => Phase::Score,
             Phase::Score => Phase::Prune,
-            Phase::Prune => Phase::Distill,
+            Phase::Prune => Phase::Search,
+            Phase::Search => Phase::Distill,
             Phase::Distill => Phase::Evaluate,
             Phase::Evaluate => Phase::Judge,
             Phase::Judge => Phase::Gate,
@@ -51,6 +59,10 @@ pub mod kind {
     pub const SCORE: &str = "score";
     pub const SCORE_DEPTH: &str = "score_depth";
     pub const PRUNE: &str = "prune";
+    /// A candidate's short distillation in a search (a gang like `distill`).
+    pub const SEARCH: &str = "search";
+    /// Teacher correction: the teacher fine-tuned on the training mix (a gang).
+    pub const CORRECT: &str = "correct";
     pub const DISTILL: &str = "distill";
     pub const PERPLEXITY: &str = "perplexity";
     pub const GENERATE: &str = "generate";
@@ -61,6 +73,8 @@ pub mod kind {
         SCORE,
         SCORE_DEPTH,
         PRUNE,
+        SEARCH,
+        CORRECT,
         DISTILL,
         PERPLEXITY,
         GENERATE,
@@ -74,6 +88,8 @@ pub mod kind {
             SCORE_DEPTH => &["depth_scores"],
             PRUNE => &["pruned"],
             DISTILL => &["student"],
+            SEARCH => &["student", "checkpoint"],
+            CORRECT => &["teacher"],
             GENERATE => &["answers"],
             JUDGE => &["judgments"],
             _ => &[],
@@ -84,9 +100,19 @@ pub mod kind {
     pub fn required_metrics(kind: &str) -> &'static [&'static str] {
         match kind {
             PERPLEXITY => &["perplexity"],
+            SEARCH => &["search.score", "distill.tokens"],
             _ => &[],
         }
     }
+
+    /// Metrics a `prune` task of a candidate search must report: the shape it chose.
+    pub const CANDIDATE_METRICS: &[&str] = &[
+        "params",
+        "shape.hidden_size",
+        "shape.intermediate_size",
+        "shape.num_attention_heads",
+        "shape.num_layers",
+    ];
 }
 
 /// One task a phase asks for.
@@ -112,8 +138,17 @@ pub struct PhaseContext<'a> {
     pub previous: Option<&'a BTreeMap<String, String>>,
     /// How many times the gate has extended this round's distillation.
     pub extensions: u32,
-    /// Latest checkpoint of this round's distillation, when extending it.
+    /// Checkpoint the round's distillation continues from: the search winner's, or the last
+    /// one of this round's distillation when the gate extends it.
     pub distill_checkpoint: Option<&'a str>,
+    /// The KD teacher and evaluation baseline: the corrected teacher once teacher correction
+    /// ran, else the spec's teacher.
+    pub teacher: &'a str,
+    /// The spec's own teacher when a corrected one replaced it (its perplexity is reported
+    /// beside the corrected one's).
+    pub original_teacher: Option<&'a str>,
+    /// With a search: each candidate's pruned model, in candidate order.
+    pub candidates: &'a [String],
 }
 
 /// The teacher as a task input.
@@ -158,8 +193,22 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
         .unwrap_or_else(crate::spec::default_scheduling);
     let mut base_inputs = ctx.artifacts.clone();
     base_inputs.insert("source".into(), ctx.source.to_string());
-    base_inputs.insert("teacher".into(), teacher_ref(spec));
+    base_inputs.insert("teacher".into(), ctx.teacher.to_string());
     match phase {
+        Phase::Correct => {
+            let Some(tc) = spec.teacher_correction.as_ref() else {
+                return Vec::new();
+            };
+            if ctx.round != 0 || ctx.original_teacher.is_some() {
+                return Vec::new();
+            }
+            vec![TaskPlan {
+                kind: kind::CORRECT,
+                params: params(&[("tokens", tc.tokens.to_string())]),
+                inputs: base_inputs,
+                world_size: tc.world_size.max(1),
+            }]
+        }
         Phase::Score => {
             let mut tasks: Vec<TaskPlan> = (0..sched.score_shards)
                 .map(|i| {
@@ -195,11 +244,55 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
             }
             tasks
         }
-        Phase::Prune => vec![single(
-            kind::PRUNE,
-            params(&[("round", ctx.round.to_string())]),
-            base_inputs,
-        )],
+        Phase::Prune => match &round.search {
+            None => vec![single(
+                kind::PRUNE,
+                params(&[("round", ctx.round.to_string())]),
+                base_inputs,
+            )],
+            // One pruned model per candidate shape; the worker's budget search numbers them.
+            Some(s) => (0..s.candidates)
+                .map(|i| {
+                    single(
+                        kind::PRUNE,
+                        params(&[
+                            ("round", ctx.round.to_string()),
+                            ("candidate", i.to_string()),
+                            ("candidates", s.candidates.to_string()),
+                        ]),
+                        base_inputs.clone(),
+                    )
+                })
+                .collect(),
+        },
+        Phase::Search => {
+            let Some(s) = &round.search else {
+                return Vec::new();
+            };
+            let d = round.distill.clone().unwrap_or_default();
+            // Each candidate trains on the round's full schedule (learning rate, data order)
+            // and stops after the search's tokens, so the winner's continuation is exactly the
+            // run it would have had without the search.
+            ctx.candidates
+                .iter()
+                .enumerate()
+                .map(|(i, pruned)| {
+                    let mut inputs = base_inputs.clone();
+                    inputs.insert("pruned".into(), pruned.clone());
+                    TaskPlan {
+                        kind: kind::SEARCH,
+                        params: params(&[
+                            ("tokens", d.tokens.to_string()),
+                            ("stop_tokens", s.tokens.to_string()),
+                            ("by", s.by.clone()),
+                            ("candidate", i.to_string()),
+                        ]),
+                        inputs,
+                        world_size: d.world_size.max(1),
+                    }
+                })
+                .collect()
+        }
         Phase::Distill => {
             let d = round.distill.clone().unwrap_or_default();
             let tokens = d.tokens.saturating_mul(1u64 << ctx.extensions.min(16));
@@ -232,6 +325,17 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
                         params(&[("role", "teacher".into())]),
                         base_inputs.clone(),
                     ));
+                }
+                if let Some(original) = ctx.original_teacher {
+                    if !ctx.metrics.contains_key("original_teacher_perplexity") {
+                        let mut inputs = base_inputs.clone();
+                        inputs.insert("original_teacher".into(), original.to_string());
+                        tasks.push(single(
+                            kind::PERPLEXITY,
+                            params(&[("role", "original_teacher".into())]),
+                            inputs,
+                        ));
+                    }
                 }
             }
             if let Some(j) = &eval.judge {

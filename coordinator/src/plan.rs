@@ -23,7 +23,8 @@ pub struct RoundPlan {
 
 /// The student shape of every round: the teacher's shape pruned by round 0's target, then each
 /// round's from the one before, as the prune phase will choose them
-/// (`distillery_worker::prune::plan::choose_shape`, also for a parameter budget).
+/// (`distillery_worker::prune::plan::choose_shape`, also for a parameter budget; with a
+/// candidate search, the largest candidate).
 pub fn student_shapes(spec: &pb::CampaignSpec) -> Result<Vec<pb::ModelShape>, String> {
     let teacher = teacher_shape(spec)?;
     let mut src = teacher;
@@ -41,8 +42,21 @@ pub fn student_shapes(spec: &pb::CampaignSpec) -> Result<Vec<pb::ModelShape>, St
             params: t.params,
             prefer_depth: t.prefer == "depth",
         };
-        let s = distillery_worker::prune::plan::choose_shape(&src, &target)
-            .map_err(|e| format!("rounds[{i}].target: {e}"))?;
+        let s = match (&r.search, t.params) {
+            // A search distills every candidate: plan for the largest (the winner, unknown
+            // before the run, is at most that; later rounds are planned from it too).
+            (Some(search), Some(frac)) => distillery_worker::prune::plan::search_candidates(
+                &src,
+                frac,
+                search.candidates as usize,
+            )
+            .map_err(|e| format!("rounds[{i}].search.candidates: {e}"))?
+            .into_iter()
+            .max_by_key(|s| s.params)
+            .ok_or_else(|| format!("rounds[{i}].search.candidates: no candidate"))?,
+            _ => distillery_worker::prune::plan::choose_shape(&src, &target)
+                .map_err(|e| format!("rounds[{i}].target: {e}"))?,
+        };
         out.push(s);
         src = s;
     }

@@ -58,6 +58,35 @@ struct RawSpec {
     gate: Option<RawGate>,
     #[serde(default)]
     scheduling: Option<RawScheduling>,
+    #[serde(default)]
+    teacher_correction: Option<RawTeacherCorrection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTeacherCorrection {
+    tokens: u64,
+    #[serde(default = "default_seq_len")]
+    seq_len: u32,
+    #[serde(default = "default_micro_batch")]
+    micro_batch: u32,
+    #[serde(default = "one_u32")]
+    world_size: u32,
+    #[serde(default = "default_lr")]
+    lr: f64,
+    #[serde(default)]
+    warmup_steps: u32,
+    #[serde(default = "default_checkpoint_every")]
+    checkpoint_every: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSearch {
+    candidates: u32,
+    tokens: u64,
+    #[serde(default = "default_search_by")]
+    by: String,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +149,8 @@ struct RawRound {
     #[serde(default = "default_depth_importance")]
     depth_importance: String,
     distill: RawDistill,
+    #[serde(default)]
+    search: Option<RawSearch>,
 }
 
 #[derive(Deserialize, Default)]
@@ -249,6 +280,9 @@ fn default_update_every() -> u32 {
 }
 fn default_depth_importance() -> String {
     "block_importance".into()
+}
+fn default_search_by() -> String {
+    "kd_loss".into()
 }
 fn default_micro_batch() -> u32 {
     4
@@ -446,6 +480,7 @@ impl Validator<'_> {
             prev = next;
         }
         let gate = self.gate(raw.gate, &evaluation)?;
+        let teacher_correction = raw.teacher_correction.map(teacher_correction).transpose()?;
         if let (FileChecks::Local, Some(j)) = (self.checks, &evaluation.judge) {
             // Answers are generated with chat templates: refuse now, not after the first
             // round's distillation, when one is missing or broken.
@@ -493,6 +528,7 @@ impl Validator<'_> {
             evaluation: Some(evaluation),
             gate: Some(gate),
             scheduling: Some(scheduling),
+            teacher_correction,
         })
     }
 
@@ -805,7 +841,28 @@ impl Validator<'_> {
             }
         }
         let loss = self.distill_loss(&df, &d, teacher, student_layers)?;
+        let search = match r.search {
+            None => None,
+            Some(x) => {
+                let search = pb::SearchSpec {
+                    candidates: x.candidates,
+                    tokens: x.tokens,
+                    by: x.by,
+                };
+                check_search(
+                    &f,
+                    &search,
+                    t.params,
+                    t.prefer.as_deref(),
+                    d.tokens,
+                    data,
+                    source.filter(|s| s.hidden_size > 0),
+                )?;
+                Some(search)
+            }
+        };
         let round = pb::RoundSpec {
+            search,
             target: Some(pb::TargetShape {
                 hidden_size: t.hidden_size,
                 intermediate_size: t.intermediate_size,
@@ -1229,6 +1286,112 @@ pub fn check_hidden_pairs(
     Ok(())
 }
 
+/// `[teacher_correction]`: the teacher fine-tuned on the training mix before round 0.
+fn teacher_correction(t: RawTeacherCorrection) -> Result<pb::TeacherCorrectionSpec, SpecError> {
+    let f = "teacher_correction";
+    if t.tokens == 0 {
+        return Err(SpecError::new(
+            format!("{f}.tokens"),
+            "0 must be at least one token: the teacher is fine-tuned on this many tokens of \
+             data.train (remove [teacher_correction] to skip it)",
+        ));
+    }
+    positive(&format!("{f}.seq_len"), t.seq_len)?;
+    positive(&format!("{f}.micro_batch"), t.micro_batch)?;
+    if t.world_size < 1 {
+        return Err(SpecError::new(
+            format!("{f}.world_size"),
+            "0 must be at least 1 (one rank per device)",
+        ));
+    }
+    finite_positive(&format!("{f}.lr"), t.lr)?;
+    positive(&format!("{f}.checkpoint_every"), t.checkpoint_every)?;
+    Ok(pb::TeacherCorrectionSpec {
+        tokens: t.tokens,
+        seq_len: t.seq_len,
+        micro_batch: t.micro_batch,
+        world_size: t.world_size,
+        lr: t.lr,
+        warmup_steps: t.warmup_steps,
+        checkpoint_every: t.checkpoint_every,
+    })
+}
+
+/// `rounds[i].search`: what a candidate search needs (shared by the TOML and wire checks).
+/// `source` is the shape the round prunes, when known before the run (the teacher's for round 0,
+/// or a previous round's given by axes): then asking for more candidates than fit is refused.
+fn check_search(
+    f: &str,
+    s: &pb::SearchSpec,
+    params: Option<f64>,
+    prefer: Option<&str>,
+    distill_tokens: u64,
+    data: &pb::DataSpec,
+    source: Option<&pb::ModelShape>,
+) -> Result<(), SpecError> {
+    let sf = format!("{f}.search");
+    let Some(frac) = params else {
+        return Err(SpecError::new(
+            sf,
+            format!(
+                "needs a parameter budget: set {f}.target.params (e.g. 0.7) instead of explicit \
+                 axes, which name a single shape and leave nothing to search"
+            ),
+        ));
+    };
+    if prefer.is_some_and(|p| !p.is_empty()) {
+        return Err(SpecError::new(
+            format!("{f}.target.prefer"),
+            "cannot be combined with search: the search proposes shapes across both width and \
+             depth (remove prefer)",
+        ));
+    }
+    if s.candidates == 0 {
+        return Err(SpecError::new(
+            format!("{sf}.candidates"),
+            "0 must be at least 1 (e.g. 3 shapes distilled briefly, the best one kept)",
+        ));
+    }
+    if s.tokens == 0 || s.tokens >= distill_tokens {
+        return Err(SpecError::new(
+            format!("{sf}.tokens"),
+            format!(
+                "{} must be at least 1 and less than {f}.distill.tokens = {distill_tokens}: each \
+                 candidate is distilled this long, then the winner continues to the round's tokens",
+                s.tokens
+            ),
+        ));
+    }
+    if !matches!(s.by.as_str(), "kd_loss" | "perplexity") {
+        return Err(SpecError::new(
+            format!("{sf}.by"),
+            format!(
+                "{:?} is not a score: use \"kd_loss\" or \"perplexity\" (lower wins)",
+                s.by
+            ),
+        ));
+    }
+    if data.validation.is_empty() {
+        return Err(SpecError::new(
+            format!("{sf}.by"),
+            "scoring candidates needs validation data: add [[data.validation]]",
+        ));
+    }
+    if let Some(src) = source {
+        let mut src = *src;
+        src.params = src.params.max(param_count(&src));
+        if let Err(e) =
+            distillery_worker::prune::plan::search_candidates(&src, frac, s.candidates as usize)
+        {
+            return Err(SpecError::new(
+                format!("{sf}.candidates"),
+                format!("{} is too many: {e}", s.candidates),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The loss fields of a `distill` table that need no files (also applied to specs that arrive
 /// parsed over the wire).
 pub fn check_distill_loss(df: &str, d: &pb::DistillSpec) -> Result<(), SpecError> {
@@ -1324,8 +1487,40 @@ pub fn validate_wire(spec: &pb::CampaignSpec) -> Result<(), SpecError> {
             ));
         }
         check_distill_loss(&format!("rounds[{i}].distill"), d)?;
-        if r.target.is_none() {
+        let Some(target) = &r.target else {
             return Err(SpecError::new(format!("rounds[{i}].target"), "is missing"));
+        };
+        if let Some(s) = &r.search {
+            // Round 0 prunes the teacher, whose shape the client read; later rounds' sources are
+            // only known at run time (the prune task refuses a count that does not fit then).
+            let source = if i == 0 {
+                teacher.shape.as_ref().filter(|s| s.hidden_size > 0)
+            } else {
+                None
+            };
+            check_search(
+                &format!("rounds[{i}]"),
+                s,
+                target.params,
+                Some(target.prefer.as_str()),
+                d.tokens,
+                spec.data.as_ref().unwrap_or(&pb::DataSpec::default()),
+                source,
+            )?;
+        }
+    }
+    if let Some(t) = &spec.teacher_correction {
+        if t.tokens == 0 || t.world_size == 0 || t.seq_len == 0 || t.micro_batch == 0 {
+            return Err(SpecError::new(
+                "teacher_correction",
+                "tokens, seq_len, micro_batch and world_size must be at least 1",
+            ));
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(SpecError::new(
+                "teacher_correction.lr",
+                format!("{} must be a positive number", t.lr),
+            ));
         }
     }
     if let Some(s) = &spec.scheduling {

@@ -9,7 +9,8 @@
 //!   both sides);
 //! - what each change bought: ours with `DISTILLERY_FUSED=0` against the default (and one
 //!   fused kernel at a time for the kernels in BENCH_KERNELS), and in bf16 with
-//!   `DISTILLERY_BF16_GEMM=0` against the default.
+//!   `DISTILLERY_BF16_GEMM=0` against the default and against `DISTILLERY_BF16_GEMM=avx512bf16`
+//!   (the bf16 GEMM without AMX, where the CPU has AMX).
 //!
 //! Every row runs in its own process (see `common/harness.rs`), alternating rounds, warm-up step
 //! excluded, median of rounds. GFLOP/s counts the matmul FLOPs: the teacher's forward plus 3x
@@ -181,8 +182,18 @@ fn main() {
                 "bf16",
                 &[("DISTILLERY_BF16_GEMM", "0")],
             ),
-            others: vec![ours("distillery bf16, default", "bf16", &[])
-                .compare(Compare::Gain(format!("distill bf16 {shape} bf16 GEMM")))],
+            others: vec![
+                ours("distillery bf16, default", "bf16", &[])
+                    .compare(Compare::Gain(format!("distill bf16 {shape} bf16 GEMM"))),
+                ours(
+                    "distillery bf16, DISTILLERY_BF16_GEMM=avx512bf16",
+                    "bf16",
+                    &[("DISTILLERY_BF16_GEMM", "avx512bf16")],
+                )
+                .compare(Compare::Gain(format!(
+                    "distill bf16 {shape} bf16 GEMM without AMX"
+                ))),
+            ],
         },
     ];
     let mut results = Vec::new();

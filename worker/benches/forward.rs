@@ -6,7 +6,8 @@
 //!   SDPA and eager;
 //! - what each kernel bought: ours with `DISTILLERY_FUSED=0` (composed ops) against the
 //!   default and against one fused kernel at a time (`DISTILLERY_FUSED=<kernel>`), and in bf16
-//!   with both `DISTILLERY_FUSED=0 DISTILLERY_BF16_GEMM=0` against the default and each alone;
+//!   with both `DISTILLERY_FUSED=0 DISTILLERY_BF16_GEMM=0` against the default, each alone, and
+//!   the default without AMX (`DISTILLERY_BF16_GEMM=avx512bf16`, where the CPU has AMX);
 //! - the Minitron scoring pass (forward + importance accumulation) against the plain forward.
 //!
 //! Every row runs in its own process (see `common/harness.rs`), alternating rounds, warm-up
@@ -203,6 +204,14 @@ fn main() {
                     &[("DISTILLERY_BF16_GEMM", "0")],
                 )
                 .compare(Compare::Gain(format!("forward bf16 {shape} fused alone"))),
+                ours(
+                    "distillery bf16, DISTILLERY_BF16_GEMM=avx512bf16",
+                    "bf16",
+                    &[("DISTILLERY_BF16_GEMM", "avx512bf16")],
+                )
+                .compare(Compare::Gain(format!(
+                    "forward bf16 {shape} bf16 GEMM without AMX + fused"
+                ))),
             ],
         });
     }

@@ -4,6 +4,7 @@ use std::path::Path;
 use proptest::prelude::*;
 
 use super::*;
+use crate::phases::kind;
 use crate::spec::{self, FileChecks};
 
 const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
@@ -121,6 +122,11 @@ fn outputs_for(st: &State, task: &str) -> (BTreeMap<String, String>, BTreeMap<St
         .iter()
         .map(|m| (m.to_string(), 10.0))
         .collect();
+    if k == kind::PRUNE && st.tasks[task].params.contains_key("candidate") {
+        for m in kind::CANDIDATE_METRICS {
+            metrics.insert(m.to_string(), 10.0);
+        }
+    }
     if k == kind::JUDGE {
         metrics.insert("sum.judge.wins".into(), 3.0);
         metrics.insert("sum.judge.ties".into(), 2.0);
@@ -1011,8 +1017,15 @@ impl Harness {
                     3 => "[scheduling]\nmax_attempts = 2\nmax_lost = 1\n",
                     _ => "[evaluation]\nperplexity = false\n",
                 };
+                let rounds = 1 + usize::from(v % 3 == 0);
+                // Some campaigns search candidates and correct their teacher first.
+                let spec = match (v / 5) % 4 {
+                    0 => search_spec(rounds, world, 1 + u32::from(v % 3), extra),
+                    1 => spec(rounds, world, &format!("{CORRECTION}{extra}")),
+                    _ => spec(rounds, world, extra),
+                };
                 Event::Submit {
-                    spec: Box::new(spec(1 + usize::from(v % 3 == 0), world, extra)),
+                    spec: Box::new(spec),
                     now,
                 }
             }
@@ -1238,6 +1251,19 @@ impl Harness {
             }
         }
         for (id, c) in &self.st.campaigns {
+            // A search that ended has exactly one winner, the lowest score.
+            for r in &c.rounds {
+                if r.phase > Phase::Search && !r.candidates.is_empty() {
+                    let winners: Vec<usize> = (0..r.candidates.len())
+                        .filter(|i| r.candidates[*i].winner)
+                        .collect();
+                    prop_assert_eq!(
+                        winners.clone(),
+                        vec![super::search::winner(&r.candidates).unwrap()]
+                    );
+                    prop_assert_eq!(&r.artifacts["pruned"], &r.candidates[winners[0]].pruned);
+                }
+            }
             if let Some(s) = self.terminal_campaigns.get(id) {
                 prop_assert_eq!(*s, c.state, "terminal campaign state changed");
             } else if c.state.is_terminal() {
@@ -1269,4 +1295,482 @@ proptest! {
             h.step(op)?;
         }
     }
+}
+
+/// `[teacher_correction]` as the tests give it.
+const CORRECTION: &str = "[teacher_correction]\ntokens = 64\nworld_size = 2\n";
+
+/// A spec whose rounds search `k` candidates at 70% of the parameters.
+fn search_spec(rounds: usize, world: u32, k: u32, extra: &str) -> pb::CampaignSpec {
+    let mut s = String::from(
+        "name = \"t\"\n[teacher]\nmodel = \"/m\"\n[data]\ncalibration = { path = \"/c\" }\n\
+         train = [{ name = \"web\", path = \"/w\" }]\nvalidation = [{ name = \"web\", path = \"/v\" }]\n",
+    );
+    for _ in 0..rounds {
+        s.push_str(&format!(
+            "[[rounds]]\ntarget = {{ params = 0.7 }}\nsearch = {{ candidates = {k}, tokens = 40 }}\n\
+             distill = {{ tokens = 100, world_size = {world} }}\n"
+        ));
+    }
+    s.push_str(extra);
+    spec::parse(&s, Path::new("/"), FileChecks::None).expect("search spec is valid")
+}
+
+fn complete_with(
+    st: &mut State,
+    a: &Assignment,
+    outputs: &[(&str, &str)],
+    metrics: &[(&str, f64)],
+    now: Millis,
+) -> Result<Transition, MachineError> {
+    apply(
+        st,
+        &cfg(),
+        Event::Complete {
+            lease: lref(a),
+            outputs: outputs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            now,
+        },
+    )
+}
+
+fn digest(n: u32) -> String {
+    format!("sha256:{n:064x}")
+}
+
+/// Persists and reloads every record the way the store does (JSON), then recovers.
+fn restart(st: &State, now: Millis) -> State {
+    fn again<T: Serialize + serde::de::DeserializeOwned>(
+        m: &BTreeMap<String, T>,
+    ) -> BTreeMap<String, T> {
+        m.iter()
+            .map(|(k, v)| {
+                let bytes = serde_json::to_vec(v).unwrap();
+                (k.clone(), serde_json::from_slice(&bytes).unwrap())
+            })
+            .collect()
+    }
+    let meta = serde_json::from_slice(&serde_json::to_vec(&st.meta).unwrap()).unwrap();
+    let mut back = State::from_parts(
+        again(&st.campaigns),
+        again(&st.tasks),
+        again(&st.leases),
+        again(&st.workers),
+        meta,
+    );
+    apply(&mut back, &cfg(), Event::Recover { now }).unwrap();
+    back
+}
+
+/// Runs a searching campaign's prune and search phases with `scores` per candidate; returns
+/// the state at the start of the distill phase, and whether it restarted mid-search.
+fn run_search(scores: &[f64], restart_mid_search: bool) -> (State, String) {
+    let mut st = State::default();
+    let k = scores.len() as u32;
+    let c = submit(
+        &mut st,
+        search_spec(1, 1, k, "[scheduling]\nscore_shards = 1\n"),
+        0,
+    );
+    let w1 = register(&mut st, &["cpu:0", "cpu:1"]);
+    let w2 = register(&mut st, &["cpu:0"]);
+    // Score.
+    let a = poll(&mut st, &w1, &["cpu:0"], 1);
+    assert_eq!(st.tasks[&a[0].task_id].kind, kind::SCORE);
+    complete(&mut st, &a[0], 2).unwrap();
+    // Prune: one task per candidate.
+    let r = &st.campaigns[&c].rounds[0];
+    assert_eq!(r.phase, Phase::Prune);
+    assert_eq!(r.phase_tasks.len(), k as usize);
+    let mut pruned = poll(&mut st, &w1, &["cpu:0", "cpu:1"], 3);
+    pruned.extend(poll(&mut st, &w2, &["cpu:0"], 3));
+    while pruned.len() < k as usize {
+        let more = poll(&mut st, &w1, &["cpu:0", "cpu:1"], 3);
+        assert!(!more.is_empty());
+        pruned.extend(more);
+    }
+    for a in &pruned {
+        let i: u32 = st.tasks[&a.task_id].params["candidate"].parse().unwrap();
+        assert_eq!(st.tasks[&a.task_id].params["candidates"], k.to_string());
+        // A candidate's prune must say which shape it chose.
+        let refused = complete_with(&mut st, a, &[("pruned", &digest(100 + i))], &[], 4);
+        assert!(
+            matches!(refused, Err(MachineError::InvalidArgument(_))),
+            "{refused:?}"
+        );
+        complete_with(
+            &mut st,
+            a,
+            &[("pruned", &digest(100 + i)), ("scores", &digest(99))],
+            &[
+                ("params", 1000.0 + f64::from(i)),
+                ("shape.hidden_size", 64.0 - 8.0 * f64::from(i)),
+                ("shape.intermediate_size", 96.0),
+                ("shape.num_attention_heads", 8.0),
+                ("shape.num_layers", 4.0 - f64::from(i % 2)),
+            ],
+            4,
+        )
+        .unwrap();
+    }
+    // Search: one gang per candidate, all in parallel where devices allow.
+    let r = &st.campaigns[&c].rounds[0];
+    assert_eq!(r.phase, Phase::Search);
+    assert_eq!(r.candidates.len(), k as usize);
+    for (i, x) in r.candidates.iter().enumerate() {
+        assert_eq!(x.index, i as u32);
+        assert_eq!(x.pruned, digest(100 + i as u32));
+        assert_eq!(x.params, 1000 + i as u64);
+        let t = &st.tasks[x.task.as_ref().unwrap()];
+        assert_eq!(t.kind, kind::SEARCH);
+        assert_eq!(t.inputs["pruned"], x.pruned);
+        assert_eq!(t.params["stop_tokens"], "40");
+        assert_eq!(t.params["tokens"], "100");
+        assert_eq!(t.params["by"], "kd_loss");
+    }
+    assert_eq!(r.artifacts["scores"], digest(99));
+    assert!(!r.artifacts.contains_key("pruned"), "no winner yet");
+    let mut running = poll(&mut st, &w1, &["cpu:0", "cpu:1"], 5);
+    running.extend(poll(&mut st, &w2, &["cpu:0"], 5));
+    assert_eq!(
+        running.len(),
+        (k as usize).min(3),
+        "candidates run in parallel"
+    );
+    let mut now = 6;
+    let mut done = 0;
+    while done < k as usize {
+        if running.is_empty() {
+            running = poll(&mut st, &w1, &["cpu:0", "cpu:1"], now);
+        }
+        let a = running.remove(0);
+        let i = st.campaigns[&c].rounds[0]
+            .candidates
+            .iter()
+            .position(|x| x.task.as_deref() == Some(a.task_id.as_str()))
+            .unwrap();
+        apply(
+            &mut st,
+            &cfg(),
+            Event::Progress {
+                lease: lref(&a),
+                metrics: [("progress.distill.tokens".to_string(), 20.0)].into(),
+                checkpoint: Some(digest(300 + i as u32)),
+                message: String::new(),
+                now,
+            },
+        )
+        .unwrap();
+        // The view shows live tokens before the candidate finishes.
+        let view = campaign_view(&st, &c).unwrap();
+        assert_eq!(view.rounds[0].candidates[i].tokens, 20);
+        assert_eq!(view.rounds[0].candidates[i].score, None);
+        complete_with(
+            &mut st,
+            &a,
+            &[
+                ("student", &digest(200 + i as u32)),
+                ("checkpoint", &digest(400 + i as u32)),
+            ],
+            &[("search.score", scores[i]), ("distill.tokens", 48.0)],
+            now,
+        )
+        .unwrap();
+        done += 1;
+        now += 1;
+        if restart_mid_search && done == 1 {
+            st = restart(&st, now);
+            // A restart loses the live leases' long polls, not the candidates.
+            assert_eq!(st.campaigns[&c].rounds[0].candidates.len(), k as usize);
+            running.retain(|x| {
+                st.leases
+                    .get(&x.task_id)
+                    .is_some_and(|l| l.lease_id == x.lease_id)
+            });
+        }
+    }
+    (st, c)
+}
+
+#[test]
+fn a_search_distills_every_candidate_and_the_round_continues_the_lowest_scoring_one() {
+    let scores = [0.9, 0.5, 0.7];
+    let (st, c) = run_search(&scores, false);
+    let r = &st.campaigns[&c].rounds[0];
+    assert_eq!(r.phase, Phase::Distill);
+    let winners: Vec<u32> = r
+        .candidates
+        .iter()
+        .filter(|x| x.winner)
+        .map(|x| x.index)
+        .collect();
+    assert_eq!(
+        winners,
+        vec![1],
+        "the lowest score wins: {:?}",
+        r.candidates
+    );
+    for (x, s) in r.candidates.iter().zip(scores) {
+        assert_eq!(x.score, Some(s));
+        assert_eq!(x.tokens, 48);
+        assert_eq!(x.checkpoint, Some(digest(400 + x.index)));
+        assert_eq!(x.student, Some(digest(200 + x.index)));
+    }
+    // The round is now the winner's: its model, shape, and checkpoint to continue from.
+    assert_eq!(r.artifacts["pruned"], digest(101));
+    assert_eq!(r.artifacts["search_checkpoint"], digest(401));
+    assert_eq!(r.metrics["params"], 1001.0);
+    assert_eq!(r.metrics["shape.hidden_size"], 56.0);
+    assert_eq!(r.metrics["search.winner"], 1.0);
+    assert_eq!(r.metrics["search.score"], 0.5);
+    let d = &st.tasks[&r.phase_tasks[0]];
+    assert_eq!(d.kind, kind::DISTILL);
+    assert_eq!(d.inputs["pruned"], digest(101));
+    assert_eq!(d.inputs["init_checkpoint"], digest(401));
+    assert_eq!(
+        d.params["tokens"], "100",
+        "the winner continues to the round's tokens"
+    );
+    // The client view: one winner, the scores reported.
+    let view = campaign_view(&st, &c).unwrap();
+    let v = &view.rounds[0].candidates;
+    assert_eq!(v.len(), 3);
+    assert_eq!(v.iter().filter(|x| x.winner).count(), 1);
+    assert!(v[1].winner);
+    assert_eq!(v[0].score, Some(0.9));
+    assert_eq!(v[2].tokens, 48);
+}
+
+#[test]
+fn a_search_survives_a_coordinator_restart_midway_with_the_same_outcome() {
+    let scores = [0.3, 0.2, 0.25];
+    let (a, ca) = run_search(&scores, false);
+    let (b, cb) = run_search(&scores, true);
+    let (ra, rb) = (&a.campaigns[&ca].rounds[0], &b.campaigns[&cb].rounds[0]);
+    assert_eq!(ra.candidates, rb.candidates);
+    assert_eq!(ra.artifacts, rb.artifacts);
+    assert_eq!(ra.metrics, rb.metrics);
+    assert!(rb.candidates[1].winner);
+}
+
+#[test]
+fn the_winner_is_the_lowest_finite_score_first_index_on_ties() {
+    let with = |scores: &[Option<f64>]| -> Vec<Candidate> {
+        scores
+            .iter()
+            .map(|s| Candidate {
+                score: *s,
+                ..Candidate::default()
+            })
+            .collect()
+    };
+    assert_eq!(
+        super::search::winner(&with(&[Some(2.0), Some(1.0), Some(3.0)])),
+        Some(1)
+    );
+    assert_eq!(
+        super::search::winner(&with(&[Some(1.0), Some(1.0)])),
+        Some(0)
+    );
+    assert_eq!(super::search::winner(&with(&[None, Some(5.0)])), Some(1));
+    assert_eq!(super::search::winner(&with(&[None, None])), None);
+    assert_eq!(super::search::winner(&[]), None);
+}
+
+#[test]
+fn a_search_where_no_candidate_has_a_finite_score_fails_the_campaign_with_the_scores() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        search_spec(1, 1, 2, "[scheduling]\nscore_shards = 1\n"),
+        0,
+    );
+    let w = register(&mut st, &["cpu"]);
+    let mut now = 1;
+    while st.campaigns[&c].rounds[0].phase != Phase::Search {
+        for a in poll(&mut st, &w, &["cpu"], now) {
+            complete(&mut st, &a, now).unwrap();
+        }
+        now += 1;
+    }
+    for _ in 0..2 {
+        let a = poll(&mut st, &w, &["cpu"], now);
+        complete_with(
+            &mut st,
+            &a[0],
+            &[("student", DIGEST), ("checkpoint", DIGEST)],
+            &[("search.score", f64::NAN), ("distill.tokens", 48.0)],
+            now,
+        )
+        .unwrap();
+        now += 1;
+    }
+    let camp = &st.campaigns[&c];
+    assert_eq!(camp.state, CampaignState::Failed);
+    let err = camp.error.clone().unwrap();
+    assert!(
+        err.contains("no candidate has a finite validation kd_loss"),
+        "{err}"
+    );
+}
+
+#[test]
+fn teacher_correction_runs_before_round_0_and_the_corrected_teacher_is_used_from_then_on() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(
+            2,
+            1,
+            &format!("{CORRECTION}[scheduling]\nscore_shards = 1\n"),
+        ),
+        0,
+    );
+    // Round 0 starts with the correction gang (world_size 2), nothing else.
+    let r = &st.campaigns[&c].rounds[0];
+    assert_eq!(r.phase, Phase::Correct);
+    assert_eq!(r.phase_tasks.len(), 1);
+    let t = &st.tasks[&r.phase_tasks[0]];
+    assert_eq!((t.kind.as_str(), t.world_size), (kind::CORRECT, 2));
+    assert_eq!(t.inputs["teacher"], "path:/m");
+    assert_eq!(t.params["tokens"], "64");
+    let w = register(&mut st, &["cpu:0", "cpu:1"]);
+    let gang = poll(&mut st, &w, &["cpu:0", "cpu:1"], 1);
+    assert_eq!(gang.len(), 2);
+    let corrected = digest(7);
+    for a in &gang {
+        complete_with(
+            &mut st,
+            a,
+            &[("teacher", &corrected)],
+            &[("correct.tokens", 64.0), ("correct.final_loss", 2.5)],
+            2,
+        )
+        .unwrap();
+    }
+    let camp = &st.campaigns[&c];
+    assert_eq!(camp.teacher_artifacts["corrected_teacher"], corrected);
+    assert_eq!(
+        camp.rounds[0].source, corrected,
+        "round 0 prunes the corrected teacher"
+    );
+    assert_eq!(camp.rounds[0].phase, Phase::Score);
+    let mut seen = Vec::new();
+    let mut now = 3;
+    while !st.campaigns[&c].state.is_terminal() {
+        let a = poll(&mut st, &w, &["cpu:0", "cpu:1"], now);
+        assert!(!a.is_empty(), "{:?}", st.campaigns[&c].rounds);
+        for x in &a {
+            seen.push(st.tasks[&x.task_id].clone());
+            complete(&mut st, x, now).unwrap();
+        }
+        now += 1;
+    }
+    assert_eq!(st.campaigns[&c].state, CampaignState::Succeeded);
+    // Only one correction, ever.
+    assert_eq!(
+        st.tasks
+            .values()
+            .filter(|t| t.kind == kind::CORRECT)
+            .count(),
+        1
+    );
+    for t in &seen {
+        assert_eq!(
+            t.inputs["teacher"], corrected,
+            "{} uses the corrected teacher",
+            t.kind
+        );
+        if t.round == 0 {
+            assert_eq!(t.inputs["source"], corrected);
+        }
+    }
+    // The evaluation measured both teachers, once each.
+    let ppl: Vec<(&str, &str)> = seen
+        .iter()
+        .filter(|t| t.kind == kind::PERPLEXITY)
+        .map(|t| {
+            (
+                t.params["role"].as_str(),
+                match t.params["role"].as_str() {
+                    "original_teacher" => t.inputs["original_teacher"].as_str(),
+                    "teacher" => t.inputs["teacher"].as_str(),
+                    _ => t.inputs["student"].as_str(),
+                },
+            )
+        })
+        .collect();
+    assert!(ppl.contains(&("teacher", corrected.as_str())), "{ppl:?}");
+    assert!(ppl.contains(&("original_teacher", "path:/m")), "{ppl:?}");
+    assert_eq!(
+        ppl.iter().filter(|(r, _)| *r == "original_teacher").count(),
+        1
+    );
+    let m = &st.campaigns[&c].rounds[1].metrics;
+    assert_eq!(m["teacher_perplexity"], 10.0);
+    assert_eq!(m["original_teacher_perplexity"], 10.0);
+    assert_eq!(m["teacher_correction.tokens"], 64.0);
+    assert_eq!(m["teacher_correction.final_loss"], 2.5);
+}
+
+#[test]
+fn a_correction_survives_a_restart_and_its_phase_can_be_retried() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(
+            1,
+            1,
+            &format!("{CORRECTION}[scheduling]\nmax_attempts = 1\n"),
+        ),
+        0,
+    );
+    let w = register(&mut st, &["cpu:0", "cpu:1"]);
+    let gang = poll(&mut st, &w, &["cpu:0", "cpu:1"], 1);
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Progress {
+            lease: lref(&gang[0]),
+            metrics: BTreeMap::new(),
+            checkpoint: Some(digest(5)),
+            message: String::new(),
+            now: 2,
+        },
+    )
+    .unwrap();
+    // The coordinator restarts: the gang keeps its lease (a full timeout from now), then the
+    // gang stops heart-beating and the attempt is lost.
+    let mut st = restart(&st, 10_000);
+    let tid = gang[0].task_id.clone();
+    assert_eq!(st.tasks[&tid].state, TaskState::Leased);
+    apply(&mut st, &cfg(), Event::Tick { now: 11_001 }).unwrap();
+    assert_eq!(st.tasks[&tid].state, TaskState::Pending);
+    assert_eq!(st.tasks[&tid].lost, 1);
+    assert_eq!(
+        st.tasks[&tid].checkpoint,
+        Some(digest(5)),
+        "resumes from its checkpoint"
+    );
+    // It fails by itself: retry continues the correction phase.
+    let again = poll(&mut st, &w, &["cpu:0", "cpu:1"], 20_000);
+    assert_eq!(again.len(), 2);
+    apply(&mut st, &cfg(), fail_ev(&again[0], false, 20_001)).unwrap();
+    assert_eq!(st.campaigns[&c].state, CampaignState::Failed);
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Retry {
+            campaign: c.clone(),
+            now: 20_002,
+        },
+    )
+    .unwrap();
+    assert_eq!(st.campaigns[&c].rounds[0].phase, Phase::Correct);
+    let third = poll(&mut st, &w, &["cpu:0", "cpu:1"], 20_003);
+    assert_eq!(third[0].task_id, tid);
 }

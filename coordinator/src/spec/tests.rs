@@ -618,3 +618,115 @@ fn taylor_depth_is_a_third_criterion_that_keeps_six_blocks() {
     let s = parse_in(d.path(), &ok).unwrap();
     assert_eq!(s.rounds[1].depth_importance, "taylor");
 }
+
+/// `GOOD` with round 0 searching `k` candidates at 70% of the teacher's parameters.
+fn searching(k: &str, extra: &str) -> String {
+    GOOD.replacen(
+        "target = { hidden_size = 48, num_attention_heads = 6, num_layers = 3 }",
+        &format!(
+            "target = {{ params = 0.7 }}\nsearch = {{ candidates = {k}, tokens = 200 {extra}}}"
+        ),
+        1,
+    )
+}
+
+#[test]
+fn a_search_and_a_teacher_correction_reach_the_wire_spec() {
+    let d = fixture();
+    let text = format!(
+        "{}\n[teacher_correction]\ntokens = 5000\nlr = 0.0002\nseq_len = 16\nworld_size = 2\n",
+        searching("3", ", by = \"perplexity\" ")
+    );
+    let s = parse_in(d.path(), &text).unwrap();
+    let search = s.rounds[0].search.clone().unwrap();
+    assert_eq!(
+        (search.candidates, search.tokens, search.by.as_str()),
+        (3, 200, "perplexity")
+    );
+    assert!(s.rounds[1].search.is_none());
+    let tc = s.teacher_correction.unwrap();
+    assert_eq!(
+        (tc.tokens, tc.seq_len, tc.world_size, tc.lr),
+        (5000, 16, 2, 0.0002)
+    );
+    assert_eq!((tc.micro_batch, tc.checkpoint_every), (4, 100), "defaults");
+    // The default score is the KD loss.
+    let s = parse_in(d.path(), &searching("2", "")).unwrap();
+    assert_eq!(s.rounds[0].search.as_ref().unwrap().by, "kd_loss");
+    validate_wire(&s).unwrap();
+}
+
+#[test]
+fn a_bad_search_or_correction_is_refused_naming_the_field() {
+    let d = fixture();
+    let cases: Vec<(String, &str, &str)> =
+        vec![
+        (searching("0", ""), "rounds[0].search.candidates", "at least 1"),
+        (searching("500", ""), "rounds[0].search.candidates", "ask for at most"),
+        (searching("2", ", by = \"bleu\" "), "rounds[0].search.by", "kd_loss"),
+        (
+            searching("2", "").replace("tokens = 200", "tokens = 1000"),
+            "rounds[0].search.tokens",
+            "less than rounds[0].distill.tokens = 1000",
+        ),
+        (
+            GOOD.replacen(
+                "distill = { tokens = 1000, seq_len = 32",
+                "search = { candidates = 2, tokens = 10 }\ndistill = { tokens = 1000, seq_len = 32",
+                1,
+            ),
+            "rounds[0].search",
+            "set rounds[0].target.params",
+        ),
+        (
+            searching("2", "").replace("params = 0.7", "params = 0.7, prefer = \"depth\""),
+            "rounds[0].target.prefer",
+            "cannot be combined with search",
+        ),
+        (
+            searching("2", "")
+                .replace("validation = [ { name = \"web\", path = \"web-val.jsonl\" } ]\n", "")
+                .replace("perplexity = true", "perplexity = false")
+                .replace("max_perplexity_ratio = 1.5\n", "")
+                .replace("depth_importance = \"perplexity\"\n", ""),
+            "rounds[0].search.by",
+            "needs validation data",
+        ),
+        (
+            format!("{GOOD}\n[teacher_correction]\nlr = 0.001\n"),
+            "teacher_correction",
+            "missing field `tokens`",
+        ),
+        (
+            format!("{GOOD}\n[teacher_correction]\ntokens = 0\n"),
+            "teacher_correction.tokens",
+            "at least one token",
+        ),
+        (
+            format!("{GOOD}\n[teacher_correction]\ntokens = 10\nworld_size = 0\n"),
+            "teacher_correction.world_size",
+            "at least 1",
+        ),
+        (
+            format!("{GOOD}\n[teacher_correction]\ntokens = 10\nlr = -1.0\n"),
+            "teacher_correction.lr",
+            "positive",
+        ),
+        (
+            format!("{GOOD}\n[teacher_correction]\ntokens = 10\nepochs = 2\n"),
+            "teacher_correction.epochs",
+            "unknown field",
+        ),
+    ];
+    for (text, field, needle) in cases {
+        let err = parse_in(d.path(), &text).expect_err(&format!("{field} must be refused"));
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.message.contains(needle), "{field}: {err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+    // The coordinator refuses the same over the wire, for a spec made by hand.
+    let mut s = parse_in(d.path(), &searching("2", "")).unwrap();
+    s.rounds[0].search.as_mut().unwrap().candidates = 500;
+    let err = validate_wire(&s).unwrap_err();
+    assert_eq!(err.field, "rounds[0].search.candidates", "{err}");
+}

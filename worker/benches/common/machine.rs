@@ -76,6 +76,8 @@ pub struct Peak {
     /// Which instruction each figure used.
     pub f32_kernel: &'static str,
     pub bf16_kernel: &'static str,
+    /// AMX `tdpbf16ps` on tile registers, where the CPU and the OS allow it.
+    pub amx: Option<f64>,
 }
 
 /// Measures the f32 and bf16 peaks on `threads` threads.
@@ -87,7 +89,16 @@ pub fn peak(threads: usize) -> Peak {
         bf16: bf16_loop.map(|f| gflops(threads, f)),
         f32_kernel,
         bf16_kernel,
+        amx: distillery_worker::model::ops::gemm::amx_peak_loop(1)
+            .map(|_| gflops(threads, amx_loop)),
     }
+}
+
+fn amx_loop(iters: u64) -> (f64, f32) {
+    (
+        distillery_worker::model::ops::gemm::amx_peak_loop(iters).unwrap_or(0.0),
+        0.0,
+    )
 }
 
 /// `kernel(iters)` returns the FLOPs it did (and a value that keeps the loop alive).
@@ -235,6 +246,11 @@ pub fn print_header(threads: usize, peak: &Peak) {
         show(peak.bf16),
         peak.bf16_kernel
     );
+    if let Some(amx) = peak.amx {
+        println!(
+            "peak on {threads} threads (AMX tdpbf16ps loop, best of 3): bf16 {amx:.0} GFLOP/s"
+        );
+    }
     if let Some(load) = load_average() {
         let cpus = logical_cpus() as f64;
         let note = if load > cpus {

@@ -475,7 +475,7 @@ impl Llama {
             attn = norm(&attn, post_attn, eps, gemma, g)?;
             post_norms.push(attn.clone());
         }
-        let h = (h + attn)?;
+        let h = residual(&h, &attn)?;
         let mlp_norm = norm(&h, &layer.mlp_norm, eps, gemma, g)?;
         let gate = layer.gate.forward(&mlp_norm, g)?;
         let up = layer.up.forward(&mlp_norm, g)?;
@@ -495,7 +495,7 @@ impl Llama {
             mlp = norm(&mlp, post_mlp, eps, gemma, g)?;
             post_norms.push(mlp.clone());
         }
-        let h = (h + mlp)?;
+        let h = residual(&h, &mlp)?;
         if let Some(p) = probe {
             p.layers.push(LayerActivations {
                 layer: i,
@@ -674,6 +674,16 @@ fn param(w: &Tensor, grad: bool) -> Tensor {
 /// the CPU, in a dtype it reads.
 fn fused_ok(k: fused::Kernel, x: &Tensor) -> bool {
     fused::active(k, x.device()) && fused::supported(x.dtype())
+}
+
+/// `h + x` for the residual stream: the fused add where it is on, candle's add otherwise (both
+/// differentiable).
+fn residual(h: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if fused_ok(fused::Kernel::Add, h) && h.dtype() == x.dtype() && h.dims() == x.dims() {
+        fused::add(h, x)
+    } else {
+        h + x
+    }
 }
 
 /// RMSNorm over the last dimension, scaled by `w` (Gemma: by `1 + w`): the fused kernel with a

@@ -233,6 +233,103 @@ pub fn choose_shape(src: &ModelShape, t: &Target) -> Result<ModelShape, PlanErro
         .ok_or_else(|| PlanError("no feasible shape".into()))
 }
 
+/// How far from the budget, either way, a candidate of the architecture search may be.
+pub const SEARCH_TOLERANCE: f64 = 0.05;
+
+/// Every shape the candidate search may propose for a budget of `frac` of the source's
+/// parameters, best-fitting first: the width steps of [`choose_shape`] (hidden size, MLP width,
+/// whole heads per KV group, each axis down to half) crossed with the layer count (down to half),
+/// within [`SEARCH_TOLERANCE`] of the budget. Ordered by distance to the budget, then by how
+/// evenly the width axes shrink, then more layers first (deterministic: equal keys keep the
+/// enumeration order).
+pub fn fitting_shapes(src: &ModelShape, frac: f64) -> Result<Vec<ModelShape>, PlanError> {
+    if !(frac.is_finite() && frac > 0.0 && frac <= 1.0) {
+        return err(format!("parameter budget {frac} must be in (0, 1]"));
+    }
+    let kv = src.num_key_value_heads.max(1);
+    let budget = frac * src.params.max(param_count(src)) as f64;
+    let per_group = src.num_attention_heads / kv;
+    let head_choices: Vec<u32> = (per_group.div_ceil(2)..=per_group)
+        .rev()
+        .map(|g| g * kv)
+        .collect();
+    let layer_choices: Vec<u32> = (src.num_layers.div_ceil(2).max(1)..=src.num_layers)
+        .rev()
+        .collect();
+    let mut fit = Vec::new();
+    for layers in &layer_choices {
+        for h in candidates(src.hidden_size) {
+            for i in candidates(src.intermediate_size) {
+                for heads in &head_choices {
+                    let s = with(src, h, i, *heads, *layers);
+                    let off = (s.params as f64 - budget).abs() / budget;
+                    if off <= SEARCH_TOLERANCE && heads_divide_hidden(src, &s) {
+                        fit.push((off, s));
+                    }
+                }
+            }
+        }
+    }
+    let uneven = |s: &ModelShape| {
+        let r = [
+            f64::from(s.hidden_size) / f64::from(src.hidden_size),
+            f64::from(s.intermediate_size) / f64::from(src.intermediate_size),
+            f64::from(s.num_attention_heads) / f64::from(src.num_attention_heads),
+        ];
+        r.iter().cloned().fold(f64::MIN, f64::max) - r.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    fit.sort_by(|(oa, a), (ob, b)| {
+        oa.total_cmp(ob)
+            .then(uneven(a).total_cmp(&uneven(b)))
+            .then(b.num_layers.cmp(&a.num_layers))
+    });
+    Ok(fit.into_iter().map(|(_, s)| s).collect())
+}
+
+/// The `k` shapes a round's candidate search distills: from [`fitting_shapes`], the best-fitting
+/// shape of each layer count first (so depth and width are both tried, best fit first), then the
+/// next best-fitting ones. Fewer than `k` fitting shapes is an error that says how many fit.
+pub fn search_candidates(
+    src: &ModelShape,
+    frac: f64,
+    k: usize,
+) -> Result<Vec<ModelShape>, PlanError> {
+    let all = fitting_shapes(src, frac)?;
+    if all.len() < k {
+        return err(format!(
+            "only {} shape(s) of the source ({}/{}/{}/{} hidden/intermediate/heads/layers, {} \
+             parameters) are within {:.0}% of the budget of {frac}: ask for at most {} candidates \
+             or change target.params",
+            all.len(),
+            src.hidden_size,
+            src.intermediate_size,
+            src.num_attention_heads,
+            src.num_layers,
+            src.params.max(param_count(src)),
+            SEARCH_TOLERANCE * 100.0,
+            all.len()
+        ));
+    }
+    let mut picked: Vec<usize> = Vec::with_capacity(k);
+    let mut depths = std::collections::BTreeSet::new();
+    for (i, s) in all.iter().enumerate() {
+        if picked.len() < k && depths.insert(s.num_layers) {
+            picked.push(i);
+        }
+    }
+    for i in 0..all.len() {
+        if picked.len() >= k {
+            break;
+        }
+        if !picked.contains(&i) {
+            picked.push(i);
+        }
+    }
+    // Best fit first, whatever pass picked it.
+    picked.sort_unstable();
+    Ok(picked.into_iter().map(|i| all[i]).collect())
+}
+
 /// transformers 5 refuses Llama and Gemma 3 configs whose hidden size is not a multiple of the
 /// head count (strict config validation), even with an explicit `head_dim`. A source that
 /// satisfies it keeps it; one that does not is of an architecture without the rule.
@@ -333,6 +430,110 @@ mod tests {
         };
         s.params = param_count(&s);
         s
+    }
+
+    /// An independent enumeration of the search space: every combination of the axes' allowed
+    /// sizes, filtered by the budget window, for comparison with `fitting_shapes`.
+    fn brute_force_fits(src: &ModelShape, frac: f64) -> Vec<(u32, u32, u32, u32)> {
+        let budget = frac * src.params as f64;
+        let mut v = Vec::new();
+        for l in 1..=src.num_layers {
+            for h in 1..=src.hidden_size {
+                for i in 1..=src.intermediate_size {
+                    for heads in 1..=src.num_attention_heads {
+                        let ok_axes = l * 2 >= src.num_layers
+                            && candidates(src.hidden_size).contains(&h)
+                            && candidates(src.intermediate_size).contains(&i)
+                            && heads % src.num_key_value_heads == 0
+                            && heads * 2 >= src.num_attention_heads
+                            && h % heads == 0;
+                        if !ok_axes {
+                            continue;
+                        }
+                        let s = with(src, h, i, heads, l);
+                        if (s.params as f64 - budget).abs() <= 0.05 * budget {
+                            v.push((h, i, heads, l));
+                        }
+                    }
+                }
+            }
+        }
+        v.sort_unstable();
+        v
+    }
+
+    fn tiny() -> ModelShape {
+        let mut s = ModelShape {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_attention_heads: 8,
+            num_key_value_heads: 2,
+            num_layers: 4,
+            vocab_size: 256,
+            tie_word_embeddings: true,
+            ..Default::default()
+        };
+        s.params = param_count(&s);
+        s
+    }
+
+    #[test]
+    fn the_search_proposes_every_fitting_shape_within_five_percent_best_fit_first() {
+        for (src, frac) in [(tiny(), 0.7), (tiny(), 0.5), (smollm(), 0.7)] {
+            let all = fitting_shapes(&src, frac).unwrap();
+            let mut got: Vec<_> = all
+                .iter()
+                .map(|s| {
+                    (
+                        s.hidden_size,
+                        s.intermediate_size,
+                        s.num_attention_heads,
+                        s.num_layers,
+                    )
+                })
+                .collect();
+            got.sort_unstable();
+            if src.num_layers <= 4 {
+                assert_eq!(got, brute_force_fits(&src, frac), "{frac}");
+            }
+            let budget = frac * src.params as f64;
+            let off: Vec<f64> = all
+                .iter()
+                .map(|s| (s.params as f64 - budget).abs() / budget)
+                .collect();
+            assert!(off.iter().all(|o| *o <= SEARCH_TOLERANCE), "{off:?}");
+            assert!(off.windows(2).all(|w| w[0] <= w[1]), "best fit first");
+            for s in &all {
+                assert_eq!(s.params, param_count(s));
+                assert_eq!(s.num_attention_heads % src.num_key_value_heads, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn search_candidates_span_depth_and_width_and_refuse_more_than_fit() {
+        let src = tiny();
+        let all = fitting_shapes(&src, 0.7).unwrap();
+        let k3 = search_candidates(&src, 0.7, 3).unwrap();
+        assert_eq!(k3.len(), 3);
+        assert_eq!(k3[0], all[0], "the best fit is always a candidate");
+        let depths: std::collections::BTreeSet<u32> = k3.iter().map(|s| s.num_layers).collect();
+        let available: std::collections::BTreeSet<u32> = all.iter().map(|s| s.num_layers).collect();
+        assert_eq!(depths.len(), available.len().min(3), "{k3:?}");
+        // Distinct shapes, deterministic.
+        assert!(k3.windows(2).all(|w| w[0] != w[1]));
+        assert_eq!(k3, search_candidates(&src, 0.7, 3).unwrap());
+        let too_many = search_candidates(&src, 0.7, all.len() + 1).unwrap_err();
+        assert!(
+            too_many
+                .to_string()
+                .contains(&format!("ask for at most {} candidates", all.len())),
+            "{too_many}"
+        );
+        assert_eq!(
+            search_candidates(&src, 0.7, all.len()).unwrap().len(),
+            all.len()
+        );
     }
 
     #[test]

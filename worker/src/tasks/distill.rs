@@ -4,6 +4,12 @@
 //! learning rate, domain weights), uploads a checkpoint every `checkpoint_every` steps, and
 //! uploads the student at the end. If any rank dies the coordinator re-leases the whole gang,
 //! which resumes from the last checkpoint.
+//!
+//! The same gang runs two more kinds: `search`, a candidate's short distillation in a round's
+//! architecture search (the round's schedule, stopped after `stop_tokens`, then scored on
+//! validation data; its last checkpoint is where the round's distillation continues if it
+//! wins), and `correct`, teacher correction (the teacher itself trained by cross-entropy on the
+//! training mix, uploaded as the corrected teacher).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,13 +34,29 @@ use crate::tasks::prune::{read_prune_record, PRUNE_RECORD};
 const DBL_VALIDATION_SEQUENCES: usize = 16;
 /// Training sequences read per domain (the sampler cycles through them).
 const MAX_SEQUENCES_PER_DOMAIN: usize = 1 << 20;
+/// Validation sequences per domain a search candidate is scored on (the same for every
+/// candidate: the first ones of each validation file).
+pub const SEARCH_VALIDATION_SEQUENCES: usize = 32;
+/// Mixed into the campaign seed for teacher correction's data order.
+const CORRECTION_SEED: u64 = 0x7eac_4e12_c0ee_c7ed;
 
-/// Runs `distill`.
+/// Runs `distill`, `search` and `correct`.
 pub struct DistillTask;
+
+/// What a gang trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The round's distillation.
+    Distill,
+    /// A search candidate's short distillation: stops early and scores itself.
+    Search,
+    /// Teacher correction: the teacher trained by cross-entropy, no KD teacher.
+    Correct,
+}
 
 impl TaskRunner for DistillTask {
     fn kinds(&self) -> Vec<String> {
-        vec!["distill".into()]
+        vec!["distill".into(), "search".into(), "correct".into()]
     }
 
     fn run(&self, task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
@@ -128,11 +150,36 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         .spec
         .as_ref()
         .ok_or_else(|| fatal("the assignment carries no campaign spec"))?;
+    let mode = match task.kind.as_str() {
+        "search" => Mode::Search,
+        "correct" => Mode::Correct,
+        _ => Mode::Distill,
+    };
     let round = spec
         .rounds
         .get(task.round as usize)
         .ok_or_else(|| fatal(format!("the campaign spec has no round {}", task.round)))?;
-    let d = round.distill.clone().unwrap_or_default();
+    let d = match mode {
+        Mode::Correct => {
+            let tc = spec
+                .teacher_correction
+                .as_ref()
+                .ok_or_else(|| fatal("a correct task needs the campaign's [teacher_correction]"))?;
+            pb::DistillSpec {
+                tokens: tc.tokens,
+                seq_len: tc.seq_len,
+                micro_batch: tc.micro_batch,
+                world_size: tc.world_size,
+                lr: tc.lr,
+                warmup_steps: tc.warmup_steps,
+                checkpoint_every: tc.checkpoint_every,
+                precision: "f32".into(),
+                teacher_precision: "f32".into(),
+                ..Default::default()
+            }
+        }
+        _ => round.distill.clone().unwrap_or_default(),
+    };
     let data = spec
         .data
         .as_ref()
@@ -143,15 +190,22 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         .and_then(|t| t.parse().ok())
         .unwrap_or(d.tokens);
     let device = common::device(task)?;
-    let student_dir = common::model_dir(ctx, input(task, "pruned")?)?;
-    let teacher_dir = common::model_dir(ctx, input(task, "teacher")?)?;
+    // Teacher correction trains the teacher itself, with no KD teacher.
+    let trained = if mode == Mode::Correct {
+        "teacher"
+    } else {
+        "pruned"
+    };
+    let student_dir = common::model_dir(ctx, input(task, trained)?)?;
     let teacher_precision = Precision::parse(&d.teacher_precision)
         .map_err(|e| fatal(format!("distill.teacher_precision: {e}")))?;
     let student = common::load_model(&student_dir, &device)?;
     let field = format!("rounds[{}].distill", task.round);
     let divergence = divergence_of(&d).map_err(|e| fatal(format!("{field}.loss: {e}")))?;
-    // Cross-entropy only, without hidden states, needs no teacher at all.
-    let teacher = if divergence.is_some() || d.hidden.is_some() {
+    // Cross-entropy only, without hidden states, needs no teacher at all; neither does the
+    // teacher's own correction.
+    let teacher = if mode != Mode::Correct && (divergence.is_some() || d.hidden.is_some()) {
+        let teacher_dir = common::model_dir(ctx, input(task, "teacher")?)?;
         let teacher = common::load_model(&teacher_dir, &device)?;
         Some(if teacher.dtype() == teacher_precision.dtype() {
             teacher
@@ -201,7 +255,11 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
     if domains.is_empty() {
         return Err(fatal("data.train is empty"));
     }
-    let (dynamic, validation) = match &data.dynamic_batch_loading {
+    let dbl = data
+        .dynamic_batch_loading
+        .as_ref()
+        .filter(|_| mode != Mode::Correct);
+    let (dynamic, validation) = match dbl {
         None => (None, Vec::new()),
         Some(dbl) => {
             let mut refs = Vec::new();
@@ -245,7 +303,11 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
             1.0
         },
         ce_weight: d.ce_weight,
-        seed: spec.seed ^ u64::from(task.round).wrapping_mul(0x9E37_79B9),
+        seed: if mode == Mode::Correct {
+            spec.seed ^ CORRECTION_SEED
+        } else {
+            spec.seed ^ u64::from(task.round).wrapping_mul(0x9E37_79B9)
+        },
         max_grad_norm: 1.0,
         weight_decay: 0.01,
         dynamic,
@@ -298,7 +360,28 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
     let every = u64::from(d.checkpoint_every.max(1));
     let started = Instant::now();
     let first_step = trainer.step;
-    while trainer.step < total_steps {
+    // A search candidate follows the round's schedule (`total_steps`) but stops after its
+    // share, checkpointing there: the winner's continuation is the run it would have had.
+    let stop_steps = match mode {
+        Mode::Search => {
+            let stop_tokens: u64 = task
+                .params
+                .get("stop_tokens")
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| fatal("a search task needs the stop_tokens parameter"))?;
+            stop_tokens
+                .div_ceil((global_batch * seq_len) as u64)
+                .clamp(1, total_steps)
+        }
+        _ => total_steps,
+    };
+    // The checkpoint at `trainer.step` (rank 0): the one resumed from, then each one uploaded.
+    let mut last_checkpoint = if task.resume_checkpoint.is_empty() {
+        None
+    } else {
+        Some(task.resume_checkpoint.clone())
+    };
+    while trainer.step < stop_steps {
         if ctx.cancelled() {
             return Err(TaskError::cancelled());
         }
@@ -307,11 +390,15 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         tracing::info!(rank, step = s.step, loss = s.loss, "distill step");
         // Every rank takes part in a checkpoint (a sharded optimizer's state is spread over
         // them); the last step checkpoints too, so a gate extension continues from the end.
-        let checkpoint = if s.step.is_multiple_of(every) || s.step == total_steps {
-            Some(checkpoint(ctx, &mut trainer, s.step, &student_dir, rank)?)
-        } else {
-            None
-        };
+        let checkpoint =
+            if s.step.is_multiple_of(every) || s.step == total_steps || s.step == stop_steps {
+                Some(checkpoint(ctx, &mut trainer, s.step, &student_dir, rank)?)
+            } else {
+                None
+            };
+        if let Some(Some(digest)) = &checkpoint {
+            last_checkpoint = Some(digest.clone());
+        }
         if rank != 0 {
             continue;
         }
@@ -319,7 +406,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         let mut metrics = vec![
             ("distill.hidden_loss", s.hidden),
             ("distill.step", s.step as f64),
-            ("distill.total_steps", total_steps as f64),
+            ("distill.total_steps", stop_steps as f64),
             ("distill.tokens", s.tokens as f64),
             ("distill.loss", s.loss),
             ("distill.kl", s.kl),
@@ -334,8 +421,13 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         for (k, w) in weight_keys.iter().zip(&trainer.data.weights) {
             metrics.push((k.as_str(), *w));
         }
+        let what = match mode {
+            Mode::Distill => "distill",
+            Mode::Search => "search distill",
+            Mode::Correct => "teacher correction",
+        };
         let msg = format!(
-            "distill step {}/{total_steps} loss {:.4} lr {:.2e} {tps:.0} tok/s",
+            "{what} step {}/{stop_steps} loss {:.4} lr {:.2e} {tps:.0} tok/s",
             s.step, s.loss, s.lr
         );
         let m = common::progress_metrics(&metrics);
@@ -351,6 +443,50 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
     trainer
         .save_student(&dir, Some(&student_dir))
         .map_err(|e| train_err(e, ctx))?;
+    if rank == 0 && mode == Mode::Correct {
+        out.outputs.insert("teacher".into(), ctx.upload_dir(&dir)?);
+        out.metrics = BTreeMap::from([
+            ("correct.steps".into(), trainer.step as f64),
+            ("correct.tokens".into(), trainer.tokens as f64),
+            ("correct.world_size".into(), world as f64),
+            ("correct.resumed_from_step".into(), resumed_from as f64),
+        ]);
+        if trainer.last_loss.is_finite() {
+            out.metrics
+                .insert("correct.final_loss".into(), trainer.last_loss);
+        }
+        return Ok(out);
+    }
+    if rank == 0 && mode == Mode::Search {
+        let by = task
+            .params
+            .get("by")
+            .map(String::as_str)
+            .unwrap_or("kd_loss");
+        let score = search_score(&trainer, data, by, |path, field| {
+            read(path, field, SEARCH_VALIDATION_SEQUENCES)
+        })
+        .map_err(|e| match e {
+            ScoreError::Task(t) => t,
+            ScoreError::Train(e) => train_err(e, ctx),
+        })?;
+        let checkpoint = last_checkpoint
+            .ok_or_else(|| fatal("the search distillation ended without a checkpoint"))?;
+        out.outputs.insert("student".into(), ctx.upload_dir(&dir)?);
+        out.outputs.insert("checkpoint".into(), checkpoint);
+        out.metrics = BTreeMap::from([
+            ("search.score".into(), score),
+            ("distill.steps".into(), trainer.step as f64),
+            ("distill.tokens".into(), trainer.tokens as f64),
+            ("distill.world_size".into(), world as f64),
+            ("distill.resumed_from_step".into(), resumed_from as f64),
+        ]);
+        if trainer.last_loss.is_finite() {
+            out.metrics
+                .insert("distill.final_loss".into(), trainer.last_loss);
+        }
+        return Ok(out);
+    }
     if rank == 0 {
         // The student carries its prune record, so a later round's record can map its layers
         // and channels back to the teacher's.
@@ -462,6 +598,50 @@ fn hidden_of(
         loss,
         channels,
     })
+}
+
+enum ScoreError {
+    Task(TaskError),
+    Train(TrainError),
+}
+
+/// A search candidate's validation score, lower is better: the mean per-token KL to the
+/// teacher (`kd_loss`) or the perplexity (`perplexity`) of the student over the first
+/// [`SEARCH_VALIDATION_SEQUENCES`] sequences of every validation domain.
+fn search_score(
+    trainer: &Trainer<'_>,
+    data: &pb::DataSpec,
+    by: &str,
+    read: impl Fn(&str, &str) -> Result<Vec<Vec<u32>>, TaskError>,
+) -> Result<f64, ScoreError> {
+    let mut seqs = Vec::new();
+    for (i, v) in data.validation.iter().enumerate() {
+        seqs.extend(read(&v.path, &format!("data.validation[{i}]")).map_err(ScoreError::Task)?);
+    }
+    if seqs.is_empty() {
+        return Err(ScoreError::Task(fatal(
+            "search: the validation data holds no full sequence to score the candidate on \
+             (add text to data.validation or lower distill.seq_len)",
+        )));
+    }
+    match by {
+        "kd_loss" => trainer.eval_kl(&seqs).map_err(ScoreError::Train),
+        "perplexity" => {
+            let t = trainer.cfg.seq_len;
+            let rows: Vec<Vec<u32>> = seqs.iter().map(|s| s[..t].to_vec()).collect();
+            let nll = crate::model::perplexity::mean_nll(
+                &trainer.student,
+                &rows,
+                trainer.cfg.micro_batch,
+                &[],
+            )
+            .map_err(|e| ScoreError::Train(TrainError::from(e)))?;
+            Ok(nll.exp())
+        }
+        other => Err(ScoreError::Task(fatal(format!(
+            "search.by = {other:?}: use \"kd_loss\" or \"perplexity\""
+        )))),
+    }
 }
 
 /// In a sharded checkpoint: the digests of ranks 1.. 's optimizer shard folders (rank 0's

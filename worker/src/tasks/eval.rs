@@ -43,17 +43,18 @@ impl TaskRunner for EvalTasks {
     }
 }
 
-/// The model a role names: the teacher, or the round's distilled student.
+/// The model a role names: the teacher (the corrected one after teacher correction), the
+/// original teacher (beside a corrected one), or the round's distilled student.
 fn role_model(task: &pb::TaskAssignment) -> Result<(&str, &str), TaskError> {
     let role = task
         .params
         .get("role")
         .map(String::as_str)
         .unwrap_or("student");
-    let name = if role == "teacher" {
-        "teacher"
-    } else {
-        "student"
+    let name = match role {
+        "teacher" => "teacher",
+        "original_teacher" => "original_teacher",
+        _ => "student",
     };
     Ok((role, input(task, name)?))
 }

@@ -142,6 +142,26 @@ fn shard_refs<'a>(task: &'a pb::TaskAssignment, name: &str) -> Vec<&'a str> {
     }
 }
 
+/// `(candidate, candidates)` of a candidate search's prune task, `None` for a plain one.
+fn candidate(task: &pb::TaskAssignment) -> Result<Option<(usize, usize)>, TaskError> {
+    let num = |k: &str| -> Result<Option<usize>, TaskError> {
+        task.params
+            .get(k)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| fatal(format!("task parameter {k} = {v:?} is not a number")))
+            })
+            .transpose()
+    };
+    match (num("candidate")?, num("candidates")?) {
+        (Some(i), Some(k)) => Ok(Some((i, k))),
+        (None, None) => Ok(None),
+        _ => Err(fatal(
+            "a candidate prune task needs both `candidate` and `candidates`",
+        )),
+    }
+}
+
 fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
     let round = task
         .spec
@@ -188,8 +208,29 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
         prefer_depth: t.prefer == "depth",
     };
     let src = plan::shape_of(&model.config);
-    let shape = plan::choose_shape(&src, &target)
-        .map_err(|e| fatal(format!("round {}: {e}", task.round)))?;
+    let shape = match candidate(task)? {
+        // A candidate search: the budget search's `i`-th best-fitting shape of `k`.
+        Some((i, k)) => {
+            let frac = target.params.ok_or_else(|| {
+                fatal(format!(
+                    "rounds[{}].search needs target.params (a parameter budget)",
+                    task.round
+                ))
+            })?;
+            let shapes = plan::search_candidates(&src, frac, k).map_err(|e| {
+                fatal(format!(
+                    "rounds[{}].search.candidates = {k} is too many for this round's source: {e}",
+                    task.round
+                ))
+            })?;
+            shapes
+                .get(i)
+                .copied()
+                .ok_or_else(|| fatal(format!("candidate {i} is not one of the {k} candidates")))?
+        }
+        None => plan::choose_shape(&src, &target)
+            .map_err(|e| fatal(format!("round {}: {e}", task.round)))?,
+    };
     let scores = if round.depth_importance == "taylor" {
         let have = src.num_layers as usize;
         let droppable = crate::prune::taylor_droppable(have);
@@ -248,6 +289,7 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
         "shape": {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
             "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_layers, "params": shape.params},
         "depth_importance": round.depth_importance,
+        "candidate": task.params.get("candidate"),
         "calibration_sequences": imp.sequences,
         "kept": {"layers": keep.layers, "channels": keep.channels, "heads": keep.heads, "neurons": keep.neurons},
     });

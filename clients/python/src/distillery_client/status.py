@@ -87,6 +87,27 @@ def _round(r: campaign_pb2.Round) -> JSON:
         "artifacts": artifacts,
         "metrics": metrics,
         "extensions": r.extensions,
+        "candidates": [_candidate(x) for x in r.candidates],
+    }
+
+
+def _candidate(x: Any) -> JSON:
+    """One shape of a round's candidate search, as ``status --json`` shows it."""
+    return {
+        "index": x.index,
+        "shape": {
+            "hidden_size": x.hidden_size,
+            "intermediate_size": x.intermediate_size,
+            "num_attention_heads": x.num_attention_heads,
+            "num_layers": x.num_layers,
+        },
+        "params": x.params,
+        "tokens": x.tokens,
+        "score": x.score if x.HasField("score") else None,
+        "winner": x.winner,
+        "pruned": x.pruned or None,
+        "checkpoint": x.checkpoint or None,
+        "task_id": x.task_id or None,
     }
 
 

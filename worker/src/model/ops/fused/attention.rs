@@ -90,6 +90,25 @@ fn gather<E: Elem, R: Real>(x: &[E], d: Dims, heads: usize, b: usize, head: usiz
     }
 }
 
+/// `dst[c * T + t] = x[b, t, head, c]` (one head transposed to `[hd, T]`), in the compute type.
+#[inline(always)]
+fn gather_t<E: Elem, R: Real>(
+    x: &[E],
+    d: Dims,
+    heads: usize,
+    b: usize,
+    head: usize,
+    dst: &mut [R],
+) {
+    let hd = d.hd;
+    for t in 0..d.t {
+        let src = &x[((b * d.t + t) * heads + head) * hd..][..hd];
+        for (c, s) in src.iter().enumerate() {
+            dst[c * d.t + t] = s.to_r();
+        }
+    }
+}
+
 multiversion! {
     /// One (batch, head) of the forward.
     fn forward_head[E: Elem, R: Real](
@@ -121,10 +140,10 @@ fn forward_head_impl<E: Elem, R: Real>(
         let kvh = h / (d.h / d.kv);
         let (t, hd) = (d.t, d.hd);
         let mut qh = vec![R::ZERO; t * hd];
-        let mut kh = vec![R::ZERO; t * hd];
+        let mut kt = vec![R::ZERO; t * hd];
         let mut vh = vec![R::ZERO; t * hd];
         gather(q, d, d.h, b, h, &mut qh);
-        gather(k, d, d.kv, b, kvh, &mut kh);
+        gather_t(k, d, d.kv, b, kvh, &mut kt);
         gather(v, d, d.kv, b, kvh, &mut vh);
         let sc = R::from_f64(sc);
         let mut out = vec![R::ZERO; t * hd];
@@ -144,22 +163,31 @@ fn forward_head_impl<E: Elem, R: Real>(
                     if jlo >= jhi {
                         continue;
                     }
+                    let n = jhi - jlo;
                     let qr = &qh[r * hd..(r + 1) * hd];
                     let ri = r - i0;
+                    // Scores of the block's keys at once: K is held transposed ([hd, T]), so
+                    // each query component scales one contiguous run of keys (SIMD over keys).
+                    let sr = &mut s[..n];
+                    sr.fill(R::ZERO);
+                    for (c, qc) in qr.iter().enumerate() {
+                        axpy(*qc * sc, &kt[c * t + jlo..c * t + jhi], sr);
+                    }
                     let mut mx = m[ri];
-                    for j in jlo..jhi {
-                        let sv = dot(qr, &kh[j * hd..(j + 1) * hd]) * sc;
-                        s[j - jlo] = sv;
-                        mx = mx.max(sv);
+                    for sv in sr.iter() {
+                        mx = mx.max(*sv);
                     }
                     let acc = &mut out[r * hd..(r + 1) * hd];
                     let corr = (m[ri] - mx).exp();
                     l[ri] *= corr;
                     scale(corr, acc);
-                    for j in jlo..jhi {
-                        let p = (s[j - jlo] - mx).exp();
-                        l[ri] += p;
-                        axpy(p, &vh[j * hd..(j + 1) * hd], acc);
+                    // The exponentials in their own loop, so they vectorize.
+                    for sv in sr.iter_mut() {
+                        *sv = (*sv - mx).exp();
+                    }
+                    for (j, p) in (jlo..jhi).zip(sr.iter()) {
+                        l[ri] += *p;
+                        axpy(*p, &vh[j * hd..(j + 1) * hd], acc);
                     }
                     m[ri] = mx;
                 }

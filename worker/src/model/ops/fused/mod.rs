@@ -1,8 +1,8 @@
 //! Fused CPU kernels with a backward, as candle custom ops: RMSNorm (plain and Gemma's `1 + w`),
 //! RoPE (HF `rotate_half` layout), SwiGLU / GeGLU, causal attention with GQA and sliding windows
 //! (flash-attention style: online softmax per query block, only the per-row logsumexp kept for
-//! the backward, probabilities recomputed there), and the KD loss over the vocabulary in row
-//! chunks (value and gradient without any `[N, V]` temporary).
+//! the backward, probabilities recomputed there), the KD loss over the vocabulary in row
+//! chunks (value and gradient without any `[N, V]` temporary), and the residual add.
 //!
 //! Each op reads f32, bf16 or f64 and computes in f32 (f64 for f64 inputs, so the backward can be
 //! checked against finite differences); its output has the input's dtype. CPU only: callers keep
@@ -10,9 +10,10 @@
 //!
 //! Switch: `DISTILLERY_FUSED` (read once) — unset, `1`, `on` or `all`: every kernel on; `0`,
 //! `off` or `none`: every kernel off (the composed path); a comma list of kernel names
-//! (`norm,rope,glu,attention,loss`): only those on. [`set_fused`] / [`set_kernels`] change it
+//! (`norm,rope,glu,attention,loss,add`): only those on. [`set_fused`] / [`set_kernels`] change it
 //! for the process, [`with_kernels`] for the calling thread only (tests).
 
+mod add;
 mod attention;
 mod divergence;
 mod glu;
@@ -32,6 +33,7 @@ use candle_core::{CpuStorage, DType, Device, Error, Layout, Result, Storage, Ten
 use half::bf16;
 use rayon::prelude::*;
 
+pub use add::add;
 pub use attention::attention;
 pub use divergence::{divergence_loss, Divergence};
 pub use glu::{glu, Activation};
@@ -47,15 +49,18 @@ pub enum Kernel {
     Glu,
     Attention,
     Loss,
+    /// The residual add (bf16 above all: candle's converts through calls it cannot inline).
+    Add,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 6] = [
         Kernel::Norm,
         Kernel::Rope,
         Kernel::Glu,
         Kernel::Attention,
         Kernel::Loss,
+        Kernel::Add,
     ];
 
     /// The name used in `DISTILLERY_FUSED`.
@@ -66,6 +71,7 @@ impl Kernel {
             Kernel::Glu => "glu",
             Kernel::Attention => "attention",
             Kernel::Loss => "loss",
+            Kernel::Add => "add",
         }
     }
 
@@ -109,7 +115,7 @@ impl Kernels {
                 .find(|k| k.name() == name)
                 .ok_or_else(|| {
                     format!(
-                        "DISTILLERY_FUSED: unknown kernel {name:?} (known: norm, rope, glu, attention, loss; or 0 / 1)"
+                        "DISTILLERY_FUSED: unknown kernel {name:?} (known: norm, rope, glu, attention, loss, add; or 0 / 1)"
                     )
                 })?;
             set.0 |= k.bit();

@@ -347,6 +347,33 @@ fn glu_matches_the_composed_form_forward_and_backward() {
     }
 }
 
+#[test]
+fn add_equals_candles_add_bit_for_bit_and_passes_the_gradient_to_both() {
+    // 3 · 4096 + 5 elements: whole parallel chunks and a tail.
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        let a = rand(&[3, 4101], 21, 3.0, dtype);
+        let b = rand(&[3, 4101], 22, 3.0, dtype);
+        let d = max_abs_diff(
+            &add(&a, &b).unwrap().to_dtype(DType::F64).unwrap(),
+            &(&a + &b).unwrap().to_dtype(DType::F64).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(d, 0.0, "{dtype:?}: fused add differs from candle's");
+    }
+    let inputs = [
+        rand(&[2, 3, 10], 23, 2.0, DType::F64),
+        rand(&[2, 3, 10], 24, 2.0, DType::F64),
+    ];
+    assert_fd("add", &inputs, &[0, 1], 60, &|t| {
+        weighted(&add(&t[0], &t[1]).unwrap(), 25)
+    });
+    let e = add(
+        &rand(&[2, 3], 1, 1.0, DType::F32),
+        &rand(&[3, 2], 2, 1.0, DType::F32),
+    );
+    assert!(e.is_err(), "shapes that differ must be refused");
+}
+
 // ---------------------------------------------------------------------------------- attention
 
 /// Causal attention composed as the model's reference path does: q `[B, T, H, hd]`, k, v

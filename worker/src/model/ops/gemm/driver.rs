@@ -54,9 +54,26 @@ impl<'a> MatRef<'a> {
         self.rows
     }
 
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows `row0 .. row0 + n` as slices of `cols` elements, when each row is contiguous
+    /// (`None` for a transposed view, or rows outside the matrix).
+    pub(crate) fn contiguous_rows(
+        &self,
+        row0: usize,
+        n: usize,
+    ) -> Option<impl Iterator<Item = &'a [bf16]> + '_> {
+        if self.cs != 1 || row0 + n > self.rows {
+            return None;
+        }
+        Some((row0..row0 + n).map(move |i| &self.data[i * self.rs..i * self.rs + self.cols]))
+    }
+
     /// Element `(i, r)` as raw bits; the caller keeps `i < rows`, `r < cols`.
     #[inline(always)]
-    unsafe fn bits(&self, i: usize, r: usize) -> u16 {
+    pub(crate) unsafe fn bits(&self, i: usize, r: usize) -> u16 {
         debug_assert!(i < self.rows && r < self.cols);
         // SAFETY: `new` checked that every in-range element lies inside `data`.
         unsafe { self.data.get_unchecked(i * self.rs + r * self.cs).to_bits() }
@@ -78,6 +95,25 @@ pub(crate) trait Kernel: Sync {
     /// Packs rows `row0 .. row0 + r` of `src` into `dst[s * r + i]` for every step `s`; rows past
     /// the end of `src` and the odd tail of K are zero.
     fn pack(src: &MatRef, row0: usize, r: usize, dst: &mut [Self::P]);
+
+    /// Packs rows of `A` (the left operand); the same layout as [`Kernel::pack`] unless the
+    /// kernel reads its two operands differently (AMX tiles).
+    fn pack_a(src: &MatRef, row0: usize, r: usize, dst: &mut [Self::P]) {
+        Self::pack(src, row0, r, dst)
+    }
+
+    /// Prepares this thread for [`Kernel::tile`] (AMX: loads the tile configuration); called
+    /// at the start of every job, paired with [`Kernel::end`].
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features.
+    unsafe fn begin() {}
+
+    /// Ends what [`Kernel::begin`] started on this thread.
+    ///
+    /// # Safety
+    /// As [`Kernel::begin`], after it on the same thread.
+    unsafe fn end() {}
 
     /// `out[i * NR + j] = Σ_s a[s * MR + i] · b[s * NR + j]`, accumulated in f32.
     ///
@@ -252,7 +288,7 @@ pub(crate) unsafe fn gemm<K: Kernel, O: Out>(
     // A, packed once, shared read-only.
     let panel_a = steps * mr;
     let mut packed_a = vec![K::P::default(); m_panels * panel_a];
-    let pack_a = |(p, dst): (usize, &mut [K::P])| K::pack(a, p * mr, mr, dst);
+    let pack_a = |(p, dst): (usize, &mut [K::P])| K::pack_a(a, p * mr, mr, dst);
     if serial {
         packed_a.chunks_mut(panel_a).enumerate().for_each(pack_a);
     } else {
@@ -278,6 +314,8 @@ pub(crate) unsafe fn gemm<K: Kernel, O: Out>(
         let (m_lo, m_hi) = (ms * per_m, ((ms + 1) * per_m).min(m_panels));
         let mut tile = vec![0f32; mr * nr];
         buf.resize(steps * nr, K::P::default());
+        // SAFETY: the CPU check is the caller's; `end` below runs on this thread.
+        unsafe { K::begin() };
         for np in nc * per_n..((nc + 1) * per_n).min(n_panels) {
             let n0 = np * nr;
             let cols = (n - n0).min(nr);
@@ -307,6 +345,8 @@ pub(crate) unsafe fn gemm<K: Kernel, O: Out>(
                 }
             }
         }
+        // SAFETY: paired with `begin` above, on the same thread.
+        unsafe { K::end() };
     };
     if serial {
         let mut buf = Vec::new();

@@ -52,7 +52,7 @@ impl Kernel for Scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2Fma, Avx512Bf16, Avx512F};
+pub(crate) use x86::{store_bf16_cvtne, Avx2Fma, Avx512Bf16, Avx512F};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -241,7 +241,7 @@ mod x86 {
     /// f32 → bf16 with `vcvtneps2bf16` (nearest even; NaN stays NaN; like every AVX-512-BF16
     /// instruction it treats f32 denormal inputs as zero).
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    unsafe fn store_bf16_cvtne(src: &[f32], dst: *mut bf16) {
+    pub(crate) unsafe fn store_bf16_cvtne(src: &[f32], dst: *mut bf16) {
         let mut chunks = src.chunks_exact(16);
         let mut d = dst as *mut __m256i;
         for c in &mut chunks {

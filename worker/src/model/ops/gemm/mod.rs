@@ -9,8 +9,14 @@
 //!
 //! [`linear`] and [`logits`] are what the model calls: ours when the tensors are bf16 on the
 //! CPU and the switch is on (`DISTILLERY_BF16_GEMM=0` turns it off, [`set_enabled`] at run
-//! time), candle's matmul otherwise (every other device and dtype).
+//! time; `DISTILLERY_BF16_GEMM=<path>` picks a path, see [`Isa::chosen`]), candle's matmul
+//! otherwise (every other device and dtype).
+//!
+//! On CPUs with AMX (Intel Sapphire Rapids and later) the best path is [`Isa::Amx`]: tile
+//! registers and `tdpbf16ps`, 16 × 16 × 32 multiply-adds per instruction (see `amx.rs`).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod driver;
 mod kernels;
 #[cfg(test)]
@@ -29,6 +35,8 @@ use driver::{Kernel, MatRef, Out};
 /// The instruction set a bf16 multiply runs on, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AMX tiles (`tdpbf16ps`): bf16 pairs, f32 accumulators, 16 × 16 × 32 per instruction.
+    Amx,
     /// `vdpbf16ps` (AVX-512-BF16): bf16 pairs, f32 accumulators.
     Avx512Bf16,
     /// AVX-512F FMA on f32 widened from bf16.
@@ -41,13 +49,20 @@ pub enum Isa {
 
 impl Isa {
     /// Every path, best first.
-    pub const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512F, Isa::Avx2Fma, Isa::Scalar];
+    pub const ALL: [Isa; 5] = [
+        Isa::Amx,
+        Isa::Avx512Bf16,
+        Isa::Avx512F,
+        Isa::Avx2Fma,
+        Isa::Scalar,
+    ];
 
     /// Whether this CPU can run the path.
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             match self {
+                Isa::Amx => amx::available(),
                 Isa::Avx512Bf16 => {
                     std::arch::is_x86_feature_detected!("avx512f")
                         && std::arch::is_x86_feature_detected!("avx512bw")
@@ -72,6 +87,51 @@ impl Isa {
         }
     }
 
+    /// The name `DISTILLERY_BF16_GEMM` takes for this path.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Amx => "amx",
+            Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Avx512F => "avx512f",
+            Isa::Avx2Fma => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+
+    /// The path [`linear`] and [`logits`] use: the one `DISTILLERY_BF16_GEMM` names when this CPU
+    /// runs it (the benches measure what each path buys), else [`Isa::best`]. Read once; a name
+    /// that is not a path, or a path this CPU lacks, is said on stderr once.
+    pub fn chosen() -> Isa {
+        static CHOSEN: OnceLock<Isa> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let Ok(v) = std::env::var("DISTILLERY_BF16_GEMM") else {
+                return Isa::best();
+            };
+            let v = v.trim().to_ascii_lowercase();
+            if matches!(v.as_str(), "" | "0" | "1") {
+                return Isa::best();
+            }
+            match Isa::ALL.into_iter().find(|i| i.name() == v) {
+                Some(i) if i.available() => i,
+                Some(i) => {
+                    eprintln!(
+                        "DISTILLERY_BF16_GEMM={v}: this CPU cannot run the {i:?} path; using {:?}",
+                        Isa::best()
+                    );
+                    Isa::best()
+                }
+                None => {
+                    eprintln!(
+                        "DISTILLERY_BF16_GEMM={v}: not a path (0, 1, amx, avx512bf16, avx512f, \
+                         avx2, scalar); using {:?}",
+                        Isa::best()
+                    );
+                    Isa::best()
+                }
+            }
+        })
+    }
+
     /// The best path this CPU runs (detected once).
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
@@ -82,6 +142,17 @@ impl Isa {
                 .unwrap_or(Isa::Scalar)
         })
     }
+}
+
+/// FLOPs of `iters` rounds of a register-only AMX loop (four `tdpbf16ps` a round), for the
+/// benches' peak figure; `None` where [`Isa::Amx`] is not available.
+pub fn amx_peak_loop(iters: u64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Amx.available() {
+        return Some(amx::peak_loop(iters));
+    }
+    let _ = iters;
+    None
 }
 
 fn switch() -> &'static AtomicBool {
@@ -118,7 +189,7 @@ fn ours(x: &Tensor, w: &Tensor) -> bool {
 /// bf16 on the CPU and [`enabled`], else candle's `broadcast_matmul`. The result has `x`'s dtype.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if ours(x, w) {
-        matmul_wt(x, w, DType::BF16, Isa::best())
+        matmul_wt(x, w, DType::BF16, Isa::chosen())
     } else {
         x.broadcast_matmul(&w.t()?)
     }
@@ -129,7 +200,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// sees the same dtype with the switch on or off. Other dtypes: candle's matmul, unchanged.
 pub fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
     if ours(h, w) {
-        matmul_wt(h, w, DType::F32, Isa::best())
+        matmul_wt(h, w, DType::F32, Isa::chosen())
     } else if h.dtype() == DType::BF16 {
         h.broadcast_matmul(&w.t()?)?.to_dtype(DType::F32)
     } else {
@@ -345,13 +416,17 @@ fn product<O: Out>(isa: Isa, a: &MatRef, bt: &MatRef, n: usize) -> Result<Vec<O>
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
+            Isa::Amx => run::<amx::Amx, O>(a, bt, &mut out, threads),
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16 => run::<kernels::Avx512Bf16, O>(a, bt, &mut out, threads),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512F => run::<kernels::Avx512F, O>(a, bt, &mut out, threads),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => run::<kernels::Avx2Fma, O>(a, bt, &mut out, threads),
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512Bf16 | Isa::Avx512F | Isa::Avx2Fma => unreachable!("not available"),
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512F | Isa::Avx2Fma => {
+                unreachable!("not available")
+            }
             Isa::Scalar => run::<kernels::Scalar, O>(a, bt, &mut out, threads),
         }
     }
