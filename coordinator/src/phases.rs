@@ -473,3 +473,37 @@ pub fn judge_summary(spec: &pb::CampaignSpec, round: u32, m: &BTreeMap<String, f
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with_gate(gate: pb::GateSpec) -> pb::CampaignSpec {
+        pb::CampaignSpec {
+            gate: Some(gate),
+            ..Default::default()
+        }
+    }
+
+    fn m(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn the_mtbench_and_elo_rules_pass_fail_and_refuse_a_round_without_the_figure() {
+        let s = spec_with_gate(pb::GateSpec {
+            min_mtbench: Some(6.0),
+            max_elo_drop: Some(50.0),
+            on_fail: "stop".into(),
+            ..Default::default()
+        });
+        let good = m(&[("judge.mtbench.overall", 6.0), ("judge.elo_drop", 49.0)]);
+        assert_eq!(gate(&s, &good, 0), GateDecision::Pass);
+        let low = m(&[("judge.mtbench.overall", 5.9), ("judge.elo_drop", 0.0)]);
+        assert!(matches!(gate(&s, &low, 0), GateDecision::Stop { reason } if reason.contains("gate.min_mtbench") && reason.contains("5.90")));
+        let drop = m(&[("judge.mtbench.overall", 7.0), ("judge.elo_drop", 80.0)]);
+        assert!(matches!(gate(&s, &drop, 0), GateDecision::Stop { reason } if reason.contains("gate.max_elo_drop") && reason.contains("80")));
+        let none = m(&[("judge.elo_drop", 0.0)]);
+        assert!(matches!(gate(&s, &none, 0), GateDecision::Stop { reason } if reason.contains("no valid MT-Bench grade")));
+    }
+}

@@ -25,9 +25,12 @@ pub struct LengthControlled {
     pub sigma: f64,
 }
 
-/// Ridge on θ only: a judge that always picks the longer answer separates the data perfectly, so
-/// θ has no finite maximum-likelihood value; the ridge keeps it finite without touching β.
-const RIDGE: f64 = 1e-3;
+/// A weakly informative Gaussian prior on θ and β (standard deviation 1/√0.3 ≈ 1.8 in log-odds):
+/// a judge that decides by length alone separates the data perfectly, where maximum likelihood
+/// has no finite solution and β would be set by the few questions closest to equal length; with
+/// the prior the fit stays finite and symmetric. On a few hundred questions that are not
+/// separated it moves the win rate by well under a percentage point.
+const RIDGE: f64 = 0.3;
 
 /// Fits the model by Newton's method (fractional-response logistic regression). `None` when
 /// there is nothing to fit.
@@ -63,8 +66,8 @@ pub fn fit(points: &[Point]) -> Option<LengthControlled> {
         .collect();
     let (mut theta, mut beta) = (0.0f64, 0.0f64);
     for _ in 0..200 {
-        let (mut g_t, mut g_b) = (-RIDGE * theta, 0.0);
-        let (mut h_tt, mut h_tb, mut h_bb) = (RIDGE, 0.0, 1e-12);
+        let (mut g_t, mut g_b) = (-RIDGE * theta, -RIDGE * beta);
+        let (mut h_tt, mut h_tb, mut h_bb) = (RIDGE, 0.0, RIDGE);
         for &(x, w, y) in &data {
             let p = 1.0 / (1.0 + (-(theta * x + beta)).exp());
             let r = w * (y - p);
@@ -100,14 +103,15 @@ mod tests {
 
     #[test]
     fn without_a_length_effect_it_is_the_raw_win_rate() {
-        // Same outcomes at every length difference: θ = 0 and sigmoid(β) = 0.7.
+        // Same outcomes at every length difference (200 questions): θ ≈ 0 and sigmoid(β) ≈ 0.7
+        // (the prior pulls it by under 0.005).
         let pts: Vec<Point> = [-50.0, -10.0, 0.0, 20.0, 60.0]
             .iter()
-            .map(|&d| Point { delta: d, wins: 6.0, ties: 2.0, losses: 2.0 })
+            .map(|&d| Point { delta: d, wins: 24.0, ties: 8.0, losses: 8.0 })
             .collect();
         let f = fit(&pts).unwrap();
-        assert!((f.win_rate - 0.7).abs() < 1e-6, "{f:?}");
-        assert!(f.length_coef.abs() < 1e-6, "{f:?}");
+        assert!((f.win_rate - 0.7).abs() < 0.005, "{f:?}");
+        assert!(f.length_coef.abs() < 0.05, "{f:?}");
         assert!(fit(&[]).is_none());
     }
 

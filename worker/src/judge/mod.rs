@@ -545,13 +545,8 @@ pub fn pair_jobs(
     let mut out = Vec::new();
     for q in questions {
         let id = q.id();
-        let get = |(name, ans): (&str, &Answers)| {
-            ans.answers
-                .get(&id)
-                .map(Vec::as_slice)
-                .ok_or_else(|| format!("the {name} has no answer to question {id}"))
-        };
-        let (sa, sb) = (get(a)?, get(b)?);
+        let sa = answer_of(a, &id)?;
+        let sb = answer_of(b, &id)?;
         for ((first, x), (second, y)) in [((a.0, sa), (b.0, sb)), ((b.0, sb), (a.0, sa))] {
             let rendered: Vec<(u32, String, String, String, Format)> = match prompts {
                 PairPrompts::Builtin { template, format } => {
@@ -583,6 +578,14 @@ pub fn pair_jobs(
         }
     }
     Ok(out)
+}
+
+/// A named model's answer to a question.
+fn answer_of<'a>((name, ans): (&str, &'a Answers), id: &str) -> Result<&'a [String], String> {
+    ans.answers
+        .get(id)
+        .map(Vec::as_slice)
+        .ok_or_else(|| format!("the {name} has no answer to question {id}"))
 }
 
 /// Reads a reply in a format; `None` when it holds no verdict.

@@ -45,11 +45,12 @@ fn answers_for(qs: &[Question], tag: &str) -> Answers {
 struct Scripted<F: Fn(&str, &str, u32) -> String + Sync> {
     rule: F,
     asked: AtomicUsize,
+    name: &'static str,
 }
 
 impl<F: Fn(&str, &str, u32) -> String + Sync> Backend for Scripted<F> {
     fn id(&self) -> String {
-        "scripted".into()
+        self.name.into()
     }
     fn chat(&self, system: &str, user: &str) -> Result<String, BackendError> {
         self.sample(system, user, 0)
@@ -64,6 +65,7 @@ fn scripted<F: Fn(&str, &str, u32) -> String + Sync>(rule: F) -> Scripted<F> {
     Scripted {
         rule,
         asked: AtomicUsize::new(0),
+        name: "scripted",
     }
 }
 
@@ -408,9 +410,10 @@ fn a_ranking_asks_only_for_new_pairs_and_orders_the_models() {
     assert_eq!(m["judge.ranking.round1.battles"], 120.0);
 }
 
-#[test]
-fn an_always_longer_judge_has_a_raw_win_rate_far_from_half_and_a_length_controlled_one_near_it() {
-    let mut rng = distillery_proto::bradley_terry::Lcg::new(5);
+/// One campaign's figures with a judge that always prefers the longer answer: (raw win rate,
+/// length-controlled win rate).
+fn always_longer_figures(seed: u64) -> (f64, f64) {
+    let mut rng = distillery_proto::bradley_terry::Lcg::new(seed);
     let n = 200;
     let qs: Vec<Question> = (0..n)
         .map(|i| Question {
@@ -444,14 +447,26 @@ fn an_always_longer_judge_has_a_raw_win_rate_far_from_half_and_a_length_controll
     let cache = Cache::open(dir.path()).unwrap();
     let js = judge_all(&jobs, &judge, &cache, &opts(1), &|_, _, _| {}).unwrap();
     let m = derived(&metrics_for(Mode::Pairwise, &js, &s, &t, true));
-    let (raw, lc) = (m["judge.win_rate"], m["judge.lc_win_rate"]);
-    eprintln!(
-        "always-longer judge: raw win rate {raw:.3}, length-controlled {lc:.3} (length coefficient {:.2})",
-        m["judge.lc_length_coef"]
-    );
-    assert!(raw > 0.75, "raw {raw}");
-    assert!((lc - 0.5).abs() < 0.1, "length-controlled {lc}");
     assert!(!m.keys().any(|k| k.starts_with("judge.lc.")), "raw points dropped");
+    (m["judge.win_rate"], m["judge.lc_win_rate"])
+}
+
+/// Five campaigns of 200 questions each (measured: raw 0.81–0.85, length-controlled 0.55–0.60).
+/// A judge that decides by length alone separates the outcomes perfectly, so the
+/// length-controlled figure rests on the prior and the few questions of nearly equal length: it
+/// lands near, not at, 0.5, with at least two thirds of the raw rate's distance from 0.5 gone.
+#[test]
+fn an_always_longer_judge_has_a_raw_win_rate_far_from_half_and_a_length_controlled_one_near_it() {
+    let figures: Vec<(f64, f64)> = (1..=5).map(always_longer_figures).collect();
+    let mean = |f: fn(&(f64, f64)) -> f64| figures.iter().map(f).sum::<f64>() / figures.len() as f64;
+    let (raw, lc) = (mean(|x| x.0), mean(|x| x.1));
+    eprintln!("always-longer judge: (raw, length-controlled) per campaign {figures:.3?}; mean raw {raw:.3}, mean length-controlled {lc:.3}");
+    for (r, l) in &figures {
+        assert!(*r > 0.75, "raw {r}");
+        assert!((l - 0.5).abs() < 0.1, "length-controlled {l}");
+        assert!((l - 0.5).abs() < (r - 0.5) / 3.0, "raw {r}, length-controlled {l}");
+    }
+    assert!((lc - 0.5).abs() < 0.1, "mean length-controlled {lc}");
 }
 
 #[test]
@@ -495,14 +510,16 @@ fn repeated_samples_give_agreement_and_alpha_and_a_second_judge_gives_kappa() {
     assert!(m["judge.samples.alpha"] < 0.5, "{m:?}");
     assert_eq!(m["judge.samples.k"], 3.0);
 
-    // A second judge that agrees on the student-first prompts and says B on the others.
-    let second = scripted(|_, user, _| {
+    // A second judge (another identity: its own cache entries) that agrees on the
+    // student-first prompts and says B on the others.
+    let mut second = scripted(|_, user, _| {
         if answer_in(user, 'A').starts_with('S') {
             "[[A]]".into()
         } else {
             "[[B]]".into()
         }
     });
+    second.name = "second";
     let js1 = judge_all(&jobs, &judge, &cache, &opts(1), &|_, _, _| {}).unwrap();
     let js2 = judge_all(&jobs, &second, &cache, &opts(1), &|_, _, _| {}).unwrap();
     let m = derived(&second_metrics(&js1, &js2));

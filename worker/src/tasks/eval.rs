@@ -189,8 +189,26 @@ fn generate_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOut
         let mut outs = Vec::new();
         for turn in &q.turns {
             msgs.push(Message::new("user", turn.clone()));
+            let mut params = params.clone();
+            if mtbench {
+                // "Up to 1024 new tokens": fewer when the conversation so far leaves less room in
+                // the model's context (turn 2 follows a long turn-1 answer).
+                let used = served
+                    .chat_prompt(&msgs)
+                    .map_err(|e| fatal(format!("question {}: {e}", q.id())))?
+                    .len();
+                let room = served.context_length().saturating_sub(used);
+                if room == 0 {
+                    return Err(fatal(format!(
+                        "question {}: the conversation ({used} tokens) fills the model's context of {} tokens",
+                        q.id(),
+                        served.context_length()
+                    )));
+                }
+                params.max_tokens = params.max_tokens.min(room);
+            }
             let (text, ..) = served
-                .complete(&msgs, params.clone(), &[])
+                .complete(&msgs, params, &[])
                 .map_err(|e| fatal(format!("question {}: {e}", q.id())))?;
             msgs.push(Message::new("assistant", text.clone()));
             outs.push(text);
