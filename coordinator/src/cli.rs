@@ -648,7 +648,11 @@ pub fn judge_lines(round: u32, mode: Option<&str>, m: &BTreeMap<String, f64>) ->
     if let Some(mode) = mode {
         out.push(format!("judge mode {mode}: {}", comparability(mode)));
     }
-    for (who, label) in [("mtbench", "student"), ("teacher_mtbench", "teacher"), ("baseline_mtbench", "baseline")] {
+    for (who, label) in [
+        ("mtbench", "student"),
+        ("teacher_mtbench", "teacher"),
+        ("baseline_mtbench", "baseline"),
+    ] {
         if g(&format!("{who}.overall")).is_some() || g(&format!("{who}.invalid")).is_some() {
             out.push(format!(
                 "MT-Bench {label}: {} (turn 1 {}, turn 2 {}; {} invalid grades)",

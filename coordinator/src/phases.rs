@@ -353,9 +353,8 @@ pub fn gate(
                     ))
                 }
                 None => {
-                    failed = Some(
-                        "gate.min_mtbench: the round has no valid MT-Bench grade".to_string(),
-                    )
+                    failed =
+                        Some("gate.min_mtbench: the round has no valid MT-Bench grade".to_string())
                 }
             }
         }
@@ -500,10 +499,16 @@ mod tests {
         let good = m(&[("judge.mtbench.overall", 6.0), ("judge.elo_drop", 49.0)]);
         assert_eq!(gate(&s, &good, 0), GateDecision::Pass);
         let low = m(&[("judge.mtbench.overall", 5.9), ("judge.elo_drop", 0.0)]);
-        assert!(matches!(gate(&s, &low, 0), GateDecision::Stop { reason } if reason.contains("gate.min_mtbench") && reason.contains("5.90")));
+        assert!(
+            matches!(gate(&s, &low, 0), GateDecision::Stop { reason } if reason.contains("gate.min_mtbench") && reason.contains("5.90"))
+        );
         let drop = m(&[("judge.mtbench.overall", 7.0), ("judge.elo_drop", 80.0)]);
-        assert!(matches!(gate(&s, &drop, 0), GateDecision::Stop { reason } if reason.contains("gate.max_elo_drop") && reason.contains("80")));
+        assert!(
+            matches!(gate(&s, &drop, 0), GateDecision::Stop { reason } if reason.contains("gate.max_elo_drop") && reason.contains("80"))
+        );
         let none = m(&[("judge.elo_drop", 0.0)]);
-        assert!(matches!(gate(&s, &none, 0), GateDecision::Stop { reason } if reason.contains("no valid MT-Bench grade")));
+        assert!(
+            matches!(gate(&s, &none, 0), GateDecision::Stop { reason } if reason.contains("no valid MT-Bench grade"))
+        );
     }
 }

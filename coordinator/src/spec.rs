@@ -903,7 +903,9 @@ impl Validator<'_> {
                     }
                 }
                 positive(&format!("{f}.samples"), j.samples)?;
-                let temperature = j.temperature.unwrap_or(if j.samples > 1 { 0.7 } else { 0.0 });
+                let temperature = j
+                    .temperature
+                    .unwrap_or(if j.samples > 1 { 0.7 } else { 0.0 });
                 if !(temperature.is_finite() && temperature >= 0.0) {
                     return Err(SpecError::new(
                         format!("{f}.temperature"),
@@ -1087,7 +1089,13 @@ impl Validator<'_> {
 }
 
 /// The judge modes.
-pub const MODES: &[&str] = &["pairwise", "single", "rubric", "mtbench", "mtbench-pairwise"];
+pub const MODES: &[&str] = &[
+    "pairwise",
+    "single",
+    "rubric",
+    "mtbench",
+    "mtbench-pairwise",
+];
 
 /// Whether a mode's scores can be set beside published MT-Bench figures (FastChat's prompts,
 /// per-turn grading, its averaging).
@@ -1108,7 +1116,10 @@ fn check_mtbench_files(j: &pb::JudgeSpec) -> Result<(), SpecError> {
         .map_err(|e| SpecError::new(format!("{f}.prompts"), e))?;
     if j.ranking && !pairwise {
         set.for_mode(true).map_err(|e| {
-            SpecError::new(format!("{f}.prompts"), format!("{e} (ranking compares pairs)"))
+            SpecError::new(
+                format!("{f}.prompts"),
+                format!("{e} (ranking compares pairs)"),
+            )
         })?;
     }
     let refs = if j.reference_answers.is_empty() {
@@ -1126,7 +1137,10 @@ fn check_mtbench_files(j: &pb::JudgeSpec) -> Result<(), SpecError> {
     } else {
         format!("{f}.questions")
     };
-    for q in questions.iter().filter(|q| fastchat::needs_reference(&q.category)) {
+    for q in questions
+        .iter()
+        .filter(|q| fastchat::needs_reference(&q.category))
+    {
         let r = fastchat::reference_for(q, refs.as_ref()).map_err(|e| SpecError::new(&field, e))?;
         if q.turns.len() == 2 && r.len() < 2 {
             return Err(SpecError::new(
@@ -1149,7 +1163,9 @@ fn check_backend(f: &str, backend: &str, base_url: &str, model: &str) -> Result<
             if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
                 return Err(SpecError::new(
                     format!("{f}.base_url"),
-                    format!("{base_url:?} must be an http(s) URL such as \"http://127.0.0.1:8000/v1\""),
+                    format!(
+                        "{base_url:?} must be an http(s) URL such as \"http://127.0.0.1:8000/v1\""
+                    ),
                 ));
             }
             if model.is_empty() {

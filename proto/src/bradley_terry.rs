@@ -265,7 +265,11 @@ mod tests {
     }
 
     /// Battles drawn from known strengths (Arena points relative to m0).
-    fn synthetic(truth: &[f64], per_pair: usize, rng: &mut Lcg) -> BTreeMap<(String, String), PairCounts> {
+    fn synthetic(
+        truth: &[f64],
+        per_pair: usize,
+        rng: &mut Lcg,
+    ) -> BTreeMap<(String, String), PairCounts> {
         let mut b = BTreeMap::new();
         for i in 0..truth.len() {
             for j in i + 1..truth.len() {
@@ -290,23 +294,47 @@ mod tests {
         let mut b = BTreeMap::new();
         b.insert(
             ("m1".to_string(), "m0".to_string()),
-            PairCounts { a_wins: 30.0, ties: 20.0, b_wins: 10.0 },
+            PairCounts {
+                a_wins: 30.0,
+                ties: 20.0,
+                b_wins: 10.0,
+            },
         );
         let r = rank(&names(2), "m0", &b, 200, 1).unwrap();
         assert_eq!(r[0].rating, 1000.0);
         let want = 1000.0 + 400.0 * 2f64.log10();
-        assert!((r[1].rating - want).abs() < 0.05, "{} vs {want}", r[1].rating);
-        assert!(r[1].ci_low < r[1].rating && r[1].rating < r[1].ci_high, "{r:?}");
+        assert!(
+            (r[1].rating - want).abs() < 0.05,
+            "{} vs {want}",
+            r[1].rating
+        );
+        assert!(
+            r[1].ci_low < r[1].rating && r[1].rating < r[1].ci_high,
+            "{r:?}"
+        );
         assert_eq!(r[1].battles, 60.0);
     }
 
     #[test]
     fn an_undefeated_model_gets_a_finite_rating_above_the_rest() {
         let mut b = BTreeMap::new();
-        b.insert(("m0".to_string(), "m1".to_string()), PairCounts { a_wins: 10.0, ties: 0.0, b_wins: 0.0 });
+        b.insert(
+            ("m0".to_string(), "m1".to_string()),
+            PairCounts {
+                a_wins: 10.0,
+                ties: 0.0,
+                b_wins: 0.0,
+            },
+        );
         let r = rank(&names(2), "m0", &b, 50, 1).unwrap();
-        assert!(r[1].rating.is_finite() && r[1].rating < 1000.0 - 400.0, "{r:?}");
-        assert!(matches!(rank(&names(2), "m9", &b, 5, 1), Err(RankingError::AnchorMissing(_))));
+        assert!(
+            r[1].rating.is_finite() && r[1].rating < 1000.0 - 400.0,
+            "{r:?}"
+        );
+        assert!(matches!(
+            rank(&names(2), "m9", &b, 5, 1),
+            Err(RankingError::AnchorMissing(_))
+        ));
     }
 
     /// The fit recovers the order of known strengths, and the 95% intervals cover the true
@@ -335,8 +363,13 @@ mod tests {
             }
         }
         let coverage = covered as f64 / total as f64;
-        eprintln!("coverage {coverage:.3} over {total} intervals; order recovered in {ordered}/{reps}");
+        eprintln!(
+            "coverage {coverage:.3} over {total} intervals; order recovered in {ordered}/{reps}"
+        );
         assert!((0.91..=0.985).contains(&coverage), "coverage {coverage}");
-        assert!(ordered as f64 >= 0.9 * reps as f64, "order recovered in {ordered}/{reps}");
+        assert!(
+            ordered as f64 >= 0.9 * reps as f64,
+            "order recovered in {ordered}/{reps}"
+        );
     }
 }

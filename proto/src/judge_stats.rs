@@ -227,7 +227,9 @@ fn table(m: &BTreeMap<String, f64>, prefix: &str) -> BTreeMap<(String, String), 
 fn derive_agreement(m: &mut BTreeMap<String, f64>) {
     let o: Coincidence = table(m, "judge.samples.coincidence.");
     if !o.is_empty() {
-        let scores = o.keys().all(|(a, b)| a.parse::<f64>().is_ok() && b.parse::<f64>().is_ok());
+        let scores = o
+            .keys()
+            .all(|(a, b)| a.parse::<f64>().is_ok() && b.parse::<f64>().is_ok());
         let metric = if scores {
             Metric::Interval
         } else {

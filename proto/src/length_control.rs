@@ -107,7 +107,12 @@ mod tests {
         // (the prior pulls it by under 0.005).
         let pts: Vec<Point> = [-50.0, -10.0, 0.0, 20.0, 60.0]
             .iter()
-            .map(|&d| Point { delta: d, wins: 24.0, ties: 8.0, losses: 8.0 })
+            .map(|&d| Point {
+                delta: d,
+                wins: 24.0,
+                ties: 8.0,
+                losses: 8.0,
+            })
             .collect();
         let f = fit(&pts).unwrap();
         assert!((f.win_rate - 0.7).abs() < 0.005, "{f:?}");
@@ -123,8 +128,18 @@ mod tests {
         let mut pts = Vec::new();
         for k in 0..40 {
             let d = 30.0 + k as f64;
-            pts.push(Point { delta: d, wins: 0.8 * 3.0, ties: 0.0, losses: 0.2 * 3.0 });
-            pts.push(Point { delta: -d, wins: 0.4, ties: 0.0, losses: 0.6 });
+            pts.push(Point {
+                delta: d,
+                wins: 0.8 * 3.0,
+                ties: 0.0,
+                losses: 0.2 * 3.0,
+            });
+            pts.push(Point {
+                delta: -d,
+                wins: 0.4,
+                ties: 0.0,
+                losses: 0.6,
+            });
         }
         let f = fit(&pts).unwrap();
         assert!(f.length_coef > 0.5, "{f:?}");

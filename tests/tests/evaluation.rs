@@ -346,7 +346,13 @@ fn fastchat_fixture(name: &str) -> std::path::PathBuf {
 }
 
 /// The campaign of the judge tests: a small teacher, one or two rounds, the given judge table.
-fn judge_campaign(d: &std::path::Path, name: &str, rounds: usize, judge: &str, gate: &str) -> std::path::PathBuf {
+fn judge_campaign(
+    d: &std::path::Path,
+    name: &str,
+    rounds: usize,
+    judge: &str,
+    gate: &str,
+) -> std::path::PathBuf {
     let teacher = d.join("teacher");
     if !teacher.join("config.json").exists() {
         write_test_model(
@@ -361,7 +367,8 @@ fn judge_campaign(d: &std::path::Path, name: &str, rounds: usize, judge: &str, g
         write_corpus(
             d,
             &["calib.jsonl", "web.jsonl"],
-            (0..40).map(|i| format!("Line {i}: the tide comes in and the boats lift off the sand.")),
+            (0..40)
+                .map(|i| format!("Line {i}: the tide comes in and the boats lift off the sand.")),
         );
     }
     let round = "[[rounds]]\ntarget = { intermediate_size = 192 }\n\
@@ -387,7 +394,13 @@ fn mtbench_mode_grades_each_turn_with_fastchat_prompts_and_averages_them() {
     let two_turn: String = std::fs::read_to_string(fastchat_fixture("question.jsonl"))
         .unwrap()
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["turns"].as_array().unwrap().len() == 2)
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["turns"]
+                .as_array()
+                .unwrap()
+                .len()
+                == 2
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(d.join("question.jsonl"), two_turn).unwrap();
@@ -429,7 +442,10 @@ fn mtbench_mode_grades_each_turn_with_fastchat_prompts_and_averages_them() {
     // The plain status shows the scores and the label.
     let out = coord.cli(&["status", &id]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("MT-Bench student: 6.00 (turn 1 7.00, turn 2 5.00; 0 invalid grades)"), "{text}");
+    assert!(
+        text.contains("MT-Bench student: 6.00 (turn 1 7.00, turn 2 5.00; 0 invalid grades)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -459,7 +475,10 @@ fn a_ranking_of_two_rounds_asks_the_judge_only_for_new_pairs_and_the_gate_reads_
         if after_round0.is_none() && v["rounds"][0]["metrics"]["judge"]["ranking"].is_object() {
             after_round0 = Some(count.load(Ordering::SeqCst));
         }
-        if matches!(v["state"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+        if matches!(
+            v["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
             break;
         }
         assert!(Instant::now() < deadline, "{v}");
@@ -467,7 +486,11 @@ fn a_ranking_of_two_rounds_asks_the_judge_only_for_new_pairs_and_the_gate_reads_
     }
     let v = coord.status_json(Some(&id));
     assert_eq!(v["state"], "succeeded", "{v}");
-    assert_eq!(after_round0, Some(12), "round 0: one pair, 6 questions, both orders");
+    assert_eq!(
+        after_round0,
+        Some(12),
+        "round 0: one pair, 6 questions, both orders"
+    );
     // Round 1: (teacher, round1) — also the student-vs-baseline prompts — and (round0, round1);
     // (teacher, round0) comes from the cache.
     assert_eq!(count.load(Ordering::SeqCst), 12 + 24);
@@ -478,7 +501,9 @@ fn a_ranking_of_two_rounds_asks_the_judge_only_for_new_pairs_and_the_gate_reads_
         let e = rank[m]["elo"].as_f64().unwrap();
         // Position-biased judge: every pair splits evenly, so every rating is the teacher's.
         assert!((e - 1000.0).abs() < 1.0, "{m}: {r}");
-        assert!(rank[m]["ci_low"].as_f64().unwrap() <= e && e <= rank[m]["ci_high"].as_f64().unwrap());
+        assert!(
+            rank[m]["ci_low"].as_f64().unwrap() <= e && e <= rank[m]["ci_high"].as_f64().unwrap()
+        );
     }
     assert_eq!(r["battles"]["round0"]["round1"]["ties"], 0.0, "{r}");
     assert_eq!(r["battles"]["round0"]["round1"]["a_wins"], 6.0, "{r}");

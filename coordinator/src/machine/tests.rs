@@ -1293,12 +1293,22 @@ fn a_ranking_judge_gets_every_earlier_model_and_judgment_and_the_gate_reads_the_
         assert_eq!(r0["judge.ranking.teacher.elo"], 1000.0);
         assert!(r0["judge.ranking.round0.ci_low"] < r0["judge.ranking.round0.elo"]);
         let results: Vec<&pb::Event> = events.iter().filter(|e| e.kind == "judge_result").collect();
-        assert!(results[0].message.contains("rating 759"), "{}", results[0].message);
-        assert!(results[0].message.contains("not comparable with published MT-Bench"));
+        assert!(
+            results[0].message.contains("rating 759"),
+            "{}",
+            results[0].message
+        );
+        assert!(results[0]
+            .message
+            .contains("not comparable with published MT-Bench"));
         assert_eq!(results[0].metrics["judge.elo_drop"], r0["judge.elo_drop"]);
         if !passes {
             assert_eq!(camp.state, CampaignState::Failed);
-            assert!(camp.error.as_deref().unwrap().contains("gate.max_elo_drop"), "{:?}", camp.error);
+            assert!(
+                camp.error.as_deref().unwrap().contains("gate.max_elo_drop"),
+                "{:?}",
+                camp.error
+            );
             continue;
         }
         assert_eq!(camp.state, CampaignState::Succeeded);
@@ -1308,15 +1318,28 @@ fn a_ranking_judge_gets_every_earlier_model_and_judgment_and_the_gate_reads_the_
             .values()
             .find(|t| t.kind == kind::JUDGE && t.round == 1)
             .unwrap();
-        for k in ["ranking_answers.teacher", "ranking_answers.round0", "prior_judgments.round0.judgments", "answers", "baseline_answers"] {
-            assert!(judge1.inputs.contains_key(k), "{k} missing from {:?}", judge1.inputs);
+        for k in [
+            "ranking_answers.teacher",
+            "ranking_answers.round0",
+            "prior_judgments.round0.judgments",
+            "answers",
+            "baseline_answers",
+        ] {
+            assert!(
+                judge1.inputs.contains_key(k),
+                "{k} missing from {:?}",
+                judge1.inputs
+            );
         }
         let judge0 = st
             .tasks
             .values()
             .find(|t| t.kind == kind::JUDGE && t.round == 0)
             .unwrap();
-        assert!(!judge0.inputs.keys().any(|k| k.starts_with("prior_judgments")));
+        assert!(!judge0
+            .inputs
+            .keys()
+            .any(|k| k.starts_with("prior_judgments")));
     }
 }
 
@@ -1332,6 +1355,9 @@ fn a_judge_phase_run_again_after_an_extension_replaces_the_counts() {
     assert_eq!(camp.state, CampaignState::Failed);
     let m = &camp.rounds[0].metrics;
     // Two judge phases ran; the second one's counts are the round's, not their sum.
-    assert_eq!((m["judge.wins"], m["judge.ties"], m["judge.losses"]), (3.0, 2.0, 5.0));
+    assert_eq!(
+        (m["judge.wins"], m["judge.ties"], m["judge.losses"]),
+        (3.0, 2.0, 5.0)
+    );
     assert_eq!(m["judge.battles.teacher.round0.a_wins"], 8.0);
 }

@@ -172,13 +172,18 @@ pub fn load_references(path: &Path) -> Result<BTreeMap<String, Vec<String>>, Str
             serde_json::Value::String(s) => s.clone(),
             v => v.to_string(),
         };
-        let turns = r.choices.into_iter().next().map(|c| c.turns).ok_or_else(|| {
-            format!(
-                "judge.reference_answers {}:{}: question {id} has no choices",
-                path.display(),
-                i + 1
-            )
-        })?;
+        let turns = r
+            .choices
+            .into_iter()
+            .next()
+            .map(|c| c.turns)
+            .ok_or_else(|| {
+                format!(
+                    "judge.reference_answers {}:{}: question {id} has no choices",
+                    path.display(),
+                    i + 1
+                )
+            })?;
         out.insert(id, turns);
     }
     Ok(out)
@@ -348,9 +353,16 @@ mod tests {
         let t = "Q: {question}\n{{literal}} A: {answer}";
         let s = format(t, &[("question", "2+2?"), ("answer", "4")], "p").unwrap();
         assert_eq!(s, "Q: 2+2?\n{literal} A: 4");
-        let e = format("{question} {ref_answer_1}", &[("question", "q")], "single-math-v1")
-            .unwrap_err();
-        assert!(e.contains("single-math-v1") && e.contains("{ref_answer_1}"), "{e}");
+        let e = format(
+            "{question} {ref_answer_1}",
+            &[("question", "q")],
+            "single-math-v1",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("single-math-v1") && e.contains("{ref_answer_1}"),
+            "{e}"
+        );
         assert!(format("a } b", &[], "p").is_err());
         assert!(format("a { b", &[], "p").is_err());
     }

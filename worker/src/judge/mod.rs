@@ -626,12 +626,12 @@ pub fn aggregate(samples: &[Verdict]) -> Verdict {
     let Some(best) = counts.iter().map(|c| c.1).max() else {
         return Verdict::Unparsed;
     };
-    let top: Vec<Pairwise> = counts
-        .iter()
-        .filter(|c| c.1 == best)
-        .map(|c| c.0)
-        .collect();
-    Verdict::Pairwise(if top.len() == 1 { top[0] } else { Pairwise::Tie })
+    let top: Vec<Pairwise> = counts.iter().filter(|c| c.1 == best).map(|c| c.0).collect();
+    Verdict::Pairwise(if top.len() == 1 {
+        top[0]
+    } else {
+        Pairwise::Tie
+    })
 }
 
 /// A verdict as a category label (agreement tables; no `.` in it).
@@ -681,21 +681,18 @@ fn ask(
         asked.fetch_add(1, Ordering::SeqCst);
         // The local judge's label probabilities give one deterministic verdict: only for a
         // single sample of a three-level prompt.
-        let direct = if samples <= 1
-            && matches!(job.format, Format::Pairwise | Format::FastChatPair)
-        {
-            backend.pairwise(&job.system, &job.user)
-        } else {
-            None
-        };
+        let direct =
+            if samples <= 1 && matches!(job.format, Format::Pairwise | Format::FastChatPair) {
+                backend.pairwise(&job.system, &job.user)
+            } else {
+                None
+            };
         let got = match direct {
             Some(r) => r.map(|(text, v)| (text, Some(Verdict::Pairwise(v)))),
-            None => backend
-                .sample(&job.system, &job.user, sample)
-                .map(|text| {
-                    let v = verdict_of(job.format, &text, &prompt);
-                    (text, v)
-                }),
+            None => backend.sample(&job.system, &job.user, sample).map(|text| {
+                let v = verdict_of(job.format, &text, &prompt);
+                (text, v)
+            }),
         };
         let (text, v) = got.map_err(|e| e.to_string())?;
         raw = text;

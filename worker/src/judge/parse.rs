@@ -213,7 +213,10 @@ mod tests {
     fn five_level_verdicts_as_arena_hard_writes_them() {
         let p = "Output one of [[A>>B]], [[A>B]], [[A=B]], [[B>A]], [[B>>A]] on the last line.";
         let cases = [
-            ("A is far better.\nMy final verdict is: [[A>>B]]", Some(Pairwise::StrongA)),
+            (
+                "A is far better.\nMy final verdict is: [[A>>B]]",
+                Some(Pairwise::StrongA),
+            ),
             ("[[A>B]]", Some(Pairwise::A)),
             ("Equal. [[A=B]]", Some(Pairwise::Tie)),
             ("[[B=A]]", Some(Pairwise::Tie)),

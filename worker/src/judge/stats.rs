@@ -255,7 +255,10 @@ pub fn second_metrics(first: &[Judgment], second: &[Judgment]) -> BTreeMap<Strin
                 *m.entry(format!("sum.judge.second.confusion.{x}.{y}"))
                     .or_insert(0.0) += 1.0
             }
-            _ => *m.entry("sum.judge.second.unparsed".to_string()).or_insert(0.0) += 1.0,
+            _ => {
+                *m.entry("sum.judge.second.unparsed".to_string())
+                    .or_insert(0.0) += 1.0
+            }
         }
     }
     m

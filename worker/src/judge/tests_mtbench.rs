@@ -199,7 +199,10 @@ fn a_math_prompt_carries_its_reference_and_the_multi_turn_template() {
     assert_eq!(t1.template, "single-math-v1");
     assert!(t1.user.contains("The area is 7 * 7 = 49."), "{}", t1.user);
     assert!(t1.user.contains("S says turn 1 of 111"), "{}", t1.user);
-    assert!(!t1.user.contains("196"), "turn 1 shows only the first reference");
+    assert!(
+        !t1.user.contains("196"),
+        "turn 1 shows only the first reference"
+    );
     assert_eq!(t2.template, "single-math-v1-multi-turn");
     let multi = &set.prompts["single-math-v1-multi-turn"];
     assert_eq!(t2.system, multi.system_prompt);
@@ -212,7 +215,11 @@ fn a_math_prompt_carries_its_reference_and_the_multi_turn_template() {
         "S says turn 1 of 111",
         "S says turn 2 of 111",
     ] {
-        assert!(t2.user.contains(needle), "{needle:?} missing from\n{}", t2.user);
+        assert!(
+            t2.user.contains(needle),
+            "{needle:?} missing from\n{}",
+            t2.user
+        );
     }
     // A question outside the reference categories uses the general prompts, no reference.
     let w: Vec<&Job> = jobs.iter().filter(|j| j.question_id == "81").collect();
@@ -240,11 +247,21 @@ fn unknown_prompt_names_missing_references_and_malformed_lines_are_named_errors(
         .unwrap()
         .for_mode(false)
         .unwrap_err();
-    assert!(e.contains("\"single-math-v1-multi-turn\"") && e.contains("judge_prompts.jsonl"), "{e}");
+    assert!(
+        e.contains("\"single-math-v1-multi-turn\"") && e.contains("judge_prompts.jsonl"),
+        "{e}"
+    );
     // A malformed line, by number.
-    std::fs::write(&p, format!("{}\n{{\"name\": \"x\"}}\n", text.lines().next().unwrap())).unwrap();
+    std::fs::write(
+        &p,
+        format!("{}\n{{\"name\": \"x\"}}\n", text.lines().next().unwrap()),
+    )
+    .unwrap();
     let e = fastchat::load_prompts(&p).unwrap_err();
-    assert!(e.contains("judge_prompts.jsonl:2") && e.contains("prompt_template"), "{e}");
+    assert!(
+        e.contains("judge_prompts.jsonl:2") && e.contains("prompt_template"),
+        "{e}"
+    );
     // A math question missing from the reference file.
     let set = prompt_set();
     let mut r = refs();
@@ -257,7 +274,10 @@ fn unknown_prompt_names_missing_references_and_malformed_lines_are_named_errors(
     let e = mp
         .single_jobs(&qs, &[("student", &answers_for(&qs, "S"))])
         .unwrap_err();
-    assert!(e.contains("question 111") && e.contains("judge.reference_answers"), "{e}");
+    assert!(
+        e.contains("question 111") && e.contains("judge.reference_answers"),
+        "{e}"
+    );
     // A reference with one turn for a two-turn math question: turn 2 cannot be graded.
     let mut r1 = refs();
     r1.insert("111".into(), vec!["49".into()]);
@@ -268,7 +288,10 @@ fn unknown_prompt_names_missing_references_and_malformed_lines_are_named_errors(
     let e = mp
         .single_jobs(&qs, &[("student", &answers_for(&qs, "S"))])
         .unwrap_err();
-    assert!(e.contains("111") && e.contains("reference") && e.contains("turn 2"), "{e}");
+    assert!(
+        e.contains("111") && e.contains("reference") && e.contains("turn 2"),
+        "{e}"
+    );
     // A prompt of the wrong type under a known name.
     let swapped = text.replace(
         "\"name\": \"single-v1\", \"type\": \"single\"",
@@ -375,7 +398,10 @@ fn a_ranking_asks_only_for_new_pairs_and_orders_the_models() {
     // The judge prefers the better answer, except on a third of the questions where it prefers
     // position A: strengths are recovered in order, not perfectly separated.
     let judge = scripted(|_, user, _| {
-        let (a, b) = (quality_of(&answer_in(user, 'A')), quality_of(&answer_in(user, 'B')));
+        let (a, b) = (
+            quality_of(&answer_in(user, 'A')),
+            quality_of(&answer_in(user, 'B')),
+        );
         if question_number(user) % 3 == 0 || a > b {
             "[[A]]".into()
         } else if b > a {
@@ -404,7 +430,10 @@ fn a_ranking_asks_only_for_new_pairs_and_orders_the_models() {
     distillery_proto::judge_stats::elo_drop(&mut m, 1);
     let elo = |n: &str| m[&format!("judge.ranking.{n}.elo")];
     assert_eq!(elo("teacher"), 1000.0);
-    assert!(elo("teacher") > elo("round0") && elo("round0") > elo("round1"), "{m:?}");
+    assert!(
+        elo("teacher") > elo("round0") && elo("round0") > elo("round1"),
+        "{m:?}"
+    );
     assert!(m["judge.elo_drop"] > 0.0);
     // Each pair: 60 battles; each model takes part in two pairs.
     assert_eq!(m["judge.ranking.round1.battles"], 120.0);
@@ -447,7 +476,10 @@ fn always_longer_figures(seed: u64) -> (f64, f64) {
     let cache = Cache::open(dir.path()).unwrap();
     let js = judge_all(&jobs, &judge, &cache, &opts(1), &|_, _, _| {}).unwrap();
     let m = derived(&metrics_for(Mode::Pairwise, &js, &s, &t, true));
-    assert!(!m.keys().any(|k| k.starts_with("judge.lc.")), "raw points dropped");
+    assert!(
+        !m.keys().any(|k| k.starts_with("judge.lc.")),
+        "raw points dropped"
+    );
     (m["judge.win_rate"], m["judge.lc_win_rate"])
 }
 
@@ -458,13 +490,17 @@ fn always_longer_figures(seed: u64) -> (f64, f64) {
 #[test]
 fn an_always_longer_judge_has_a_raw_win_rate_far_from_half_and_a_length_controlled_one_near_it() {
     let figures: Vec<(f64, f64)> = (1..=5).map(always_longer_figures).collect();
-    let mean = |f: fn(&(f64, f64)) -> f64| figures.iter().map(f).sum::<f64>() / figures.len() as f64;
+    let mean =
+        |f: fn(&(f64, f64)) -> f64| figures.iter().map(f).sum::<f64>() / figures.len() as f64;
     let (raw, lc) = (mean(|x| x.0), mean(|x| x.1));
     eprintln!("always-longer judge: (raw, length-controlled) per campaign {figures:.3?}; mean raw {raw:.3}, mean length-controlled {lc:.3}");
     for (r, l) in &figures {
         assert!(*r > 0.75, "raw {r}");
         assert!((l - 0.5).abs() < 0.1, "length-controlled {l}");
-        assert!((l - 0.5).abs() < (r - 0.5) / 3.0, "raw {r}, length-controlled {l}");
+        assert!(
+            (l - 0.5).abs() < (r - 0.5) / 3.0,
+            "raw {r}, length-controlled {l}"
+        );
     }
     assert!((lc - 0.5).abs() < 0.1, "mean length-controlled {lc}");
 }
@@ -495,7 +531,9 @@ fn repeated_samples_give_agreement_and_alpha_and_a_second_judge_gives_kappa() {
     assert_eq!(judge.asked.load(Ordering::SeqCst), 3 * jobs.len());
     assert!(js.iter().all(|j| j.samples.len() == 3));
     // The majority is A everywhere.
-    assert!(js.iter().all(|j| j.verdict == Verdict::Pairwise(parse::Pairwise::A)));
+    assert!(js
+        .iter()
+        .all(|j| j.verdict == Verdict::Pairwise(parse::Pairwise::A)));
     let disagreeing = js
         .iter()
         .filter(|j| j.samples.contains(&Verdict::Pairwise(parse::Pairwise::B)))

@@ -297,11 +297,23 @@ fn preload(ctx: &TaskContext, cache: &Cache, digest: &str, what: &str) -> Result
     let text = std::fs::read_to_string(&p)
         .map_err(|e| TaskError::retryable(format!("{}: {e}", p.display())))?;
     let mut n = 0;
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let jd: judge::Judgment = serde_json::from_str(line)
-            .map_err(|e| fatal(format!("{what} {digest} line {}: not a judgment: {e}", i + 1)))?;
-        cache.put(&jd).map_err(fatal)?;
-        n += 1;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let jd: judge::Judgment = serde_json::from_str(line).map_err(|e| {
+            fatal(format!(
+                "{what} {digest} line {}: not a judgment: {e}",
+                i + 1
+            ))
+        })?;
+        // A majority over samples is not what the judge said to sample 0: only single
+        // verdicts go into the cache.
+        if jd.samples.is_empty() {
+            cache.put(&jd).map_err(fatal)?;
+            n += 1;
+        }
     }
     Ok(n)
 }
@@ -328,7 +340,8 @@ fn judge_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput
         .collect();
     let student = Answers::load(&ctx.fetch(input(task, "answers")?)?).map_err(fatal)?;
     let baseline = Answers::load(&ctx.fetch(input(task, "baseline_answers")?)?).map_err(fatal)?;
-    let baseline_is_teacher = task.inputs.get("baseline_answers") == task.inputs.get("teacher_answers");
+    let baseline_is_teacher =
+        task.inputs.get("baseline_answers") == task.inputs.get("teacher_answers");
     let teacher = match task.inputs.get("teacher_answers") {
         Some(d) if !baseline_is_teacher => Some(Answers::load(&ctx.fetch(d)?).map_err(fatal)?),
         _ => None,
@@ -378,7 +391,8 @@ fn judge_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput
             judge::builtin_jobs(mode, five_level, &questions, &student, &baseline)
         }
         Mode::MtBench => {
-            let mut sides: Vec<(&str, &Answers)> = vec![("student", &student), ("baseline", &baseline)];
+            let mut sides: Vec<(&str, &Answers)> =
+                vec![("student", &student), ("baseline", &baseline)];
             if let Some(t) = &teacher {
                 sides.push(("teacher", t));
             }
@@ -405,7 +419,9 @@ fn judge_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("ranking_answers.").map(|_| (k, v)))
             .collect();
-        named.sort_by_key(|(k, _)| distillery_proto::judge_stats::model_order(&k["ranking_answers.".len()..]));
+        named.sort_by_key(|(k, _)| {
+            distillery_proto::judge_stats::model_order(&k["ranking_answers.".len()..])
+        });
         for (k, digest) in named {
             let a = Answers::load(&ctx.fetch(digest)?).map_err(fatal)?;
             models.push((k["ranking_answers.".len()..].to_string(), a));
@@ -429,7 +445,11 @@ fn judge_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput
         .collect();
     // Earlier rounds' judgments (a ranking's old pairs) and a re-leased attempt's checkpoint
     // (maybe made on another worker) go into this worker's cache: the judge is not asked again.
-    for (name, digest) in task.inputs.iter().filter(|(k, _)| k.starts_with("prior_judgments.")) {
+    for (name, digest) in task
+        .inputs
+        .iter()
+        .filter(|(k, _)| k.starts_with("prior_judgments."))
+    {
         let n = preload(ctx, &cache, digest, name)?;
         tracing::info!("judge: {n} judgments from {name}");
     }
@@ -495,7 +515,15 @@ fn judge_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput
     // The second judge: the same student-versus-baseline prompts, one verdict each.
     let second = match &j.second {
         Some(s) => {
-            let b = judge_backend(&s.backend, &s.base_url, &s.model, s.max_tokens, &s.chat_template, 0.0, ctx)?;
+            let b = judge_backend(
+                &s.backend,
+                &s.base_url,
+                &s.model,
+                s.max_tokens,
+                &s.chat_template,
+                0.0,
+                ctx,
+            )?;
             let one = judge::JudgeOptions { samples: 1, ..opts };
             Some(
                 judge::judge_all(&jobs[..main_jobs], b.as_ref(), &cache, &one, &|_, _, _| {})
@@ -518,7 +546,10 @@ fn judge_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput
         metrics.extend(judge::stats::sample_metrics(&judgments, samples));
     }
     if let Some(second) = &second {
-        metrics.extend(judge::stats::second_metrics(&judgments[..main_jobs], second));
+        metrics.extend(judge::stats::second_metrics(
+            &judgments[..main_jobs],
+            second,
+        ));
     }
     Ok(TaskOutput {
         outputs: BTreeMap::from([("judgments".into(), ctx.upload_file(&path)?)]),
