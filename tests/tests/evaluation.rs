@@ -371,8 +371,16 @@ fn judge_campaign(
                 .map(|i| format!("Line {i}: the tide comes in and the boats lift off the sand.")),
         );
     }
-    let round = "[[rounds]]\ntarget = { intermediate_size = 192 }\n\
-                 distill = { tokens = 128, seq_len = 32, micro_batch = 2, world_size = 1 }\n";
+    // Each round narrower than the last, so every student answers differently.
+    let rounds: String = (0..rounds)
+        .map(|i| {
+            format!(
+                "[[rounds]]\ntarget = {{ intermediate_size = {} }}\n\
+                 distill = {{ tokens = 128, seq_len = 32, micro_batch = 2, world_size = 1 }}\n",
+                192 - 32 * i
+            )
+        })
+        .collect();
     let toml = format!(
         "name = \"{name}\"\nseed = 4\n[teacher]\nmodel = \"{}\"\n[data]\n\
          calibration = {{ path = \"calib.jsonl\", samples = 2, seq_len = 32 }}\n\
@@ -380,7 +388,7 @@ fn judge_campaign(
          {}\
          [evaluation]\nperplexity = false\njudge = {judge}\n{gate}",
         teacher.display(),
-        round.repeat(rounds),
+        rounds,
     );
     write_spec(d, &format!("{name}.toml"), &toml)
 }
@@ -458,8 +466,16 @@ fn a_ranking_of_two_rounds_asks_the_judge_only_for_new_pairs_and_the_gate_reads_
         .collect();
     std::fs::write(d.join("questions.jsonl"), questions).unwrap();
     let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let prompts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = prompts.clone();
     // A judge that always prefers position A: every pair ties overall.
-    let url = scripted_judge(|_, _| "A reads better. [[A]]".into(), count.clone());
+    let url = scripted_judge(
+        move |system, user| {
+            seen.lock().unwrap().push(format!("{system}\n{user}"));
+            "A reads better. [[A]]".into()
+        },
+        count.clone(),
+    );
     let judge = format!(
         "{{ backend = \"openai\", base_url = \"{url}\", model = \"judge\", mode = \"pairwise\", questions = \"questions.jsonl\", ranking = true, max_tokens = 8 }}"
     );
@@ -493,6 +509,9 @@ fn a_ranking_of_two_rounds_asks_the_judge_only_for_new_pairs_and_the_gate_reads_
     );
     // Round 1: (teacher, round1) — also the student-vs-baseline prompts — and (round0, round1);
     // (teacher, round0) comes from the cache.
+    let asked = prompts.lock().unwrap().clone();
+    let distinct: std::collections::BTreeSet<&String> = asked.iter().collect();
+    assert_eq!(distinct.len(), asked.len(), "a prompt was asked twice");
     assert_eq!(count.load(Ordering::SeqCst), 12 + 24);
     let r = &v["rounds"][1]["metrics"]["judge"];
     let rank = &r["ranking"];
@@ -507,6 +526,8 @@ fn a_ranking_of_two_rounds_asks_the_judge_only_for_new_pairs_and_the_gate_reads_
     }
     assert_eq!(r["battles"]["round0"]["round1"]["ties"], 0.0, "{r}");
     assert_eq!(r["battles"]["round0"]["round1"]["a_wins"], 6.0, "{r}");
+    assert_eq!(r["battles"]["round0"]["round1"]["b_wins"], 6.0, "{r}");
+    assert_eq!(r["battles"]["teacher"]["round0"]["a_wins"], 6.0, "{r}");
     assert!(r["elo_drop"].as_f64().unwrap().abs() < 1.0, "{r}");
     assert_eq!(r["mode"], "pairwise");
     assert_eq!(r["mtbench_comparable"], false);
