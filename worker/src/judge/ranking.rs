@@ -57,7 +57,8 @@ pub fn battle_metrics(judgments: &[Judgment]) -> BTreeMap<String, f64> {
         };
         // All three counts of a pair exist, so the field names are stable.
         for o in ["a_wins", "ties", "b_wins"] {
-            m.entry(format!("sum.judge.battles.{a}.{b}.{o}")).or_insert(0.0);
+            m.entry(format!("sum.judge.battles.{a}.{b}.{o}"))
+                .or_insert(0.0);
         }
         *m.entry(format!("sum.judge.battles.{a}.{b}.{outcome}"))
             .or_insert(0.0) += p.weight();

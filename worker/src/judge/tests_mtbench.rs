@@ -402,7 +402,7 @@ fn a_ranking_asks_only_for_new_pairs_and_orders_the_models() {
             quality_of(&answer_in(user, 'A')),
             quality_of(&answer_in(user, 'B')),
         );
-        if question_number(user) % 3 == 0 || a > b {
+        if question_number(user).is_multiple_of(3) || a > b {
             "[[A]]".into()
         } else if b > a {
             "[[B]]".into()
@@ -519,7 +519,7 @@ fn repeated_samples_give_agreement_and_alpha_and_a_second_judge_gives_kappa() {
     let jobs = jobs(Mode::Pairwise, &qs, &s, &t).unwrap();
     // Samples 0 and 1 always say A; sample 2 says B on the prompts with an even question.
     let judge = scripted(|_, user, n| {
-        if n == 2 && question_number(user) % 2 == 0 {
+        if n == 2 && question_number(user).is_multiple_of(2) {
             "[[B]]".into()
         } else {
             "[[A]]".into()
