@@ -453,6 +453,14 @@ fn mtbench_mode_grades_each_turn_with_fastchat_prompts_and_averages_them() {
     assert!(
         text.contains("MT-Bench student: 6.00 (turn 1 7.00, turn 2 5.00; 0 invalid grades)"),
         "{text}"
+    ); // `watch` replays the judge phase's result line.
+    let out = coord.cli(&["watch", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("round 0 judge (mtbench)")
+            && text.contains("MT-Bench 6.00 (turn 1 7.00, turn 2 5.00, 0 invalid), teacher 6.00")
+            && !text.contains("not comparable"),
+        "{text}"
     );
 }
 
@@ -532,4 +540,19 @@ fn a_ranking_of_two_rounds_asks_the_judge_only_for_new_pairs_and_the_gate_reads_
     assert_eq!(r["mode"], "pairwise");
     assert_eq!(r["mtbench_comparable"], false);
     assert_eq!(r["comparability"], "not comparable with published MT-Bench");
+    // The ranking, battles and labels are durable: a restarted coordinator shows the same.
+    let before = coord.status_json(Some(&id));
+    let mut coord = coord;
+    coord.restart();
+    coord.wait_serving();
+    let after = coord.status_json(Some(&id));
+    assert_eq!(after["rounds"], before["rounds"]);
+    let out = coord.cli(&["watch", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("round 1 judge (pairwise)")
+            && text.contains("rating 1000")
+            && text.contains("not comparable with published MT-Bench"),
+        "{text}"
+    );
 }
