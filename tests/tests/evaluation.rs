@@ -424,8 +424,20 @@ fn mtbench_mode_grades_each_turn_with_fastchat_prompts_and_averages_them() {
         },
         count.clone(),
     );
+    // A second judge that agrees on turn 1 and gives turn 2 a 6.
+    let count2 = std::sync::Arc::new(AtomicUsize::new(0));
+    let url2 = scripted_judge(
+        |_, user| {
+            if user.contains("### User:") {
+                "[[6]]".into()
+            } else {
+                "[[7]]".into()
+            }
+        },
+        count2.clone(),
+    );
     let judge = format!(
-        "{{ backend = \"openai\", base_url = \"{url}\", model = \"judge\", mode = \"mtbench\", questions = \"question.jsonl\", prompts = \"{}\", reference_answers = \"{}\", max_tokens = 64 }}",
+        "{{ backend = \"openai\", base_url = \"{url}\", model = \"judge\", mode = \"mtbench\", questions = \"question.jsonl\", prompts = \"{}\", reference_answers = \"{}\", max_tokens = 64, second = {{ backend = \"openai\", base_url = \"{url2}\", model = \"judge-2\" }} }}",
         fastchat_fixture("judge_prompts.jsonl").display(),
         fastchat_fixture("reference_answer/reference.jsonl").display(),
     );
@@ -445,8 +457,18 @@ fn mtbench_mode_grades_each_turn_with_fastchat_prompts_and_averages_them() {
     }
     assert_eq!(j["mode"], "mtbench");
     assert_eq!(j["mtbench_comparable"], true);
-    // 3 questions × 2 turns × (student, teacher).
+    // 3 questions × 2 turns × (student, teacher), each judge.
     assert_eq!(count.load(Ordering::SeqCst), 12);
+    assert_eq!(count2.load(Ordering::SeqCst), 12);
+    // Agreement on the 6 turn-1 grades, not on the 6 turn-2 ones: p_o = 1/2, p_e = 1/4, κ = 1/3.
+    let second = &j["second"];
+    assert_eq!(second["n"], 12.0, "{j}");
+    assert_eq!(second["agreement"], 0.5, "{j}");
+    assert!(
+        (second["kappa"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-12,
+        "{j}"
+    );
+    assert_eq!(second["confusion"]["5"]["6"], 6.0, "{j}");
     // The plain status shows the scores and the label.
     let out = coord.cli(&["status", &id]);
     let text = String::from_utf8_lossy(&out.stdout);

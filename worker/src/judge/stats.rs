@@ -244,6 +244,9 @@ pub fn sample_metrics(judgments: &[Judgment], k: u32) -> BTreeMap<String, f64> {
     m
 }
 
+/// Slot prefix of the second judge's judgments (`judge.second`) in the judgments artifact.
+pub const SECOND_PREFIX: &str = "second:";
+
 /// Agreement with a second judge on the same prompts: the confusion table of the two verdicts
 /// (`sum.judge.second.confusion.<first>.<second>`) and prompts either left unparsed.
 pub fn second_metrics(first: &[Judgment], second: &[Judgment]) -> BTreeMap<String, f64> {
