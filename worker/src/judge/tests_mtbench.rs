@@ -566,3 +566,52 @@ fn repeated_samples_give_agreement_and_alpha_and_a_second_judge_gives_kappa() {
     // Judge 1 always says A: chance agreement 0.5, κ = 0.
     assert_eq!(m["judge.second.kappa"], 0.0);
 }
+
+#[test]
+fn arena_hard_verdicts_count_strong_wins_three_times_in_the_ranking_and_once_in_the_win_rate() {
+    let qs: Vec<Question> = (0..4)
+        .map(|i| Question {
+            question_id: serde_json::json!(i),
+            category: "writing".into(),
+            turns: vec![format!("Question {i}")],
+            reference: None,
+        })
+        .collect();
+    let five = PairPrompts::Builtin {
+        template: five_level_template().unwrap(),
+        format: Format::FiveLevel,
+    };
+    let models = vec![
+        ("teacher".to_string(), quality_answers(&qs, 9)),
+        ("round0".to_string(), quality_answers(&qs, 3)),
+    ];
+    // The teacher is much better on even questions, somewhat better on odd ones.
+    let judge = scripted(|_, user, _| {
+        let teacher_is_a = quality_of(&answer_in(user, 'A')) == 9;
+        let strong = question_number(user).is_multiple_of(2);
+        match (teacher_is_a, strong) {
+            (true, true) => "[[A>>B]]".into(),
+            (true, false) => "[[A>B]]".into(),
+            (false, true) => "[[B>>A]]".into(),
+            (false, false) => "[[B>A]]".into(),
+        }
+    });
+    let jobs = ranking::ranking_jobs(&five, &qs, &models).unwrap();
+    assert!(jobs[0].system.contains("[[A>>B]]"));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let js = judge_all(&jobs, &judge, &cache, &opts(1), &|_, _, _| {}).unwrap();
+    let m = ranking::battle_metrics(&js);
+    // 8 games: 4 strong (×3) and 4 plain, all won by the teacher.
+    assert_eq!(
+        m["sum.judge.battles.teacher.round0.a_wins"],
+        4.0 * 3.0 + 4.0
+    );
+    assert_eq!(m["sum.judge.battles.teacher.round0.b_wins"], 0.0);
+    // Against the baseline, a strong win is one win.
+    let (s, t) = (quality_answers(&qs, 3), quality_answers(&qs, 9));
+    let main = builtin_jobs(Mode::Pairwise, true, &qs, &s, &t).unwrap();
+    let js = judge_all(&main, &judge, &cache, &opts(1), &|_, _, _| {}).unwrap();
+    let d = derived(&metrics_for(Mode::Pairwise, &js, &s, &t, true));
+    assert_eq!((d["judge.losses"], d["judge.wins"]), (4.0, 0.0));
+}
