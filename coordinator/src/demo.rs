@@ -269,6 +269,20 @@ pub fn report(c: &pb::Campaign, student_dir: &Path) -> String {
             let _ = writeln!(s, "round {} {}", r.index, crate::cli::candidate_line(x));
         }
     }
+    let mode = c
+        .spec
+        .as_ref()
+        .and_then(|s| s.evaluation.as_ref())
+        .and_then(|e| e.judge.as_ref())
+        .map(|j| j.mode.as_str());
+    for r in &c.rounds {
+        let m: std::collections::BTreeMap<String, f64> = r.metrics.clone().into_iter().collect();
+        if m.keys().any(|k| k.starts_with("judge.")) {
+            for line in crate::cli::judge_lines(r.index, mode, &m) {
+                let _ = writeln!(s, "round {}: {line}", r.index);
+            }
+        }
+    }
     let _ = writeln!(s, "student: {}", student_dir.display());
     s
 }

@@ -438,7 +438,7 @@ impl Llama {
             attn = norm(&attn, post_attn, eps, gemma, g)?;
             post_norms.push(attn.clone());
         }
-        let h = residual(&h, &attn)?;
+        let h = residual(h, &attn)?;
         let mlp_norm = norm(&h, &layer.mlp_norm, eps, gemma, g)?;
         let gate = layer.gate.forward(&mlp_norm, g)?;
         let up = layer.up.forward(&mlp_norm, g)?;

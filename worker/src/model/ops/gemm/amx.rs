@@ -178,7 +178,7 @@ impl Kernel for Amx {
     }
 
     unsafe fn tile(steps: usize, a: *const u32, b: *const u32, out: &mut [f32]) {
-        debug_assert!(out.len() >= MR * NR && steps % BLOCK == 0);
+        debug_assert!(out.len() >= MR * NR && steps.is_multiple_of(BLOCK));
         let blocks = steps / BLOCK;
         // SAFETY: `begin` configured the tiles on this thread; `a` holds `steps · MR` and `b`
         // `steps · NR` packed pairs (caller's contract), read in whole blocks; `out` holds
