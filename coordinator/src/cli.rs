@@ -581,6 +581,12 @@ pub fn candidate_line(x: &pb::Candidate) -> String {
 
 /// The `status --json` object of one campaign (DESIGN.md §4 field names).
 pub fn campaign_json(c: &pb::Campaign) -> Value {
+    let judge_mode = c
+        .spec
+        .as_ref()
+        .and_then(|s| s.evaluation.as_ref())
+        .and_then(|e| e.judge.as_ref())
+        .map(|j| j.mode.clone());
     let rounds: Vec<Value> = c
         .rounds
         .iter()
@@ -594,6 +600,14 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
             if let Some(j) = judge.as_object_mut() {
                 for k in ["wins", "ties", "losses", "win_rate", "ci_low", "ci_high", "position_consistency", "unparsed"] {
                     j.entry(k).or_insert(Value::Null);
+                }
+                // What the figures can be compared with (only mode "mtbench" follows FastChat's
+                // MT-Bench grading exactly).
+                if let Some(mode) = &judge_mode {
+                    let comparable = crate::spec::mtbench_comparable(mode);
+                    j.insert("mode".into(), json!(mode));
+                    j.insert("mtbench_comparable".into(), json!(comparable));
+                    j.insert("comparability".into(), json!(comparability(mode)));
                 }
             }
             let distill = metrics.entry("distill").or_insert_with(|| Value::Object(Map::new()));
@@ -691,6 +705,87 @@ pub fn campaign_json(c: &pb::Campaign) -> Value {
     })
 }
 
+/// The label shown beside a judge mode's figures.
+pub fn comparability(mode: &str) -> &'static str {
+    if crate::spec::mtbench_comparable(mode) {
+        "MT-Bench (FastChat's prompts and grading, comparable with published MT-Bench)"
+    } else {
+        "not comparable with published MT-Bench"
+    }
+}
+
+/// The plain-text lines on a round's judge results beyond the win rate: MT-Bench scores, the
+/// length-controlled win rate, the ranking, agreement, and the comparability label.
+pub fn judge_lines(round: u32, mode: Option<&str>, m: &BTreeMap<String, f64>) -> Vec<String> {
+    let g = |k: &str| m.get(&format!("judge.{k}")).copied();
+    let f = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    let mut out = Vec::new();
+    if let Some(mode) = mode {
+        out.push(format!("judge mode {mode}: {}", comparability(mode)));
+    }
+    for (who, label) in [
+        ("mtbench", "student"),
+        ("teacher_mtbench", "teacher"),
+        ("baseline_mtbench", "baseline"),
+    ] {
+        if g(&format!("{who}.overall")).is_some() || g(&format!("{who}.invalid")).is_some() {
+            out.push(format!(
+                "MT-Bench {label}: {} (turn 1 {}, turn 2 {}; {} invalid grades)",
+                f(g(&format!("{who}.overall")), 2),
+                f(g(&format!("{who}.turn1")), 2),
+                f(g(&format!("{who}.turn2")), 2),
+                f(g(&format!("{who}.invalid")), 0),
+            ));
+        }
+    }
+    if let Some(lc) = g("lc_win_rate") {
+        out.push(format!(
+            "win rate {} raw, {lc:.3} length-controlled (length coefficient {})",
+            f(g("win_rate"), 3),
+            f(g("lc_length_coef"), 2)
+        ));
+    }
+    let mut ranked: Vec<(String, f64)> = m
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("judge.ranking.")
+                .and_then(|r| r.strip_suffix(".elo"))
+                .map(|n| (n.to_string(), *v))
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if !ranked.is_empty() {
+        let list: Vec<String> = ranked
+            .iter()
+            .map(|(n, e)| {
+                format!(
+                    "{n} {e:.0} [{}, {}]",
+                    f(g(&format!("ranking.{n}.ci_low")), 0),
+                    f(g(&format!("ranking.{n}.ci_high")), 0)
+                )
+            })
+            .collect();
+        out.push(format!("ranking after round {round}: {}", list.join(", ")));
+    }
+    if let Some(k) = g("samples.k") {
+        out.push(format!(
+            "self-agreement over {k:.0} samples: {} agree, Krippendorff's alpha {}",
+            f(g("samples.agreement"), 3),
+            f(g("samples.alpha"), 3)
+        ));
+    }
+    if g("second.n").is_some() {
+        out.push(format!(
+            "second judge: {} agree, Cohen's kappa {} ({} prompts, {} unparsed)",
+            f(g("second.agreement"), 3),
+            f(g("second.kappa"), 3),
+            f(g("second.n"), 0),
+            f(g("second.unparsed"), 0)
+        ));
+    }
+    out
+}
+
 async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<i32, CliError> {
     let mut c = connect(client).await?;
     let campaigns = match id {
@@ -761,6 +856,17 @@ async fn status(id: Option<&str>, as_json: bool, client: &ClientOpts) -> Result<
             }
             for x in &r.candidates {
                 println!("      {}", candidate_line(x));
+            }
+            let mode = c
+                .spec
+                .as_ref()
+                .and_then(|s| s.evaluation.as_ref())
+                .and_then(|e| e.judge.as_ref())
+                .map(|j| j.mode.as_str());
+            if m.keys().any(|k| k.starts_with("judge.")) {
+                for line in judge_lines(r.index, mode, &m) {
+                    println!("      {line}");
+                }
             }
             // Tasks whose attempts did not all go smoothly: how many were lost, how many failed.
             for t in c

@@ -366,6 +366,20 @@ pub fn table(campaign: &serde_json::Value, student_dir: &Path, report: Option<&P
             );
         }
     }
+    let mode = c
+        .spec
+        .as_ref()
+        .and_then(|s| s.evaluation.as_ref())
+        .and_then(|e| e.judge.as_ref())
+        .map(|j| j.mode.as_str());
+    for r in &c.rounds {
+        let m: std::collections::BTreeMap<String, f64> = r.metrics.clone().into_iter().collect();
+        if m.keys().any(|k| k.starts_with("judge.")) {
+            for line in crate::cli::judge_lines(r.index, mode, &m) {
+                let _ = writeln!(s, "round {}: {line}", r.index);
+            }
+        }
+    }
     let _ = writeln!(s, "student: {}", student_dir.display());
     if let Some(p) = report {
         let _ = writeln!(s, "report:  {}", p.display());

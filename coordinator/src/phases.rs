@@ -136,6 +136,8 @@ pub struct PhaseContext<'a> {
     pub metrics: &'a BTreeMap<String, f64>,
     /// The previous round's artifacts (for `baseline = "previous"`).
     pub previous: Option<&'a BTreeMap<String, String>>,
+    /// Every earlier round's artifacts, round 0 first (for `judge.ranking`).
+    pub earlier: Vec<&'a BTreeMap<String, String>>,
     /// How many times the gate has extended this round's distillation.
     pub extensions: u32,
     /// Checkpoint the round's distillation continues from: the search winner's, or the last
@@ -344,7 +346,12 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
                     params(&[("role", "student".into())]),
                     base_inputs.clone(),
                 ));
-                let need_teacher = j.baseline == "teacher" || ctx.previous.is_none();
+                // The teacher's answers: the baseline, a ranking's anchor, MT-Bench's
+                // teacher_mtbench.
+                let need_teacher = j.baseline == "teacher"
+                    || ctx.previous.is_none()
+                    || j.ranking
+                    || j.mode == "mtbench";
                 if need_teacher && !ctx.artifacts.contains_key("teacher_answers") {
                     tasks.push(single(
                         kind::GENERATE,
@@ -367,6 +374,23 @@ pub fn plan(ctx: &PhaseContext<'_>, phase: Phase) -> Vec<TaskPlan> {
             };
             if let Some(b) = baseline {
                 inputs.insert("baseline_answers".into(), b);
+            }
+            if j.ranking {
+                // Every earlier model's answers, and every earlier judgment so a worker that did
+                // not judge them does not ask the judge again.
+                if let Some(t) = ctx.artifacts.get("teacher_answers") {
+                    inputs.insert("ranking_answers.teacher".into(), t.clone());
+                }
+                for (r, arts) in ctx.earlier.iter().enumerate() {
+                    if let Some(a) = arts.get("answers") {
+                        inputs.insert(format!("ranking_answers.round{r}"), a.clone());
+                    }
+                    for (k, v) in arts.iter() {
+                        if k == "judgments" || k.starts_with("judgments.") {
+                            inputs.insert(format!("prior_judgments.round{r}.{k}"), v.clone());
+                        }
+                    }
+                }
             }
             (0..sched.judge_shards)
                 .map(|i| {
@@ -421,6 +445,38 @@ pub fn gate(
                 "gate.max_perplexity_ratio: the round reported no perplexity to compare"
                     .to_string(),
             );
+        }
+    }
+    if failed.is_none() {
+        if let Some(min) = g.min_mtbench {
+            match metrics.get("judge.mtbench.overall") {
+                Some(v) if *v >= min => {}
+                Some(v) => {
+                    failed = Some(format!(
+                        "gate.min_mtbench: MT-Bench score {v:.2} is below {min}"
+                    ))
+                }
+                None => {
+                    failed =
+                        Some("gate.min_mtbench: the round has no valid MT-Bench grade".to_string())
+                }
+            }
+        }
+    }
+    if failed.is_none() {
+        if let Some(max) = g.max_elo_drop {
+            match metrics.get("judge.elo_drop") {
+                Some(d) if *d <= max => {}
+                Some(d) => {
+                    failed = Some(format!(
+                        "gate.max_elo_drop: the student rates {d:.0} points below the teacher (limit {max})"
+                    ))
+                }
+                None => {
+                    failed =
+                        Some("gate.max_elo_drop: the round has no ranking".to_string())
+                }
+            }
         }
     }
     if failed.is_none() {
@@ -486,7 +542,103 @@ pub fn merge_metrics(into: &mut BTreeMap<String, f64>, from: &BTreeMap<String, f
 }
 
 /// Derived judge figures from summed counts (win rate, bootstrap interval, position
-/// consistency, mean lengths of winners and losers).
-pub fn finish_judge_metrics(m: &mut BTreeMap<String, f64>) {
+/// consistency, mean lengths of winners and losers, MT-Bench scores, the length-controlled win
+/// rate, the ranking and the round's `elo_drop`, agreement).
+pub fn finish_judge_metrics(m: &mut BTreeMap<String, f64>, round: u32) {
     distillery_proto::judge_stats::derive(m);
+    distillery_proto::judge_stats::elo_drop(m, round);
+}
+
+/// One line on a round's judge results (the `judge_result` event that `watch` prints).
+pub fn judge_summary(spec: &pb::CampaignSpec, round: u32, m: &BTreeMap<String, f64>) -> String {
+    let mode = spec
+        .evaluation
+        .as_ref()
+        .and_then(|e| e.judge.as_ref())
+        .map(|j| j.mode.clone())
+        .unwrap_or_default();
+    let g = |k: &str| m.get(&format!("judge.{k}")).copied();
+    let mut s = format!("round {round} judge ({mode})");
+    if let Some(w) = g("win_rate") {
+        s.push_str(&format!(
+            ": win rate {w:.3} [{:.3}, {:.3}] ({:.0}/{:.0}/{:.0} W/T/L, {:.0} unparsed)",
+            g("ci_low").unwrap_or(f64::NAN),
+            g("ci_high").unwrap_or(f64::NAN),
+            g("wins").unwrap_or(0.0),
+            g("ties").unwrap_or(0.0),
+            g("losses").unwrap_or(0.0),
+            g("unparsed").unwrap_or(0.0),
+        ));
+    }
+    if let Some(lc) = g("lc_win_rate") {
+        s.push_str(&format!(", length-controlled {lc:.3}"));
+    }
+    if let Some(o) = g("mtbench.overall") {
+        s.push_str(&format!(
+            ", MT-Bench {o:.2} (turn 1 {}, turn 2 {}, {:.0} invalid)",
+            g("mtbench.turn1").map_or("-".into(), |v| format!("{v:.2}")),
+            g("mtbench.turn2").map_or("-".into(), |v| format!("{v:.2}")),
+            g("mtbench.invalid").unwrap_or(0.0)
+        ));
+        if let Some(t) = g("teacher_mtbench.overall") {
+            s.push_str(&format!(", teacher {t:.2}"));
+        }
+    }
+    if let Some(e) = g(&format!("ranking.round{round}.elo")) {
+        s.push_str(&format!(
+            ", rating {e:.0} [{:.0}, {:.0}] (teacher 1000)",
+            g(&format!("ranking.round{round}.ci_low")).unwrap_or(f64::NAN),
+            g(&format!("ranking.round{round}.ci_high")).unwrap_or(f64::NAN),
+        ));
+    }
+    if let Some(a) = g("samples.alpha") {
+        s.push_str(&format!(", self-agreement alpha {a:.2}"));
+    }
+    if let Some(k) = g("second.kappa") {
+        s.push_str(&format!(", second-judge kappa {k:.2}"));
+    }
+    if !crate::spec::mtbench_comparable(&mode) {
+        s.push_str(" — not comparable with published MT-Bench");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with_gate(gate: pb::GateSpec) -> pb::CampaignSpec {
+        pb::CampaignSpec {
+            gate: Some(gate),
+            ..Default::default()
+        }
+    }
+
+    fn m(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn the_mtbench_and_elo_rules_pass_fail_and_refuse_a_round_without_the_figure() {
+        let s = spec_with_gate(pb::GateSpec {
+            min_mtbench: Some(6.0),
+            max_elo_drop: Some(50.0),
+            on_fail: "stop".into(),
+            ..Default::default()
+        });
+        let good = m(&[("judge.mtbench.overall", 6.0), ("judge.elo_drop", 49.0)]);
+        assert_eq!(gate(&s, &good, 0), GateDecision::Pass);
+        let low = m(&[("judge.mtbench.overall", 5.9), ("judge.elo_drop", 0.0)]);
+        assert!(
+            matches!(gate(&s, &low, 0), GateDecision::Stop { reason } if reason.contains("gate.min_mtbench") && reason.contains("5.90"))
+        );
+        let drop = m(&[("judge.mtbench.overall", 7.0), ("judge.elo_drop", 80.0)]);
+        assert!(
+            matches!(gate(&s, &drop, 0), GateDecision::Stop { reason } if reason.contains("gate.max_elo_drop") && reason.contains("80"))
+        );
+        let none = m(&[("judge.elo_drop", 0.0)]);
+        assert!(
+            matches!(gate(&s, &none, 0), GateDecision::Stop { reason } if reason.contains("no valid MT-Bench grade"))
+        );
+    }
 }

@@ -234,6 +234,34 @@ struct RawJudge {
     max_tokens: u32,
     #[serde(default)]
     chat_template: Option<String>,
+    #[serde(default)]
+    prompts: Option<String>,
+    #[serde(default)]
+    reference_answers: Option<String>,
+    #[serde(default)]
+    ranking: bool,
+    #[serde(default)]
+    verdicts: Option<String>,
+    #[serde(default = "one_u32")]
+    samples: u32,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    second: Option<RawSecondJudge>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecondJudge {
+    backend: String,
+    #[serde(default)]
+    base_url: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default = "default_max_tokens")]
+    max_tokens: u32,
+    #[serde(default)]
+    chat_template: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -241,6 +269,8 @@ struct RawJudge {
 struct RawGate {
     max_perplexity_ratio: Option<f64>,
     min_win_rate: Option<f64>,
+    min_mtbench: Option<f64>,
+    max_elo_drop: Option<f64>,
     #[serde(default = "default_on_fail")]
     on_fail: String,
 }
@@ -500,6 +530,9 @@ impl Validator<'_> {
                     format!("the teacher's answers need a chat template: {e}"),
                 )
             })?;
+            if j.mode.starts_with("mtbench") {
+                check_mtbench_files(j)?;
+            }
             if j.backend == "local" {
                 source_model::check_chat_template(
                     Path::new(&j.model),
@@ -1068,52 +1101,105 @@ impl Validator<'_> {
             None => None,
             Some(j) => {
                 let f = "evaluation.judge";
-                match j.backend.as_str() {
-                    "openai" => {
-                        if !(j.base_url.starts_with("http://")
-                            || j.base_url.starts_with("https://"))
-                        {
-                            return Err(SpecError::new(
-                                format!("{f}.base_url"),
-                                format!("{:?} must be an http(s) URL such as \"http://127.0.0.1:8000/v1\"", j.base_url),
-                            ));
-                        }
-                        if j.model.is_empty() {
-                            return Err(SpecError::new(
-                                format!("{f}.model"),
-                                "is empty: name the judge model the server serves",
-                            ));
-                        }
-                    }
-                    "local" => {
-                        if j.model.is_empty() {
-                            return Err(SpecError::new(
-                                format!("{f}.model"),
-                                "is empty: give the judge model's path",
-                            ));
-                        }
-                    }
-                    other => {
-                        return Err(SpecError::new(
-                            format!("{f}.backend"),
-                            format!("{other:?} is not a backend: use \"openai\" or \"local\""),
-                        ))
-                    }
-                }
+                check_backend(f, &j.backend, &j.base_url, &j.model)?;
                 let model = if j.backend == "local" {
                     self.path(&format!("{f}.model"), &j.model)?
                 } else {
                     j.model
                 };
-                if !matches!(j.mode.as_str(), "pairwise" | "single" | "rubric") {
+                if !MODES.contains(&j.mode.as_str()) {
                     return Err(SpecError::new(
                         format!("{f}.mode"),
                         format!(
-                            "{:?} is not a mode: use \"pairwise\", \"single\" or \"rubric\"",
+                            "{:?} is not a mode: use \"pairwise\", \"single\", \"rubric\", \"mtbench\" or \"mtbench-pairwise\"",
                             j.mode
                         ),
                     ));
                 }
+                let mtbench = j.mode.starts_with("mtbench");
+                let prompts = match (&j.prompts, mtbench) {
+                    (Some(p), true) => self.path(&format!("{f}.prompts"), p)?,
+                    (None, true) => {
+                        return Err(SpecError::new(
+                            format!("{f}.prompts"),
+                            format!("is missing: mode {:?} takes its judge prompts from FastChat's judge_prompts.jsonl; give its path", j.mode),
+                        ))
+                    }
+                    (Some(_), false) => {
+                        return Err(SpecError::new(
+                            format!("{f}.prompts"),
+                            format!("is only read in the mtbench modes (mode is {:?}): remove it or set mode = \"mtbench\"", j.mode),
+                        ))
+                    }
+                    (None, false) => String::new(),
+                };
+                let reference_answers = match &j.reference_answers {
+                    Some(r) => self.path(&format!("{f}.reference_answers"), r)?,
+                    None => String::new(),
+                };
+                let verdicts = j.verdicts.clone().unwrap_or_default();
+                match verdicts.as_str() {
+                    "" => {}
+                    "arena-hard" if !mtbench => {}
+                    "arena-hard" => {
+                        return Err(SpecError::new(
+                            format!("{f}.verdicts"),
+                            "\"arena-hard\" needs the built-in pairwise prompt: FastChat's MT-Bench prompts ask for [[A]]/[[B]]/[[C]]; use mode = \"pairwise\"",
+                        ))
+                    }
+                    other => {
+                        return Err(SpecError::new(
+                            format!("{f}.verdicts"),
+                            format!("{other:?} is not a verdict scale: use \"arena-hard\" (five levels) or leave it out (A, B, tie)"),
+                        ))
+                    }
+                }
+                positive(&format!("{f}.samples"), j.samples)?;
+                let temperature = j
+                    .temperature
+                    .unwrap_or(if j.samples > 1 { 0.7 } else { 0.0 });
+                if !(temperature.is_finite() && temperature >= 0.0) {
+                    return Err(SpecError::new(
+                        format!("{f}.temperature"),
+                        format!("{temperature} must be 0 or more"),
+                    ));
+                }
+                if j.samples > 1 && temperature == 0.0 {
+                    return Err(SpecError::new(
+                        format!("{f}.temperature"),
+                        format!("is 0 with samples = {}: a greedy judge gives the same verdict every time; set a temperature above 0 (e.g. 0.7)", j.samples),
+                    ));
+                }
+                let second = match j.second {
+                    None => None,
+                    Some(s2) => {
+                        let f2 = format!("{f}.second");
+                        check_backend(&f2, &s2.backend, &s2.base_url, &s2.model)?;
+                        positive(&format!("{f2}.max_tokens"), s2.max_tokens)?;
+                        let chat_template = match (&s2.chat_template, s2.backend.as_str()) {
+                            (None, _) => String::new(),
+                            (Some(t), "local") => self.path(&format!("{f2}.chat_template"), t)?,
+                            (Some(_), _) => {
+                                return Err(SpecError::new(
+                                    format!("{f2}.chat_template"),
+                                    "is only for backend = \"local\"",
+                                ))
+                            }
+                        };
+                        let model = if s2.backend == "local" {
+                            self.path(&format!("{f2}.model"), &s2.model)?
+                        } else {
+                            s2.model
+                        };
+                        Some(pb::SecondJudgeSpec {
+                            backend: s2.backend,
+                            base_url: s2.base_url,
+                            model,
+                            max_tokens: s2.max_tokens,
+                            chat_template,
+                        })
+                    }
+                };
                 if !matches!(j.baseline.as_str(), "teacher" | "previous") {
                     return Err(SpecError::new(
                         format!("{f}.baseline"),
@@ -1143,6 +1229,13 @@ impl Validator<'_> {
                     mode: j.mode,
                     baseline: j.baseline,
                     max_tokens: j.max_tokens,
+                    prompts,
+                    reference_answers,
+                    ranking: j.ranking,
+                    verdicts,
+                    samples: j.samples,
+                    temperature,
+                    second,
                 })
             }
         };
@@ -1162,6 +1255,8 @@ impl Validator<'_> {
                 max_perplexity_ratio: None,
                 min_win_rate: None,
                 on_fail: default_on_fail(),
+                min_mtbench: None,
+                max_elo_drop: None,
             });
         };
         if let Some(r) = g.max_perplexity_ratio {
@@ -1185,12 +1280,43 @@ impl Validator<'_> {
                     format!("{w} must be between 0 and 1"),
                 ));
             }
+            if eval.judge.is_none() {
+                return Err(SpecError::new(
+                    "gate.min_win_rate",
+                    "needs a judge: add [evaluation.judge] (mode = \"pairwise\") or remove this rule",
+                ));
+            }
+        }
+        if let Some(min) = g.min_mtbench {
+            if !(1.0..=10.0).contains(&min) {
+                return Err(SpecError::new(
+                    "gate.min_mtbench",
+                    format!("{min} must be an MT-Bench score between 1 and 10"),
+                ));
+            }
             match &eval.judge {
-                Some(j) if j.mode == "pairwise" => {}
+                Some(j) if j.mode == "mtbench" => {}
                 _ => {
                     return Err(SpecError::new(
-                        "gate.min_win_rate",
-                        "needs a pairwise judge: add [evaluation.judge] with mode = \"pairwise\" or remove this rule",
+                        "gate.min_mtbench",
+                        "needs MT-Bench scores: set evaluation.judge.mode = \"mtbench\" or remove this rule",
+                    ))
+                }
+            }
+        }
+        if let Some(d) = g.max_elo_drop {
+            if !(d.is_finite() && d >= 0.0) {
+                return Err(SpecError::new(
+                    "gate.max_elo_drop",
+                    format!("{d} must be 0 or more rating points, e.g. 50"),
+                ));
+            }
+            match &eval.judge {
+                Some(j) if j.ranking => {}
+                _ => {
+                    return Err(SpecError::new(
+                        "gate.max_elo_drop",
+                        "needs a ranking: set evaluation.judge.ranking = true or remove this rule",
                     ))
                 }
             }
@@ -1208,6 +1334,8 @@ impl Validator<'_> {
             max_perplexity_ratio: g.max_perplexity_ratio,
             min_win_rate: g.min_win_rate,
             on_fail: g.on_fail,
+            min_mtbench: g.min_mtbench,
+            max_elo_drop: g.max_elo_drop,
         })
     }
 }
@@ -1387,6 +1515,111 @@ pub fn check_hidden_pairs(
                     p.student
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// The judge modes.
+pub const MODES: &[&str] = &[
+    "pairwise",
+    "single",
+    "rubric",
+    "mtbench",
+    "mtbench-pairwise",
+];
+
+/// Whether a mode's scores can be set beside published MT-Bench figures (FastChat's prompts,
+/// per-turn grading, its averaging).
+pub fn mtbench_comparable(mode: &str) -> bool {
+    mode == "mtbench"
+}
+
+/// At submit, what a judge task would refuse in the mtbench modes: a prompt file without the
+/// prompts the mode uses, a malformed line, a question that is graded against a reference and has
+/// none (turn 2 needs a second reference turn).
+fn check_mtbench_files(j: &pb::JudgeSpec) -> Result<(), SpecError> {
+    use distillery_worker::judge::{self, fastchat};
+    let f = "evaluation.judge";
+    let set = fastchat::load_prompts(Path::new(&j.prompts))
+        .map_err(|e| SpecError::new(format!("{f}.prompts"), e))?;
+    let pairwise = j.mode == "mtbench-pairwise";
+    set.for_mode(pairwise)
+        .map_err(|e| SpecError::new(format!("{f}.prompts"), e))?;
+    if j.ranking && !pairwise {
+        set.for_mode(true).map_err(|e| {
+            SpecError::new(
+                format!("{f}.prompts"),
+                format!("{e} (ranking compares pairs)"),
+            )
+        })?;
+    }
+    let refs = if j.reference_answers.is_empty() {
+        None
+    } else {
+        Some(
+            fastchat::load_references(Path::new(&j.reference_answers))
+                .map_err(|e| SpecError::new(format!("{f}.reference_answers"), e))?,
+        )
+    };
+    let questions = judge::load_questions(Path::new(&j.questions))
+        .map_err(|e| SpecError::new(format!("{f}.questions"), e))?;
+    let field = if refs.is_some() {
+        format!("{f}.reference_answers")
+    } else {
+        format!("{f}.questions")
+    };
+    for q in questions
+        .iter()
+        .filter(|q| fastchat::needs_reference(&q.category))
+    {
+        let r = fastchat::reference_for(q, refs.as_ref()).map_err(|e| SpecError::new(&field, e))?;
+        if q.turns.len() == 2 && r.len() < 2 {
+            return Err(SpecError::new(
+                &field,
+                format!(
+                    "question {} ({}) has two turns but its reference only one: turn 2 is graded against the second",
+                    q.id(),
+                    q.category
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A judge's backend, endpoint and model.
+fn check_backend(f: &str, backend: &str, base_url: &str, model: &str) -> Result<(), SpecError> {
+    match backend {
+        "openai" => {
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                return Err(SpecError::new(
+                    format!("{f}.base_url"),
+                    format!(
+                        "{base_url:?} must be an http(s) URL such as \"http://127.0.0.1:8000/v1\""
+                    ),
+                ));
+            }
+            if model.is_empty() {
+                return Err(SpecError::new(
+                    format!("{f}.model"),
+                    "is empty: name the judge model the server serves",
+                ));
+            }
+        }
+        "local" => {
+            if model.is_empty() {
+                return Err(SpecError::new(
+                    format!("{f}.model"),
+                    "is empty: give the judge model's path",
+                ));
+            }
+        }
+        other => {
+            return Err(SpecError::new(
+                format!("{f}.backend"),
+                format!("{other:?} is not a backend: use \"openai\" or \"local\""),
+            ))
         }
     }
     Ok(())

@@ -15,9 +15,12 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod artifact;
+pub mod bradley_terry;
 pub mod client;
 pub mod gguf;
+pub mod judge_agreement;
 pub mod judge_stats;
+pub mod length_control;
 pub mod memplan;
 pub mod py_json;
 pub mod shape;

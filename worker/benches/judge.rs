@@ -70,7 +70,6 @@ fn main() {
         &answers("teacher"),
     )
     .expect("jobs");
-    let template = judge::template(Mode::Pairwise).expect("template").name;
     let backend = OpenAi::new(
         &format!("http://{addr}/v1"),
         "judge",
@@ -85,20 +84,12 @@ fn main() {
         let cache_dir = dir.path().join(format!("cache-{concurrency}"));
         let cache = Cache::open(&cache_dir).expect("cache");
         let opts = JudgeOptions {
-            template: &template,
             concurrency,
             retries: 0,
+            samples: 1,
         };
         let t = Instant::now();
-        judge::judge_all(
-            Mode::Pairwise,
-            &jobs,
-            &backend,
-            &cache,
-            &opts,
-            &|_, _, _| {},
-        )
-        .expect("judge");
+        judge::judge_all(&jobs, &backend, &cache, &opts, &|_, _, _| {}).expect("judge");
         let secs = t.elapsed().as_secs_f64();
         per.push(secs / jobs.len() as f64);
         println!(
@@ -109,15 +100,7 @@ fn main() {
         let t = Instant::now();
         let reps = 20;
         for _ in 0..reps {
-            judge::judge_all(
-                Mode::Pairwise,
-                &jobs,
-                &backend,
-                &cache,
-                &opts,
-                &|_, _, _| {},
-            )
-            .expect("judge");
+            judge::judge_all(&jobs, &backend, &cache, &opts, &|_, _, _| {}).expect("judge");
         }
         let hit = t.elapsed().as_secs_f64() / (reps * jobs.len()) as f64;
         println!(

@@ -110,6 +110,24 @@ class Urls(unittest.TestCase):
 
 
 class StatusJson(unittest.TestCase):
+    def test_every_round_names_its_judge_mode_and_whether_it_compares_with_mt_bench(self) -> None:
+        for mode, comparable in [("mtbench", True), ("pairwise", False), ("mtbench-pairwise", False)]:
+            c = campaign_pb2.Campaign(id="c1", name="n", state=campaign_pb2.CAMPAIGN_STATE_RUNNING)
+            c.spec.evaluation.judge.mode = mode
+            c.rounds.add(index=0, state="running", phase="judge")
+            judge = campaign_dict(c)["rounds"][0]["metrics"]["judge"]
+            self.assertEqual(judge["mode"], mode)
+            self.assertEqual(judge["mtbench_comparable"], comparable)
+            label = judge["comparability"]
+            if comparable:
+                self.assertIn("comparable with published MT-Bench", label)
+            else:
+                self.assertEqual(label, "not comparable with published MT-Bench")
+        # Without a judge there is nothing to label.
+        c = campaign_pb2.Campaign(id="c2", name="n")
+        c.rounds.add(index=0)
+        self.assertNotIn("mode", campaign_dict(c)["rounds"][0]["metrics"]["judge"])
+
     def test_metrics_nest_and_fixed_keys_exist(self) -> None:
         c = campaign_pb2.Campaign(id="c1", name="n", state=campaign_pb2.CAMPAIGN_STATE_SUCCEEDED)
         r = c.rounds.add(index=0, state="succeeded", phase="done")

@@ -54,6 +54,10 @@ impl Tx<'_> {
             let previous = round
                 .checked_sub(1)
                 .map(|p| &c.rounds[p as usize].artifacts);
+            let earlier: Vec<&BTreeMap<String, String>> = c.rounds[..round as usize]
+                .iter()
+                .map(|r| &r.artifacts)
+                .collect();
             let distill_checkpoint = match phase {
                 Phase::Distill if r.extensions > 0 => c
                     .tasks
@@ -79,6 +83,7 @@ impl Tx<'_> {
                 artifacts: &artifacts,
                 metrics: &metrics,
                 previous,
+                earlier,
                 extensions: r.extensions,
                 distill_checkpoint: distill_checkpoint.as_deref(),
                 teacher: &teacher,
@@ -208,6 +213,13 @@ impl Tx<'_> {
         }
         let many = tasks.len() > 1;
         let c = self.s.campaigns.get_mut(id).expect("checked");
+        if phase == Phase::Judge {
+            // A judge phase that runs again (the gate extended distillation) replaces the
+            // round's judge figures instead of adding its counts to the old ones.
+            c.rounds[round as usize]
+                .metrics
+                .retain(|k, _| !k.starts_with("judge."));
+        }
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for t in &tasks {
             // Teacher figures are cached for the campaign under `<role>_` names.
@@ -248,7 +260,19 @@ impl Tx<'_> {
             }
         }
         if phase == Phase::Judge {
-            phases::finish_judge_metrics(&mut c.rounds[round as usize].metrics);
+            phases::finish_judge_metrics(&mut c.rounds[round as usize].metrics, round);
+            let summary = phases::judge_summary(&c.spec, round, &c.rounds[round as usize].metrics);
+            let judge: Vec<(String, f64)> = c.rounds[round as usize]
+                .metrics
+                .iter()
+                .filter(|(k, _)| k.starts_with("judge."))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            self.emit(now, id, "judge_result", summary, |e| {
+                e.round = round;
+                e.phase = Phase::Judge.as_str().into();
+                e.metrics = judge.into_iter().collect();
+            });
         }
         self.t.dirty.campaigns.insert(id.to_string());
         self.start_phase(id, round, phase.next(), now);

@@ -131,6 +131,10 @@ fn outputs_for(st: &State, task: &str) -> (BTreeMap<String, String>, BTreeMap<St
         metrics.insert("sum.judge.wins".into(), 3.0);
         metrics.insert("sum.judge.ties".into(), 2.0);
         metrics.insert("sum.judge.losses".into(), 5.0);
+        // A ranking's battles: the teacher beats this round's student 8 to 2.
+        let r = st.tasks[task].round;
+        metrics.insert(format!("sum.judge.battles.teacher.round{r}.a_wins"), 8.0);
+        metrics.insert(format!("sum.judge.battles.teacher.round{r}.b_wins"), 2.0);
     }
     (outs, metrics)
 }
@@ -1869,4 +1873,155 @@ fn attempts_and_progress_are_kept_in_the_task_record() {
     assert_eq!(rec.progress.len(), 3);
     assert_eq!(rec.attempt_log[0].outcome, "lost");
     assert_eq!(rec.attempt_log[1].end_ms, 1_400);
+}
+
+const RANKED: &str = "[evaluation]\nperplexity = true\njudge = { backend = \"openai\", base_url = \"http://x/v1\", model = \"j\", questions = \"/q\", ranking = true }\n";
+
+#[test]
+fn a_ranking_judge_gets_every_earlier_model_and_judgment_and_the_gate_reads_the_elo_drop() {
+    // The teacher beats each student 8 to 2: 400·log10(4) = 241 points below the teacher.
+    for (limit, passes) in [(300.0, true), (200.0, false)] {
+        let mut st = State::default();
+        let gate = format!("{RANKED}[gate]\nmax_elo_drop = {limit}\n");
+        let c = submit(&mut st, spec(2, 1, &gate), 0);
+        let w = register(&mut st, &["cpu"]);
+        let events = drive(&mut st, &w, &["cpu"], &c);
+        let camp = &st.campaigns[&c];
+        let r0 = &camp.rounds[0].metrics;
+        let want = 400.0 * 4f64.log10();
+        assert!((r0["judge.elo_drop"] - want).abs() < 0.5, "{r0:?}");
+        assert_eq!(r0["judge.ranking.teacher.elo"], 1000.0);
+        assert!(r0["judge.ranking.round0.ci_low"] < r0["judge.ranking.round0.elo"]);
+        let results: Vec<&pb::Event> = events.iter().filter(|e| e.kind == "judge_result").collect();
+        assert!(
+            results[0].message.contains("rating 759"),
+            "{}",
+            results[0].message
+        );
+        assert!(results[0]
+            .message
+            .contains("not comparable with published MT-Bench"));
+        assert_eq!(results[0].metrics["judge.elo_drop"], r0["judge.elo_drop"]);
+        if !passes {
+            assert_eq!(camp.state, CampaignState::Failed);
+            assert!(
+                camp.error.as_deref().unwrap().contains("gate.max_elo_drop"),
+                "{:?}",
+                camp.error
+            );
+            continue;
+        }
+        assert_eq!(camp.state, CampaignState::Succeeded);
+        // Round 1's judge task: the teacher's and round 0's answers, round 0's judgments.
+        let judge1 = st
+            .tasks
+            .values()
+            .find(|t| t.kind == kind::JUDGE && t.round == 1)
+            .unwrap();
+        for k in [
+            "ranking_answers.teacher",
+            "ranking_answers.round0",
+            "prior_judgments.round0.judgments",
+            "answers",
+            "baseline_answers",
+        ] {
+            assert!(
+                judge1.inputs.contains_key(k),
+                "{k} missing from {:?}",
+                judge1.inputs
+            );
+        }
+        let judge0 = st
+            .tasks
+            .values()
+            .find(|t| t.kind == kind::JUDGE && t.round == 0)
+            .unwrap();
+        assert!(!judge0
+            .inputs
+            .keys()
+            .any(|k| k.starts_with("prior_judgments")));
+    }
+}
+
+#[test]
+fn a_judge_phase_run_again_after_an_extension_replaces_the_counts() {
+    let mut st = State::default();
+    let gate = format!("{RANKED}[gate]\nmin_win_rate = 0.9\non_fail = \"extend_distill\"\n");
+    let c = submit(&mut st, spec(1, 1, &gate), 0);
+    let w = register(&mut st, &["cpu"]);
+    drive(&mut st, &w, &["cpu"], &c);
+    let camp = &st.campaigns[&c];
+    assert_eq!(camp.rounds[0].extensions, 1);
+    assert_eq!(camp.state, CampaignState::Failed);
+    let m = &camp.rounds[0].metrics;
+    // Two judge phases ran; the second one's counts are the round's, not their sum.
+    assert_eq!(
+        (m["judge.wins"], m["judge.ties"], m["judge.losses"]),
+        (3.0, 2.0, 5.0)
+    );
+    assert_eq!(m["judge.battles.teacher.round0.a_wins"], 8.0);
+}
+
+#[test]
+fn after_teacher_correction_the_judge_baseline_and_the_ranking_teacher_are_the_corrected_teacher() {
+    let mut st = State::default();
+    let c = submit(
+        &mut st,
+        spec(
+            2,
+            1,
+            &format!("{CORRECTION}{RANKED}[scheduling]\nscore_shards = 1\n"),
+        ),
+        0,
+    );
+    let w = register(&mut st, &["cpu:0", "cpu:1"]);
+    let gang = poll(&mut st, &w, &["cpu:0", "cpu:1"], 1);
+    let corrected = digest(7);
+    for a in &gang {
+        complete_with(
+            &mut st,
+            a,
+            &[("teacher", &corrected)],
+            &[("correct.tokens", 64.0)],
+            2,
+        )
+        .unwrap();
+    }
+    let mut events = Vec::new();
+    let mut now = 3;
+    while !st.campaigns[&c].state.is_terminal() {
+        let (a, evs) = poll_events(&mut st, &w, &["cpu:0", "cpu:1"], now);
+        events.extend(evs);
+        assert!(!a.is_empty(), "{:?}", st.campaigns[&c].rounds);
+        for x in &a {
+            events.extend(complete(&mut st, x, now).unwrap().events);
+        }
+        now += 1;
+    }
+    assert_eq!(st.campaigns[&c].state, CampaignState::Succeeded);
+    // The teacher's answers (baseline, ranking anchor) come from the corrected teacher, once.
+    let teacher_gen: Vec<&Task> = st
+        .tasks
+        .values()
+        .filter(|t| t.kind == kind::GENERATE && t.params["role"] != "student")
+        .collect();
+    assert_eq!(teacher_gen.len(), 1, "one teacher answers task");
+    assert_eq!(teacher_gen[0].params["role"], "teacher");
+    assert_eq!(teacher_gen[0].inputs["teacher"], corrected);
+    let camp = &st.campaigns[&c];
+    let answers = &camp.teacher_artifacts["teacher_answers"];
+    for t in st.tasks.values().filter(|t| t.kind == kind::JUDGE) {
+        assert_eq!(t.inputs["teacher"], corrected);
+        assert_eq!(&t.inputs["baseline_answers"], answers);
+        assert_eq!(&t.inputs["ranking_answers.teacher"], answers);
+    }
+    // The ranking is anchored on that teacher, and each judge phase reports its result.
+    for r in &camp.rounds {
+        assert_eq!(r.metrics["judge.ranking.teacher.elo"], 1000.0);
+        assert!(r.metrics["judge.elo_drop"] > 0.0);
+    }
+    assert_eq!(
+        events.iter().filter(|e| e.kind == "judge_result").count(),
+        2
+    );
 }

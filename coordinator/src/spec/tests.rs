@@ -730,3 +730,127 @@ fn taylor_depth_is_a_third_criterion_that_keeps_six_blocks() {
     let s = parse_in(d.path(), &ok).unwrap();
     assert_eq!(s.rounds[1].depth_importance, "taylor");
 }
+
+/// The spec's folder with FastChat-format files copied from `tests/fixtures/fastchat`.
+fn mtbench_fixture() -> tempfile::TempDir {
+    let d = fixture();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fastchat");
+    for f in [
+        "judge_prompts.jsonl",
+        "question.jsonl",
+        "reference_answer/reference.jsonl",
+    ] {
+        let to = d.path().join(Path::new(f).file_name().unwrap());
+        std::fs::copy(src.join(f), to).unwrap();
+    }
+    d
+}
+
+fn mtbench_spec(judge_extra: &str, gate: &str) -> String {
+    GOOD.replace(
+        "judge = { backend = \"openai\", base_url = \"http://127.0.0.1:8000/v1\", model = \"judge\", questions = \"questions.jsonl\" }",
+        &format!("judge = {{ backend = \"openai\", base_url = \"http://127.0.0.1:8000/v1\", model = \"judge\", questions = \"question.jsonl\", mode = \"mtbench\"{judge_extra} }}"),
+    )
+    .replace("min_win_rate = 0.25\n", gate)
+}
+
+#[test]
+fn mtbench_needs_fastchat_prompts_and_every_reference_checked_at_submit() {
+    let d = mtbench_fixture();
+    let ok = mtbench_spec(
+        ", prompts = \"judge_prompts.jsonl\", reference_answers = \"reference.jsonl\", ranking = true",
+        "min_mtbench = 6.5\nmax_elo_drop = 40\n",
+    );
+    let s = parse_in(d.path(), &ok).unwrap();
+    let j = s.evaluation.unwrap().judge.unwrap();
+    assert!(Path::new(&j.prompts).is_absolute() && j.ranking && j.samples == 1);
+    assert_eq!(s.gate.unwrap().min_mtbench, Some(6.5));
+    // No prompts file.
+    let e = parse_in(d.path(), &mtbench_spec("", "")).unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.prompts");
+    assert!(e.message.contains("judge_prompts.jsonl"), "{e}");
+    // No references: the math question (111) has no `reference` of its own.
+    let e = parse_in(
+        d.path(),
+        &mtbench_spec(", prompts = \"judge_prompts.jsonl\"", ""),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.questions");
+    assert!(
+        e.message.contains("question 111") && e.message.contains("reference_answers"),
+        "{e}"
+    );
+    // A prompt file missing a prompt the mode needs.
+    let text = std::fs::read_to_string(d.path().join("judge_prompts.jsonl")).unwrap();
+    let short: String = text
+        .lines()
+        .filter(|l| !l.contains("\"single-v1-multi-turn\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(d.path().join("short.jsonl"), short).unwrap();
+    let e = parse_in(
+        d.path(),
+        &mtbench_spec(
+            ", prompts = \"short.jsonl\", reference_answers = \"reference.jsonl\"",
+            "",
+        ),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.prompts");
+    assert!(e.message.contains("\"single-v1-multi-turn\""), "{e}");
+    // Gate rules need their figures; samples need a temperature.
+    let e = parse_in(
+        d.path(),
+        &GOOD.replace("min_win_rate = 0.25\n", "min_mtbench = 6.0\n"),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "gate.min_mtbench");
+    let e = parse_in(
+        d.path(),
+        &GOOD.replace("min_win_rate = 0.25\n", "max_elo_drop = 10\n"),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "gate.max_elo_drop");
+    let e = parse_in(
+        d.path(),
+        &GOOD.replace(
+            "questions = \"questions.jsonl\" }",
+            "questions = \"questions.jsonl\", samples = 3, temperature = 0.0 }",
+        ),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.temperature");
+    let s = parse_in(
+        d.path(),
+        &GOOD.replace(
+            "questions = \"questions.jsonl\" }",
+            "questions = \"questions.jsonl\", samples = 3 }",
+        ),
+    )
+    .unwrap();
+    assert_eq!(s.evaluation.unwrap().judge.unwrap().temperature, 0.7);
+    let e = parse_in(
+        d.path(),
+        &GOOD.replace(
+            "questions = \"questions.jsonl\" }",
+            "questions = \"questions.jsonl\", prompts = \"judge_prompts.jsonl\" }",
+        ),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.prompts");
+    let e = parse_in(
+        d.path(),
+        &GOOD.replace(
+            "questions = \"questions.jsonl\" }",
+            "questions = \"questions.jsonl\", verdicts = \"seven\" }",
+        ),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.verdicts");
+    let e = parse_in(
+        d.path(),
+        &GOOD.replace("questions = \"questions.jsonl\" }", "questions = \"questions.jsonl\", second = { backend = \"openai\", base_url = \"ftp://x\", model = \"j2\" } }"),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "evaluation.judge.second.base_url");
+}

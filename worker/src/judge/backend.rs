@@ -24,6 +24,12 @@ pub trait Backend: Sync {
     fn id(&self) -> String;
     /// The judge's reply to a system + user prompt.
     fn chat(&self, system: &str, user: &str) -> Result<String, BackendError>;
+    /// Reply number `sample` of several to the same prompt (`judge.samples`): a judge that
+    /// samples at a temperature draws it with the sample number as its seed. A greedy judge
+    /// gives the same reply every time.
+    fn sample(&self, system: &str, user: &str, _sample: u32) -> Result<String, BackendError> {
+        self.chat(system, user)
+    }
     /// A pairwise verdict without parsing, where the backend can give one.
     fn pairwise(
         &self,
@@ -42,6 +48,9 @@ pub struct OpenAi {
     pub api_key: Option<String>,
     pub max_retries: u32,
     pub backoff: Duration,
+    /// Sampling temperature (0: greedy); with `judge.samples > 1` the sample number is sent as
+    /// the seed.
+    pub temperature: f64,
     client: reqwest::blocking::Client,
 }
 
@@ -63,6 +72,7 @@ impl OpenAi {
             api_key: std::env::var("DISTILLERY_JUDGE_API_KEY").ok(),
             max_retries: 5,
             backoff: Duration::from_millis(500),
+            temperature: 0.0,
             client,
         })
     }
@@ -71,19 +81,29 @@ impl OpenAi {
 impl Backend for OpenAi {
     fn id(&self) -> String {
         format!(
-            "openai|{}|{}|greedy|{}",
-            self.base_url, self.model, self.max_tokens
+            "openai|{}|{}|{}|{}",
+            self.base_url,
+            self.model,
+            decoding(self.temperature),
+            self.max_tokens
         )
     }
 
     fn chat(&self, system: &str, user: &str) -> Result<String, BackendError> {
+        self.sample(system, user, 0)
+    }
+
+    fn sample(&self, system: &str, user: &str, sample: u32) -> Result<String, BackendError> {
         let url = format!("{}/chat/completions", self.base_url);
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "model": self.model,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
             "max_tokens": self.max_tokens,
-            "temperature": 0.0,
+            "temperature": self.temperature,
         });
+        if self.temperature > 0.0 {
+            body["seed"] = serde_json::json!(sample);
+        }
         let mut wait = self.backoff;
         let mut last = String::new();
         for attempt in 0..=self.max_retries {
@@ -129,10 +149,21 @@ impl Backend for OpenAi {
     }
 }
 
+/// How a judge decodes, in its cache identity: greedy, or the temperature it samples at.
+fn decoding(temperature: f64) -> String {
+    if temperature > 0.0 {
+        format!("t={temperature}")
+    } else {
+        "greedy".into()
+    }
+}
+
 /// A model loaded in this worker.
 pub struct Local {
     pub served: ServedModel,
     pub max_tokens: u32,
+    /// Sampling temperature (0: greedy).
+    pub temperature: f64,
 }
 
 /// A system + user conversation.
@@ -159,12 +190,23 @@ impl Local {
 
 impl Backend for Local {
     fn id(&self) -> String {
-        format!("local|{}|greedy|{}", self.served.name, self.max_tokens)
+        format!(
+            "local|{}|{}|{}",
+            self.served.name,
+            decoding(self.temperature),
+            self.max_tokens
+        )
     }
 
     fn chat(&self, system: &str, user: &str) -> Result<String, BackendError> {
+        self.sample(system, user, 0)
+    }
+
+    fn sample(&self, system: &str, user: &str, sample: u32) -> Result<String, BackendError> {
         let params = SamplingParams {
             max_tokens: self.max_tokens as usize,
+            temperature: self.temperature,
+            seed: u64::from(sample),
             ..Default::default()
         };
         self.served

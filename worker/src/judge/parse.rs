@@ -8,12 +8,46 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 
-/// A pairwise verdict for the first (A) or second (B) position.
+/// A pairwise verdict for the first (A) or second (B) position; the strong ones are Arena-Hard's
+/// `[[A>>B]]` and `[[B>>A]]` (a ranking counts them three times).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Pairwise {
     A,
     B,
     Tie,
+    StrongA,
+    StrongB,
+}
+
+impl Pairwise {
+    /// A as the better one, whether strongly or not.
+    pub fn favours_a(self) -> bool {
+        matches!(self, Pairwise::A | Pairwise::StrongA)
+    }
+
+    /// B as the better one, whether strongly or not.
+    pub fn favours_b(self) -> bool {
+        matches!(self, Pairwise::B | Pairwise::StrongB)
+    }
+
+    /// The weight of the verdict in a ranking (Arena-Hard: strong verdicts count 3×).
+    pub fn weight(self) -> f64 {
+        match self {
+            Pairwise::StrongA | Pairwise::StrongB => 3.0,
+            _ => 1.0,
+        }
+    }
+
+    /// A stable short name (agreement tables, metric keys).
+    pub fn label(self) -> &'static str {
+        match self {
+            Pairwise::A => "A",
+            Pairwise::B => "B",
+            Pairwise::Tie => "tie",
+            Pairwise::StrongA => "A_strong",
+            Pairwise::StrongB => "B_strong",
+        }
+    }
 }
 
 /// How far from the end a verdict may be (characters).
@@ -72,6 +106,35 @@ pub fn pairwise(output: &str, prompt: &str) -> Option<Pairwise> {
         r"(?i)(?:verdict|winner|answer)?\s*[:\-]?\s*\[\s*(A|B|C|tie)\s*\]",
     );
     single.captures_iter(t).last().and_then(|c| pick(&c[1]))
+}
+
+/// Arena-Hard's five levels, `[[A>>B]]`, `[[A>B]]`, `[[A=B]]` (also `[[B=A]]`), `[[B>A]]`,
+/// `[[B>>A]]`, the last one in the tail; also accepted with `<` written the other way round.
+pub fn five_level(output: &str, prompt: &str) -> Option<Pairwise> {
+    static R: OnceLock<Regex> = OnceLock::new();
+    let cleaned = strip_echo(output, prompt);
+    let r = re(&R, r"\[\[\s*([AB])\s*(>>|>|=|<<|<)\s*([AB])\s*\]\]");
+    let c = r.captures_iter(tail(&cleaned)).last()?;
+    let (x, op, y) = (&c[1], &c[2], &c[3]);
+    if x == y {
+        return None;
+    }
+    // Normalise to "A op B".
+    let op = match (x, op) {
+        ("A", o) => o.to_string(),
+        (_, ">>") => "<<".into(),
+        (_, ">") => "<".into(),
+        (_, "<<") => ">>".into(),
+        (_, "<") => ">".into(),
+        (_, o) => o.to_string(),
+    };
+    Some(match op.as_str() {
+        ">>" => Pairwise::StrongA,
+        ">" => Pairwise::A,
+        "=" => Pairwise::Tie,
+        "<" => Pairwise::B,
+        _ => Pairwise::StrongB,
+    })
 }
 
 /// `[[n]]` with n in 1..=10 (decimals allowed), last one in the tail.
@@ -144,6 +207,30 @@ mod tests {
         // A verdict far from the end (the judge rambled on afterwards) does not count.
         let far = format!("[[A]]\n{}", "and more text ".repeat(60));
         assert_eq!(pairwise(&far, PAIR_PROMPT), None);
+    }
+
+    #[test]
+    fn five_level_verdicts_as_arena_hard_writes_them() {
+        let p = "Output one of [[A>>B]], [[A>B]], [[A=B]], [[B>A]], [[B>>A]] on the last line.";
+        let cases = [
+            (
+                "A is far better.\nMy final verdict is: [[A>>B]]",
+                Some(Pairwise::StrongA),
+            ),
+            ("[[A>B]]", Some(Pairwise::A)),
+            ("Equal. [[A=B]]", Some(Pairwise::Tie)),
+            ("[[B=A]]", Some(Pairwise::Tie)),
+            ("[[B>A]]", Some(Pairwise::B)),
+            ("Clearly: [[B>>A]]", Some(Pairwise::StrongB)),
+            ("[[A<<B]]", Some(Pairwise::StrongB)),
+            ("[[A>A]]", None),
+            ("[[A]]", None),
+        ];
+        for (out, want) in cases {
+            assert_eq!(five_level(out, p), want, "{out:?}");
+        }
+        // The echoed instructions (which list every verdict) are not a verdict.
+        assert_eq!(five_level(&format!("{p}\nHmm."), p), None);
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 pub use distillery_proto::judge_stats::{bootstrap_ci, derive};
 
-use super::parse::Pairwise;
 use super::{Answers, Judgment, Mode, Verdict};
 
 /// Per-question outcome for the student.
@@ -20,15 +19,32 @@ pub enum Outcome {
     Unparsed,
 }
 
-/// Pairwise: combine the two orders. Graded: compare the two scores.
-pub fn outcomes(
-    mode: Mode,
-    judgments: &[Judgment],
-) -> Vec<(String, String, Outcome, Option<bool>)> {
-    let mut by_q: BTreeMap<&str, (String, Option<&Verdict>, Option<&Verdict>)> = BTreeMap::new();
-    for j in judgments {
+/// Slots of the student-versus-baseline comparison (not the ranking's, not the teacher's grades).
+fn is_main(slot: &str) -> bool {
+    matches!(
+        slot,
+        "student_first" | "baseline_first" | "student" | "baseline"
+    )
+}
+
+/// One comparison of the student with the baseline: a question (or one turn of it in the
+/// MT-Bench modes), its outcome and, pairwise, whether both orders agreed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compared {
+    pub question_id: String,
+    pub turn: u32,
+    pub category: String,
+    pub outcome: Outcome,
+    pub consistent: Option<bool>,
+}
+
+/// Pairwise: combine the two orders. Graded: compare the two scores. Per question and turn.
+pub fn outcomes(mode: Mode, judgments: &[Judgment]) -> Vec<Compared> {
+    type Pair<'a> = (String, Option<&'a Verdict>, Option<&'a Verdict>);
+    let mut by_q: BTreeMap<(&str, u32), Pair<'_>> = BTreeMap::new();
+    for j in judgments.iter().filter(|j| is_main(&j.slot)) {
         let e = by_q
-            .entry(&j.question_id)
+            .entry((&j.question_id, j.turn))
             .or_insert((j.category.clone(), None, None));
         match j.slot.as_str() {
             "student_first" | "student" => e.1 = Some(&j.verdict),
@@ -36,19 +52,23 @@ pub fn outcomes(
         }
     }
     by_q.into_iter()
-        .map(|(q, (cat, first, second))| {
-            let (o, consistent) = match (mode, first, second) {
-                (Mode::Pairwise, Some(Verdict::Pairwise(a)), Some(Verdict::Pairwise(b))) => {
+        .map(|((q, turn), (cat, first, second))| {
+            let (o, consistent) = match (mode.is_pairwise(), first, second) {
+                (true, Some(Verdict::Pairwise(a)), Some(Verdict::Pairwise(b))) => {
                     // Student-first: A = student. Baseline-first: B = student.
-                    let s1 = match a {
-                        Pairwise::A => Outcome::Win,
-                        Pairwise::B => Outcome::Loss,
-                        Pairwise::Tie => Outcome::Tie,
+                    let s1 = if a.favours_a() {
+                        Outcome::Win
+                    } else if a.favours_b() {
+                        Outcome::Loss
+                    } else {
+                        Outcome::Tie
                     };
-                    let s2 = match b {
-                        Pairwise::B => Outcome::Win,
-                        Pairwise::A => Outcome::Loss,
-                        Pairwise::Tie => Outcome::Tie,
+                    let s2 = if b.favours_b() {
+                        Outcome::Win
+                    } else if b.favours_a() {
+                        Outcome::Loss
+                    } else {
+                        Outcome::Tie
                     };
                     if s1 == s2 {
                         (s1, Some(true))
@@ -56,7 +76,7 @@ pub fn outcomes(
                         (Outcome::Tie, Some(false))
                     }
                 }
-                (Mode::Single | Mode::Rubric, Some(Verdict::Score(s)), Some(Verdict::Score(b))) => {
+                (false, Some(Verdict::Score(s)), Some(Verdict::Score(b))) => {
                     let o = if s > b {
                         Outcome::Win
                     } else if s < b {
@@ -68,44 +88,78 @@ pub fn outcomes(
                 }
                 _ => (Outcome::Unparsed, None),
             };
-            (q.to_string(), cat, o, consistent)
+            Compared {
+                question_id: q.to_string(),
+                turn,
+                category: cat,
+                outcome: o,
+                consistent,
+            }
         })
         .collect()
 }
 
-/// The metrics of a set of judgments (`sum.judge.*` counts plus derived `judge.*` figures).
+/// Characters of a model's answer to a question: one turn (MT-Bench), or all turns (turn 0).
+fn answer_chars(a: &Answers, q: &str, turn: u32) -> f64 {
+    a.answers.get(q).map_or(0, |v| {
+        if turn == 0 {
+            v.iter().map(|s| s.chars().count()).sum::<usize>()
+        } else {
+            v.get(turn as usize - 1).map_or(0, |s| s.chars().count())
+        }
+    }) as f64
+}
+
+/// The metrics of a set of judgments against the teacher as baseline (see [`metrics_for`]).
 pub fn metrics(
     mode: Mode,
     judgments: &[Judgment],
     student: &Answers,
     baseline: &Answers,
 ) -> BTreeMap<String, f64> {
+    metrics_for(mode, judgments, student, baseline, true)
+}
+
+/// The metrics of a set of judgments (`sum.judge.*` counts plus derived `judge.*` figures):
+/// win/tie/loss counts, position consistency, lengths of winners and losers, outcome counts per
+/// length difference (the length-controlled win rate), MT-Bench turn sums per graded model
+/// (`mtbench` for the student, `teacher_mtbench`, and `baseline_mtbench` when the baseline is
+/// not the teacher) and the ranking's battle counts.
+pub fn metrics_for(
+    mode: Mode,
+    judgments: &[Judgment],
+    student: &Answers,
+    baseline: &Answers,
+    baseline_is_teacher: bool,
+) -> BTreeMap<String, f64> {
     let outs = outcomes(mode, judgments);
     let mut m = BTreeMap::new();
     let mut count = |k: String, v: f64| *m.entry(k).or_insert(0.0) += v;
-    let len = |a: &Answers, q: &str| -> f64 {
-        a.answers
-            .get(q)
-            .map_or(0, |v| v.iter().map(|s| s.chars().count()).sum::<usize>()) as f64
-    };
-    for (q, cat, o, consistent) in &outs {
-        let name = match o {
+    for c in &outs {
+        let name = match c.outcome {
             Outcome::Win => "wins",
             Outcome::Tie => "ties",
             Outcome::Loss => "losses",
             Outcome::Unparsed => "unparsed",
         };
         count(format!("sum.judge.{name}"), 1.0);
-        let cat = if cat.is_empty() { "uncategorized" } else { cat };
+        let cat = if c.category.is_empty() {
+            "uncategorized"
+        } else {
+            &c.category
+        };
         count(format!("sum.judge.category.{cat}.{name}"), 1.0);
-        if let Some(c) = consistent {
+        if let Some(ok) = c.consistent {
             count("sum.judge.pairs".into(), 1.0);
-            if *c {
+            if ok {
                 count("sum.judge.consistent".into(), 1.0);
             }
         }
-        let (sl, bl) = (len(student, q), len(baseline, q));
-        match o {
+        let (sl, bl) = (
+            answer_chars(student, &c.question_id, c.turn),
+            answer_chars(baseline, &c.question_id, c.turn),
+        );
+        match c.outcome {
             Outcome::Win => {
                 count("sum.judge.decided".into(), 1.0);
                 count("sum.judge.winner_chars".into(), sl);
@@ -117,6 +171,10 @@ pub fn metrics(
                 count("sum.judge.loser_chars".into(), sl);
             }
             _ => {}
+        }
+        if c.outcome != Outcome::Unparsed {
+            // The length difference as an integer key: shards' counts add up per difference.
+            count(format!("sum.judge.lc.{}.{name}", (sl - bl) as i64), 1.0);
         }
     }
     for k in [
@@ -130,7 +188,7 @@ pub fn metrics(
     ] {
         m.entry(format!("sum.judge.{k}")).or_insert(0.0);
     }
-    if mode != Mode::Pairwise {
+    if !mode.is_pairwise() && mode != Mode::MtBench {
         let mean = |slot: &str| {
             let v: Vec<f64> = judgments
                 .iter()
@@ -144,6 +202,67 @@ pub fn metrics(
         };
         m.insert("judge.student_score".into(), mean("student"));
         m.insert("judge.baseline_score".into(), mean("baseline"));
+    }
+    if mode == Mode::MtBench {
+        for j in judgments {
+            let who = match j.slot.as_str() {
+                "student" => "mtbench",
+                "teacher" => "teacher_mtbench",
+                "baseline" if baseline_is_teacher => "teacher_mtbench",
+                "baseline" => "baseline_mtbench",
+                _ => continue,
+            };
+            m.entry(format!("sum.judge.{who}.invalid")).or_insert(0.0);
+            match j.verdict {
+                Verdict::Score(s) => {
+                    *m.entry(format!("sum.judge.{who}.turn{}_sum", j.turn))
+                        .or_insert(0.0) += s;
+                    *m.entry(format!("sum.judge.{who}.turn{}_n", j.turn))
+                        .or_insert(0.0) += 1.0;
+                }
+                _ => *m.entry(format!("sum.judge.{who}.invalid")).or_insert(0.0) += 1.0,
+            }
+        }
+    }
+    m.extend(super::ranking::battle_metrics(judgments));
+    m
+}
+
+/// Self-agreement over `judge.samples`: the coincidence table of the samples' verdicts per
+/// prompt (`sum.judge.samples.coincidence.<a>.<b>`) and `judge.samples.k`.
+pub fn sample_metrics(judgments: &[Judgment], k: u32) -> BTreeMap<String, f64> {
+    let mut o = distillery_proto::judge_agreement::Coincidence::new();
+    for j in judgments.iter().filter(|j| j.samples.len() > 1) {
+        let values: Vec<String> = j.samples.iter().filter_map(super::label).collect();
+        distillery_proto::judge_agreement::add_unit(&mut o, &values);
+    }
+    let mut m: BTreeMap<String, f64> = o
+        .into_iter()
+        .map(|((a, b), v)| (format!("sum.judge.samples.coincidence.{a}.{b}"), v))
+        .collect();
+    m.insert("judge.samples.k".into(), f64::from(k));
+    m
+}
+
+/// Slot prefix of the second judge's judgments (`judge.second`) in the judgments artifact.
+pub const SECOND_PREFIX: &str = "second:";
+
+/// Agreement with a second judge on the same prompts: the confusion table of the two verdicts
+/// (`sum.judge.second.confusion.<first>.<second>`) and prompts either left unparsed.
+pub fn second_metrics(first: &[Judgment], second: &[Judgment]) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    m.insert("sum.judge.second.unparsed".to_string(), 0.0);
+    for (a, b) in first.iter().zip(second) {
+        match (super::label(&a.verdict), super::label(&b.verdict)) {
+            (Some(x), Some(y)) => {
+                *m.entry(format!("sum.judge.second.confusion.{x}.{y}"))
+                    .or_insert(0.0) += 1.0
+            }
+            _ => {
+                *m.entry("sum.judge.second.unparsed".to_string())
+                    .or_insert(0.0) += 1.0
+            }
+        }
     }
     m
 }

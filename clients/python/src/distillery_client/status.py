@@ -39,7 +39,22 @@ def _nest(flat: dict[str, float]) -> JSON:
     return root
 
 
-def _round(r: campaign_pb2.Round) -> JSON:
+def comparability(mode: str) -> str:
+    """The label beside a judge mode's figures (as ``comparability`` in ``coordinator/src/cli.rs``)."""
+    if mode == "mtbench":
+        return "MT-Bench (FastChat's prompts and grading, comparable with published MT-Bench)"
+    return "not comparable with published MT-Bench"
+
+
+def _judge_mode(c: campaign_pb2.Campaign) -> str | None:
+    if not c.HasField("spec") or not c.spec.HasField("evaluation"):
+        return None
+    if not c.spec.evaluation.HasField("judge"):
+        return None
+    return c.spec.evaluation.judge.mode
+
+
+def _round(r: campaign_pb2.Round, judge_mode: str | None = None) -> JSON:
     flat = dict(r.metrics)
     metrics = _nest(flat)
     for k in ("perplexity", "teacher_perplexity"):
@@ -57,6 +72,10 @@ def _round(r: campaign_pb2.Round) -> JSON:
             "unparsed",
         ):
             judge.setdefault(k, None)
+        if judge_mode is not None:
+            judge["mode"] = judge_mode
+            judge["mtbench_comparable"] = judge_mode == "mtbench"
+            judge["comparability"] = comparability(judge_mode)
     distill = metrics.setdefault("distill", {})
     if isinstance(distill, dict):
         for k in ("steps", "tokens", "final_loss", "world_size"):
@@ -143,7 +162,7 @@ def campaign_dict(c: campaign_pb2.Campaign) -> JSON:
             "cancelled": t.cancelled,
         },
         "retries": c.retries,
-        "rounds": [_with_tasks(_round(r), c) for r in c.rounds],
+        "rounds": [_with_tasks(_round(r, _judge_mode(c)), c) for r in c.rounds],
     }
 
 
