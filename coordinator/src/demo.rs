@@ -366,17 +366,16 @@ pub fn table(campaign: &serde_json::Value, student_dir: &Path, report: Option<&P
             );
         }
     }
-    let mode = c
-        .spec
-        .as_ref()
-        .and_then(|s| s.evaluation.as_ref())
-        .and_then(|e| e.judge.as_ref())
-        .map(|j| j.mode.as_str());
-    for r in &c.rounds {
-        let m: std::collections::BTreeMap<String, f64> = r.metrics.clone().into_iter().collect();
-        if m.keys().any(|k| k.starts_with("judge.")) {
-            for line in crate::cli::judge_lines(r.index, mode, &m) {
-                let _ = writeln!(s, "round {}: {line}", r.index);
+    // The judge's figures per round, as `status` prints them (from the nested metrics of
+    // `status --json`, flattened back to their dotted names).
+    for r in &rounds {
+        let mut flat = std::collections::BTreeMap::new();
+        flatten_metrics("", &r["metrics"], &mut flat);
+        let mode = r["metrics"]["judge"]["mode"].as_str();
+        let index = r["index"].as_u64().unwrap_or(0) as u32;
+        if flat.keys().any(|k| k.starts_with("judge.")) {
+            for line in crate::cli::judge_lines(index, mode, &flat) {
+                let _ = writeln!(s, "round {index}: {line}");
             }
         }
     }
@@ -385,6 +384,33 @@ pub fn table(campaign: &serde_json::Value, student_dir: &Path, report: Option<&P
         let _ = writeln!(s, "report:  {}", p.display());
     }
     s
+}
+
+/// `{"a": {"b": 1.0}}` → `a.b = 1.0`: the numbers of a nested metrics object under their dotted
+/// names (strings, booleans and nulls are not metrics).
+fn flatten_metrics(
+    prefix: &str,
+    v: &serde_json::Value,
+    out: &mut std::collections::BTreeMap<String, f64>,
+) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_metrics(&key, x, out);
+            }
+        }
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64() {
+                out.insert(prefix.to_string(), f);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Validation perplexity of a model directory, measured as the campaign's `perplexity` task
