@@ -281,6 +281,10 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
             )));
         }
     }
+    // The record travels with the model into the distilled student (intermediate-state
+    // distillation reads it), so it holds only what the model is, never how the campaign got
+    // there: a search winner's student equals, byte for byte, a plain run of its shape (which
+    // candidate it was is in `status`, `rounds[i].candidates`).
     let record = serde_json::json!({
         "teacher_layers": teacher_layers,
         "teacher_channels": teacher_channels,
@@ -289,7 +293,6 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
         "shape": {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
             "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_layers, "params": shape.params},
         "depth_importance": round.depth_importance,
-        "candidate": task.params.get("candidate"),
         "calibration_sequences": imp.sequences,
         "kept": {"layers": keep.layers, "channels": keep.channels, "heads": keep.heads, "neurons": keep.neurons},
     });
