@@ -22,7 +22,6 @@ const CHUNK: usize = 4096;
 
 fn forward<E: Elem, R: Real>(a: &[E], b: &[E]) -> Vec<E> {
     let n = a.len();
-    let rows = n.div_ceil(CHUNK);
     // par_rows writes whole rows: run it over the full chunks, then the tail.
     let full = n / CHUNK;
     let mut out = par_rows::<E>(full, CHUNK, |r0, o| {
@@ -33,7 +32,7 @@ fn forward<E: Elem, R: Real>(a: &[E], b: &[E]) -> Vec<E> {
             }
         })
     });
-    if rows > full {
+    if n > full * CHUNK {
         out.extend(
             a[full * CHUNK..]
                 .iter()

@@ -90,7 +90,8 @@ fn gather<E: Elem, R: Real>(x: &[E], d: Dims, heads: usize, b: usize, head: usiz
     }
 }
 
-/// `dst[c * T + t] = x[b, t, head, c]` (one head transposed to `[hd, T]`), in the compute type.
+/// `dst[c * stride + t] = x[b, t, head, c]` (one head transposed to `[hd, T]`, rows `stride >= T`
+/// apart), in the compute type.
 #[inline(always)]
 fn gather_t<E: Elem, R: Real>(
     x: &[E],
@@ -98,13 +99,14 @@ fn gather_t<E: Elem, R: Real>(
     heads: usize,
     b: usize,
     head: usize,
+    stride: usize,
     dst: &mut [R],
 ) {
     let hd = d.hd;
     for t in 0..d.t {
         let src = &x[((b * d.t + t) * heads + head) * hd..][..hd];
         for (c, s) in src.iter().enumerate() {
-            dst[c * d.t + t] = s.to_r();
+            dst[c * stride + t] = s.to_r();
         }
     }
 }
@@ -169,12 +171,7 @@ fn forward_head_blocked<E: Elem, R: Real, const HD: usize>(
     gather(q, d, d.h, b, h, &mut qh[..t * HD]);
     let kstride = t + BLOCK_K;
     let mut kt = vec![R::ZERO; HD * kstride];
-    for j in 0..t {
-        let src = &k[((b * t + j) * d.kv + kvh) * HD..][..HD];
-        for (c, x) in src.iter().enumerate() {
-            kt[c * kstride + j] = x.to_r();
-        }
-    }
+    gather_t(k, d, d.kv, b, kvh, kstride, &mut kt);
     let mut vh = vec![R::ZERO; t * HD];
     gather(v, d, d.kv, b, kvh, &mut vh);
     let sc = R::from_f64(sc);
@@ -271,7 +268,7 @@ fn forward_head_rows<E: Elem, R: Real>(
         let mut kt = vec![R::ZERO; t * hd];
         let mut vh = vec![R::ZERO; t * hd];
         gather(q, d, d.h, b, h, &mut qh);
-        gather_t(k, d, d.kv, b, kvh, &mut kt);
+        gather_t(k, d, d.kv, b, kvh, t, &mut kt);
         gather(v, d, d.kv, b, kvh, &mut vh);
         let sc = R::from_f64(sc);
         let mut out = vec![R::ZERO; t * hd];
