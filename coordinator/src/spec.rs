@@ -148,6 +148,8 @@ struct RawRound {
     target: RawTarget,
     #[serde(default = "default_depth_importance")]
     depth_importance: String,
+    #[serde(default = "default_width_importance")]
+    width_importance: String,
     distill: RawDistill,
     #[serde(default)]
     search: Option<RawSearch>,
@@ -308,6 +310,10 @@ fn yes() -> bool {
 fn default_update_every() -> u32 {
     50
 }
+fn default_width_importance() -> String {
+    "activation".into()
+}
+
 fn default_depth_importance() -> String {
     "block_importance".into()
 }
@@ -817,6 +823,10 @@ impl Validator<'_> {
                 ),
             ));
         }
+        if let Err(e) = distillery_worker::prune::baseline::WidthImportance::parse(&r.width_importance)
+        {
+            return Err(SpecError::new(format!("{f}.width_importance"), e));
+        }
         if r.depth_importance == "taylor" {
             if let (Some(have), Some(want)) = (source_layers, student_layers) {
                 let droppable = distillery_worker::prune::taylor_droppable(have as usize) as u32;
@@ -905,6 +915,7 @@ impl Validator<'_> {
                 prefer: t.prefer.clone().unwrap_or_default(),
             }),
             depth_importance: r.depth_importance,
+            width_importance: r.width_importance,
             distill: Some(pb::DistillSpec {
                 tokens: d.tokens,
                 seq_len: d.seq_len,

@@ -81,6 +81,25 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Measure a model on a text file (JSON lines with a "text" field, or plain text): perplexity
+    /// and bits per byte as the campaign's Evaluate phase measures them, and with `--teacher`
+    /// the mean per-token KL(teacher ‖ student) at temperature 1. Prints one JSON object.
+    Eval {
+        /// Hugging Face directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A teacher directory (same tokenizer) for the KL.
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        /// Context window (perplexity advances by half a window; the KL uses whole windows).
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Tokens measured at most (whole documents up to this count).
+        #[arg(long, default_value_t = 32768)]
+        max_tokens: usize,
+    },
     /// GPU checks (builds with the cuda feature): NCCL all-reduce, a distillation step, throughput.
     GpuCheck {
         #[arg(long, default_value = "cuda:0")]
@@ -173,6 +192,22 @@ pub fn main() -> i32 {
             }
         }
         Command::GpuCheck { device } => crate::gpu_check::run(&device),
+        Command::Eval {
+            model,
+            teacher,
+            data,
+            seq_len,
+            max_tokens,
+        } => match eval(&model, teacher.as_deref(), &data, seq_len, max_tokens) {
+            Ok(v) => {
+                println!("{v}");
+                0
+            }
+            Err(e) => {
+                eprintln!("worker: eval: {e}");
+                2
+            }
+        },
         Command::Convert { input, out } => {
             written("convert", &out, crate::model::io::convert(&input, &out))
         }
@@ -314,4 +349,69 @@ fn parse_arch(s: &str) -> Result<crate::model::config::Arch, String> {
     crate::model::config::Arch::from_model_type(s).ok_or_else(|| {
         format!("{s:?} is not an architecture: use llama, mistral, qwen2, qwen3 or gemma3_text")
     })
+}
+
+/// `worker eval`: the JSON object it prints.
+fn eval(
+    model: &std::path::Path,
+    teacher: Option<&std::path::Path>,
+    data: &std::path::Path,
+    seq_len: usize,
+    max_tokens: usize,
+) -> Result<serde_json::Value, String> {
+    use crate::model::{io, perplexity, tokenizer};
+    let cpu = candle_core::Device::Cpu;
+    let load = |p: &std::path::Path| -> Result<_, String> {
+        if !p.is_dir() {
+            return Err(format!(
+                "{} is not a model directory (convert a .gguf file with `worker convert FILE --out DIR`)",
+                p.display()
+            ));
+        }
+        let m = io::load_dir(p, candle_core::DType::F32, &cpu).map_err(|e| e.to_string())?;
+        let t = tokenizer::load(&p.join("tokenizer.json"))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok((m, t))
+    };
+    let (m, tok) = load(model)?;
+    let docs = crate::data::read_documents(data).map_err(|e| format!("{}: {e}", data.display()))?;
+    let eos = crate::tasks::common::eos_id(&m);
+    let (mut ids, mut bytes) = (Vec::new(), 0usize);
+    for d in &docs {
+        if ids.len() >= max_tokens {
+            break;
+        }
+        ids.extend(tokenizer::encode(&tok, d, false).map_err(|e| e.to_string())?);
+        ids.extend(eos);
+        bytes += d.len() + 1;
+    }
+    if ids.len() < 2 {
+        return Err(format!("{} has no text to measure", data.display()));
+    }
+    let window = seq_len.clamp(2, m.config.max_position_embeddings.max(2));
+    let p = perplexity::perplexity(&m, &ids, bytes, window, window / 2).map_err(|e| e.to_string())?;
+    let mut out = serde_json::json!({
+        "model": model.display().to_string(),
+        "params": m.num_params(),
+        "tokens": p.tokens,
+        "perplexity": p.perplexity(),
+        "bits_per_byte": p.bits_per_byte(),
+    });
+    if let Some(t) = teacher {
+        let (tm, ttok) = load(t)?;
+        if tm.config.vocab_size != m.config.vocab_size
+            || tokenizer::encode(&ttok, "Tokenizers, compared.", false).ok()
+                != tokenizer::encode(&tok, "Tokenizers, compared.", false).ok()
+        {
+            return Err(format!(
+                "{} and {} do not share a tokenizer: the KL needs the same vocabulary",
+                t.display(),
+                model.display()
+            ));
+        }
+        let kl = perplexity::mean_kl(&m, &tm, &ids, window, 4).map_err(|e| e.to_string())?;
+        out["kd_loss"] = serde_json::json!(kl);
+        out["teacher"] = serde_json::json!(t.display().to_string());
+    }
+    Ok(out)
 }

@@ -103,6 +103,46 @@ pub fn mean_nll(
     Ok(sum / n.max(1) as f64)
 }
 
+/// Mean per-token forward KL, `KL(teacher ‖ student)` at temperature 1, over `tokens` cut into
+/// non-overlapping windows of `window` positions (each window's last token is only a target),
+/// `batch` windows per forward. A trailing piece shorter than a window is left out.
+pub fn mean_kl(
+    student: &Llama,
+    teacher: &Llama,
+    tokens: &[u32],
+    window: usize,
+    batch: usize,
+) -> Result<f64> {
+    if window < 1 {
+        return Err(candle_core::Error::Msg("KL window must be at least 1".into()));
+    }
+    let rows: Vec<&[u32]> = tokens.chunks_exact(window + 1).collect();
+    let (mut kl, mut n) = (0.0, 0usize);
+    for micro in rows.chunks(batch.max(1)) {
+        let ids: Vec<Vec<u32>> = micro.iter().map(|r| r[..window].to_vec()).collect();
+        let tgts: Vec<Vec<u32>> = micro.iter().map(|r| r[1..].to_vec()).collect();
+        let ids = Tensor::new(ids, student.device())?;
+        let targets = Tensor::new(tgts, student.device())?;
+        let l = super::ops::fused::kd_loss(
+            &student.forward(&ids)?,
+            &teacher.forward(&ids)?,
+            &targets,
+            1.0,
+            0.0,
+        )?;
+        kl += l.kl;
+        n += micro.len() * window;
+    }
+    if n == 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "no full window of {} tokens to measure the KL on ({} tokens)",
+            window + 1,
+            tokens.len()
+        )));
+    }
+    Ok(kl / n as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, IndexOp};
@@ -173,5 +213,38 @@ mod tests {
         let r = perplexity(&m, &toks, 100, 2, 1).unwrap();
         assert!((r.nll_sum - pairs).abs() < 1e-3);
         assert!(perplexity(&m, &toks, 1, 1, 1).is_err());
+    }
+
+    #[test]
+    fn mean_kl_is_zero_against_itself_and_equals_the_direct_sum_against_another_model() {
+        let a = model();
+        let b = model();
+        let toks: Vec<u32> = (0..41u32).map(|i| (i * 7 + 3) % 40).collect();
+        // 41 tokens, windows of 9 (+1 target): 4 full windows, the rest left out.
+        assert!(mean_kl(&a, &a, &toks, 9, 3).unwrap().abs() < 1e-6);
+        let got = mean_kl(&a, &b, &toks, 9, 3).unwrap();
+        let mut want = 0.0;
+        for w in toks.chunks_exact(10) {
+            let ids = Tensor::new(&w[..9], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let lp = |m: &Llama| {
+                candle_nn::ops::log_softmax(
+                    &m.forward(&ids).unwrap().to_dtype(DType::F64).unwrap(),
+                    D::Minus1,
+                )
+                .unwrap()
+                .i(0)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap()
+            };
+            let (s, t) = (lp(&a), lp(&b));
+            for (sr, tr) in s.iter().zip(&t) {
+                want += tr.iter().zip(sr).map(|(t, s)| t.exp() * (t - s)).sum::<f64>();
+            }
+        }
+        want /= 36.0;
+        assert!(want > 1e-3, "two random models differ: {want}");
+        assert!((got - want).abs() < 1e-4 * want.max(1.0), "{got} vs {want}");
+        assert!(mean_kl(&a, &b, &toks[..5], 9, 3).is_err());
     }
 }

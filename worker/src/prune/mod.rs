@@ -2,6 +2,7 @@
 //! ([`plan`], pure), and slicing the weights ([`apply`]).
 
 pub mod apply;
+pub mod baseline;
 pub mod importance;
 pub mod plan;
 

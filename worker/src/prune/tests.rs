@@ -491,3 +491,78 @@ fn taylor_plus_scores_an_identity_block_lowest_and_keeps_the_first_four_and_last
     assert_eq!(taylor_droppable(8), 2);
     assert_eq!(taylor_droppable(5), 0);
 }
+
+#[test]
+fn magnitude_width_importance_ranks_the_units_with_the_largest_weights_first() {
+    use super::baseline::{apply_width_importance, WidthImportance};
+    let m = model(TestModelSpec {
+        seed: 11,
+        ..Default::default()
+    });
+    let c = m.config.clone();
+    let hd = c.head_dim();
+    // Neuron 3 of layer 0 (its down_proj column), head 1 of layer 1 (its q rows) and
+    // embedding channel 5 (its embedding column) get large weights.
+    set(&m, "model.layers.0.mlp.down_proj.weight", |rows| {
+        rows.iter_mut().for_each(|r| r[3] *= 50.0)
+    });
+    set(&m, "model.layers.1.self_attn.q_proj.weight", |rows| {
+        rows[hd..2 * hd]
+            .iter_mut()
+            .for_each(|r| r.iter_mut().for_each(|v| *v *= 50.0))
+    });
+    set(&m, "model.embed_tokens.weight", |rows| {
+        rows.iter_mut().for_each(|r| r[5] *= 50.0)
+    });
+    let act = scores(&scored(&m), &[]).unwrap();
+    let mut mag = act.clone();
+    apply_width_importance(WidthImportance::Magnitude, &m, 0, &mut mag).unwrap();
+    assert_eq!(top_k(&mag.neuron[0], 1), vec![3]);
+    assert_eq!(top_k(&mag.head[1], 1), vec![1]);
+    assert_eq!(top_k(&mag.channel, 1), vec![5]);
+    assert_eq!(mag.depth, act.depth, "depth scores are not the baseline's business");
+    assert_eq!(mag.neuron[0].len(), c.intermediate_size);
+    assert_eq!(mag.head[1].len(), c.num_attention_heads);
+    // Magnitude equals the hand-computed norm of one neuron's weights.
+    let vars: std::collections::HashMap<_, _> = m.named_vars().into_iter().collect();
+    let sq = |name: &str| -> Vec<Vec<f32>> { vars[name].as_tensor().to_vec2().unwrap() };
+    let (g, u, d) = (
+        sq("model.layers.0.mlp.gate_proj.weight"),
+        sq("model.layers.0.mlp.up_proj.weight"),
+        sq("model.layers.0.mlp.down_proj.weight"),
+    );
+    let want: f64 = g[7]
+        .iter()
+        .chain(&u[7])
+        .chain(d.iter().map(|r| &r[7]))
+        .map(|v| f64::from(*v).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!((mag.neuron[0][7] - want).abs() < 1e-9 * want.max(1.0));
+
+    // Random: seeded, different per seed, every score in [0, 1).
+    let mut r1 = act.clone();
+    let mut r2 = act.clone();
+    let mut r3 = act.clone();
+    apply_width_importance(WidthImportance::Random, &m, 1, &mut r1).unwrap();
+    apply_width_importance(WidthImportance::Random, &m, 1, &mut r2).unwrap();
+    apply_width_importance(WidthImportance::Random, &m, 2, &mut r3).unwrap();
+    assert_eq!(r1, r2);
+    assert_ne!(r1.channel, r3.channel);
+    assert_ne!(r1.channel, act.channel);
+    assert!(r1.channel.iter().all(|v| (0.0..1.0).contains(v)));
+    // Activation leaves the scores as they are; unknown names are refused by name.
+    let mut a = act.clone();
+    apply_width_importance(WidthImportance::Activation, &m, 1, &mut a).unwrap();
+    assert_eq!(a, act);
+    assert_eq!(WidthImportance::parse("").unwrap(), WidthImportance::Activation);
+    let e = WidthImportance::parse("wanda").unwrap_err();
+    assert!(e.contains("\"wanda\"") && e.contains("magnitude"), "{e}");
+    // The plans differ: the baselines keep other units than activation importance does.
+    let src = shape_of(&c);
+    let mut t = src;
+    t.intermediate_size /= 2;
+    let p_act = plan(&src, &act, &t).unwrap();
+    let p_rand = plan(&src, &r1, &t).unwrap();
+    assert_ne!(p_act.neurons, p_rand.neurons);
+}

@@ -10,6 +10,7 @@ use super::common::{self, fatal, input, param_usize, report};
 use crate::model::io;
 use crate::prune::importance::{self, DepthScores, Importance};
 use crate::prune::plan::{self, Target};
+use crate::prune::baseline::{apply_width_importance, WidthImportance};
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
 
 /// Sequences per forward pass while scoring.
@@ -246,6 +247,11 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
     } else {
         crate::prune::scores(&imp, &depth).map_err(fatal)?
     };
+    let width = WidthImportance::parse(&round.width_importance)
+        .map_err(|e| fatal(format!("rounds[{}].width_importance: {e}", task.round)))?;
+    let seed = task.spec.as_ref().map_or(0, |s| s.seed) ^ (u64::from(task.round) << 32);
+    let mut scores = scores;
+    apply_width_importance(width, &model, seed, &mut scores).map_err(fatal)?;
     let keep = plan::plan(&src, &scores, &shape).map_err(fatal)?;
     let pruned = crate::prune::apply::apply(&model, &keep).map_err(fatal)?;
     let out = ctx.work_dir().join("pruned");
@@ -293,6 +299,7 @@ fn prune(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, Tas
         "shape": {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
             "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_layers, "params": shape.params},
         "depth_importance": round.depth_importance,
+        "width_importance": if round.width_importance.is_empty() { "activation" } else { round.width_importance.as_str() },
         "calibration_sequences": imp.sequences,
         "kept": {"layers": keep.layers, "channels": keep.channels, "heads": keep.heads, "neurons": keep.neurons},
     });
