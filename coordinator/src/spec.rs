@@ -823,7 +823,8 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if let Err(e) = distillery_worker::prune::baseline::WidthImportance::parse(&r.width_importance)
+        if let Err(e) =
+            distillery_worker::prune::baseline::WidthImportance::parse(&r.width_importance)
         {
             return Err(SpecError::new(format!("{f}.width_importance"), e));
         }

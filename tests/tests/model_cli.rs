@@ -64,3 +64,83 @@ fn a_gguf_test_model_converts_back_to_the_same_model() {
         1
     );
 }
+
+/// `worker eval`: the same model as teacher gives KL 0 and the perplexity the library computes;
+/// another model gives a positive KL; a GGUF file or a missing teacher is one line, exit 2.
+#[test]
+fn worker_eval_measures_perplexity_and_the_kl_to_a_teacher() {
+    use distillery_worker::model::{perplexity, tokenizer};
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str, seed: &str| {
+        let p = dir.path().join(name);
+        let out = std::process::Command::new(bin("worker"))
+            .args(["make-test-model", "--seed", seed, "--out"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        p
+    };
+    let (a, b) = (make("a", "1"), make("b", "2"));
+    let data = dir.path().join("val.jsonl");
+    let docs = [
+        "The quick brown fox jumps over the lazy dog.",
+        "A second document, longer than the first one by a little.",
+    ];
+    std::fs::write(
+        &data,
+        docs.iter()
+            .map(|d| serde_json::json!({ "text": d }).to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let eval = |model: &std::path::Path, teacher: &std::path::Path| {
+        let out = std::process::Command::new(bin("worker"))
+            .arg("eval")
+            .arg("--model")
+            .arg(model)
+            .arg("--teacher")
+            .arg(teacher)
+            .arg("--data")
+            .arg(&data)
+            .args(["--seq-len", "16"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, v, err) = eval(&a, &a);
+    assert_eq!(code, Some(0), "{err}");
+    let v = v.unwrap();
+    assert!(v["kd_loss"].as_f64().unwrap().abs() < 1e-6, "{v}");
+    // The perplexity is the library's over the same tokens (documents + EOS, half-window stride).
+    let m = load_dir(&a, DType::F32, &Device::Cpu).unwrap();
+    let tok = tokenizer::load(&a.join("tokenizer.json")).unwrap();
+    let eos = distillery_worker::tasks::common::eos_id(&m);
+    let mut ids = Vec::new();
+    let mut bytes = 0;
+    for d in docs {
+        ids.extend(tokenizer::encode(&tok, d, false).unwrap());
+        ids.extend(eos);
+        bytes += d.len() + 1;
+    }
+    let p = perplexity::perplexity(&m, &ids, bytes, 16, 8).unwrap();
+    assert!((v["perplexity"].as_f64().unwrap() - p.perplexity()).abs() < 1e-9 * p.perplexity());
+    assert_eq!(v["tokens"].as_u64().unwrap() as usize, p.tokens);
+    let (code, v, err) = eval(&a, &b);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(v.unwrap()["kd_loss"].as_f64().unwrap() > 1e-3);
+    let (code, _, err) = eval(&a, &dir.path().join("missing"));
+    assert_eq!(code, Some(2));
+    assert!(
+        err.starts_with("worker: eval: ") && err.contains("missing") && err.lines().count() == 1,
+        "{err}"
+    );
+}

@@ -389,7 +389,8 @@ fn eval(
         return Err(format!("{} has no text to measure", data.display()));
     }
     let window = seq_len.clamp(2, m.config.max_position_embeddings.max(2));
-    let p = perplexity::perplexity(&m, &ids, bytes, window, window / 2).map_err(|e| e.to_string())?;
+    let p =
+        perplexity::perplexity(&m, &ids, bytes, window, window / 2).map_err(|e| e.to_string())?;
     let mut out = serde_json::json!({
         "model": model.display().to_string(),
         "params": m.num_params(),

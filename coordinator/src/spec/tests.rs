@@ -137,6 +137,12 @@ const BAD: &[(&str, &str, &str, &str)] = &[
         "not a method",
     ),
     (
+        "depth_importance = \"perplexity\"",
+        "depth_importance = \"perplexity\"\nwidth_importance = \"wanda\"",
+        "rounds[1].width_importance",
+        "not a width importance",
+    ),
+    (
         "web-val.jsonl",
         "missing-val.jsonl",
         "data.validation[0].path",

@@ -114,7 +114,9 @@ pub fn mean_kl(
     batch: usize,
 ) -> Result<f64> {
     if window < 1 {
-        return Err(candle_core::Error::Msg("KL window must be at least 1".into()));
+        return Err(candle_core::Error::Msg(
+            "KL window must be at least 1".into(),
+        ));
     }
     let rows: Vec<&[u32]> = tokens.chunks_exact(window + 1).collect();
     let (mut kl, mut n) = (0.0, 0usize);
@@ -225,7 +227,10 @@ mod tests {
         let got = mean_kl(&a, &b, &toks, 9, 3).unwrap();
         let mut want = 0.0;
         for w in toks.chunks_exact(10) {
-            let ids = Tensor::new(&w[..9], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let ids = Tensor::new(&w[..9], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let lp = |m: &Llama| {
                 candle_nn::ops::log_softmax(
                     &m.forward(&ids).unwrap().to_dtype(DType::F64).unwrap(),
@@ -239,7 +244,11 @@ mod tests {
             };
             let (s, t) = (lp(&a), lp(&b));
             for (sr, tr) in s.iter().zip(&t) {
-                want += tr.iter().zip(sr).map(|(t, s)| t.exp() * (t - s)).sum::<f64>();
+                want += tr
+                    .iter()
+                    .zip(sr)
+                    .map(|(t, s)| t.exp() * (t - s))
+                    .sum::<f64>();
             }
         }
         want /= 36.0;

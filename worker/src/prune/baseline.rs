@@ -60,7 +60,10 @@ pub fn apply_width_importance(
 }
 
 /// Squared weights of a named matrix (`[out, in]`, row-major) as f64, with its shape.
-fn squares(vars: &HashMap<String, candle_core::Var>, name: &str) -> Result<(Vec<f64>, usize, usize), String> {
+fn squares(
+    vars: &HashMap<String, candle_core::Var>,
+    name: &str,
+) -> Result<(Vec<f64>, usize, usize), String> {
     let t = vars
         .get(name)
         .ok_or_else(|| format!("the model has no {name}"))?
@@ -70,14 +73,28 @@ fn squares(vars: &HashMap<String, candle_core::Var>, name: &str) -> Result<(Vec<
         .to_dtype(DType::F32)
         .and_then(|x| x.flatten_all()?.to_vec1())
         .map_err(|e| format!("{name}: {e}"))?;
-    Ok((v.iter().map(|x| f64::from(*x).powi(2)).collect(), rows, cols))
+    Ok((
+        v.iter().map(|x| f64::from(*x).powi(2)).collect(),
+        rows,
+        cols,
+    ))
 }
 
 /// Row sums (`by_row`) or column sums of a squared `[rows, cols]` matrix, added into `acc`.
-fn add_sums(acc: &mut [f64], sq: &[f64], rows: usize, cols: usize, by_row: bool, name: &str) -> Result<(), String> {
+fn add_sums(
+    acc: &mut [f64],
+    sq: &[f64],
+    rows: usize,
+    cols: usize,
+    by_row: bool,
+    name: &str,
+) -> Result<(), String> {
     let want = if by_row { rows } else { cols };
     if acc.len() != want {
-        return Err(format!("{name}: {want} units where {} were expected", acc.len()));
+        return Err(format!(
+            "{name}: {want} units where {} were expected",
+            acc.len()
+        ));
     }
     for (r, row) in sq.chunks(cols.max(1)).enumerate().take(rows) {
         if by_row {

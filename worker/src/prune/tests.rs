@@ -520,7 +520,10 @@ fn magnitude_width_importance_ranks_the_units_with_the_largest_weights_first() {
     assert_eq!(top_k(&mag.neuron[0], 1), vec![3]);
     assert_eq!(top_k(&mag.head[1], 1), vec![1]);
     assert_eq!(top_k(&mag.channel, 1), vec![5]);
-    assert_eq!(mag.depth, act.depth, "depth scores are not the baseline's business");
+    assert_eq!(
+        mag.depth, act.depth,
+        "depth scores are not the baseline's business"
+    );
     assert_eq!(mag.neuron[0].len(), c.intermediate_size);
     assert_eq!(mag.head[1].len(), c.num_attention_heads);
     // Magnitude equals the hand-computed norm of one neuron's weights.
@@ -555,7 +558,10 @@ fn magnitude_width_importance_ranks_the_units_with_the_largest_weights_first() {
     let mut a = act.clone();
     apply_width_importance(WidthImportance::Activation, &m, 1, &mut a).unwrap();
     assert_eq!(a, act);
-    assert_eq!(WidthImportance::parse("").unwrap(), WidthImportance::Activation);
+    assert_eq!(
+        WidthImportance::parse("").unwrap(),
+        WidthImportance::Activation
+    );
     let e = WidthImportance::parse("wanda").unwrap_err();
     assert!(e.contains("\"wanda\"") && e.contains("magnitude"), "{e}");
     // The plans differ: the baselines keep other units than activation importance does.

@@ -8,9 +8,9 @@ use distillery_proto::v1 as pb;
 
 use super::common::{self, fatal, input, param_usize, report};
 use crate::model::io;
+use crate::prune::baseline::{apply_width_importance, WidthImportance};
 use crate::prune::importance::{self, DepthScores, Importance};
 use crate::prune::plan::{self, Target};
-use crate::prune::baseline::{apply_width_importance, WidthImportance};
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
 
 /// Sequences per forward pass while scoring.
