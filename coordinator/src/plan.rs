@@ -11,6 +11,8 @@ use serde_json::{json, Value};
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundPlan {
     pub round: usize,
+    /// The plan of the `[teacher_correction]` (before round 0), not of a round.
+    pub correction: bool,
     pub setup: Setup,
     pub plan: MemoryPlan,
     /// The device the fit was judged against, in bytes.
@@ -101,6 +103,7 @@ pub fn campaign_plan(
             };
             Ok(RoundPlan {
                 round: i,
+                correction: false,
                 setup,
                 plan,
                 device_memory,
@@ -109,6 +112,33 @@ pub fn campaign_plan(
             })
         })
         .collect()
+}
+
+/// The `[teacher_correction]`'s per-rank plan (the teacher trained with cross-entropy in f32,
+/// as [`memplan::correction_distill`] says), when the spec has one. No suggestion: its only
+/// knobs are `micro_batch`, `seq_len` and `world_size`.
+pub fn correction_plan(
+    spec: &pb::CampaignSpec,
+    device: DeviceKind,
+    device_memory: Option<u64>,
+) -> Result<Option<RoundPlan>, String> {
+    let Some(tc) = spec.teacher_correction.as_ref() else {
+        return Ok(None);
+    };
+    let teacher = teacher_shape(spec)?;
+    let d = memplan::correction_distill(tc);
+    let setup = Setup::from_distill(teacher, teacher, &d, device)
+        .map_err(|e| format!("teacher_correction.{e}"))?;
+    let plan = memplan::plan(&setup);
+    Ok(Some(RoundPlan {
+        round: 0,
+        correction: true,
+        setup,
+        plan,
+        device_memory,
+        fits: device_memory.map(|m| memplan::fits(&plan, m)),
+        suggestion: None,
+    }))
 }
 
 /// The lines of the table, in order: (name, bytes, note).
@@ -203,9 +233,12 @@ pub fn render_text(plans: &[RoundPlan]) -> String {
     let mut out = String::new();
     for p in plans {
         let s = &p.setup;
+        if p.correction {
+            out.push_str("teacher correction (the teacher trained with cross-entropy, f32; \"student\" below is the teacher):\n");
+        }
         out.push_str(&format!(
-            "round {}: student {} params (hidden {}, MLP {}, {} heads, {} layers); per rank of {} on {}; precision {}, teacher {}, shard_optimizer {}, recompute {}\n",
-            p.round,
+            "{}: student {} params (hidden {}, MLP {}, {} heads, {} layers); per rank of {} on {}; precision {}, teacher {}, shard_optimizer {}, recompute {}\n",
+            if p.correction { "  before round 0".to_string() } else { format!("round {}", p.round) },
             distillery_proto::shape::param_count(&s.student),
             s.student.hidden_size,
             s.student.intermediate_size,
@@ -255,6 +288,7 @@ pub fn to_json(plans: &[RoundPlan]) -> Value {
                 let q = &p.plan;
                 json!({
                     "round": p.round,
+                    "phase": if p.correction { "correct" } else { "distill" },
                     "device": s.device.name(),
                     "world_size": s.world_size,
                     "micro_batch": s.micro_batch,
@@ -319,6 +353,27 @@ pub fn check_registered(spec: &pb::CampaignSpec, devices: &[(String, u64)]) -> R
         match campaign_plan(spec, *kind, Some(*m)) {
             Ok(p) => per_kind.push(p),
             Err(_) => return Ok(()),
+        }
+    }
+    // The teacher correction first: it runs before round 0.
+    let mut corrections = Vec::new();
+    for (kind, m) in &largest {
+        match correction_plan(spec, *kind, Some(*m)) {
+            Ok(Some(p)) => corrections.push(p),
+            Ok(None) => break,
+            Err(_) => return Ok(()),
+        }
+    }
+    if !corrections.is_empty() && !corrections.iter().any(|p| p.fits == Some(true)) {
+        if let Some(p) = corrections.iter().max_by_key(|p| p.device_memory) {
+            let m = p.device_memory.unwrap_or(0);
+            return Err(format!(
+                "teacher_correction: a rank trains the whole teacher and needs {} (see `coordinator plan`) but the largest registered device ({}) has {} ({} usable); lower teacher_correction.micro_batch or seq_len, or register a larger device",
+                gib(p.plan.total),
+                p.setup.device.name(),
+                gib(m),
+                gib(memplan::usable(m)),
+            ));
         }
     }
     for round in 0..spec.rounds.len() {

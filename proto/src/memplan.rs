@@ -29,7 +29,7 @@
 use std::fmt;
 
 use crate::shape::head_dim;
-use crate::v1::{DistillSpec, ModelShape};
+use crate::v1::{DistillSpec, ModelShape, TeacherCorrectionSpec};
 
 /// A dtype's width as the plan counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -323,6 +323,25 @@ impl KdSetup {
             no_teacher: d.loss == "ce" && hidden_pairs == 0,
             hidden_pairs,
         }
+    }
+}
+
+/// The distillation a `[teacher_correction]` is run as: the teacher trained on the data alone
+/// (cross-entropy, no KD teacher), f32, with the correction's own batch and schedule. The
+/// worker runs exactly this, and the memory plan plans it.
+pub fn correction_distill(tc: &TeacherCorrectionSpec) -> DistillSpec {
+    DistillSpec {
+        tokens: tc.tokens,
+        seq_len: tc.seq_len,
+        micro_batch: tc.micro_batch,
+        world_size: tc.world_size,
+        lr: tc.lr,
+        warmup_steps: tc.warmup_steps,
+        checkpoint_every: tc.checkpoint_every,
+        precision: "f32".into(),
+        teacher_precision: "f32".into(),
+        loss: "ce".into(),
+        ..Default::default()
     }
 }
 

@@ -196,3 +196,35 @@ fn json_carries_every_line_and_the_fit() {
         assert!(r0["bytes"][k].as_u64().is_some(), "{k}");
     }
 }
+
+#[test]
+fn the_teacher_correction_is_planned_as_the_whole_teacher_trained_in_f32_and_checked_at_submit() {
+    let plain = spec_with(TWO_ROUNDS);
+    assert_eq!(correction_plan(&plain, DeviceKind::Cpu, None), Ok(None));
+    let spec = spec_with(&format!(
+        "{TWO_ROUNDS}[teacher_correction]\ntokens = 1000\nseq_len = 1024\nmicro_batch = 8\n"
+    ));
+    let c = correction_plan(&spec, DeviceKind::Cpu, Some(24 << 30))
+        .unwrap()
+        .unwrap();
+    assert!(c.correction);
+    let teacher = smollm2().params;
+    // The teacher is the model being trained: f32 weights, f32 gradients, master + m + v; no
+    // KD teacher loaded.
+    assert_eq!(c.plan.student_weights, teacher * 4);
+    assert_eq!(c.plan.teacher_weights, 0);
+    assert!(c.plan.gradients >= teacher * 4);
+    assert_eq!((c.setup.micro_batch, c.setup.seq_len), (8, 1024));
+    assert_eq!(c.fits, Some(true));
+    let text = render_text(std::slice::from_ref(&c));
+    assert!(text.starts_with("teacher correction") && text.contains("before round 0"), "{text}");
+    assert_eq!(to_json(std::slice::from_ref(&c))[0]["phase"], "correct");
+    // It trains a larger model than round 0 distills: a device round 0 fits but the correction
+    // does not is refused at submit, naming the correction.
+    let round0 = campaign_plan(&spec, DeviceKind::Cpu, None).unwrap()[0].plan.total;
+    assert!(c.plan.total > round0, "{} vs {round0}", c.plan.total);
+    let between = ((round0 + c.plan.total) / 2) as f64 / (1.0 - memplan::SAFETY_MARGIN);
+    let e = check_registered(&spec, &[("cpu".into(), between as u64)]).unwrap_err();
+    assert!(e.starts_with("teacher_correction: a rank trains the whole teacher"), "{e}");
+    assert_eq!(check_registered(&plain, &[("cpu".into(), between as u64)]), Ok(()));
+}

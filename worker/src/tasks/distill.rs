@@ -165,19 +165,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
                 .teacher_correction
                 .as_ref()
                 .ok_or_else(|| fatal("a correct task needs the campaign's [teacher_correction]"))?;
-            pb::DistillSpec {
-                tokens: tc.tokens,
-                seq_len: tc.seq_len,
-                micro_batch: tc.micro_batch,
-                world_size: tc.world_size,
-                lr: tc.lr,
-                warmup_steps: tc.warmup_steps,
-                checkpoint_every: tc.checkpoint_every,
-                precision: "f32".into(),
-                teacher_precision: "f32".into(),
-                loss: "ce".into(),
-                ..Default::default()
-            }
+            distillery_proto::memplan::correction_distill(tc)
         }
         _ => round.distill.clone().unwrap_or_default(),
     };
