@@ -76,6 +76,16 @@ fn train_err(e: TrainError, ctx: &TaskContext) -> TaskError {
     }
 }
 
+/// A checkpoint that could not be written (a full or failing disk, most often): the attempt
+/// fails but may be retried, from the last checkpoint that was written (uploaded whole, so never
+/// a torn one). A broken gang is lost, as in [`train_err`].
+fn checkpoint_err(e: TrainError) -> TaskError {
+    match e {
+        TrainError::Collective(c) => TaskError::from(c),
+        other => TaskError::retryable(other.to_string()),
+    }
+}
+
 /// The gang's collective: NCCL on GPUs (rank 0's unique id shared at the rendezvous), else a TCP
 /// ring (each rank publishes its listener's address at the rendezvous).
 fn connect_collective(
@@ -659,7 +669,13 @@ fn checkpoint(
     let _ = std::fs::remove_dir_all(&dir);
     trainer
         .save_checkpoint(&dir, Some(student_dir))
-        .map_err(|e| train_err(e, ctx))?;
+        .map_err(|e| {
+            if ctx.cancelled() {
+                TaskError::cancelled()
+            } else {
+                checkpoint_err(e)
+            }
+        })?;
     if trainer.cfg.shard_optimizer {
         let mine = if rank == 0 {
             String::new()
@@ -686,4 +702,36 @@ fn checkpoint(
     };
     let _ = std::fs::remove_dir_all(&dir);
     Ok(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::CollectiveError;
+    use crate::model::io::ModelIoError;
+
+    #[test]
+    fn a_checkpoint_that_cannot_be_written_fails_the_attempt_retryably_and_a_broken_gang_is_lost() {
+        // A real I/O error: a folder cannot be made under a regular file.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let source = std::fs::create_dir(file.join("checkpoint-48")).unwrap_err();
+        let io = TrainError::Io(ModelIoError::Io {
+            path: file.join("checkpoint-48").display().to_string(),
+            source,
+        });
+        let full = TrainError::Checkpoint {
+            path: "checkpoint-48/optimizer-00000-of-00001.safetensors".into(),
+            message: "No space left on device (os error 28)".into(),
+        };
+        for e in [io, full] {
+            let what = e.to_string();
+            let t = checkpoint_err(e);
+            assert!(t.retryable && !t.lost, "{what}");
+            assert_eq!(t.message, what);
+        }
+        let t = checkpoint_err(TrainError::Collective(CollectiveError("peer 1 closed".into())));
+        assert!(t.retryable && t.lost);
+    }
 }
