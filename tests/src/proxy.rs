@@ -227,6 +227,13 @@ mod tests {
         });
         let p = LinkProxy::start(addr);
         let mut c = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+        // The proxy accepts on a polling thread: cut only once it holds the connection, or the
+        // bytes below wait in the listen backlog instead of the proxy (and are never "held").
+        let t0 = std::time::Instant::now();
+        while p.connections() == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the proxy never accepted");
+            std::thread::sleep(Duration::from_millis(2));
+        }
         p.cut();
         c.write_all(b"hello").unwrap();
         c.set_read_timeout(Some(Duration::from_millis(300)))
