@@ -484,7 +484,10 @@ fn plan(
         .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let correction = crate::plan::correction_plan(&spec, kind, Some(memory))
         .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
-    let all_fit = plans.iter().chain(&correction).all(|p| p.fits == Some(true));
+    let all_fit = plans
+        .iter()
+        .chain(&correction)
+        .all(|p| p.fits == Some(true));
     if as_json {
         let correction = correction
             .map(|c| crate::plan::to_json(std::slice::from_ref(&c))[0].clone())

@@ -231,7 +231,10 @@ mod tests {
         // bytes below wait in the listen backlog instead of the proxy (and are never "held").
         let t0 = std::time::Instant::now();
         while p.connections() == 0 {
-            assert!(t0.elapsed() < Duration::from_secs(10), "the proxy never accepted");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the proxy never accepted"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         p.cut();

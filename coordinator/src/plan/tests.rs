@@ -217,14 +217,25 @@ fn the_teacher_correction_is_planned_as_the_whole_teacher_trained_in_f32_and_che
     assert_eq!((c.setup.micro_batch, c.setup.seq_len), (8, 1024));
     assert_eq!(c.fits, Some(true));
     let text = render_text(std::slice::from_ref(&c));
-    assert!(text.starts_with("teacher correction") && text.contains("before round 0"), "{text}");
+    assert!(
+        text.starts_with("teacher correction") && text.contains("before round 0"),
+        "{text}"
+    );
     assert_eq!(to_json(std::slice::from_ref(&c))[0]["phase"], "correct");
     // It trains a larger model than round 0 distills: a device round 0 fits but the correction
     // does not is refused at submit, naming the correction.
-    let round0 = campaign_plan(&spec, DeviceKind::Cpu, None).unwrap()[0].plan.total;
+    let round0 = campaign_plan(&spec, DeviceKind::Cpu, None).unwrap()[0]
+        .plan
+        .total;
     assert!(c.plan.total > round0, "{} vs {round0}", c.plan.total);
     let between = ((round0 + c.plan.total) / 2) as f64 / (1.0 - memplan::SAFETY_MARGIN);
     let e = check_registered(&spec, &[("cpu".into(), between as u64)]).unwrap_err();
-    assert!(e.starts_with("teacher_correction: a rank trains the whole teacher"), "{e}");
-    assert_eq!(check_registered(&plain, &[("cpu".into(), between as u64)]), Ok(()));
+    assert!(
+        e.starts_with("teacher_correction: a rank trains the whole teacher"),
+        "{e}"
+    );
+    assert_eq!(
+        check_registered(&plain, &[("cpu".into(), between as u64)]),
+        Ok(())
+    );
 }

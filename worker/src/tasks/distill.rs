@@ -731,7 +731,9 @@ mod tests {
             assert!(t.retryable && !t.lost, "{what}");
             assert_eq!(t.message, what);
         }
-        let t = checkpoint_err(TrainError::Collective(CollectiveError("peer 1 closed".into())));
+        let t = checkpoint_err(TrainError::Collective(CollectiveError(
+            "peer 1 closed".into(),
+        )));
         assert!(t.retryable && t.lost);
     }
 }
