@@ -563,3 +563,115 @@ async fn a_toml_spec_sent_as_text_is_parsed_by_the_coordinator_like_the_cli_pars
         .into_inner();
     assert_eq!(got.spec, Some(cli_spec));
 }
+
+/// Every RPC of the Distillery services, from the compiled descriptor (so a new RPC joins the
+/// matrix by itself): (service, method).
+fn every_rpc() -> Vec<(String, String)> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(distillery_proto::v1::FILE_DESCRIPTOR_SET)
+        .expect("the compiled descriptor set decodes");
+    let mut out = Vec::new();
+    for f in &set.file {
+        for s in &f.service {
+            for m in &s.method {
+                out.push((
+                    format!("{}.{}", f.package(), s.name()),
+                    m.name().to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The access matrix, walked for real: every RPC of every service × {client token, worker
+/// token, no token, an unknown token}, each called over gRPC with an empty message. Clients may
+/// call `CampaignService` only, workers `WorkerService` only; without a token or with an unknown
+/// one every RPC is `Unauthenticated`, with the other role's token `PermissionDenied`, and an
+/// admitted call is never answered with either (it fails, if at all, on its empty arguments).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_times_every_role_follows_the_access_matrix() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let fx = fixture();
+    let tokens = fx.path().join("tokens");
+    let (client, worker) = (
+        "client-token-0123456789abcdef",
+        "worker-token-0123456789abcdef",
+    );
+    std::fs::write(&tokens, format!("client {client}\nworker {worker}\n")).unwrap();
+    let coord = CoordinatorProc::start(
+        &fx.path().join("data"),
+        &["--tokens", tokens.to_str().unwrap()],
+    );
+    let rpcs = every_rpc();
+    let services: std::collections::BTreeSet<&str> = rpcs.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        services.into_iter().collect::<Vec<_>>(),
+        [
+            "distillery.v1.CampaignService",
+            "distillery.v1.WorkerService"
+        ],
+        "a new service needs its row in the matrix"
+    );
+    assert!(rpcs.len() >= 18, "{rpcs:?}");
+    let ch = coord.target(None).channel().await.expect("connect");
+    let callers = [
+        ("client", Some(client)),
+        ("worker", Some(worker)),
+        ("none", None),
+        ("unknown", Some("not-a-token-at-all-0123456789")),
+    ];
+    let mut table = Vec::new();
+    for (service, method) in &rpcs {
+        let owner = if service.ends_with("CampaignService") {
+            "client"
+        } else {
+            "worker"
+        };
+        for (who, token) in callers {
+            let mut grpc = tonic::client::Grpc::new(ch.clone());
+            grpc.ready().await.expect("channel ready");
+            let mut req = tonic::Request::new(futures::stream::iter([()]));
+            if let Some(t) = token {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            let path = PathAndQuery::try_from(format!("/{service}/{method}")).unwrap();
+            let codec = tonic_prost::ProstCodec::<(), ()>::default();
+            // An admitted call may stay open (a watch, a long poll): its headers are enough.
+            let got = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                grpc.streaming(req, path, codec),
+            )
+            .await;
+            let code = match got {
+                Err(_) => None, // still open: admitted
+                Ok(Ok(_)) => None,
+                Ok(Err(s)) => Some(s.code()),
+            };
+            let want = match who {
+                "none" | "unknown" => Some(tonic::Code::Unauthenticated),
+                w if w == owner => None,
+                _ => Some(tonic::Code::PermissionDenied),
+            };
+            let ok = match want {
+                Some(w) => code == Some(w),
+                None => !matches!(
+                    code,
+                    Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+                ),
+            };
+            table.push(format!(
+                "{service}/{method} as {who}: {code:?} (want {})",
+                want.map_or("admitted".to_string(), |w| format!("{w:?}"))
+            ));
+            assert!(ok, "{}", table.last().unwrap());
+        }
+    }
+    assert_eq!(table.len(), rpcs.len() * callers.len());
+    // Nothing any refused call asked for happened.
+    assert_eq!(
+        coord.status_json_with(client)["campaigns"],
+        serde_json::json!([])
+    );
+}
