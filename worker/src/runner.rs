@@ -230,25 +230,24 @@ impl TaskContext {
         }
         let hex = parse_digest(reference).map_err(|e| TaskError::fatal(e.to_string()))?;
         let blob = self.cache_dir.join(&hex);
-        if !blob.exists() {
-            self.rt
-                .block_on(download(self.client.clone(), &hex, &blob))?;
-        }
+        ensure_intact(&blob, &hex, |dest| {
+            self.rt.block_on(download(self.client.clone(), &hex, dest))
+        })?;
         let bytes = std::fs::read(&blob)
             .map_err(|e| TaskError::retryable(format!("{}: {e}", blob.display())))?;
         let Some(m) = DirManifest::parse(&bytes) else {
             return Ok(blob);
         };
         let dir = self.cache_dir.join(format!("{hex}.d"));
-        if !dir.join(".complete").exists() {
-            for f in &m.files {
-                let dest = artifact::safe_join(&dir, &f.path)
-                    .map_err(|e| TaskError::fatal(e.to_string()))?;
+        // Every file of the folder is checked against its digest on every use: a cached copy
+        // that changed on disk is fetched again, never used.
+        for f in &m.files {
+            let dest =
+                artifact::safe_join(&dir, &f.path).map_err(|e| TaskError::fatal(e.to_string()))?;
+            ensure_intact(&dest, &f.digest, |d| {
                 self.rt
-                    .block_on(download(self.client.clone(), &f.digest, &dest))?;
-            }
-            std::fs::write(dir.join(".complete"), b"")
-                .map_err(|e| TaskError::retryable(e.to_string()))?;
+                    .block_on(download(self.client.clone(), &f.digest, d))
+            })?;
         }
         Ok(dir)
     }
@@ -292,6 +291,44 @@ impl TaskContext {
                     )))
                 }
             }
+        }
+    }
+}
+
+/// Makes `path` hold the artifact whose SHA-256 is `hex`: a cached copy is used only if its
+/// digest still matches (a file that rotted or was cut short on disk is removed and fetched
+/// again); otherwise `download` writes it, and what it wrote is checked too. Returns whether it
+/// downloaded.
+pub(crate) fn ensure_intact(
+    path: &Path,
+    hex: &str,
+    mut download: impl FnMut(&Path) -> Result<(), TaskError>,
+) -> Result<bool, TaskError> {
+    let digest_of = |p: &Path| -> Option<String> {
+        use sha2::Digest;
+        let mut f = std::fs::File::open(p).ok()?;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut f, &mut h).ok()?;
+        Some(hex::encode(h.finalize()))
+    };
+    if path.exists() {
+        if digest_of(path).as_deref() == Some(hex) {
+            return Ok(false);
+        }
+        tracing::warn!(path = %path.display(), "cached artifact does not match its digest: fetching it again");
+        std::fs::remove_file(path)
+            .map_err(|e| TaskError::retryable(format!("{}: {e}", path.display())))?;
+    }
+    download(path)?;
+    match digest_of(path) {
+        Some(d) if d == hex => Ok(true),
+        got => {
+            let _ = std::fs::remove_file(path);
+            Err(TaskError::retryable(format!(
+                "{}: fetched artifact sha256:{hex} but the file holds {}",
+                path.display(),
+                got.map_or("nothing readable".to_string(), |d| format!("sha256:{d}"))
+            )))
         }
     }
 }
@@ -357,4 +394,48 @@ async fn download(client: WorkerClient, digest: &str, dest: &Path) -> Result<(),
         }
     }
     Err(TaskError::retryable(format!("download {digest}: {last}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn a_cached_artifact_is_used_only_while_it_matches_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let good = b"the artifact's bytes".to_vec();
+        let hex = sha(&good);
+        let mut downloads = 0;
+        let mut fetch = |p: &Path| -> Result<(), TaskError> {
+            downloads += 1;
+            std::fs::write(p, &good).map_err(|e| TaskError::retryable(e.to_string()))
+        };
+        // Missing: downloaded. Present and intact: used as is.
+        assert!(ensure_intact(&path, &hex, &mut fetch).unwrap());
+        assert!(!ensure_intact(&path, &hex, &mut fetch).unwrap());
+        // One flipped byte, or a file cut short: detected, fetched again, intact afterwards.
+        let mut bad = good.clone();
+        bad[3] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(ensure_intact(&path, &hex, &mut fetch).unwrap());
+        std::fs::write(&path, &good[..5]).unwrap();
+        assert!(ensure_intact(&path, &hex, &mut fetch).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), good);
+        assert_eq!(downloads, 3);
+        // A download that delivers other bytes is an error (retryable), and nothing is left to
+        // be used by mistake.
+        let other = dir.path().join("other");
+        let e = ensure_intact(&other, &hex, |p: &Path| {
+            std::fs::write(p, b"something else").map_err(|e| TaskError::retryable(e.to_string()))
+        })
+        .unwrap_err();
+        assert!(e.retryable && e.message.contains(&hex), "{}", e.message);
+        assert!(!other.exists());
+    }
 }
