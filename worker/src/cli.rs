@@ -376,15 +376,7 @@ fn eval(
     let (m, tok) = load(model)?;
     let docs = crate::data::read_documents(data).map_err(|e| format!("{}: {e}", data.display()))?;
     let eos = crate::tasks::common::eos_id(&m);
-    let (mut ids, mut bytes) = (Vec::new(), 0usize);
-    for d in &docs {
-        if ids.len() >= max_tokens {
-            break;
-        }
-        ids.extend(tokenizer::encode(&tok, d, false).map_err(|e| e.to_string())?);
-        ids.extend(eos);
-        bytes += d.len() + 1;
-    }
+    let (ids, bytes) = crate::data::encode_for_eval(&tok, &docs, eos, max_tokens)?;
     if ids.len() < 2 {
         return Err(format!("{} has no text to measure", data.display()));
     }

@@ -25,6 +25,27 @@ pub enum DataError {
     Invalid { path: String, message: String },
 }
 
+/// Token ids of `docs` for measuring a model: whole documents, each followed by `eos` when
+/// given, until at least `max_tokens` ids; with the UTF-8 bytes they encode (one per `eos`), for
+/// bits per byte. The Evaluate phase and `worker eval` measure exactly these tokens.
+pub fn encode_for_eval(
+    tok: &Tokenizer,
+    docs: &[String],
+    eos: Option<u32>,
+    max_tokens: usize,
+) -> Result<(Vec<u32>, usize), String> {
+    let (mut ids, mut bytes) = (Vec::new(), 0usize);
+    for d in docs {
+        if ids.len() >= max_tokens {
+            break;
+        }
+        ids.extend(tokenizer::encode(tok, d, false).map_err(|e| e.to_string())?);
+        ids.extend(eos);
+        bytes += d.len() + 1;
+    }
+    Ok((ids, bytes))
+}
+
 /// The documents of a corpus file, in file order.
 pub fn read_documents(path: &Path) -> Result<Vec<String>, DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {

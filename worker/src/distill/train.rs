@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::data::{global_batch, update_weights, DataState, Domain};
 use super::hidden::{balance_weight, hidden_loss, initial_projection, HiddenDistill, PROJECTION};
-use super::loss::{ce_only, kd_loss, logit_loss, Divergence, LogitLoss, LossSums};
+use super::loss::{ce_only, logit_loss, Divergence, LogitLoss, LossSums};
 use super::optim::{accumulate, lr_at, sum_squares, FlatAdamW, Segment};
 use crate::collective::{padded_len, shard_range, Collective, CollectiveError};
 use crate::model::io::{save_dir_with, ModelIoError};
@@ -986,26 +986,17 @@ impl<'a> Trainer<'a> {
 
     /// Mean per-token KL of the student to the teacher on `sequences` (for reports and tests).
     pub fn eval_kl(&self, sequences: &[Vec<u32>]) -> Result<f64, TrainError> {
+        let Some(teacher) = self.teacher else {
+            return Ok(0.0);
+        };
         let t = self.cfg.seq_len;
-        let (mut kl, mut n) = (0.0, 0usize);
-        for micro in sequences.chunks(self.cfg.micro_batch.max(1)) {
-            let rows: Vec<Vec<u32>> = micro.iter().map(|s| s[..t].to_vec()).collect();
-            let tgts: Vec<Vec<u32>> = micro.iter().map(|s| s[1..=t].to_vec()).collect();
-            let ids = Tensor::new(rows, self.student.device())?;
-            let targets = Tensor::new(tgts, self.student.device())?;
-            let Some(teacher) = self.teacher else {
-                return Ok(0.0);
-            };
-            let l = kd_loss(
-                &self.student.forward(&ids)?,
-                &teacher.forward(&ids)?,
-                &targets,
-                self.cfg.temperature,
-                0.0,
-            )?;
-            kl += l.kl;
-            n += l.positions;
-        }
-        Ok(kl / n.max(1) as f64)
+        let rows: Vec<&[u32]> = sequences.iter().map(|s| &s[..=t]).collect();
+        Ok(crate::model::perplexity::mean_kl_rows(
+            &self.student,
+            teacher,
+            &rows,
+            self.cfg.micro_batch,
+            self.cfg.temperature,
+        )?)
     }
 }

@@ -119,30 +119,49 @@ pub fn mean_kl(
         ));
     }
     let rows: Vec<&[u32]> = tokens.chunks_exact(window + 1).collect();
-    let (mut kl, mut n) = (0.0, 0usize);
-    for micro in rows.chunks(batch.max(1)) {
-        let ids: Vec<Vec<u32>> = micro.iter().map(|r| r[..window].to_vec()).collect();
-        let tgts: Vec<Vec<u32>> = micro.iter().map(|r| r[1..].to_vec()).collect();
-        let ids = Tensor::new(ids, student.device())?;
-        let targets = Tensor::new(tgts, student.device())?;
-        let l = super::ops::fused::kd_loss(
-            &student.forward(&ids)?,
-            &teacher.forward(&ids)?,
-            &targets,
-            1.0,
-            0.0,
-        )?;
-        kl += l.kl;
-        n += micro.len() * window;
-    }
-    if n == 0 {
+    if rows.is_empty() {
         return Err(candle_core::Error::Msg(format!(
             "no full window of {} tokens to measure the KL on ({} tokens)",
             window + 1,
             tokens.len()
         )));
     }
-    Ok(kl / n as f64)
+    mean_kl_rows(student, teacher, &rows, batch, 1.0)
+}
+
+/// Mean per-token `KL(teacher ‖ student)` at `temperature` over `rows` (each `T + 1` tokens:
+/// the first `T` are the input, the last `T` the targets), `batch` rows per forward.
+pub fn mean_kl_rows(
+    student: &Llama,
+    teacher: &Llama,
+    rows: &[&[u32]],
+    batch: usize,
+    temperature: f64,
+) -> Result<f64> {
+    let (mut kl, mut n) = (0.0, 0usize);
+    for micro in rows.chunks(batch.max(1)) {
+        let t = micro
+            .iter()
+            .map(|r| r.len())
+            .min()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        let ids: Vec<Vec<u32>> = micro.iter().map(|r| r[..t].to_vec()).collect();
+        let tgts: Vec<Vec<u32>> = micro.iter().map(|r| r[1..=t].to_vec()).collect();
+        let ids = Tensor::new(ids, student.device())?;
+        let targets = Tensor::new(tgts, student.device())?;
+        // The distillation's own loss: fused on the CPU, composed elsewhere.
+        let l = crate::distill::loss::kd_loss(
+            &student.forward(&ids)?,
+            &teacher.forward(&ids)?,
+            &targets,
+            temperature,
+            0.0,
+        )?;
+        kl += l.kl;
+        n += l.positions;
+    }
+    Ok(kl / n.max(1) as f64)
 }
 
 #[cfg(test)]

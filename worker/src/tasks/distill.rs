@@ -451,16 +451,7 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         .map_err(|e| train_err(e, ctx))?;
     if rank == 0 && mode == Mode::Correct {
         out.outputs.insert("teacher".into(), ctx.upload_dir(&dir)?);
-        out.metrics = BTreeMap::from([
-            ("correct.steps".into(), trainer.step as f64),
-            ("correct.tokens".into(), trainer.tokens as f64),
-            ("correct.world_size".into(), world as f64),
-            ("correct.resumed_from_step".into(), resumed_from as f64),
-        ]);
-        if trainer.last_loss.is_finite() {
-            out.metrics
-                .insert("correct.final_loss".into(), trainer.last_loss);
-        }
+        out.metrics = run_metrics("correct", &trainer, world as f64, resumed_from as f64);
         return Ok(out);
     }
     if rank == 0 && mode == Mode::Search {
@@ -480,17 +471,8 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
             .ok_or_else(|| fatal("the search distillation ended without a checkpoint"))?;
         out.outputs.insert("student".into(), ctx.upload_dir(&dir)?);
         out.outputs.insert("checkpoint".into(), checkpoint);
-        out.metrics = BTreeMap::from([
-            ("search.score".into(), score),
-            ("distill.steps".into(), trainer.step as f64),
-            ("distill.tokens".into(), trainer.tokens as f64),
-            ("distill.world_size".into(), world as f64),
-            ("distill.resumed_from_step".into(), resumed_from as f64),
-        ]);
-        if trainer.last_loss.is_finite() {
-            out.metrics
-                .insert("distill.final_loss".into(), trainer.last_loss);
-        }
+        out.metrics = run_metrics("distill", &trainer, world as f64, resumed_from as f64);
+        out.metrics.insert("search.score".into(), score);
         return Ok(out);
     }
     if rank == 0 {
@@ -503,25 +485,35 @@ fn distill(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskOutput, T
         }
         out.outputs.insert("student".into(), ctx.upload_dir(&dir)?);
         let secs = started.elapsed().as_secs_f64();
-        out.metrics = BTreeMap::from([
-            ("distill.steps".into(), trainer.step as f64),
-            ("distill.tokens".into(), trainer.tokens as f64),
-            ("distill.world_size".into(), world as f64),
-            ("distill.resumed_from_step".into(), resumed_from as f64),
-            (
-                "distill.tokens_per_s".into(),
-                ((trainer.step - first_step) as f64 * (global_batch * seq_len) as f64)
-                    / secs.max(1e-9),
-            ),
-        ]);
-        // From the checkpoint when this attempt resumed at the last step; a checkpoint from
-        // before the loss was recorded leaves it out rather than report a NaN.
-        if trainer.last_loss.is_finite() {
-            out.metrics
-                .insert("distill.final_loss".into(), trainer.last_loss);
-        }
+        out.metrics = run_metrics("distill", &trainer, world as f64, resumed_from as f64);
+        out.metrics.insert(
+            "distill.tokens_per_s".into(),
+            ((trainer.step - first_step) as f64 * (global_batch * seq_len) as f64) / secs.max(1e-9),
+        );
     }
     Ok(out)
+}
+
+/// What every training run reports under `prefix` (`distill` or `correct`): steps, tokens, the
+/// gang's size, the step this attempt resumed from and, when known, the last loss (from the
+/// checkpoint when this attempt resumed at the last step; a checkpoint from before the loss was
+/// recorded leaves it out rather than report a NaN).
+fn run_metrics(
+    prefix: &str,
+    trainer: &Trainer<'_>,
+    world: f64,
+    resumed_from: f64,
+) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::from([
+        (format!("{prefix}.steps"), trainer.step as f64),
+        (format!("{prefix}.tokens"), trainer.tokens as f64),
+        (format!("{prefix}.world_size"), world),
+        (format!("{prefix}.resumed_from_step"), resumed_from),
+    ]);
+    if trainer.last_loss.is_finite() {
+        m.insert(format!("{prefix}.final_loss"), trainer.last_loss);
+    }
+    m
 }
 
 enum ScoreError {

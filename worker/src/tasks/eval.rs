@@ -14,7 +14,6 @@ use crate::judge::{self, Answers, Cache, Mode};
 use crate::model::chat::{Message, TemplateChoice};
 use crate::model::generate::SamplingParams;
 use crate::model::perplexity::perplexity;
-use crate::model::tokenizer;
 use crate::runner::{TaskContext, TaskError, TaskOutput, TaskRunner};
 use crate::serve::ServeOptions;
 
@@ -87,16 +86,8 @@ fn perplexity_task(task: &pb::TaskAssignment, ctx: &TaskContext) -> Result<TaskO
     for (i, v) in data.validation.iter().enumerate() {
         let docs = crate::data::read_documents(Path::new(&v.path))
             .map_err(|e| fatal(format!("data.validation[{i}]: {e}")))?;
-        let mut ids = Vec::new();
-        let mut b = 0;
-        for d in &docs {
-            if ids.len() >= MAX_EVAL_TOKENS {
-                break;
-            }
-            ids.extend(tokenizer::encode(&tok, d, false).map_err(fatal)?);
-            ids.extend(eos);
-            b += d.len() + 1;
-        }
+        let (ids, b) =
+            crate::data::encode_for_eval(&tok, &docs, eos, MAX_EVAL_TOKENS).map_err(fatal)?;
         if ids.len() < 2 {
             return Err(fatal(format!(
                 "data.validation[{i}] ({}) has no text to score",

@@ -498,12 +498,7 @@ impl CustomOp3 for DivLoss {
             by_dtype!(dt(s2), "divergence_loss teacher", |ET, _RT| {
                 let t = cpu_slice::<ET>(s2, l2, "divergence_loss")?;
                 let (total, stats) = self.forward::<ES, ET, R>(s, t, y, v)?;
-                let total = if dt(s1) == DType::F64 {
-                    CpuStorage::F64(vec![total])
-                } else {
-                    CpuStorage::F32(vec![total as f32])
-                };
-                Ok((total, stats))
+                Ok((super::loss::loss_storage(total, dt(s1)), stats))
             })
         })?;
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);

@@ -410,13 +410,7 @@ impl Loss {
                     None => None,
                 };
                 let (total, stats) = self.forward::<ES, ET, R>(s, t, y, v)?;
-                // The loss is f32 (as the composed one), f64 for an f64 student.
-                let total = if dt(s1) == DType::F64 {
-                    CpuStorage::F64(vec![total])
-                } else {
-                    CpuStorage::F32(vec![total as f32])
-                };
-                Ok((total, stats))
+                Ok((loss_storage(total, dt(s1)), stats))
             })
         })?;
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
@@ -448,6 +442,15 @@ impl Loss {
                 })
             })
         })
+    }
+}
+
+/// A summed loss as the op's output: f32 (as the composed loss), f64 for an f64 student.
+pub(super) fn loss_storage(total: f64, student: DType) -> CpuStorage {
+    if student == DType::F64 {
+        CpuStorage::F64(vec![total])
+    } else {
+        CpuStorage::F32(vec![total as f32])
     }
 }
 
