@@ -12,7 +12,7 @@
 //! | student weights | `P_s · b(precision)` (the compute copy the forward reads) |
 //! | gradients | `P_s · 4` (f32 accumulators; under sharding they also receive the all-gathered weights) |
 //! | master + AdamW moments | `12 · ⌈P_s / S⌉` (f32 master, m, v; the master exists even in f32) |
-//! | activations | every layer's saved tensors ([`LAYER`]), or with `recompute` the layers' outputs plus one layer's |
+//! | activations | every layer's saved tensors ([`LAYER`]), or with `recompute` the layers' outputs plus one layer's; in `b(precision)`, except on the CPU, where they are f32 (bf16 there is mixed precision: bf16 weights and matrix multiplies over f32 activations) |
 //! | loss | the student's logits and the f32 vocabulary tensors of the KD loss ([`LOSS`]) |
 //! | transient | the larger of the teacher's no-grad forward and the backward's gradient store ([`grad_store_params`], [`BACKWARD_KEPT_LAYER`]) + working set (never alive together) |
 //! | runtime | a constant per device kind ([`CPU_RUNTIME_BYTES`], [`CUDA_RUNTIME_BYTES`]) |
@@ -510,12 +510,17 @@ pub fn plan(s: &Setup) -> MemoryPlan {
     // The CPU runs the fused kernels (no T × T tensor, a chunked loss, f32 logits from the bf16
     // GEMM); other devices the composed ops.
     let fused = s.device == DeviceKind::Cpu;
+    // The activations' element width: the compute dtype's, except bf16 on the CPU, which is
+    // mixed precision (bf16 weights and matrix multiplies, f32 activations, as under PyTorch's
+    // autocast: candle accumulates every activation gradient in the activations' dtype, and its
+    // bf16 additions are scalar conversions slower than the whole f32 step).
+    let act = if fused { 4.0 } else { bf };
     let one_layer = layer_bytes(
         &layer_tensors_on(&s.student, s.device),
         &s.student,
         batch,
         seq,
-        bf,
+        act,
     );
     let outside = if fused {
         FUSED_EMBED_AND_FINAL_NORM_HIDDEN
@@ -523,9 +528,9 @@ pub fn plan(s: &Setup) -> MemoryPlan {
         EMBED_AND_FINAL_NORM_HIDDEN
     } * tokens
         * h
-        * bf;
+        * act;
     let activations_full = ceil(layers * one_layer + outside);
-    let activations_recompute = ceil(layers * tokens * h * bf + one_layer + outside);
+    let activations_recompute = ceil(layers * tokens * h * act + one_layer + outside);
     let activations = if s.recompute {
         activations_recompute
     } else {

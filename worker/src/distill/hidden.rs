@@ -92,7 +92,7 @@ pub fn hidden_loss(
     let mut total: Option<Tensor> = None;
     for (s, t) in student.iter().zip(teacher) {
         let s = match projection {
-            Some(w) => s.broadcast_matmul(&w.t()?)?,
+            Some(w) => crate::model::ops::gemm::linear(s, w)?,
             None => s.clone(),
         }
         .to_dtype(f)?;

@@ -320,11 +320,17 @@ impl<'a> Trainer<'a> {
         let opt = FlatAdamW::new(&master, lo, layout.segments(), cfg.weight_decay)?;
         drop(master);
         drop(params);
-        let student = if student.dtype() == dtype {
+        let mut student = if student.dtype() == dtype {
             student
         } else {
             student.converted(dtype)?
         };
+        if dtype == DType::BF16 && dev.is_cpu() {
+            // bf16 on the CPU is mixed precision (PyTorch's autocast): bf16 weights and matrix
+            // multiplies, f32 activations — so every gradient candle accumulates is f32 (its
+            // bf16 adds are scalar conversions, slower than the whole f32 step).
+            student.set_activation_dtype(DType::F32)?;
+        }
         let grad = Tensor::zeros(layout.padded, DType::F32, &dev)?;
         let mut t = Trainer {
             grad,

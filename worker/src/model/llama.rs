@@ -50,7 +50,7 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
         let y = super::ops::gemm::linear(x, &param(&self.w, grad))?;
         match &self.b {
-            Some(b) => y.broadcast_add(&param(b, grad)),
+            Some(b) => y.broadcast_add(&cast(&param(b, grad), y.dtype())?),
             None => Ok(y),
         }
     }
@@ -154,6 +154,9 @@ pub struct Llama {
     /// transformers does).
     embed_scale: Option<f64>,
     dtype: DType,
+    /// The dtype of the activations: `dtype`, or f32 over bf16 weights (mixed precision, see
+    /// [`Llama::set_activation_dtype`]).
+    act: DType,
     device: Device,
 }
 
@@ -280,12 +283,37 @@ impl Llama {
             lm_head,
             embed_scale,
             dtype,
+            act: dtype,
             device: device.clone(),
         })
     }
 
+    /// The dtype of the parameters.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype of the activations (see [`Llama::set_activation_dtype`]).
+    pub fn activation_dtype(&self) -> DType {
+        self.act
+    }
+
+    /// Runs the passes with activations in `act`: the parameters' dtype (the default), or f32
+    /// over bf16/f16 parameters — mixed precision as under PyTorch's autocast: the residual
+    /// stream, norms, RoPE, attention, the GLU and every gradient of an activation in f32; each
+    /// matrix multiply reads its f32 input rounded to the weights' dtype and accumulates in f32
+    /// (on the CPU our bf16 kernels do both at once). Weight gradients come in the weights'
+    /// dtype. Any other pair is refused.
+    pub fn set_activation_dtype(&mut self, act: DType) -> Result<()> {
+        let mixed = act == DType::F32 && matches!(self.dtype, DType::BF16 | DType::F16);
+        if act != self.dtype && !mixed {
+            return Err(candle_core::Error::Msg(format!(
+                "activations in {act:?} over {:?} parameters: use the parameters' dtype, or f32 over bf16/f16",
+                self.dtype
+            )));
+        }
+        self.act = act;
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {
@@ -421,6 +449,7 @@ impl Llama {
         let h = param(&self.embed, grad)
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
+        let h = cast(&h, self.act)?;
         match self.embed_scale {
             Some(s) => h * s,
             None => Ok(h),
@@ -623,8 +652,8 @@ impl Llama {
                 }
             }
         }
-        let cos = Tensor::from_vec(cos, (t, hd), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (t, hd), &self.device)?.to_dtype(self.dtype)?;
+        let cos = Tensor::from_vec(cos, (t, hd), &self.device)?.to_dtype(self.act)?;
+        let sin = Tensor::from_vec(sin, (t, hd), &self.device)?.to_dtype(self.act)?;
         Ok((cos, sin))
     }
 
@@ -646,7 +675,7 @@ impl Llama {
                 (0..total).map(move |j| if j > p || p - j >= w { masked } else { 0.0 })
             })
             .collect();
-        Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)
+        Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.act)
     }
 }
 
@@ -670,6 +699,15 @@ fn param(w: &Tensor, grad: bool) -> Tensor {
     }
 }
 
+/// `x` in `dtype` (itself when it already is; the conversion is differentiable).
+fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype {
+        Ok(x.clone())
+    } else {
+        x.to_dtype(dtype)
+    }
+}
+
 /// Whether the fused CPU kernel `k` (see [`fused`]) takes tensors like `x`: switched on, on
 /// the CPU, in a dtype it reads.
 fn fused_ok(k: fused::Kernel, x: &Tensor) -> bool {
@@ -690,7 +728,7 @@ fn residual(h: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// backward where it is on (see [`fused`]); else the composed, differentiable form when
 /// differentiating (or in f64), candle's fused kernel (no backward) otherwise.
 fn norm(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool, grad: bool) -> Result<Tensor> {
-    let w = param(w, grad);
+    let w = cast(&param(w, grad), x.dtype())?;
     if fused_ok(fused::Kernel::Norm, x) {
         return fused::rms_norm(x, &w, eps, plus_one);
     }

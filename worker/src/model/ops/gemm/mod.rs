@@ -22,6 +22,7 @@ mod kernels;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -174,22 +175,26 @@ pub fn set_enabled(on: bool) {
     switch().store(on, Ordering::Relaxed)
 }
 
-/// Whether `x · wᵀ` goes to our kernels.
+/// Whether `x · wᵀ` goes to our kernels: bf16 weights and bf16 or f32 inputs (mixed
+/// precision: f32 activations are rounded to bf16 as they are read), on the CPU.
 fn ours(x: &Tensor, w: &Tensor) -> bool {
     enabled()
         && x.device().is_cpu()
         && w.device().is_cpu()
-        && x.dtype() == DType::BF16
+        && matches!(x.dtype(), DType::BF16 | DType::F32)
         && w.dtype() == DType::BF16
         && w.rank() == 2
         && x.rank() >= 1
 }
 
-/// `x · wᵀ` for a linear layer (`x` `[.., K]`, `w` `[N, K]`): our bf16 kernel when both are
-/// bf16 on the CPU and [`enabled`], else candle's `broadcast_matmul`. The result has `x`'s dtype.
+/// `x · wᵀ` for a linear layer (`x` `[.., K]`, `w` `[N, K]`): our bf16 kernel when `w` is bf16
+/// and `x` bf16 or f32 on the CPU and [`enabled`], else candle's `broadcast_matmul` (with `w`
+/// converted to `x`'s dtype when they differ). The result has `x`'s dtype.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if ours(x, w) {
-        matmul_wt(x, w, DType::BF16, Isa::chosen())
+        matmul_wt(x, w, x.dtype(), Isa::chosen())
+    } else if x.dtype() != w.dtype() {
+        x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)
     } else {
         x.broadcast_matmul(&w.t()?)
     }
@@ -201,6 +206,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
     if ours(h, w) {
         matmul_wt(h, w, DType::F32, Isa::chosen())
+    } else if h.dtype() != w.dtype() {
+        h.broadcast_matmul(&w.to_dtype(h.dtype())?.t()?)?
+            .to_dtype(DType::F32)
     } else if h.dtype() == DType::BF16 {
         h.broadcast_matmul(&w.t()?)?.to_dtype(DType::F32)
     } else {
@@ -208,8 +216,9 @@ pub fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x · wᵀ` on a chosen path (`out`: `BF16` or `F32`), differentiable with respect to both.
-/// `x` `[.., K]` and `w` `[N, K]` must be bf16 on the CPU; the tests force each path here.
+/// `x · wᵀ` on a chosen path (`out`: `BF16` or `F32`), differentiable with respect to both
+/// (the gradients come in each operand's dtype). `x` `[.., K]` (bf16, or f32 rounded to bf16 as
+/// it is read) and `w` `[N, K]` (bf16) on the CPU; the tests force each path here.
 pub fn matmul_wt(x: &Tensor, w: &Tensor, out: DType, isa: Isa) -> Result<Tensor> {
     x.contiguous()?.apply_op2(
         w,
@@ -244,23 +253,52 @@ fn err(msg: String) -> candle_core::Error {
     candle_core::Error::Msg(msg)
 }
 
-/// The bf16 elements of a contiguous tensor `[.., last]` as a `rows × last` matrix.
-fn rows_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [bf16], usize, usize)> {
-    let CpuStorage::BF16(v) = s else {
-        return Err(err(format!(
-            "bf16 matmul: {what} is {:?}, expected bf16",
-            s.dtype()
-        )));
-    };
+/// The elements of a contiguous tensor `[.., last]` as a `rows × last` bf16 matrix: bf16 as it
+/// is, f32 rounded to bf16 (to nearest even, as PyTorch's autocast casts an f32 activation).
+fn rows_of<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<(Cow<'a, [bf16]>, usize, usize)> {
     let Some((start, end)) = l.contiguous_offsets() else {
         return Err(err(format!(
             "bf16 matmul: {what} must be contiguous (call .contiguous() first)"
         )));
     };
+    let data = match s {
+        CpuStorage::BF16(v) => Cow::Borrowed(&v[start..end]),
+        CpuStorage::F32(v) => Cow::Owned(to_bf16(&v[start..end])),
+        other => {
+            return Err(err(format!(
+                "bf16 matmul: {what} is {:?}, expected bf16 or f32",
+                other.dtype()
+            )))
+        }
+    };
     let dims = l.dims();
     let last = dims.last().copied().unwrap_or(1);
     let rows = (end - start).checked_div(last).unwrap_or(0);
-    Ok((&v[start..end], rows, last))
+    Ok((data, rows, last))
+}
+
+/// `src` rounded to bf16 (to nearest even; NaN stays NaN), in parallel chunks for large inputs.
+pub(crate) fn to_bf16(src: &[f32]) -> Vec<bf16> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out: Vec<bf16> = vec![bf16::ZERO; src.len()];
+    let convert = |(d, s): (&mut [bf16], &[f32])| {
+        for (d, s) in d.iter_mut().zip(s) {
+            *d = bf16::from_f32(*s);
+        }
+    };
+    if src.len() <= CHUNK {
+        convert((&mut out, src));
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(convert);
+    }
+    out
 }
 
 /// A 2-D bf16 tensor with any strides: (elements from its offset, rows, cols, rs, cs).
@@ -346,7 +384,7 @@ impl CustomOp2 for Bf16Matmul {
                 if let Some(d) = dims.last_mut() {
                     *d = n;
                 }
-                self.run(&view(x, m, k, k, 1)?, &view(w, n, k, rs, cs)?, dims.into())
+                self.run(&view(&x, m, k, k, 1)?, &view(w, n, k, rs, cs)?, dims.into())
             }
             Form::XW => {
                 let (dy, m, n) = rows_of(s1, l1, "dy")?;
@@ -361,7 +399,7 @@ impl CustomOp2 for Bf16Matmul {
                     *d = k;
                 }
                 // Bt = wᵀ: element (k, n) is w[n, k].
-                self.run(&view(dy, m, n, n, 1)?, &view(w, k, n, cs, rs)?, dims.into())
+                self.run(&view(&dy, m, n, n, 1)?, &view(w, k, n, cs, rs)?, dims.into())
             }
             Form::DyTX => {
                 let (dy, m, n) = rows_of(s1, l1, "dy")?;
@@ -372,7 +410,7 @@ impl CustomOp2 for Bf16Matmul {
                     )));
                 }
                 // A = dyᵀ [N, M], Bt = xᵀ [K, M]: the reduction runs over the M tokens.
-                self.run(&view(dy, n, m, 1, n)?, &view(x, k, m, 1, k)?, (n, k).into())
+                self.run(&view(&dy, n, m, 1, n)?, &view(&x, k, m, 1, k)?, (n, k).into())
             }
         }
     }
@@ -387,17 +425,37 @@ impl CustomOp2 for Bf16Matmul {
         if self.form != Form::XWt {
             return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
         }
-        // The f32 (logits) variant gets an f32 gradient: it enters the bf16 kernels rounded, as
-        // under PyTorch's autocast.
-        let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
-        let op = |form| Bf16Matmul {
+        // An f32 gradient (the logits, or f32 activations under mixed precision) enters the
+        // bf16 kernels rounded, as under PyTorch's autocast: once here, for both products. Each
+        // gradient comes in its operand's dtype (f32 activations get f32 sums, unrounded).
+        let dy = if dy.dtype() == DType::BF16 {
+            dy.contiguous()?
+        } else {
+            dy.contiguous()?.apply_op1_no_bwd(&ToBf16)?
+        };
+        let op = |form, out| Bf16Matmul {
             form,
-            out: DType::BF16,
+            out,
             isa: self.isa,
         };
-        let dx = dy.apply_op2_no_bwd(w, &op(Form::XW))?;
-        let dw = dy.apply_op2_no_bwd(&x.contiguous()?, &op(Form::DyTX))?;
+        let dx = dy.apply_op2_no_bwd(w, &op(Form::XW, x.dtype()))?;
+        let dw = dy.apply_op2_no_bwd(&x.contiguous()?, &op(Form::DyTX, w.dtype()))?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// A contiguous f32 tensor rounded to bf16 by [`to_bf16`] (in parallel; candle's `to_dtype` is
+/// one scalar pass).
+struct ToBf16;
+
+impl candle_core::CustomOp1 for ToBf16 {
+    fn name(&self) -> &'static str {
+        "to-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (v, _, _) = rows_of(s, l, "the gradient")?;
+        Ok((CpuStorage::BF16(v.into_owned()), l.shape().clone()))
     }
 }
 

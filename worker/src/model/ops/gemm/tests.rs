@@ -209,9 +209,73 @@ fn odd_and_empty_shapes() {
     )
     .expect_err("K mismatch");
     assert!(e.to_string().contains("K must agree"), "{e}");
-    let f = Tensor::ones((2, 5), DType::F32, &Device::Cpu).expect("x");
-    let e = matmul_wt(&f, &w, DType::BF16, Isa::best()).expect_err("f32 input");
-    assert!(e.to_string().contains("expected bf16"), "{e}");
+    let f = Tensor::ones((2, 5), DType::F64, &Device::Cpu).expect("x");
+    let e = matmul_wt(&f, &w, DType::BF16, Isa::best()).expect_err("f64 input");
+    assert!(e.to_string().contains("expected bf16 or f32"), "{e}");
+}
+
+/// f32 values in [-1, 1) that bf16 does not hold exactly, as a tensor and as the f64s their
+/// bf16 roundings are.
+fn rand_f32_rounded(rng: &mut rand::rngs::StdRng, dims: &[usize]) -> (Tensor, Vec<f64>) {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let r: Vec<f64> = v.iter().map(|x| bf16::from_f32(*x).to_f64()).collect();
+    (Tensor::from_vec(v, dims, &Device::Cpu).expect("tensor"), r)
+}
+
+#[test]
+fn mixed_precision_rounds_f32_inputs_once_and_keeps_each_gradient_in_its_operand_dtype() {
+    // Mixed precision (f32 activations over bf16 weights): x and the upstream gradient are f32
+    // values bf16 cannot hold; the product must be exactly the bf16 product of their roundings
+    // (the f32 sums are not rounded again: f32 out), dx f32, dw bf16.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+    let (lead, n, k) = ([3usize, 17], 45usize, 66usize);
+    let m: usize = lead.iter().product();
+    for isa in paths() {
+        let (x, xr) = rand_f32_rounded(&mut rng, &[lead[0], lead[1], k]);
+        let (w, wv) = rand_bf16(&mut rng, &[n, k]);
+        let (g, gr) = rand_f32_rounded(&mut rng, &[lead[0], lead[1], n]);
+        let (xvar, wvar) = (
+            Var::from_tensor(&x).expect("var"),
+            Var::from_tensor(&w).expect("var"),
+        );
+        let y = matmul_wt(xvar.as_tensor(), wvar.as_tensor(), DType::F32, isa).expect("fwd");
+        assert_eq!(y.dtype(), DType::F32);
+        let (want, mag) = reference(m, n, k, |i, r| xr[i * k + r], |j, r| wv[j * k + r]);
+        check(&format!("{isa:?} mixed y"), &y, &want, &mag, k, false);
+        let grads = (y * &g)
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        let dx = grads.get(xvar.as_tensor()).expect("dx");
+        let dw = grads.get(wvar.as_tensor()).expect("dw");
+        assert_eq!((dx.dtype(), dw.dtype()), (DType::F32, DType::BF16));
+        let (want, mag) = reference(m, k, n, |i, j| gr[i * n + j], |r, j| wv[j * k + r]);
+        check(&format!("{isa:?} mixed dx"), dx, &want, &mag, n, false);
+        let (want, mag) = reference(n, k, m, |j, i| gr[i * n + j], |r, i| xr[i * k + r]);
+        check(&format!("{isa:?} mixed dw"), dw, &want, &mag, m, true);
+    }
+    // `linear` takes the same path for an f32 input, and without the kernels it computes in f32
+    // against the bf16 weights (no rounding of x): both within the bound of their own reference.
+    let (x, xr) = rand_f32_rounded(&mut rng, &[2, 5, k]);
+    let xf: Vec<f64> = x
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.to_vec1())
+        .expect("x");
+    let (w, wv) = rand_bf16(&mut rng, &[n, k]);
+    let was = enabled();
+    set_enabled(true);
+    let on = linear(&x, &w);
+    set_enabled(false);
+    let off = linear(&x, &w);
+    set_enabled(was);
+    let (on, off) = (on.expect("on"), off.expect("off"));
+    assert_eq!((on.dtype(), off.dtype()), (DType::F32, DType::F32));
+    let (want, mag) = reference(10, n, k, |i, r| xr[i * k + r], |j, r| wv[j * k + r]);
+    check("linear mixed, op on", &on, &want, &mag, k, false);
+    let (want, mag) = reference(10, n, k, |i, r| xf[i * k + r], |j, r| wv[j * k + r]);
+    check("linear mixed, op off", &off, &want, &mag, k, false);
 }
 
 #[test]
