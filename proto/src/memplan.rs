@@ -9,10 +9,10 @@
 //! | line | bytes |
 //! |---|---|
 //! | teacher weights | `P_t · b(teacher_precision)` |
-//! | student weights | `P_s · b(precision)` (the compute copy the forward reads) |
+//! | student weights | `P_s · b(precision)` (the compute copy the forward reads; f32 on the CPU, where bf16 is autocast: f32 weights and activations, bf16 matrix multiplies) |
 //! | gradients | `P_s · 4` (f32 accumulators; under sharding they also receive the all-gathered weights) |
 //! | master + AdamW moments | `12 · ⌈P_s / S⌉` (f32 master, m, v; the master exists even in f32) |
-//! | activations | every layer's saved tensors ([`LAYER`]), or with `recompute` the layers' outputs plus one layer's; in `b(precision)`, except on the CPU, where they are f32 (bf16 there is mixed precision: bf16 weights and matrix multiplies over f32 activations) |
+//! | activations | every layer's saved tensors ([`LAYER`]), or with `recompute` the layers' outputs plus one layer's; in `b(precision)` (f32 on the CPU) |
 //! | loss | the student's logits and the f32 vocabulary tensors of the KD loss ([`LOSS`]) |
 //! | transient | the larger of the teacher's no-grad forward and the backward's gradient store ([`grad_store_params`], [`BACKWARD_KEPT_LAYER`]) + working set (never alive together) |
 //! | runtime | a constant per device kind ([`CPU_RUNTIME_BYTES`], [`CUDA_RUNTIME_BYTES`]) |
@@ -510,11 +510,12 @@ pub fn plan(s: &Setup) -> MemoryPlan {
     // The CPU runs the fused kernels (no T × T tensor, a chunked loss, f32 logits from the bf16
     // GEMM); other devices the composed ops.
     let fused = s.device == DeviceKind::Cpu;
-    // The activations' element width: the compute dtype's, except bf16 on the CPU, which is
-    // mixed precision (bf16 weights and matrix multiplies, f32 activations, as under PyTorch's
-    // autocast: candle accumulates every activation gradient in the activations' dtype, and its
+    // The student's element width (weights, activations, candle's gradients): the compute
+    // dtype's, except on the CPU, where bf16 is autocast (f32 weights, activations and
+    // gradients, bf16 matrix multiplies: candle accumulates gradients tensor by tensor, and its
     // bf16 additions are scalar conversions slower than the whole f32 step).
-    let act = if fused { 4.0 } else { bf };
+    let sb = if fused { 4 } else { b };
+    let act = sb as f64;
     let one_layer = layer_bytes(
         &layer_tensors_on(&s.student, s.device),
         &s.student,
@@ -577,7 +578,7 @@ pub fn plan(s: &Setup) -> MemoryPlan {
         kept_layers * layer_bytes(&BACKWARD_KEPT_LAYER, &s.student, batch, seq, bf)
             + vocab_tensor * BACKWARD_KEPT_VOCAB_F32 * 4.0
     };
-    let backward = grad_store_params(&s.student, s.recompute) * b
+    let backward = grad_store_params(&s.student, s.recompute) * sb
         + ceil(kept + one_layer.max(vocab_tensor * BACKWARD_VOCAB_F32 * 4.0));
 
     let (teacher_weights, teacher_forward) = if s.kd.no_teacher {
@@ -594,12 +595,12 @@ pub fn plan(s: &Setup) -> MemoryPlan {
         );
         let proj = if dt == ds { 0 } else { dt * ds };
         let states = f64::from(s.kd.hidden_pairs) * tokens * dt as f64;
-        proj * b
+        proj * sb
             + proj * 4
             + 12 * proj.div_ceil(shards)
             + ceil(states * (bt as f64 + HIDDEN_LOSS_F32 * 4.0))
     };
-    let student_weights = p_s * b;
+    let student_weights = p_s * sb;
     let gradients = p_s * 4;
     let optimizer = 12 * p_s.div_ceil(shards);
     let runtime = s.device.runtime_bytes();
@@ -715,7 +716,8 @@ fn candidates(s: &Setup, budget: u64) -> Vec<Change> {
     if s.teacher_precision == Precision::F32 {
         out.push(Change::TeacherBf16);
     }
-    if s.precision == Precision::F32 {
+    // On the CPU the student's bf16 is autocast: it saves no memory there.
+    if s.precision == Precision::F32 && s.device != DeviceKind::Cpu {
         out.push(Change::StudentBf16);
     }
     if !s.shard_optimizer && s.world_size > 1 {

@@ -291,7 +291,16 @@ impl<'a> Trainer<'a> {
     ) -> Result<Trainer<'a>, TrainError> {
         let world = coll.world_size();
         let dev = student.device().clone();
-        let dtype = cfg.precision.dtype();
+        // bf16 on the CPU is autocast (as PyTorch's): the student stays f32 — weights,
+        // activations and every gradient candle accumulates — and its matrix multiplies run in
+        // bf16 on our kernels. (candle adds gradients tensor by tensor, and its bf16 addition
+        // converts element by element out of line: an all-bf16 step was slower than the f32 one.)
+        let autocast = cfg.precision == Precision::Bf16 && dev.is_cpu();
+        let dtype = if autocast {
+            DType::F32
+        } else {
+            cfg.precision.dtype()
+        };
         let aux = aux_params(&student, teacher, &cfg.objective, dtype)?;
         let mut params = student.named_vars();
         params.extend(aux.iter().cloned());
@@ -325,12 +334,7 @@ impl<'a> Trainer<'a> {
         } else {
             student.converted(dtype)?
         };
-        if dtype == DType::BF16 && dev.is_cpu() {
-            // bf16 on the CPU is mixed precision (PyTorch's autocast): bf16 weights and matrix
-            // multiplies, f32 activations — so every gradient candle accumulates is f32 (its
-            // bf16 adds are scalar conversions, slower than the whole f32 step).
-            student.set_activation_dtype(DType::F32)?;
-        }
+        student.set_autocast(autocast)?;
         let grad = Tensor::zeros(layout.padded, DType::F32, &dev)?;
         let mut t = Trainer {
             grad,

@@ -15,11 +15,14 @@ use super::config::{LayerType, LlamaConfig};
 use super::ops::fused;
 
 /// A linear layer over `[.., in]` with weight `[out, in]` (Hugging Face layout). In bf16 on the
-/// CPU its product runs on our kernels ([`super::ops::gemm::linear`]).
+/// CPU its product runs on our kernels ([`super::ops::gemm::linear`]), and so it does under
+/// autocast ([`super::ops::gemm::linear_bf16`]).
 #[derive(Clone, Debug)]
 pub(crate) struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    /// Autocast: the product in bf16 over operands of another dtype (see [`Llama::set_autocast`]).
+    bf16: bool,
 }
 
 impl Linear {
@@ -37,20 +40,25 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { w, b })
+        Ok(Linear { w, b, bf16: false })
     }
 
     /// A layer over given tensors (weight `[out, in]`, bias `[out]`).
     #[cfg(test)]
     pub(crate) fn from_weight(w: Tensor, b: Option<Tensor>) -> Linear {
-        Linear { w, b }
+        Linear { w, b, bf16: false }
     }
 
     /// `x · Wᵀ (+ b)`; with `grad`, differentiable with respect to the weights.
     pub(crate) fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
-        let y = super::ops::gemm::linear(x, &param(&self.w, grad))?;
+        let w = param(&self.w, grad);
+        let y = if self.bf16 {
+            super::ops::gemm::linear_bf16(x, &w)?
+        } else {
+            super::ops::gemm::linear(x, &w)?
+        };
         match &self.b {
-            Some(b) => y.broadcast_add(&cast(&param(b, grad), y.dtype())?),
+            Some(b) => y.broadcast_add(&param(b, grad)),
             None => Ok(y),
         }
     }
@@ -154,9 +162,8 @@ pub struct Llama {
     /// transformers does).
     embed_scale: Option<f64>,
     dtype: DType,
-    /// The dtype of the activations: `dtype`, or f32 over bf16 weights (mixed precision, see
-    /// [`Llama::set_activation_dtype`]).
-    act: DType,
+    /// Autocast: every matrix multiply in bf16 (see [`Llama::set_autocast`]).
+    autocast: bool,
     device: Device,
 }
 
@@ -283,37 +290,48 @@ impl Llama {
             lm_head,
             embed_scale,
             dtype,
-            act: dtype,
+            autocast: false,
             device: device.clone(),
         })
     }
 
-    /// The dtype of the parameters.
+    /// The dtype of the parameters and the activations.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
-    /// The dtype of the activations (see [`Llama::set_activation_dtype`]).
-    pub fn activation_dtype(&self) -> DType {
-        self.act
-    }
-
-    /// Runs the passes with activations in `act`: the parameters' dtype (the default), or f32
-    /// over bf16/f16 parameters — mixed precision as under PyTorch's autocast: the residual
-    /// stream, norms, RoPE, attention, the GLU and every gradient of an activation in f32; each
-    /// matrix multiply reads its f32 input rounded to the weights' dtype and accumulates in f32
-    /// (on the CPU our bf16 kernels do both at once). Weight gradients come in the weights'
-    /// dtype. Any other pair is refused.
-    pub fn set_activation_dtype(&mut self, act: DType) -> Result<()> {
-        let mixed = act == DType::F32 && matches!(self.dtype, DType::BF16 | DType::F16);
-        if act != self.dtype && !mixed {
+    /// Autocast, as PyTorch's `torch.autocast(bfloat16)`: an f32 model keeps its f32 parameters,
+    /// activations (residual stream, norms, RoPE, attention, GLU, loss) and gradients, and runs
+    /// every matrix multiply — the projections, the MLP and the language-model head — in bf16 with
+    /// f32 accumulation (each operand rounded to bf16 as it is read). Only for f32 models: a bf16
+    /// model multiplies in bf16 already.
+    pub fn set_autocast(&mut self, on: bool) -> Result<()> {
+        if on && self.dtype != DType::F32 {
             return Err(candle_core::Error::Msg(format!(
-                "activations in {act:?} over {:?} parameters: use the parameters' dtype, or f32 over bf16/f16",
+                "autocast needs an f32 model; this one is {:?} (it multiplies in that dtype already)",
                 self.dtype
             )));
         }
-        self.act = act;
+        self.autocast = on;
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                lin.bf16 = on;
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the matrix multiplies run in bf16 over f32 operands ([`Llama::set_autocast`]).
+    pub fn autocast(&self) -> bool {
+        self.autocast
     }
 
     pub fn device(&self) -> &Device {
@@ -449,7 +467,6 @@ impl Llama {
         let h = param(&self.embed, grad)
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
-        let h = cast(&h, self.act)?;
         match self.embed_scale {
             Some(s) => h * s,
             None => Ok(h),
@@ -544,7 +561,12 @@ impl Llama {
     pub(crate) fn head(&self, h: &Tensor, grad: bool) -> Result<Tensor> {
         let c = &self.config;
         let h = norm(h, &self.norm, c.rms_norm_eps, c.arch().gemma(), grad)?;
-        super::ops::gemm::logits(&h, &param(&self.lm_head, grad))
+        let w = param(&self.lm_head, grad);
+        if self.autocast {
+            super::ops::gemm::logits_bf16(&h, &w)
+        } else {
+            super::ops::gemm::logits(&h, &w)
+        }
     }
 
     fn attention(
@@ -652,8 +674,8 @@ impl Llama {
                 }
             }
         }
-        let cos = Tensor::from_vec(cos, (t, hd), &self.device)?.to_dtype(self.act)?;
-        let sin = Tensor::from_vec(sin, (t, hd), &self.device)?.to_dtype(self.act)?;
+        let cos = Tensor::from_vec(cos, (t, hd), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, hd), &self.device)?.to_dtype(self.dtype)?;
         Ok((cos, sin))
     }
 
@@ -675,7 +697,7 @@ impl Llama {
                 (0..total).map(move |j| if j > p || p - j >= w { masked } else { 0.0 })
             })
             .collect();
-        Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.act)
+        Tensor::from_vec(m, (t, total), &self.device)?.to_dtype(self.dtype)
     }
 }
 
@@ -699,15 +721,6 @@ fn param(w: &Tensor, grad: bool) -> Tensor {
     }
 }
 
-/// `x` in `dtype` (itself when it already is; the conversion is differentiable).
-fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    if x.dtype() == dtype {
-        Ok(x.clone())
-    } else {
-        x.to_dtype(dtype)
-    }
-}
-
 /// Whether the fused CPU kernel `k` (see [`fused`]) takes tensors like `x`: switched on, on
 /// the CPU, in a dtype it reads.
 fn fused_ok(k: fused::Kernel, x: &Tensor) -> bool {
@@ -728,7 +741,7 @@ fn residual(h: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// backward where it is on (see [`fused`]); else the composed, differentiable form when
 /// differentiating (or in f64), candle's fused kernel (no backward) otherwise.
 fn norm(x: &Tensor, w: &Tensor, eps: f64, plus_one: bool, grad: bool) -> Result<Tensor> {
-    let w = cast(&param(w, grad), x.dtype())?;
+    let w = param(w, grad);
     if fused_ok(fused::Kernel::Norm, x) {
         return fused::rms_norm(x, &w, eps, plus_one);
     }

@@ -175,26 +175,35 @@ pub fn set_enabled(on: bool) {
     switch().store(on, Ordering::Relaxed)
 }
 
-/// Whether `x · wᵀ` goes to our kernels: bf16 weights and bf16 or f32 inputs (mixed
-/// precision: f32 activations are rounded to bf16 as they are read), on the CPU.
+/// Whether `x · wᵀ` goes to our kernels: both bf16 on the CPU and [`enabled`].
 fn ours(x: &Tensor, w: &Tensor) -> bool {
     enabled()
         && x.device().is_cpu()
         && w.device().is_cpu()
-        && matches!(x.dtype(), DType::BF16 | DType::F32)
+        && x.dtype() == DType::BF16
         && w.dtype() == DType::BF16
         && w.rank() == 2
         && x.rank() >= 1
 }
 
-/// `x · wᵀ` for a linear layer (`x` `[.., K]`, `w` `[N, K]`): our bf16 kernel when `w` is bf16
-/// and `x` bf16 or f32 on the CPU and [`enabled`], else candle's `broadcast_matmul` (with `w`
-/// converted to `x`'s dtype when they differ). The result has `x`'s dtype.
+/// Whether a bf16 multiply of `x` and `w` under autocast goes to our kernels: on the CPU, each
+/// operand bf16 or f32 (rounded to bf16 as it is read), and [`enabled`].
+fn ours_autocast(x: &Tensor, w: &Tensor) -> bool {
+    let bf16_or_f32 = |t: &Tensor| matches!(t.dtype(), DType::BF16 | DType::F32);
+    enabled()
+        && x.device().is_cpu()
+        && w.device().is_cpu()
+        && bf16_or_f32(x)
+        && bf16_or_f32(w)
+        && w.rank() == 2
+        && x.rank() >= 1
+}
+
+/// `x · wᵀ` for a linear layer (`x` `[.., K]`, `w` `[N, K]`): our bf16 kernel when both are
+/// bf16 on the CPU and [`enabled`], else candle's `broadcast_matmul`. The result has `x`'s dtype.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if ours(x, w) {
-        matmul_wt(x, w, x.dtype(), Isa::chosen())
-    } else if x.dtype() != w.dtype() {
-        x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)
+        matmul_wt(x, w, DType::BF16, Isa::chosen())
     } else {
         x.broadcast_matmul(&w.t()?)
     }
@@ -206,9 +215,6 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
     if ours(h, w) {
         matmul_wt(h, w, DType::F32, Isa::chosen())
-    } else if h.dtype() != w.dtype() {
-        h.broadcast_matmul(&w.to_dtype(h.dtype())?.t()?)?
-            .to_dtype(DType::F32)
     } else if h.dtype() == DType::BF16 {
         h.broadcast_matmul(&w.t()?)?.to_dtype(DType::F32)
     } else {
@@ -216,9 +222,36 @@ pub fn logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x · wᵀ` under autocast (PyTorch's `torch.autocast(bfloat16)` for a linear layer): both
+/// operands rounded to bf16, the products summed in f32, the result (and each operand's
+/// gradient) in the operand's own dtype — so an f32 model keeps f32 weights, activations and
+/// gradients while its matrix multiplies run in bf16. Our kernels on the CPU (they round as they
+/// read, no bf16 copy of an activation is kept); elsewhere, or with the kernels off, candle's
+/// matmul on bf16 copies.
+pub fn linear_bf16(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if ours_autocast(x, w) {
+        matmul_wt(x, w, x.dtype(), Isa::chosen())
+    } else {
+        x.to_dtype(DType::BF16)?
+            .broadcast_matmul(&w.to_dtype(DType::BF16)?.t()?)?
+            .to_dtype(x.dtype())
+    }
+}
+
+/// [`logits`] under autocast: as [`linear_bf16`], f32 logits.
+pub fn logits_bf16(h: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if ours_autocast(h, w) {
+        matmul_wt(h, w, DType::F32, Isa::chosen())
+    } else {
+        h.to_dtype(DType::BF16)?
+            .broadcast_matmul(&w.to_dtype(DType::BF16)?.t()?)?
+            .to_dtype(DType::F32)
+    }
+}
+
 /// `x · wᵀ` on a chosen path (`out`: `BF16` or `F32`), differentiable with respect to both
-/// (the gradients come in each operand's dtype). `x` `[.., K]` (bf16, or f32 rounded to bf16 as
-/// it is read) and `w` `[N, K]` (bf16) on the CPU; the tests force each path here.
+/// (the gradients come in each operand's dtype). `x` `[.., K]` and `w` `[N, K]` on the CPU, each
+/// bf16 or f32 (rounded to bf16 as it is read); the tests force each path here.
 pub fn matmul_wt(x: &Tensor, w: &Tensor, out: DType, isa: Isa) -> Result<Tensor> {
     x.contiguous()?.apply_op2(
         w,
@@ -281,45 +314,94 @@ fn rows_of<'a>(
     Ok((data, rows, last))
 }
 
-/// `src` rounded to bf16 (to nearest even; NaN stays NaN), in parallel chunks for large inputs.
+/// `src` rounded to bf16 (to nearest even, as `half`; NaN stays NaN) with the chosen path's
+/// vector rounding ([`Isa::chosen`]), in parallel chunks for large inputs.
 pub(crate) fn to_bf16(src: &[f32]) -> Vec<bf16> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    let mut out: Vec<bf16> = vec![bf16::ZERO; src.len()];
-    let convert = |(d, s): (&mut [bf16], &[f32])| {
-        for (d, s) in d.iter_mut().zip(s) {
-            *d = bf16::from_f32(*s);
-        }
+    let isa = Isa::chosen();
+    let mut out: Vec<bf16> = Vec::with_capacity(src.len());
+    let spare = &mut out.spare_capacity_mut()[..src.len()];
+    let round = |(d, s): (&mut [MaybeUninit<bf16>], &[f32])| {
+        // SAFETY: `chosen()` only returns a path this CPU runs; `d` has `s.len()` elements.
+        unsafe { round_into(isa, s, d.as_mut_ptr() as *mut bf16) }
     };
     if src.len() <= CHUNK {
-        convert((&mut out, src));
+        round((spare, src));
     } else {
-        out.par_chunks_mut(CHUNK)
+        spare
+            .par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
-            .for_each(convert);
+            .for_each(round);
     }
+    // SAFETY: every one of the `src.len()` elements was written above.
+    unsafe { out.set_len(src.len()) };
     out
 }
 
-/// A 2-D bf16 tensor with any strides: (elements from its offset, rows, cols, rs, cs).
+/// Rounds `src` into `dst[..src.len()]` on `isa`'s store routine.
+///
+/// # Safety
+/// The CPU runs `isa`; `dst` is valid for `src.len()` writes.
+unsafe fn round_into(isa: Isa, src: &[f32], dst: *mut bf16) {
+    // SAFETY: forwarded.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => <amx::Amx as Kernel>::store_bf16(src, dst),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => <kernels::Avx512Bf16 as Kernel>::store_bf16(src, dst),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512F => <kernels::Avx512F as Kernel>::store_bf16(src, dst),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => <kernels::Avx2Fma as Kernel>::store_bf16(src, dst),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Amx | Isa::Avx512Bf16 | Isa::Avx512F | Isa::Avx2Fma => {
+                unreachable!("not available")
+            }
+            Isa::Scalar => <kernels::Scalar as Kernel>::store_bf16(src, dst),
+        }
+    }
+}
+
+/// A 2-D tensor with any strides as bf16 (f32 rounded, over the span the view covers): (elements
+/// from its offset, rows, cols, rs, cs).
 fn strided_2d<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,
-) -> Result<(&'a [bf16], usize, usize, usize, usize)> {
-    let CpuStorage::BF16(v) = s else {
-        return Err(err(format!(
-            "bf16 matmul: {what} is {:?}, expected bf16",
-            s.dtype()
-        )));
-    };
+) -> Result<(Cow<'a, [bf16]>, usize, usize, usize, usize)> {
     let (&[r, c], &[rs, cs]) = (l.dims(), l.stride()) else {
         return Err(err(format!(
             "bf16 matmul: {what} has shape {:?}, expected 2 dimensions",
             l.dims()
         )));
     };
-    Ok((&v[l.start_offset()..], r, c, rs, cs))
+    let start = l.start_offset();
+    let data = match s {
+        CpuStorage::BF16(v) => Cow::Borrowed(v.get(start..).unwrap_or(&[])),
+        CpuStorage::F32(v) => {
+            // The elements the view reaches: up to (r - 1, c - 1).
+            let span = if r == 0 || c == 0 {
+                0
+            } else {
+                (r - 1) * rs + (c - 1) * cs + 1
+            };
+            let Some(src) = v.get(start..start + span) else {
+                return Err(err(format!(
+                    "bf16 matmul: a {r}x{c} view of {what} overruns its storage"
+                )));
+            };
+            Cow::Owned(to_bf16(src))
+        }
+        other => {
+            return Err(err(format!(
+                "bf16 matmul: {what} is {:?}, expected bf16 or f32",
+                other.dtype()
+            )))
+        }
+    };
+    Ok((data, r, c, rs, cs))
 }
 
 fn view<'a>(
@@ -384,7 +466,11 @@ impl CustomOp2 for Bf16Matmul {
                 if let Some(d) = dims.last_mut() {
                     *d = n;
                 }
-                self.run(&view(&x, m, k, k, 1)?, &view(w, n, k, rs, cs)?, dims.into())
+                self.run(
+                    &view(&x, m, k, k, 1)?,
+                    &view(&w, n, k, rs, cs)?,
+                    dims.into(),
+                )
             }
             Form::XW => {
                 let (dy, m, n) = rows_of(s1, l1, "dy")?;
@@ -399,7 +485,11 @@ impl CustomOp2 for Bf16Matmul {
                     *d = k;
                 }
                 // Bt = wᵀ: element (k, n) is w[n, k].
-                self.run(&view(&dy, m, n, n, 1)?, &view(w, k, n, cs, rs)?, dims.into())
+                self.run(
+                    &view(&dy, m, n, n, 1)?,
+                    &view(&w, k, n, cs, rs)?,
+                    dims.into(),
+                )
             }
             Form::DyTX => {
                 let (dy, m, n) = rows_of(s1, l1, "dy")?;
@@ -410,7 +500,11 @@ impl CustomOp2 for Bf16Matmul {
                     )));
                 }
                 // A = dyᵀ [N, M], Bt = xᵀ [K, M]: the reduction runs over the M tokens.
-                self.run(&view(&dy, n, m, 1, n)?, &view(&x, k, m, 1, k)?, (n, k).into())
+                self.run(
+                    &view(&dy, n, m, 1, n)?,
+                    &view(&x, k, m, 1, k)?,
+                    (n, k).into(),
+                )
             }
         }
     }
@@ -425,7 +519,7 @@ impl CustomOp2 for Bf16Matmul {
         if self.form != Form::XWt {
             return Err(candle_core::Error::BackwardNotSupported { op: self.name() });
         }
-        // An f32 gradient (the logits, or f32 activations under mixed precision) enters the
+        // An f32 gradient (the logits, or f32 activations under autocast) enters the
         // bf16 kernels rounded, as under PyTorch's autocast: once here, for both products. Each
         // gradient comes in its operand's dtype (f32 activations get f32 sums, unrounded).
         let dy = if dy.dtype() == DType::BF16 {

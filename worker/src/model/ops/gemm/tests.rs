@@ -224,58 +224,66 @@ fn rand_f32_rounded(rng: &mut rand::rngs::StdRng, dims: &[usize]) -> (Tensor, Ve
 }
 
 #[test]
-fn mixed_precision_rounds_f32_inputs_once_and_keeps_each_gradient_in_its_operand_dtype() {
-    // Mixed precision (f32 activations over bf16 weights): x and the upstream gradient are f32
-    // values bf16 cannot hold; the product must be exactly the bf16 product of their roundings
-    // (the f32 sums are not rounded again: f32 out), dx f32, dw bf16.
+fn autocast_rounds_f32_operands_once_and_keeps_each_gradient_in_its_operand_dtype() {
+    // Autocast: x, the upstream gradient and (in one case) w are f32 values bf16 cannot hold;
+    // the product must be exactly the bf16 product of their roundings with f32 sums (f32 out, not
+    // rounded again), and each gradient comes in its operand's dtype (f32 sums for f32).
     let mut rng = rand::rngs::StdRng::seed_from_u64(29);
     let (lead, n, k) = ([3usize, 17], 45usize, 66usize);
     let m: usize = lead.iter().product();
     for isa in paths() {
-        let (x, xr) = rand_f32_rounded(&mut rng, &[lead[0], lead[1], k]);
-        let (w, wv) = rand_bf16(&mut rng, &[n, k]);
-        let (g, gr) = rand_f32_rounded(&mut rng, &[lead[0], lead[1], n]);
-        let (xvar, wvar) = (
-            Var::from_tensor(&x).expect("var"),
-            Var::from_tensor(&w).expect("var"),
-        );
-        let y = matmul_wt(xvar.as_tensor(), wvar.as_tensor(), DType::F32, isa).expect("fwd");
-        assert_eq!(y.dtype(), DType::F32);
-        let (want, mag) = reference(m, n, k, |i, r| xr[i * k + r], |j, r| wv[j * k + r]);
-        check(&format!("{isa:?} mixed y"), &y, &want, &mag, k, false);
-        let grads = (y * &g)
-            .and_then(|t| t.sum_all())
-            .and_then(|t| t.backward())
-            .expect("backward");
-        let dx = grads.get(xvar.as_tensor()).expect("dx");
-        let dw = grads.get(wvar.as_tensor()).expect("dw");
-        assert_eq!((dx.dtype(), dw.dtype()), (DType::F32, DType::BF16));
-        let (want, mag) = reference(m, k, n, |i, j| gr[i * n + j], |r, j| wv[j * k + r]);
-        check(&format!("{isa:?} mixed dx"), dx, &want, &mag, n, false);
-        let (want, mag) = reference(n, k, m, |j, i| gr[i * n + j], |r, i| xr[i * k + r]);
-        check(&format!("{isa:?} mixed dw"), dw, &want, &mag, m, true);
+        for w_dtype in [DType::BF16, DType::F32] {
+            let (x, xr) = rand_f32_rounded(&mut rng, &[lead[0], lead[1], k]);
+            let (w, wv) = if w_dtype == DType::BF16 {
+                rand_bf16(&mut rng, &[n, k])
+            } else {
+                rand_f32_rounded(&mut rng, &[n, k])
+            };
+            let (g, gr) = rand_f32_rounded(&mut rng, &[lead[0], lead[1], n]);
+            let (xvar, wvar) = (
+                Var::from_tensor(&x).expect("var"),
+                Var::from_tensor(&w).expect("var"),
+            );
+            let what = format!("{isa:?} w {w_dtype:?}");
+            let y = matmul_wt(xvar.as_tensor(), wvar.as_tensor(), DType::F32, isa).expect("fwd");
+            assert_eq!(y.dtype(), DType::F32);
+            let (want, mag) = reference(m, n, k, |i, r| xr[i * k + r], |j, r| wv[j * k + r]);
+            check(&format!("{what} y"), &y, &want, &mag, k, false);
+            let grads = (y * &g)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("backward");
+            let dx = grads.get(xvar.as_tensor()).expect("dx");
+            let dw = grads.get(wvar.as_tensor()).expect("dw");
+            assert_eq!((dx.dtype(), dw.dtype()), (DType::F32, w_dtype));
+            let (want, mag) = reference(m, k, n, |i, j| gr[i * n + j], |r, j| wv[j * k + r]);
+            check(&format!("{what} dx"), dx, &want, &mag, n, false);
+            let (want, mag) = reference(n, k, m, |j, i| gr[i * n + j], |r, i| xr[i * k + r]);
+            check(
+                &format!("{what} dw"),
+                dw,
+                &want,
+                &mag,
+                m,
+                w_dtype == DType::BF16,
+            );
+        }
     }
-    // `linear` takes the same path for an f32 input, and without the kernels it computes in f32
-    // against the bf16 weights (no rounding of x): both within the bound of their own reference.
+    // `linear_bf16` of f32 tensors takes that path; without the kernels it runs candle's bf16
+    // matmul on bf16 copies (its result rounded to bf16 once more).
     let (x, xr) = rand_f32_rounded(&mut rng, &[2, 5, k]);
-    let xf: Vec<f64> = x
-        .flatten_all()
-        .and_then(|t| t.to_dtype(DType::F64))
-        .and_then(|t| t.to_vec1())
-        .expect("x");
-    let (w, wv) = rand_bf16(&mut rng, &[n, k]);
+    let (w, wr) = rand_f32_rounded(&mut rng, &[n, k]);
     let was = enabled();
     set_enabled(true);
-    let on = linear(&x, &w);
+    let on = linear_bf16(&x, &w);
     set_enabled(false);
-    let off = linear(&x, &w);
+    let off = linear_bf16(&x, &w);
     set_enabled(was);
     let (on, off) = (on.expect("on"), off.expect("off"));
     assert_eq!((on.dtype(), off.dtype()), (DType::F32, DType::F32));
-    let (want, mag) = reference(10, n, k, |i, r| xr[i * k + r], |j, r| wv[j * k + r]);
-    check("linear mixed, op on", &on, &want, &mag, k, false);
-    let (want, mag) = reference(10, n, k, |i, r| xf[i * k + r], |j, r| wv[j * k + r]);
-    check("linear mixed, op off", &off, &want, &mag, k, false);
+    let (want, mag) = reference(10, n, k, |i, r| xr[i * k + r], |j, r| wr[j * k + r]);
+    check("linear_bf16, op on", &on, &want, &mag, k, false);
+    check("linear_bf16, op off (candle)", &off, &want, &mag, k, true);
 }
 
 #[test]
@@ -307,4 +315,53 @@ fn linear_with_the_op_on_and_off_agree_within_bound() {
         (d as f64) <= 2f64.powi(-7) * scale,
         "on vs off differ by {d}"
     );
+}
+
+#[test]
+fn rounding_f32_operands_matches_half_on_every_path() {
+    // Ties to even both ways, the largest finite values, infinities, subnormals, zeros, NaN, and
+    // random values; lengths that leave a vector tail.
+    let mut v: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        f32::from_bits(0x3f80_8000), // a tie, rounds down to even
+        f32::from_bits(0x3f81_8000), // a tie, rounds up to even
+        f32::from_bits(0x3f80_8001),
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::from_bits(1),
+        f32::from_bits(0x0080_0000),
+        f32::NAN,
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    v.extend((0..1000).map(|_| f32::from_bits(rng.gen::<u32>())));
+    for isa in paths() {
+        for len in [v.len(), 37, 16, 7] {
+            let src = &v[..len];
+            let mut out = vec![bf16::ZERO; len];
+            // SAFETY: `paths()` are available; `out` has `len` elements.
+            unsafe { round_into(isa, src, out.as_mut_ptr()) };
+            for (i, (got, x)) in out.iter().zip(src).enumerate() {
+                let want = bf16::from_f32(*x);
+                if x.is_nan() {
+                    assert!(got.is_nan(), "{isa:?} [{i}] NaN became {got}");
+                } else if x.is_subnormal() && got.to_f32() == 0.0 && *got != want {
+                    // `vcvtneps2bf16` (AVX-512-BF16, AMX) treats subnormal inputs as zero, as
+                    // oneDNN's conversion does; below 1.2e-38 that changes no product we form.
+                    assert!(
+                        matches!(isa, Isa::Amx | Isa::Avx512Bf16),
+                        "{isa:?} [{i}] {x:e}"
+                    );
+                } else {
+                    assert_eq!(got.to_bits(), want.to_bits(), "{isa:?} [{i}] {x:e}");
+                }
+            }
+        }
+    }
+    let big: Vec<f32> = (0..200_000).map(|i| i as f32 * 1.001).collect();
+    let got = to_bf16(&big);
+    assert!(got.iter().zip(&big).all(|(g, x)| *g == bf16::from_f32(*x)));
 }
