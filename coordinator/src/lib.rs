@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cli;
 pub mod demo;
 pub mod engine;
+pub mod faults;
 pub mod machine;
 pub mod phases;
 pub mod plan;

@@ -21,7 +21,7 @@ use crate::artifacts::ArtifactStore;
 use crate::auth::{Auth, Role};
 use crate::engine::Engine;
 use crate::machine::{CampaignState, Config, TaskState};
-use crate::store::SledStore;
+use crate::store::{SledStore, StateStore};
 
 /// Everything `coordinator serve` is configured with.
 #[derive(Clone, Debug)]
@@ -35,6 +35,8 @@ pub struct ServeOptions {
     pub machine: Config,
     pub timing: WorkerTiming,
     pub tick: Duration,
+    /// Tests only: store writes fail when this says so (`faults::FaultyStore`).
+    pub faults: Option<Arc<crate::faults::FaultInjection>>,
 }
 
 impl ServeOptions {
@@ -53,6 +55,7 @@ impl ServeOptions {
                 rendezvous_timeout: Duration::from_secs(20),
             },
             tick: Duration::from_millis(200),
+            faults: None,
         }
     }
 }
@@ -81,7 +84,11 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
             opts.data_dir.display()
         )
     })?;
-    let engine = Engine::open(Arc::new(store), opts.machine.clone())
+    let store: Arc<dyn StateStore> = match &opts.faults {
+        Some(f) => Arc::new(crate::faults::FaultyStore::new(Arc::new(store), f.clone())),
+        None => Arc::new(store),
+    };
+    let engine = Engine::open(store, opts.machine.clone())
         .await
         .context("cannot load the state store")?;
     let listener = TcpListener::bind(opts.listen)
@@ -113,7 +120,10 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // After a failed store write every call is refused (UNAVAILABLE, naming the failure): the
+    // state in memory may be ahead of the disk, so it is neither changed nor shown.
     let auth_c = opts.auth.clone();
+    let engine_c = engine.clone();
     let campaigns = InterceptedService::new(
         CampaignServiceServer::new(Campaigns {
             engine: engine.clone(),
@@ -121,9 +131,14 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        move |req: tonic::Request<()>| auth_c.check(&req, Role::Client).map(|_| req),
+        move |req: tonic::Request<()>| {
+            auth_c.check(&req, Role::Client)?;
+            engine_c.ensure_serving()?;
+            Ok(req)
+        },
     );
     let auth_w = opts.auth.clone();
+    let engine_w = engine.clone();
     let workers = InterceptedService::new(
         WorkerServiceServer::new(Workers {
             engine: engine.clone(),
@@ -132,7 +147,11 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        move |req: tonic::Request<()>| auth_w.check(&req, Role::Worker).map(|_| req),
+        move |req: tonic::Request<()>| {
+            auth_w.check(&req, Role::Worker)?;
+            engine_w.ensure_serving()?;
+            Ok(req)
+        },
     );
 
     let mut builder = Server::builder()
@@ -149,6 +168,25 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         .add_service(reflection_v1alpha)
         .add_service(campaigns)
         .add_service(workers);
+    // Health follows the engine: NOT_SERVING once a store write failed, so probes and load
+    // balancers see what every call would answer.
+    let mut poisoned = engine.subscribe_poisoned();
+    tokio::spawn(async move {
+        while poisoned.changed().await.is_ok() {
+            if poisoned.borrow_and_update().is_some() {
+                health_reporter
+                    .set_not_serving::<CampaignServiceServer<Campaigns>>()
+                    .await;
+                health_reporter
+                    .set_not_serving::<WorkerServiceServer<Workers>>()
+                    .await;
+                health_reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                break;
+            }
+        }
+    });
     let ticker = engine.spawn_ticker(opts.tick);
     if let Some(m) = opts.metrics_listen {
         spawn_metrics(m, engine.clone()).await?;
@@ -218,6 +256,9 @@ fn http_route(engine: &Engine, method: &str, path: &str) -> (&'static str, &'sta
         );
     }
     let path = path.split('?').next().unwrap_or("");
+    if let Err(e) = engine.ensure_serving() {
+        return ("503 Service Unavailable", TEXT, format!("{e}\n"));
+    }
     if path == "/metrics" || path == "/" {
         return ("200 OK", "text/plain; version=0.0.4", metrics_text(engine));
     }

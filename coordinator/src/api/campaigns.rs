@@ -167,6 +167,11 @@ impl CampaignService for Campaigns {
                 if durable.changed().await.is_err() {
                     return;
                 }
+                // Woken by a failed store write: end the stream with it.
+                if let Err(e) = engine.ensure_serving() {
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
             }
         });
         Ok(Response::new(Box::pin(
@@ -231,7 +236,7 @@ impl CampaignService for Campaigns {
         req: Request<pb::GetArtifactRequest>,
     ) -> Result<Response<Self::GetArtifactStream>, Status> {
         Ok(Response::new(
-            stream_artifact(&self.artifacts, &req.into_inner().digest).await?,
+            stream_artifact(&self.engine, &self.artifacts, &req.into_inner().digest).await?,
         ))
     }
 }

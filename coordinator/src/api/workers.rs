@@ -249,7 +249,7 @@ impl WorkerService for Workers {
         req: Request<pb::GetArtifactRequest>,
     ) -> Result<Response<Self::GetArtifactStream>, Status> {
         Ok(Response::new(
-            stream_artifact(&self.artifacts, &req.into_inner().digest).await?,
+            stream_artifact(&self.engine, &self.artifacts, &req.into_inner().digest).await?,
         ))
     }
 }

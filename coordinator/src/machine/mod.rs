@@ -483,6 +483,12 @@ pub enum Event {
         campaign: String,
         now: Millis,
     },
+    /// The shell found a stored artifact whose bytes no longer match its digest: `refs` are
+    /// that blob and every directory manifest listing it.
+    ArtifactCorrupt {
+        refs: Vec<String>,
+        now: Millis,
+    },
     /// Periodic: expires leases and hands out tasks whose backoff ended.
     Tick {
         now: Millis,
@@ -607,6 +613,7 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
         | Event::Pause { now, .. }
         | Event::Resume { now, .. }
         | Event::Retry { now, .. }
+        | Event::ArtifactCorrupt { now, .. }
         | Event::Tick { now }
         | Event::Recover { now } => Some(*now),
         Event::PollWithdrawn { .. } => None,
@@ -687,6 +694,11 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
         Event::Pause { campaign, now } => tx.pause(&campaign, now),
         Event::Resume { campaign, now } => tx.resume(&campaign, now),
         Event::Retry { campaign, now } => tx.retry(&campaign, now),
+        Event::ArtifactCorrupt { refs, now } => {
+            tx.artifact_corrupt(&refs, now);
+            tx.dispatch(now);
+            Ok(())
+        }
         Event::Tick { now } => {
             tx.expire(now, now);
             tx.dispatch(now);
@@ -768,6 +780,7 @@ impl Tx<'_> {
 }
 
 mod campaigns;
+mod corrupt;
 mod leases;
 mod rounds;
 mod search;
