@@ -185,6 +185,11 @@ pub struct ServeArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Mutual TLS for workers: every `WorkerService` call must come over a connection whose
+    /// client certificate this CA (PEM) signed, in addition to the worker token. Clients
+    /// (`CampaignService`) still authenticate by token alone. Needs --tls-cert/--tls-key.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -355,6 +360,12 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
             .map_err(|e| CliError::input(format!("--tls-key {}: {e}", k.display())))?;
         opts.tls = Some((cert, key));
     }
+    if let Some(ca) = &a.tls_client_ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| CliError::input(format!("--tls-client-ca {}: {e}", ca.display())))?;
+        opts.tls_client_ca = Some(pem);
+        opts.auth = opts.auth.with_worker_certificates();
+    }
     for (name, v) in [
         ("--lease-timeout-ms", a.lease_timeout_ms),
         ("--heartbeat-interval-ms", a.heartbeat_interval_ms),
@@ -414,6 +425,7 @@ fn target(c: &ClientOpts) -> Target {
         url: c.addr.clone(),
         token: c.token.clone(),
         ca_cert: c.ca_cert.clone(),
+        client_identity: None,
     }
 }
 

@@ -13,7 +13,7 @@ use distillery_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::campaigns::Campaigns;
 use crate::api::workers::{WorkerTiming, Workers};
@@ -31,6 +31,9 @@ pub struct ServeOptions {
     pub auth: Auth,
     /// PEM certificate chain and key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// PEM CA that signs workers' client certificates (mutual TLS; needs `tls`). Clients may
+    /// connect without a certificate; `auth` decides which calls require one.
+    pub tls_client_ca: Option<Vec<u8>>,
     pub metrics_listen: Option<SocketAddr>,
     pub machine: Config,
     pub timing: WorkerTiming,
@@ -47,6 +50,7 @@ impl ServeOptions {
             data_dir,
             auth: Auth::loopback_only(),
             tls: None,
+            tls_client_ca: None,
             metrics_listen: None,
             machine: Config::default(),
             timing: WorkerTiming {
@@ -158,9 +162,19 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)));
     if let Some((cert, key)) = &opts.tls {
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &opts.tls_client_ca {
+            // Optional at the handshake (clients have none), but a certificate that is
+            // presented must chain to this CA, or the handshake fails.
+            tls = tls
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
         builder = builder
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-            .context("invalid TLS certificate or key")?;
+            .tls_config(tls)
+            .context("invalid TLS certificate, key or client CA")?;
+    } else if opts.tls_client_ca.is_some() {
+        anyhow::bail!("a client CA (--tls-client-ca) needs TLS: give --tls-cert and --tls-key");
     }
     let router = builder
         .add_service(health)
