@@ -47,6 +47,27 @@ impl ArtifactStore {
         Ok(self.root.join("blobs").join(&hex[..2]).join(&hex))
     }
 
+    /// Bytes a stored reference takes: a blob's size, a directory manifest's plus its files'
+    /// (as the manifest lists them); 0 for `path:` references and missing blobs.
+    pub async fn stored_bytes(&self, reference: &str) -> u64 {
+        let Ok(path) = self.path_of(reference) else {
+            return 0;
+        };
+        let Ok(meta) = tokio::fs::metadata(&path).await else {
+            return 0;
+        };
+        let mut total = meta.len();
+        // Manifests are small JSON; larger blobs are not read.
+        if meta.len() <= 1 << 20 {
+            if let Ok(bytes) = tokio::fs::read(&path).await {
+                if let Some(m) = artifact::DirManifest::parse(&bytes) {
+                    total += m.files.iter().map(|f| f.size).sum::<u64>();
+                }
+            }
+        }
+        total
+    }
+
     /// Whether the blob is stored.
     pub fn contains(&self, digest: &str) -> bool {
         self.path_of(digest).map(|p| p.is_file()).unwrap_or(false)

@@ -207,6 +207,18 @@ pub struct ServeArgs {
     pub backoff_base_ms: u64,
     #[arg(long, default_value_t = 60_000)]
     pub backoff_max_ms: u64,
+    /// Largest spec a submit may carry, in bytes (TOML text, or the encoded spec).
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_SPEC_BYTES)]
+    pub max_spec_bytes: usize,
+    /// Most tasks one phase of a spec may fan out to (shards, depth groups, candidates).
+    #[arg(long, default_value_t = crate::machine::DEFAULT_MAX_TASKS_PER_PHASE)]
+    pub max_tasks_per_phase: u32,
+    /// Most bytes of artifacts (outputs and current checkpoints) one campaign may hold.
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_ARTIFACT_BYTES_PER_CAMPAIGN)]
+    pub max_artifact_bytes_per_campaign: u64,
+    /// Most calls in flight (streams included) from one peer address.
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_STREAMS_PER_PEER)]
+    pub max_streams_per_peer: usize,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -236,7 +248,10 @@ impl CliError {
 
 fn status_error(what: &str, s: tonic::Status) -> CliError {
     let code = match s.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => 2,
+        tonic::Code::InvalidArgument
+        | tonic::Code::NotFound
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::ResourceExhausted => 2,
         _ => 1,
     };
     let msg = if s.code() == tonic::Code::Unavailable {
@@ -381,6 +396,25 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
             a.heartbeat_interval_ms, a.lease_timeout_ms
         )));
     }
+    for (name, v) in [
+        ("--max-spec-bytes", a.max_spec_bytes as u64),
+        ("--max-tasks-per-phase", u64::from(a.max_tasks_per_phase)),
+        (
+            "--max-artifact-bytes-per-campaign",
+            a.max_artifact_bytes_per_campaign,
+        ),
+        ("--max-streams-per-peer", a.max_streams_per_peer as u64),
+    ] {
+        if v == 0 {
+            return Err(CliError::input(format!("{name} must be positive")));
+        }
+    }
+    opts.limits = crate::limits::Limits {
+        max_spec_bytes: a.max_spec_bytes,
+        max_artifact_bytes_per_campaign: a.max_artifact_bytes_per_campaign,
+        max_streams_per_peer: a.max_streams_per_peer,
+    };
+    opts.machine.max_tasks_per_phase = a.max_tasks_per_phase;
     opts.metrics_listen = a.metrics_listen;
     opts.machine.lease_timeout_ms = a.lease_timeout_ms;
     opts.machine.backoff_base_ms = a.backoff_base_ms;

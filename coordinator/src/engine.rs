@@ -42,6 +42,9 @@ impl From<EngineError> for tonic::Status {
                     tonic::Status::failed_precondition(e.to_string())
                 }
                 MachineError::InvalidArgument(_) => tonic::Status::invalid_argument(e.to_string()),
+                MachineError::ResourceExhausted(_) => {
+                    tonic::Status::resource_exhausted(e.to_string())
+                }
             },
             EngineError::Store(_) => tonic::Status::unavailable(e.to_string()),
         }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod demo;
 pub mod engine;
 pub mod faults;
+pub mod limits;
 pub mod machine;
 pub mod phases;
 pub mod plan;

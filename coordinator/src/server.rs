@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub machine: Config,
     pub timing: WorkerTiming,
     pub tick: Duration,
+    /// Spec size, artifact bytes per campaign, calls in flight per peer.
+    pub limits: crate::limits::Limits,
     /// Tests only: store writes fail when this says so (`faults::FaultyStore`).
     pub faults: Option<Arc<crate::faults::FaultInjection>>,
 }
@@ -59,6 +61,7 @@ impl ServeOptions {
                 rendezvous_timeout: Duration::from_secs(20),
             },
             tick: Duration::from_millis(200),
+            limits: crate::limits::Limits::default(),
             faults: None,
         }
     }
@@ -132,6 +135,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         CampaignServiceServer::new(Campaigns {
             engine: engine.clone(),
             artifacts: artifacts.clone(),
+            max_spec_bytes: opts.limits.max_spec_bytes,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -148,6 +152,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
             engine: engine.clone(),
             artifacts,
             timing: opts.timing.clone(),
+            max_artifact_bytes_per_campaign: opts.limits.max_artifact_bytes_per_campaign,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -177,6 +182,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         anyhow::bail!("a client CA (--tls-client-ca) needs TLS: give --tls-cert and --tls-key");
     }
     let router = builder
+        .layer(crate::limits::PeerStreamLimit::new(
+            opts.limits.max_streams_per_peer,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

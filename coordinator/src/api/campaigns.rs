@@ -10,12 +10,15 @@ use tonic::{Request, Response, Status};
 use super::{stream_artifact, BoxStream};
 use crate::artifacts::ArtifactStore;
 use crate::engine::{now_ms, Engine};
+use crate::limits::check_spec_bytes;
 use crate::machine::{campaign_view, Event, MachineError, Reply};
 use crate::spec::{self, FileChecks};
 
 pub struct Campaigns {
     pub engine: Arc<Engine>,
     pub artifacts: ArtifactStore,
+    /// `--max-spec-bytes`: the TOML text, or the encoded spec a client parsed.
+    pub max_spec_bytes: usize,
 }
 
 impl Campaigns {
@@ -49,6 +52,19 @@ impl CampaignService for Campaigns {
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = req.into_inner();
+        check_spec_bytes(
+            "SubmitRequest.spec_toml",
+            req.spec_toml.len(),
+            self.max_spec_bytes,
+        )?;
+        if let Some(spec) = &req.spec {
+            use prost::Message as _;
+            check_spec_bytes(
+                "SubmitRequest.spec",
+                spec.encoded_len(),
+                self.max_spec_bytes,
+            )?;
+        }
         let spec =
             match (req.spec, req.spec_toml.is_empty()) {
                 (Some(spec), true) => spec,

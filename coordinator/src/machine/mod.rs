@@ -25,7 +25,13 @@ pub struct Config {
     pub backoff_base_ms: Millis,
     /// Upper bound of the retry delay.
     pub backoff_max_ms: Millis,
+    /// Most tasks one phase of a submitted spec may fan out to (`--max-tasks-per-phase`).
+    pub max_tasks_per_phase: u32,
 }
+
+/// Default of [`Config::max_tasks_per_phase`]: far above any real fan-out (shards, candidates),
+/// low enough that a typo (`score_shards = 1000000`) cannot flood the state store.
+pub const DEFAULT_MAX_TASKS_PER_PHASE: u32 = 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -33,6 +39,7 @@ impl Default for Config {
             lease_timeout_ms: 30_000,
             backoff_base_ms: 1_000,
             backoff_max_ms: 60_000,
+            max_tasks_per_phase: DEFAULT_MAX_TASKS_PER_PHASE,
         }
     }
 }
@@ -591,6 +598,9 @@ pub enum MachineError {
     InvalidState(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// Over a limit of this coordinator (the message names it and the flag that raises it).
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 /// Applies one event. On `Err` nothing changed.

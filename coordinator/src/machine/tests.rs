@@ -35,6 +35,7 @@ fn cfg() -> Config {
         lease_timeout_ms: 1_000,
         backoff_base_ms: 100,
         backoff_max_ms: 1_000,
+        ..Config::default()
     }
 }
 
