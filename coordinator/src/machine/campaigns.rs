@@ -258,7 +258,7 @@ impl Tx<'_> {
 /// Refuses a spec whose largest phase would have more tasks than `limit` (the score phase's
 /// shards and depth groups, a search's candidates, the judge's shards), naming the field.
 fn check_fan_out(spec: &pb::CampaignSpec, limit: u32) -> Result<(), MachineError> {
-    let sched = spec.scheduling.clone().unwrap_or_default();
+    let sched = spec.scheduling.unwrap_or_default();
     let mut phases = vec![
         (
             "scheduling.score_shards + scheduling.depth_groups".to_string(),
