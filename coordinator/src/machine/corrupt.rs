@@ -10,6 +10,11 @@ use super::*;
 impl Tx<'_> {
     /// `refs`: the corrupt blob and every directory manifest that lists it (as `sha256:HEX`).
     pub(super) fn artifact_corrupt(&mut self, refs: &[String], now: Millis) {
+        // The shell names the corrupt blob first, then the directories that list it.
+        let blob = refs
+            .first()
+            .map(|r| super::leases::normalize_ref(r))
+            .unwrap_or_default();
         let refs: BTreeSet<String> = refs
             .iter()
             .map(|r| super::leases::normalize_ref(r))
@@ -27,7 +32,7 @@ impl Tx<'_> {
                 continue;
             };
             // What a round or the campaign holds (merged outputs, the source of a round).
-            let mut needed: Option<String> = c
+            let mut needed: Option<(String, String)> = c
                 .rounds
                 .iter()
                 .flat_map(|r| {
@@ -45,18 +50,18 @@ impl Tx<'_> {
                         .map(|(k, v)| (format!("teacher artifact {k}"), v)),
                 )
                 .find(|(_, v)| hit(v))
-                .map(|(what, _)| what);
+                .map(|(what, v)| (what, v.clone()));
             let task_ids = c.tasks.clone();
             for tid in task_ids {
                 let Some(task) = self.s.tasks.get_mut(&tid) else {
                     continue;
                 };
-                if let Some((k, _)) = task.outputs.iter().find(|(_, v)| hit(v)) {
-                    needed.get_or_insert(format!("output {k:?} of task {tid}"));
+                if let Some((k, v)) = task.outputs.iter().find(|(_, v)| hit(v)) {
+                    needed.get_or_insert((format!("output {k:?} of task {tid}"), v.clone()));
                 }
-                if let Some((k, _)) = task.inputs.iter().find(|(_, v)| hit(v)) {
+                if let Some((k, v)) = task.inputs.iter().find(|(_, v)| hit(v)) {
                     if !task.state.is_terminal() {
-                        needed.get_or_insert(format!("input {k:?} of task {tid}"));
+                        needed.get_or_insert((format!("input {k:?} of task {tid}"), v.clone()));
                     }
                 }
                 // A checkpoint is only a shortcut: recompute from the start instead.
@@ -68,13 +73,17 @@ impl Tx<'_> {
                     self.t.dirty.tasks.insert(tid.clone());
                 }
             }
-            if let Some(what) = needed {
-                let digest = refs.iter().next().cloned().unwrap_or_default();
+            if let Some((what, artifact)) = needed {
+                let how = if super::leases::normalize_ref(&artifact) == blob {
+                    "its bytes no longer match its digest".to_string()
+                } else {
+                    format!("its file {blob} no longer matches its digest")
+                };
                 self.finish_campaign(
                     &id,
                     CampaignState::Failed,
                     Some(format!(
-                        "artifact {digest} ({what}) is corrupt on the coordinator: its bytes no longer match its digest, so it is never served (moved to DATA_DIR/artifacts/corrupt/); a finished phase's output is not recomputed: check the coordinator's disk and submit the campaign again"
+                        "artifact {artifact} ({what}) is corrupt on the coordinator: {how}, so it is never served (moved to DATA_DIR/artifacts/corrupt/); a finished phase's output is not recomputed: check the coordinator's disk and submit the campaign again"
                     )),
                     now,
                 );
