@@ -307,3 +307,93 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A real write error from the kernel, no wrapper: the coordinator runs under `ulimit -f`
+/// (RLIMIT_FSIZE, SIGXFSZ ignored), so once the store's file reaches the limit its writes fail
+/// with EFBIG, as they would with ENOSPC on a full disk. Submits are acknowledged until then;
+/// the first that cannot be written is refused as UNAVAILABLE naming the error, and a restart
+/// without the limit has exactly the acknowledged campaigns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_write_error_poisons_the_coordinator_and_a_restart_has_what_was_acknowledged() {
+    let fx = fixture();
+    let data = fx.path().join("data");
+    let port = free_port();
+    let log = std::fs::File::create(fx.path().join("limited.log")).unwrap();
+    // 256 KiB: room to start and to take some campaigns (the log file stays far below it).
+    let mut child = std::process::Command::new("bash")
+        .args(["-c", "trap '' XFSZ; ulimit -f 256; exec \"$0\" \"$@\""])
+        .arg(bin("coordinator"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("bash");
+    let target = Target {
+        url: format!("http://127.0.0.1:{port}"),
+        ..Default::default()
+    };
+    let mut c = None;
+    for _ in 0..200 {
+        if let Ok(ch) = target.channel().await {
+            c = Some(target.campaigns(ch).expect("client"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = c.expect("the limited coordinator serves");
+    let mut acked = Vec::new();
+    let mut refused = None;
+    // Each campaign record carries its spec: a long name makes each submit write more.
+    let text = spec_toml(1, 1, "").replace(
+        "name = \"e2e\"",
+        &format!("name = \"{}\"", "n".repeat(4000)),
+    );
+    for _ in 0..2000 {
+        match c
+            .submit(pb::SubmitRequest {
+                spec_toml: text.clone(),
+                spec_dir: fx.path().display().to_string(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => acked.push(r.into_inner().campaign_id),
+            Err(s) => {
+                refused = Some(s);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the file size limit was reached");
+    eprintln!(
+        "{} submits acknowledged, then: {}",
+        acked.len(),
+        refused.message()
+    );
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("File too large"),
+        "{}",
+        refused.message()
+    );
+    assert!(!acked.is_empty());
+    let again = c
+        .list(pb::ListCampaignsRequest::default())
+        .await
+        .expect_err("poisoned: reads are refused");
+    assert_eq!(again.code(), tonic::Code::Unavailable);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let coord = CoordinatorProc::start(&data, &[]);
+    let all = coord.status_json(None);
+    let ids: Vec<String> = all["campaigns"]
+        .as_array()
+        .expect("campaigns")
+        .iter()
+        .filter_map(|c| c["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(ids, acked);
+}
