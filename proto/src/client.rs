@@ -47,6 +47,8 @@ pub enum ConnectError {
     BadCa { path: String, message: String },
     #[error("cannot read the client certificate or key {path}: {message}")]
     BadIdentity { path: String, message: String },
+    #[error("{0}: a client certificate (--tls-cert/--tls-key) needs an https:// coordinator URL")]
+    IdentityNeedsTls(String),
     #[error(
         "cannot reach the coordinator at {url}: {message} (is `coordinator serve` running there?)"
     )]
@@ -75,10 +77,7 @@ impl Target {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         if self.client_identity.is_some() && !self.url.starts_with("https://") {
-            return Err(ConnectError::BadIdentity {
-                path: self.url.clone(),
-                message: "a client certificate needs an https:// coordinator URL".into(),
-            });
+            return Err(ConnectError::IdentityNeedsTls(self.url.clone()));
         }
         if self.url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
