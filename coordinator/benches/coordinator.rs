@@ -81,6 +81,7 @@ async fn throughput(workers: usize, tasks: usize) {
         url: format!("http://{}", running.addr),
         token: None,
         ca_cert: None,
+        client_identity: None,
     };
     let ch = target.channel().await.expect("connect");
     let mut wc = target.workers(ch.clone()).expect("client");
@@ -327,6 +328,7 @@ async fn restart(history: usize) {
             url: format!("http://127.0.0.1:{port}"),
             token: None,
             ca_cert: None,
+            client_identity: None,
         };
         loop {
             if let Ok(ch) = target.channel().await {

@@ -7,6 +7,20 @@ use std::path::{Path, PathBuf};
 use distillery_proto::artifact::{self, parse_digest, ArtifactError, CHUNK_SIZE};
 use distillery_proto::v1::Chunk;
 
+/// Why a blob cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    /// Its bytes no longer hash to its name; it was moved out of the store.
+    #[error("artifact sha256:{digest} is corrupt on the coordinator: its bytes hash to sha256:{actual}; it was moved to {moved} and is never served")]
+    Corrupt {
+        digest: String,
+        actual: String,
+        moved: String,
+    },
+}
+
 /// The blob store.
 #[derive(Clone, Debug)]
 pub struct ArtifactStore {
@@ -31,6 +45,27 @@ impl ArtifactStore {
     pub fn path_of(&self, digest: &str) -> Result<PathBuf, ArtifactError> {
         let hex = parse_digest(digest)?;
         Ok(self.root.join("blobs").join(&hex[..2]).join(&hex))
+    }
+
+    /// Bytes a stored reference takes: a blob's size, a directory manifest's plus its files'
+    /// (as the manifest lists them); 0 for `path:` references and missing blobs.
+    pub async fn stored_bytes(&self, reference: &str) -> u64 {
+        let Ok(path) = self.path_of(reference) else {
+            return 0;
+        };
+        let Ok(meta) = tokio::fs::metadata(&path).await else {
+            return 0;
+        };
+        let mut total = meta.len();
+        // Manifests are small JSON; larger blobs are not read.
+        if meta.len() <= 1 << 20 {
+            if let Ok(bytes) = tokio::fs::read(&path).await {
+                if let Some(m) = artifact::DirManifest::parse(&bytes) {
+                    total += m.files.iter().map(|f| f.size).sum::<u64>();
+                }
+            }
+        }
+        total
     }
 
     /// Whether the blob is stored.
@@ -64,14 +99,53 @@ impl ArtifactStore {
         Ok((digest, size))
     }
 
-    /// The blob as a chunk stream; the last chunk carries the digest.
+    /// Hashes a stored blob; one that no longer matches its name is moved to `corrupt/` (out
+    /// of the store: `contains` is false, an upload of the right bytes restores it).
+    pub async fn verify(&self, digest: &str) -> Result<(), BlobError> {
+        let path = self.path_of(digest)?;
+        let hex = parse_digest(digest)?;
+        let (actual, _) = artifact::digest_file(&path).await?;
+        if actual == hex {
+            return Ok(());
+        }
+        Err(self.quarantine(&hex, actual).await)
+    }
+
+    async fn quarantine(&self, hex: &str, actual: String) -> BlobError {
+        let from = self.root.join("blobs").join(&hex[..2]).join(hex);
+        let dir = self.root.join("corrupt");
+        let to = dir.join(hex);
+        let moved = match tokio::fs::create_dir_all(&dir).await {
+            Ok(()) => tokio::fs::rename(&from, &to).await,
+            Err(e) => Err(e),
+        };
+        let moved = match moved {
+            Ok(()) => to.display().to_string(),
+            Err(e) => {
+                // Not movable: remove it, so it is never served either way.
+                let _ = tokio::fs::remove_file(&from).await;
+                format!("nowhere (moving it failed: {e}; it was deleted)")
+            }
+        };
+        tracing::error!(artifact = %hex, %actual, %moved, "stored artifact is corrupt");
+        BlobError::Corrupt {
+            digest: hex.to_string(),
+            actual,
+            moved,
+        }
+    }
+
+    /// The blob as a chunk stream; the last chunk carries the digest. The blob is hashed before
+    /// anything is sent (a corrupt one is never served, see [`ArtifactStore::verify`]), and
+    /// again as it is sent: bytes that change meanwhile end the stream with `DATA_LOSS` instead
+    /// of the last chunk, so a receiver never completes a download of them.
     pub async fn get(
         &self,
         digest: &str,
-    ) -> Result<
-        impl futures::Stream<Item = Result<Chunk, tonic::Status>> + Send + 'static,
-        ArtifactError,
-    > {
+    ) -> Result<impl futures::Stream<Item = Result<Chunk, tonic::Status>> + Send + 'static, BlobError>
+    {
+        use sha2::Digest as _;
+        self.verify(digest).await?;
         let path = self.path_of(digest)?;
         let hex = parse_digest(digest)?;
         let file = tokio::fs::File::open(&path)
@@ -82,9 +156,9 @@ impl ArtifactStore {
             })?;
         let total = file.metadata().await.map(|m| m.len()).unwrap_or(0);
         Ok(futures::stream::unfold(
-            (Some(file), hex, total),
+            (Some((file, sha2::Sha256::new())), hex, total),
             |(file, hex, total)| async move {
-                let mut f = file?;
+                let (mut f, mut hasher) = file?;
                 let buf = match artifact::read_chunk(&mut f).await {
                     Ok(b) => b,
                     Err(e) => {
@@ -92,13 +166,24 @@ impl ArtifactStore {
                         return Some((Err(err), (None, hex, total)));
                     }
                 };
+                hasher.update(&buf);
                 let last = buf.len() < CHUNK_SIZE;
+                if last {
+                    let actual = hex::encode(hasher.clone().finalize());
+                    if actual != hex {
+                        let err = tonic::Status::data_loss(format!(
+                            "artifact sha256:{hex} changed on the coordinator's disk while it was sent (its bytes now hash to sha256:{actual}); discard what was received"
+                        ));
+                        return Some((Err(err), (None, hex, total)));
+                    }
+                }
                 let chunk = Chunk {
                     data: buf,
                     digest: if last { hex.clone() } else { String::new() },
                     total_size: total,
                 };
-                Some((Ok(chunk), (if last { None } else { Some(f) }, hex, total)))
+                let next = if last { None } else { Some((f, hasher)) };
+                Some((Ok(chunk), (next, hex, total)))
             },
         ))
     }

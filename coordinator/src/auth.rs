@@ -37,12 +37,18 @@ type Tokens = Arc<Vec<(Role, Vec<u8>)>>;
 #[derive(Clone, Debug)]
 pub struct Auth {
     tokens: Option<Tokens>,
+    /// Mutual TLS for workers: a worker call must also come with a client certificate that the
+    /// TLS layer verified against `--tls-client-ca`.
+    worker_certificates: bool,
 }
 
 impl Auth {
     /// Loopback peers only, no tokens.
     pub fn loopback_only() -> Auth {
-        Auth { tokens: None }
+        Auth {
+            tokens: None,
+            worker_certificates: false,
+        }
     }
 
     /// Reads a tokens file: one `ROLE TOKEN` per line (`client` or `worker`), `#` comments.
@@ -90,6 +96,7 @@ impl Auth {
         }
         Ok(Auth {
             tokens: Some(Arc::new(tokens)),
+            worker_certificates: false,
         })
     }
 
@@ -98,8 +105,29 @@ impl Auth {
         self.tokens.is_some()
     }
 
+    /// Requires, in addition to the token rules, a verified client certificate on every
+    /// worker call (the server's TLS checks it against `--tls-client-ca`).
+    pub fn with_worker_certificates(mut self) -> Auth {
+        self.worker_certificates = true;
+        self
+    }
+
     /// Checks a request for `role`.
     pub fn check<T>(&self, req: &Request<T>, role: Role) -> Result<(), Status> {
+        if role == Role::Worker && self.worker_certificates {
+            // Present only when the handshake verified a chain to the client CA; a certificate
+            // from another CA never gets this far (the handshake fails).
+            let verified = req.peer_certs().is_some_and(|c| !c.is_empty());
+            if !verified {
+                return Err(Status::unauthenticated(
+                    "this coordinator requires workers to present a client certificate signed by its --tls-client-ca: start the worker with --tls-cert FILE --tls-key FILE (and --tls-ca FILE)",
+                ));
+            }
+        }
+        self.check_token(req, role)
+    }
+
+    fn check_token<T>(&self, req: &Request<T>, role: Role) -> Result<(), Status> {
         let Some(tokens) = &self.tokens else {
             return match req.remote_addr() {
                 Some(SocketAddr::V4(a)) if a.ip().is_loopback() => Ok(()),

@@ -185,6 +185,11 @@ pub struct ServeArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Mutual TLS for workers: every `WorkerService` call must come over a connection whose
+    /// client certificate this CA (PEM) signed, in addition to the worker token. Clients
+    /// (`CampaignService`) still authenticate by token alone. Needs --tls-cert/--tls-key.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (`GET /metrics`).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -202,6 +207,18 @@ pub struct ServeArgs {
     pub backoff_base_ms: u64,
     #[arg(long, default_value_t = 60_000)]
     pub backoff_max_ms: u64,
+    /// Largest spec a submit may carry, in bytes (TOML text, or the encoded spec).
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_SPEC_BYTES)]
+    pub max_spec_bytes: usize,
+    /// Most tasks one phase of a spec may fan out to (shards, depth groups, candidates).
+    #[arg(long, default_value_t = crate::machine::DEFAULT_MAX_TASKS_PER_PHASE)]
+    pub max_tasks_per_phase: u32,
+    /// Most bytes of artifacts (outputs and current checkpoints) one campaign may hold.
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_ARTIFACT_BYTES_PER_CAMPAIGN)]
+    pub max_artifact_bytes_per_campaign: u64,
+    /// Most calls in flight (streams included) from one peer address.
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_STREAMS_PER_PEER)]
+    pub max_streams_per_peer: usize,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -231,7 +248,10 @@ impl CliError {
 
 fn status_error(what: &str, s: tonic::Status) -> CliError {
     let code = match s.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => 2,
+        tonic::Code::InvalidArgument
+        | tonic::Code::NotFound
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::ResourceExhausted => 2,
         _ => 1,
     };
     let msg = if s.code() == tonic::Code::Unavailable {
@@ -355,6 +375,12 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
             .map_err(|e| CliError::input(format!("--tls-key {}: {e}", k.display())))?;
         opts.tls = Some((cert, key));
     }
+    if let Some(ca) = &a.tls_client_ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| CliError::input(format!("--tls-client-ca {}: {e}", ca.display())))?;
+        opts.tls_client_ca = Some(pem);
+        opts.auth = opts.auth.with_worker_certificates();
+    }
     for (name, v) in [
         ("--lease-timeout-ms", a.lease_timeout_ms),
         ("--heartbeat-interval-ms", a.heartbeat_interval_ms),
@@ -370,6 +396,25 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
             a.heartbeat_interval_ms, a.lease_timeout_ms
         )));
     }
+    for (name, v) in [
+        ("--max-spec-bytes", a.max_spec_bytes as u64),
+        ("--max-tasks-per-phase", u64::from(a.max_tasks_per_phase)),
+        (
+            "--max-artifact-bytes-per-campaign",
+            a.max_artifact_bytes_per_campaign,
+        ),
+        ("--max-streams-per-peer", a.max_streams_per_peer as u64),
+    ] {
+        if v == 0 {
+            return Err(CliError::input(format!("{name} must be positive")));
+        }
+    }
+    opts.limits = crate::limits::Limits {
+        max_spec_bytes: a.max_spec_bytes,
+        max_artifact_bytes_per_campaign: a.max_artifact_bytes_per_campaign,
+        max_streams_per_peer: a.max_streams_per_peer,
+    };
+    opts.machine.max_tasks_per_phase = a.max_tasks_per_phase;
     opts.metrics_listen = a.metrics_listen;
     opts.machine.lease_timeout_ms = a.lease_timeout_ms;
     opts.machine.backoff_base_ms = a.backoff_base_ms;
@@ -414,6 +459,7 @@ fn target(c: &ClientOpts) -> Target {
         url: c.addr.clone(),
         token: c.token.clone(),
         ca_cert: c.ca_cert.clone(),
+        client_identity: None,
     }
 }
 

@@ -505,6 +505,7 @@ pub async fn run(a: DemoArgs) -> Result<i32, CliError> {
                 url: url.clone(),
                 token: None,
                 ca_cert: None,
+                client_identity: None,
             },
             devices: vec!["cpu".into()],
             work_dir: dir.join(format!("workers/w{i}")),
@@ -531,6 +532,7 @@ pub async fn run(a: DemoArgs) -> Result<i32, CliError> {
         url: url.clone(),
         token: None,
         ca_cert: None,
+        client_identity: None,
     };
     let ch = target
         .channel()

@@ -3,7 +3,7 @@
 //! its replies and effects (poll answers, rendezvous releases, watch notifications) released.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +25,9 @@ pub fn now_ms() -> Millis {
 pub enum EngineError {
     #[error(transparent)]
     Machine(#[from] MachineError),
-    #[error("{0}; the coordinator stopped accepting changes, restart it")]
+    /// A write to the state store failed just now, or earlier (the engine is poisoned): the
+    /// message names the first failure.
+    #[error("the coordinator's state store could not be written ({0}); it refuses every request until it is restarted on the same --data-dir (free disk space or fix the I/O error first): the state it restarts with is what was acknowledged")]
     Store(String),
 }
 
@@ -40,6 +42,9 @@ impl From<EngineError> for tonic::Status {
                     tonic::Status::failed_precondition(e.to_string())
                 }
                 MachineError::InvalidArgument(_) => tonic::Status::invalid_argument(e.to_string()),
+                MachineError::ResourceExhausted(_) => {
+                    tonic::Status::resource_exhausted(e.to_string())
+                }
             },
             EngineError::Store(_) => tonic::Status::unavailable(e.to_string()),
         }
@@ -62,7 +67,9 @@ pub struct Engine {
     next_poll: AtomicU64,
     /// Highest event sequence number that is durable.
     durable_seq: watch::Sender<u64>,
-    poisoned: AtomicBool,
+    /// The first store failure, once one happened: from then on memory may be ahead of disk,
+    /// so nothing is served (changes, reads, streams) until a restart reloads from disk.
+    poisoned: watch::Sender<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,13 +99,44 @@ impl Engine {
             rendezvous_waiters: Mutex::new(HashMap::new()),
             next_poll: AtomicU64::new(0),
             durable_seq,
-            poisoned: AtomicBool::new(false),
+            poisoned: watch::channel(None).0,
         });
         engine
             .apply(Event::Recover { now: now_ms() })
             .await
             .map_err(|e| StoreError::Encode(e.to_string()))?;
         Ok(engine)
+    }
+
+    /// Marks the engine poisoned by `cause` (the first cause is kept) and wakes every stream, so
+    /// watchers end with the error instead of waiting. Returns the error to answer with.
+    fn poison(&self, cause: String) -> EngineError {
+        tracing::error!(error = %cause, "state store write failed: refusing every request until restarted");
+        self.poisoned.send_if_modified(|p| {
+            if p.is_none() {
+                *p = Some(cause.clone());
+                true
+            } else {
+                false
+            }
+        });
+        self.durable_seq.send_modify(|_| {});
+        let first = self.poisoned.borrow().clone().unwrap_or(cause);
+        EngineError::Store(first)
+    }
+
+    /// `Err` (UNAVAILABLE, naming the store failure) once a store write failed: the in-memory
+    /// state may then hold what the disk does not, so it is neither changed nor shown.
+    pub fn ensure_serving(&self) -> Result<(), EngineError> {
+        match &*self.poisoned.borrow() {
+            Some(cause) => Err(EngineError::Store(cause.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// A receiver that changes once, when the engine is poisoned (health turns NOT_SERVING).
+    pub fn subscribe_poisoned(&self) -> watch::Receiver<Option<String>> {
+        self.poisoned.subscribe()
     }
 
     pub fn config(&self) -> &Config {
@@ -121,21 +159,17 @@ impl Engine {
 
     /// Applies an event: transition, commit, durable, then deliveries. Returns the reply.
     pub async fn apply(&self, event: Event) -> Result<Reply, EngineError> {
-        if self.poisoned.load(Ordering::SeqCst) {
-            return Err(EngineError::Store(
-                "an earlier write to the state store failed".into(),
-            ));
-        }
         let (reply, deliveries, last_seq, wrote) = {
             let mut st = lock(&self.state);
+            // Checked under the lock: a transition that queued behind the failing one must not
+            // build on its unwritten state.
+            self.ensure_serving()?;
             let t = machine::apply(&mut st, &self.cfg, event)?;
             let wrote = !(t.dirty.is_empty() && t.events.is_empty());
             if wrote {
                 if let Err(e) = self.store.commit(&st, &t) {
                     // Memory is now ahead of disk: refuse everything until a restart reloads.
-                    self.poisoned.store(true, Ordering::SeqCst);
-                    tracing::error!(error = %e, "state store write failed");
-                    return Err(EngineError::Store(e.to_string()));
+                    return Err(self.poison(format!("commit: {e}")));
                 }
             }
             let deliveries = t
@@ -147,10 +181,11 @@ impl Engine {
         };
         if wrote {
             if let Err(e) = self.commit.durable().await {
-                self.poisoned.store(true, Ordering::SeqCst);
-                tracing::error!(error = %e, "state store flush failed");
-                return Err(EngineError::Store(e));
+                return Err(self.poison(format!("flush: {e}")));
             }
+            // A flush that succeeded after another transition's write failed may hold state
+            // built on that write: acknowledge nothing once poisoned.
+            self.ensure_serving()?;
             self.durable_seq.send_if_modified(|s| {
                 if last_seq > *s {
                     *s = last_seq;
@@ -306,6 +341,10 @@ impl Engine {
             loop {
                 iv.tick().await;
                 let Some(e) = me.upgrade() else { break };
+                if e.ensure_serving().is_err() {
+                    // Logged once, when it was poisoned.
+                    continue;
+                }
                 if let Err(err) = e.apply(Event::Tick { now: now_ms() }).await {
                     tracing::error!(error = %err, "tick failed");
                 }

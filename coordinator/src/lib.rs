@@ -7,6 +7,8 @@ pub mod auth;
 pub mod cli;
 pub mod demo;
 pub mod engine;
+pub mod faults;
+pub mod limits;
 pub mod machine;
 pub mod phases;
 pub mod plan;

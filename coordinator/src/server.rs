@@ -13,7 +13,7 @@ use distillery_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::api::campaigns::Campaigns;
 use crate::api::workers::{WorkerTiming, Workers};
@@ -21,7 +21,7 @@ use crate::artifacts::ArtifactStore;
 use crate::auth::{Auth, Role};
 use crate::engine::Engine;
 use crate::machine::{CampaignState, Config, TaskState};
-use crate::store::SledStore;
+use crate::store::{SledStore, StateStore};
 
 /// Everything `coordinator serve` is configured with.
 #[derive(Clone, Debug)]
@@ -31,10 +31,17 @@ pub struct ServeOptions {
     pub auth: Auth,
     /// PEM certificate chain and key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// PEM CA that signs workers' client certificates (mutual TLS; needs `tls`). Clients may
+    /// connect without a certificate; `auth` decides which calls require one.
+    pub tls_client_ca: Option<Vec<u8>>,
     pub metrics_listen: Option<SocketAddr>,
     pub machine: Config,
     pub timing: WorkerTiming,
     pub tick: Duration,
+    /// Spec size, artifact bytes per campaign, calls in flight per peer.
+    pub limits: crate::limits::Limits,
+    /// Tests only: store writes fail when this says so (`faults::FaultyStore`).
+    pub faults: Option<Arc<crate::faults::FaultInjection>>,
 }
 
 impl ServeOptions {
@@ -45,6 +52,7 @@ impl ServeOptions {
             data_dir,
             auth: Auth::loopback_only(),
             tls: None,
+            tls_client_ca: None,
             metrics_listen: None,
             machine: Config::default(),
             timing: WorkerTiming {
@@ -53,6 +61,8 @@ impl ServeOptions {
                 rendezvous_timeout: Duration::from_secs(20),
             },
             tick: Duration::from_millis(200),
+            limits: crate::limits::Limits::default(),
+            faults: None,
         }
     }
 }
@@ -81,7 +91,11 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
             opts.data_dir.display()
         )
     })?;
-    let engine = Engine::open(Arc::new(store), opts.machine.clone())
+    let store: Arc<dyn StateStore> = match &opts.faults {
+        Some(f) => Arc::new(crate::faults::FaultyStore::new(Arc::new(store), f.clone())),
+        None => Arc::new(store),
+    };
+    let engine = Engine::open(store, opts.machine.clone())
         .await
         .context("cannot load the state store")?;
     let listener = TcpListener::bind(opts.listen)
@@ -113,42 +127,88 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // After a failed store write every call is refused (UNAVAILABLE, naming the failure): the
+    // state in memory may be ahead of the disk, so it is neither changed nor shown.
     let auth_c = opts.auth.clone();
+    let engine_c = engine.clone();
     let campaigns = InterceptedService::new(
         CampaignServiceServer::new(Campaigns {
             engine: engine.clone(),
             artifacts: artifacts.clone(),
+            max_spec_bytes: opts.limits.max_spec_bytes,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        move |req: tonic::Request<()>| auth_c.check(&req, Role::Client).map(|_| req),
+        move |req: tonic::Request<()>| {
+            auth_c.check(&req, Role::Client)?;
+            engine_c.ensure_serving()?;
+            Ok(req)
+        },
     );
     let auth_w = opts.auth.clone();
+    let engine_w = engine.clone();
     let workers = InterceptedService::new(
         WorkerServiceServer::new(Workers {
             engine: engine.clone(),
             artifacts,
             timing: opts.timing.clone(),
+            max_artifact_bytes_per_campaign: opts.limits.max_artifact_bytes_per_campaign,
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        move |req: tonic::Request<()>| auth_w.check(&req, Role::Worker).map(|_| req),
+        move |req: tonic::Request<()>| {
+            auth_w.check(&req, Role::Worker)?;
+            engine_w.ensure_serving()?;
+            Ok(req)
+        },
     );
 
     let mut builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(20)));
     if let Some((cert, key)) = &opts.tls {
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &opts.tls_client_ca {
+            // Optional at the handshake (clients have none), but a certificate that is
+            // presented must chain to this CA, or the handshake fails.
+            tls = tls
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
         builder = builder
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-            .context("invalid TLS certificate or key")?;
+            .tls_config(tls)
+            .context("invalid TLS certificate, key or client CA")?;
+    } else if opts.tls_client_ca.is_some() {
+        anyhow::bail!("a client CA (--tls-client-ca) needs TLS: give --tls-cert and --tls-key");
     }
     let router = builder
+        .layer(crate::limits::PeerStreamLimit::new(
+            opts.limits.max_streams_per_peer,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(campaigns)
         .add_service(workers);
+    // Health follows the engine: NOT_SERVING once a store write failed, so probes and load
+    // balancers see what every call would answer.
+    let mut poisoned = engine.subscribe_poisoned();
+    tokio::spawn(async move {
+        while poisoned.changed().await.is_ok() {
+            if poisoned.borrow_and_update().is_some() {
+                health_reporter
+                    .set_not_serving::<CampaignServiceServer<Campaigns>>()
+                    .await;
+                health_reporter
+                    .set_not_serving::<WorkerServiceServer<Workers>>()
+                    .await;
+                health_reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                break;
+            }
+        }
+    });
     let ticker = engine.spawn_ticker(opts.tick);
     if let Some(m) = opts.metrics_listen {
         spawn_metrics(m, engine.clone()).await?;
@@ -218,6 +278,9 @@ fn http_route(engine: &Engine, method: &str, path: &str) -> (&'static str, &'sta
         );
     }
     let path = path.split('?').next().unwrap_or("");
+    if let Err(e) = engine.ensure_serving() {
+        return ("503 Service Unavailable", TEXT, format!("{e}\n"));
+    }
     if path == "/metrics" || path == "/" {
         return ("200 OK", "text/plain; version=0.0.4", metrics_text(engine));
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::v1::campaign_service_client::CampaignServiceClient;
 use crate::v1::worker_service_client::WorkerServiceClient;
@@ -45,6 +45,10 @@ pub enum ConnectError {
     BadToken,
     #[error("cannot read CA certificate {path}: {message}")]
     BadCa { path: String, message: String },
+    #[error("cannot read the client certificate or key {path}: {message}")]
+    BadIdentity { path: String, message: String },
+    #[error("{0}: a client certificate (--tls-cert/--tls-key) needs an https:// coordinator URL")]
+    IdentityNeedsTls(String),
     #[error(
         "cannot reach the coordinator at {url}: {message} (is `coordinator serve` running there?)"
     )]
@@ -58,6 +62,9 @@ pub struct Target {
     pub token: Option<String>,
     /// PEM file of the CA that signed the coordinator's certificate (https only).
     pub ca_cert: Option<String>,
+    /// PEM files (certificate chain, private key) this side presents for mutual TLS: a worker
+    /// of a coordinator started with `--tls-client-ca` (https only).
+    pub client_identity: Option<(String, String)>,
 }
 
 impl Target {
@@ -69,6 +76,9 @@ impl Target {
             .map_err(|_| ConnectError::BadUrl(self.url.clone()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
+        if self.client_identity.is_some() && !self.url.starts_with("https://") {
+            return Err(ConnectError::IdentityNeedsTls(self.url.clone()));
+        }
         if self.url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.ca_cert {
@@ -77,6 +87,15 @@ impl Target {
                     message: e.to_string(),
                 })?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some((cert, key)) = &self.client_identity {
+                let read = |p: &String| {
+                    std::fs::read(p).map_err(|e| ConnectError::BadIdentity {
+                        path: p.clone(),
+                        message: e.to_string(),
+                    })
+                };
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
             ep = ep.tls_config(tls).map_err(|e| ConnectError::BadCa {
                 path: self.ca_cert.clone().unwrap_or_default(),

@@ -287,6 +287,7 @@ impl CoordinatorProc {
             url: self.url(),
             token: token.map(str::to_string),
             ca_cert: None,
+            client_identity: None,
         }
     }
 

@@ -118,8 +118,15 @@ enum Command {
         #[arg(long, env = "DISTILLERY_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// CA certificate (PEM) for an https coordinator.
-        #[arg(long, env = "DISTILLERY_CA_CERT")]
+        #[arg(long, alias = "tls-ca", env = "DISTILLERY_CA_CERT")]
         ca_cert: Option<String>,
+        /// Client certificate (PEM) for a coordinator started with `--tls-client-ca`
+        /// (mutual TLS; in addition to the worker token).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<String>,
+        /// The client certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<String>,
         /// Labels, `key=value`, repeatable.
         #[arg(long = "label")]
         labels: Vec<String>,
@@ -259,6 +266,8 @@ pub fn main() -> i32 {
             work_dir,
             token,
             ca_cert,
+            tls_cert,
+            tls_key,
             labels,
         } => {
             let devices = match parse_devices(&devices) {
@@ -281,6 +290,7 @@ pub fn main() -> i32 {
                     url: coordinator,
                     token,
                     ca_cert,
+                    client_identity: tls_cert.zip(tls_key),
                 },
                 devices,
                 work_dir,

@@ -10,12 +10,15 @@ use tonic::{Request, Response, Status};
 use super::{stream_artifact, BoxStream};
 use crate::artifacts::ArtifactStore;
 use crate::engine::{now_ms, Engine};
+use crate::limits::check_spec_bytes;
 use crate::machine::{campaign_view, Event, MachineError, Reply};
 use crate::spec::{self, FileChecks};
 
 pub struct Campaigns {
     pub engine: Arc<Engine>,
     pub artifacts: ArtifactStore,
+    /// `--max-spec-bytes`: the TOML text, or the encoded spec a client parsed.
+    pub max_spec_bytes: usize,
 }
 
 impl Campaigns {
@@ -49,6 +52,19 @@ impl CampaignService for Campaigns {
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = req.into_inner();
+        check_spec_bytes(
+            "SubmitRequest.spec_toml",
+            req.spec_toml.len(),
+            self.max_spec_bytes,
+        )?;
+        if let Some(spec) = &req.spec {
+            use prost::Message as _;
+            check_spec_bytes(
+                "SubmitRequest.spec",
+                spec.encoded_len(),
+                self.max_spec_bytes,
+            )?;
+        }
         let spec =
             match (req.spec, req.spec_toml.is_empty()) {
                 (Some(spec), true) => spec,
@@ -167,6 +183,11 @@ impl CampaignService for Campaigns {
                 if durable.changed().await.is_err() {
                     return;
                 }
+                // Woken by a failed store write: end the stream with it.
+                if let Err(e) = engine.ensure_serving() {
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
             }
         });
         Ok(Response::new(Box::pin(
@@ -231,7 +252,7 @@ impl CampaignService for Campaigns {
         req: Request<pb::GetArtifactRequest>,
     ) -> Result<Response<Self::GetArtifactStream>, Status> {
         Ok(Response::new(
-            stream_artifact(&self.artifacts, &req.into_inner().digest).await?,
+            stream_artifact(&self.engine, &self.artifacts, &req.into_inner().digest).await?,
         ))
     }
 }

@@ -24,6 +24,8 @@ pub struct Workers {
     pub engine: Arc<Engine>,
     pub artifacts: ArtifactStore,
     pub timing: WorkerTiming,
+    /// `--max-artifact-bytes-per-campaign`.
+    pub max_artifact_bytes_per_campaign: u64,
 }
 
 fn lease_ref(l: Option<pb::LeaseRef>) -> Result<LeaseRef, Status> {
@@ -62,6 +64,60 @@ impl Workers {
             )));
         }
         Ok(())
+    }
+}
+
+impl Workers {
+    /// Refuses a report whose new artifacts would take its campaign over
+    /// `--max-artifact-bytes-per-campaign` (counting every distinct output and current
+    /// checkpoint of the campaign's tasks, directory artifacts by their files): the attempt
+    /// fails for good (the campaign with it, so `coordinator retry` continues it once the limit
+    /// is raised) and the worker gets `RESOURCE_EXHAUSTED`. Nothing that was stored is lost.
+    async fn check_campaign_bytes(
+        &self,
+        lease: &LeaseRef,
+        new: impl Iterator<Item = &String>,
+    ) -> Result<(), Status> {
+        let limit = self.max_artifact_bytes_per_campaign;
+        let Some((campaign, mut refs)) = self.engine.read(|s| {
+            let c = s.tasks.get(&lease.task_id)?.campaign.clone();
+            let refs: std::collections::BTreeSet<String> = s
+                .campaigns
+                .get(&c)?
+                .tasks
+                .iter()
+                .filter_map(|t| s.tasks.get(t))
+                .flat_map(|t| t.outputs.values().chain(t.checkpoint.iter()).cloned())
+                .collect();
+            Some((c, refs))
+        }) else {
+            return Ok(()); // unknown task: the engine refuses the report by name
+        };
+        let before = refs.len();
+        refs.extend(new.cloned());
+        if refs.len() == before {
+            return Ok(());
+        }
+        let mut total = 0u64;
+        for r in &refs {
+            total = total.saturating_add(self.artifacts.stored_bytes(r).await);
+        }
+        if total <= limit {
+            return Ok(());
+        }
+        let msg = format!(
+            "campaign {campaign} would hold {total} artifact bytes with this report's, over this coordinator's limit of {limit} bytes per campaign (raise it with `coordinator serve --max-artifact-bytes-per-campaign`, then `coordinator retry {campaign}`)"
+        );
+        self.engine
+            .apply(Event::Fail {
+                lease: lease.clone(),
+                error: msg.clone(),
+                retryable: false,
+                lost: false,
+                now: now_ms(),
+            })
+            .await?;
+        Err(Status::resource_exhausted(msg))
     }
 }
 
@@ -149,9 +205,11 @@ impl WorkerService for Workers {
         if let Some(c) = &checkpoint {
             self.check_artifact("checkpoint", c)?;
         }
+        let lease = lease_ref(r.lease)?;
+        self.check_campaign_bytes(&lease, checkpoint.iter()).await?;
         self.engine
             .apply(Event::Progress {
-                lease: lease_ref(r.lease)?,
+                lease,
                 metrics: finite_metrics(r.metrics)?,
                 checkpoint,
                 message: r.message,
@@ -171,9 +229,12 @@ impl WorkerService for Workers {
         for (name, v) in &r.outputs {
             self.check_artifact(&format!("output {name:?}"), v)?;
         }
+        let lease = lease_ref(r.lease)?;
+        self.check_campaign_bytes(&lease, r.outputs.values())
+            .await?;
         self.engine
             .apply(Event::Complete {
-                lease: lease_ref(r.lease)?,
+                lease,
                 outputs: to_btree(r.outputs),
                 metrics: finite_metrics(r.metrics)?,
                 now: now_ms(),
@@ -249,7 +310,7 @@ impl WorkerService for Workers {
         req: Request<pb::GetArtifactRequest>,
     ) -> Result<Response<Self::GetArtifactStream>, Status> {
         Ok(Response::new(
-            stream_artifact(&self.artifacts, &req.into_inner().digest).await?,
+            stream_artifact(&self.engine, &self.artifacts, &req.into_inner().digest).await?,
         ))
     }
 }

@@ -31,6 +31,7 @@ impl Tx<'_> {
             .collect();
         crate::plan::check_registered(&spec, &devices)
             .map_err(|e| MachineError::InvalidArgument(format!("spec.{e}")))?;
+        check_fan_out(&spec, self.cfg.max_tasks_per_phase)?;
         self.s.meta.next_campaign += 1;
         self.t.dirty.meta = true;
         let id = format!("c{:06}", self.s.meta.next_campaign);
@@ -251,5 +252,41 @@ impl Tx<'_> {
         self.set_campaign_state(id, CampaignState::Running, None, now);
         self.dispatch(now);
         Ok(())
+    }
+}
+
+/// Refuses a spec whose largest phase would have more tasks than `limit` (the score phase's
+/// shards and depth groups, a search's candidates, the judge's shards), naming the field.
+fn check_fan_out(spec: &pb::CampaignSpec, limit: u32) -> Result<(), MachineError> {
+    let sched = spec.scheduling.unwrap_or_default();
+    let mut phases = vec![
+        (
+            "scheduling.score_shards + scheduling.depth_groups".to_string(),
+            // Depth groups default to at most 4 (one per layer up to 4).
+            u64::from(sched.score_shards)
+                + u64::from(if sched.depth_groups > 0 {
+                    sched.depth_groups
+                } else {
+                    4
+                }),
+        ),
+        (
+            "scheduling.judge_shards".to_string(),
+            u64::from(sched.judge_shards),
+        ),
+    ];
+    for (i, r) in spec.rounds.iter().enumerate() {
+        if let Some(s) = &r.search {
+            phases.push((
+                format!("rounds[{i}].search.candidates"),
+                u64::from(s.candidates),
+            ));
+        }
+    }
+    match phases.into_iter().find(|(_, n)| *n > u64::from(limit)) {
+        Some((field, n)) => Err(MachineError::ResourceExhausted(format!(
+            "spec.{field}: a phase would have {n} tasks, over this coordinator's limit of {limit} tasks per phase (lower it, or raise the limit with `coordinator serve --max-tasks-per-phase`)"
+        ))),
+        None => Ok(()),
     }
 }

@@ -25,7 +25,13 @@ pub struct Config {
     pub backoff_base_ms: Millis,
     /// Upper bound of the retry delay.
     pub backoff_max_ms: Millis,
+    /// Most tasks one phase of a submitted spec may fan out to (`--max-tasks-per-phase`).
+    pub max_tasks_per_phase: u32,
 }
+
+/// Default of [`Config::max_tasks_per_phase`]: far above any real fan-out (shards, candidates),
+/// low enough that a typo (`score_shards = 1000000`) cannot flood the state store.
+pub const DEFAULT_MAX_TASKS_PER_PHASE: u32 = 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -33,6 +39,7 @@ impl Default for Config {
             lease_timeout_ms: 30_000,
             backoff_base_ms: 1_000,
             backoff_max_ms: 60_000,
+            max_tasks_per_phase: DEFAULT_MAX_TASKS_PER_PHASE,
         }
     }
 }
@@ -483,6 +490,12 @@ pub enum Event {
         campaign: String,
         now: Millis,
     },
+    /// The shell found a stored artifact whose bytes no longer match its digest: `refs` are
+    /// that blob and every directory manifest listing it.
+    ArtifactCorrupt {
+        refs: Vec<String>,
+        now: Millis,
+    },
     /// Periodic: expires leases and hands out tasks whose backoff ended.
     Tick {
         now: Millis,
@@ -585,6 +598,9 @@ pub enum MachineError {
     InvalidState(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// Over a limit of this coordinator (the message names it and the flag that raises it).
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 /// Applies one event. On `Err` nothing changed.
@@ -607,6 +623,7 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
         | Event::Pause { now, .. }
         | Event::Resume { now, .. }
         | Event::Retry { now, .. }
+        | Event::ArtifactCorrupt { now, .. }
         | Event::Tick { now }
         | Event::Recover { now } => Some(*now),
         Event::PollWithdrawn { .. } => None,
@@ -687,6 +704,11 @@ pub fn apply(state: &mut State, cfg: &Config, event: Event) -> Result<Transition
         Event::Pause { campaign, now } => tx.pause(&campaign, now),
         Event::Resume { campaign, now } => tx.resume(&campaign, now),
         Event::Retry { campaign, now } => tx.retry(&campaign, now),
+        Event::ArtifactCorrupt { refs, now } => {
+            tx.artifact_corrupt(&refs, now);
+            tx.dispatch(now);
+            Ok(())
+        }
         Event::Tick { now } => {
             tx.expire(now, now);
             tx.dispatch(now);
@@ -768,6 +790,7 @@ impl Tx<'_> {
 }
 
 mod campaigns;
+mod corrupt;
 mod leases;
 mod rounds;
 mod search;

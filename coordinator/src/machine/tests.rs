@@ -35,6 +35,7 @@ fn cfg() -> Config {
         lease_timeout_ms: 1_000,
         backoff_base_ms: 100,
         backoff_max_ms: 1_000,
+        ..Config::default()
     }
 }
 
@@ -2024,4 +2025,78 @@ fn after_teacher_correction_the_judge_baseline_and_the_ranking_teacher_are_the_c
         events.iter().filter(|e| e.kind == "judge_result").count(),
         2
     );
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_dropped_and_a_corrupt_output_fails_its_campaign_by_name() {
+    let mut st = State::default();
+    let c = submit(&mut st, spec(1, 1, "[scheduling]\nscore_shards = 1\n"), 0);
+    let w = register(&mut st, &["cpu"]);
+    to_distill(&mut st, &w, &c);
+    let a = poll(&mut st, &w, &["cpu"], 100);
+    let cp = digest(77);
+    apply(
+        &mut st,
+        &cfg(),
+        Event::Progress {
+            lease: lref(&a[0]),
+            metrics: BTreeMap::new(),
+            checkpoint: Some(cp.clone()),
+            message: String::new(),
+            now: 101,
+        },
+    )
+    .unwrap();
+    // A checkpoint only saves time: dropped, the campaign runs on and the task starts over.
+    let t = apply(
+        &mut st,
+        &cfg(),
+        Event::ArtifactCorrupt {
+            refs: vec![cp.clone()],
+            now: 102,
+        },
+    )
+    .unwrap();
+    let task = &st.tasks[&a[0].task_id];
+    assert_eq!(task.checkpoint, None);
+    assert!(task.error.as_deref().is_some_and(|e| e.contains(&cp)));
+    assert!(t.dirty.tasks.contains(&a[0].task_id));
+    assert_eq!(st.campaigns[&c].state, CampaignState::Running);
+
+    // The round's pruned model (a finished phase's output) is needed: the campaign fails, and
+    // its error names the artifact and what it was.
+    let pruned = st.campaigns[&c].rounds[0].artifacts["pruned"].clone();
+    apply(
+        &mut st,
+        &cfg(),
+        Event::ArtifactCorrupt {
+            refs: vec![digest(999), pruned.clone()],
+            now: 103,
+        },
+    )
+    .unwrap();
+    let camp = &st.campaigns[&c];
+    assert_eq!(camp.state, CampaignState::Failed);
+    let err = camp.error.clone().unwrap_or_default();
+    assert!(err.contains("is corrupt on the coordinator"), "{err}");
+    assert!(err.contains("rounds[0].artifacts.pruned"), "{err}");
+    assert!(err.contains(&pruned) && err.contains(&digest(999)), "{err}");
+    assert!(
+        !st.leases.contains_key(&a[0].task_id),
+        "its lease is revoked"
+    );
+
+    // An artifact nothing refers to changes nothing.
+    let before = st.clone();
+    let t = apply(
+        &mut st,
+        &cfg(),
+        Event::ArtifactCorrupt {
+            refs: vec![digest(12345)],
+            now: 104,
+        },
+    )
+    .unwrap();
+    assert!(t.dirty.is_empty());
+    assert_eq!(st, before);
 }

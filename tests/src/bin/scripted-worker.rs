@@ -300,6 +300,7 @@ fn main() {
             url: args.coordinator,
             token: args.token,
             ca_cert: None,
+            client_identity: None,
         },
         devices: parse_devices(&args.devices).expect("devices"),
         work_dir: args.work_dir,
