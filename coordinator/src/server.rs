@@ -21,7 +21,7 @@ use crate::artifacts::ArtifactStore;
 use crate::auth::{Auth, Role};
 use crate::engine::Engine;
 use crate::machine::{CampaignState, Config, TaskState};
-use crate::store::SledStore;
+use crate::store::{self, StoreKind};
 
 /// Everything `coordinator serve` is configured with.
 #[derive(Clone, Debug)]
@@ -35,6 +35,8 @@ pub struct ServeOptions {
     pub machine: Config,
     pub timing: WorkerTiming,
     pub tick: Duration,
+    /// `--store`: the engine of a fresh data dir; must match the one an existing dir holds.
+    pub store: Option<StoreKind>,
 }
 
 impl ServeOptions {
@@ -53,6 +55,7 @@ impl ServeOptions {
                 rendezvous_timeout: Duration::from_secs(20),
             },
             tick: Duration::from_millis(200),
+            store: None,
         }
     }
 }
@@ -60,6 +63,8 @@ impl ServeOptions {
 /// A started server.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The engine of the state store.
+    pub store: StoreKind,
     pub engine: Arc<Engine>,
     pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -68,26 +73,41 @@ pub struct RunningServer {
 pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("cannot create data dir {}", opts.data_dir.display()))?;
-    let state_dir = opts.data_dir.join("state");
-    let store = SledStore::open(&state_dir).with_context(|| {
-        format!(
-            "cannot open the state store in {} (is another coordinator using this --data-dir?)",
-            state_dir.display()
-        )
-    })?;
+    let store = store::open_data_dir(&opts.data_dir, opts.store)?;
+    let engine_kind = store.kind();
     let artifacts = ArtifactStore::open(&opts.data_dir.join("artifacts")).with_context(|| {
         format!(
             "cannot open the artifact store in {}",
             opts.data_dir.display()
         )
     })?;
-    let engine = Engine::open(Arc::new(store), opts.machine.clone())
+    let engine = Engine::open(store, opts.machine.clone())
         .await
         .context("cannot load the state store")?;
     let listener = TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
+    // Where this data dir is served, for `coordinator backup --data-dir` (online backup).
+    let host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    store::data_dir::write_durably(
+        &opts.data_dir,
+        store::data_dir::SERVE_URL_FILE,
+        &format!("{scheme}://{host}\n"),
+    )
+    .with_context(|| {
+        format!(
+            "cannot write {} in {}",
+            store::data_dir::SERVE_URL_FILE,
+            opts.data_dir.display()
+        )
+    })?;
+    tracing::debug!(store = %engine_kind, "state store opened");
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -118,6 +138,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         CampaignServiceServer::new(Campaigns {
             engine: engine.clone(),
             artifacts: artifacts.clone(),
+            data_dir: opts.data_dir.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -163,6 +184,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     });
     Ok(RunningServer {
         addr,
+        store: engine_kind,
         engine,
         handle,
     })
