@@ -121,7 +121,7 @@ impl Engine {
     pub async fn backup(&self) -> Result<Records, EngineError> {
         let records = {
             let _st = lock(&self.state);
-            tokio::task::block_in_place(|| self.store.export())
+            self.store.export()
         }
         .map_err(|e| EngineError::Store(e.to_string()))?;
         self.commit.durable().await.map_err(EngineError::Store)?;

@@ -338,3 +338,32 @@ async fn migrate_moves_every_record_to_the_other_engine_and_back() {
     let e = backup::migrate(d, StoreKind::Sled).unwrap_err();
     assert!(e.to_string().contains("already holds a sled store"), "{e}");
 }
+
+#[tokio::test]
+async fn an_engine_backup_is_its_durable_state_and_restores_into_the_other_engine() {
+    for engine in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let store = engine.open_store(dir.path()).unwrap();
+        let (_, events) = history(store.as_ref()).await;
+        // Opening recovers (a transition of its own, with events): the backup has it too.
+        let eng = crate::engine::Engine::open(store, Config::default())
+            .await
+            .unwrap();
+        let records = eng.backup().await.unwrap();
+        let (st, evs) = records.to_state().unwrap();
+        assert_eq!(persisted(&st), eng.read(persisted), "{engine}");
+        assert_eq!(evs, eng.store().events_from(0, usize::MAX).unwrap());
+        assert!(evs.len() >= events.len() && evs[..events.len()] == events[..]);
+        assert_eq!(st.meta.last_seq, evs.len() as u64);
+        let other = tempfile::tempdir().unwrap();
+        let to = engine.other();
+        backup::restore_records(&records, &other.path().join("d"), to).unwrap();
+        let restored = data_dir::open_data_dir(&other.path().join("d"), Some(to)).unwrap();
+        assert_eq!(
+            persisted(&restored.load().unwrap()),
+            eng.read(persisted),
+            "{engine} -> {to}"
+        );
+        assert_eq!(all_events(restored.as_ref()), evs);
+    }
+}
