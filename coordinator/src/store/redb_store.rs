@@ -47,6 +47,9 @@ impl RedbStore {
     /// Opens (or creates) the store in the file `path`. Fails with redb's "Database already
     /// open" when another process holds it.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| rdb(redb::StorageError::Io(e)))?;
+        }
         let db = redb::Database::create(path).map_err(rdb)?;
         // Create every table once, so readers never meet a missing one.
         let tx = db.begin_write().map_err(rdb)?;

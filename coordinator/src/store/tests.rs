@@ -367,3 +367,74 @@ async fn an_engine_backup_is_its_durable_state_and_restores_into_the_other_engin
         assert_eq!(all_events(restored.as_ref()), evs);
     }
 }
+
+/// Not a test: the latency of one durable transition (commit, then flush) per engine, for the
+/// README's figures. `cargo test -p distillery-coordinator --lib durable_transition_latency --
+/// --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn durable_transition_latency() {
+    const N: usize = 300;
+    for engine in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let store = engine.open_store(dir.path()).unwrap();
+        let cfg = Config::default();
+        let mut st = store.load().unwrap();
+        let mut commit_us = Vec::new();
+        let mut durable_us = Vec::new();
+        for i in 0..N {
+            let t = apply(&mut st, &cfg, register_event(&format!("h{i}"), i as u64)).unwrap();
+            let t0 = std::time::Instant::now();
+            store.commit(&st, &t).unwrap();
+            let t1 = std::time::Instant::now();
+            store.flush().await.unwrap();
+            commit_us.push((t1 - t0).as_micros() as u64);
+            durable_us.push(t0.elapsed().as_micros() as u64);
+        }
+        commit_us.sort_unstable();
+        durable_us.sort_unstable();
+        let p = |v: &[u64], q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+        println!(
+            "{engine}: commit p50 {} us p99 {} us; commit + flush p50 {} us p99 {} us ({N} transitions)",
+            p(&commit_us, 0.5),
+            p(&commit_us, 0.99),
+            p(&durable_us, 0.5),
+            p(&durable_us, 0.99)
+        );
+        // Restart cost: 50k task-sized records (copies of a real task record) and 50k events.
+        let records = store.export().unwrap();
+        let big = tempfile::tempdir().unwrap();
+        let mut r = Records::default();
+        let (st2, _) = {
+            let s2 = engine.open_store(&big.path().join("h")).unwrap();
+            history(s2.as_ref()).await
+        };
+        let task = encode(st2.tasks.values().next().unwrap()).unwrap();
+        let event = records.events.values().next().cloned().unwrap_or_else(|| {
+            pb::Event {
+                seq: 1,
+                kind: "task_progress".into(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        });
+        for i in 0..50_000u64 {
+            r.tasks.insert(format!("t{i:08}"), task.clone());
+            r.events.insert(i + 1, event.clone());
+        }
+        let path = big.path().join("d");
+        std::fs::create_dir_all(&path).unwrap();
+        let t0 = std::time::Instant::now();
+        engine.open_store(&path).unwrap().import(&r).unwrap();
+        let import_ms = t0.elapsed().as_millis();
+        let t0 = std::time::Instant::now();
+        let store = engine.open_store(&path).unwrap();
+        let loaded = store.load().unwrap();
+        println!(
+            "{engine}: import of {} records {import_ms} ms; reopen + load of {} task records: {} ms",
+            r.len(),
+            loaded.tasks.len(),
+            t0.elapsed().as_millis()
+        );
+    }
+}
