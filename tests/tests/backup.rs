@@ -20,7 +20,7 @@ const FAST: &[&str] = &[
     "100",
 ];
 
-fn args<'a>(store: &'a str) -> Vec<&'a str> {
+fn args(store: &str) -> Vec<&str> {
     FAST.iter().copied().chain(["--store", store]).collect()
 }
 
