@@ -115,11 +115,13 @@ impl Engine {
     }
 
     /// Every record of the store, as one consistent snapshot: read between two transitions
-    /// (under the state lock, so sled's trees agree with each other) and returned only once
-    /// durable (a group-commit flush that started after the read), so a backup never holds
-    /// what a crash could still take back.
+    /// (redb: one read transaction while transitions go on; sled: under the state lock, so its
+    /// trees agree with each other) and returned only once durable (a group-commit flush that
+    /// started after the read), so a backup never holds what a crash could still take back.
     pub async fn backup(&self) -> Result<Records, EngineError> {
-        let records = {
+        let records = if self.store.export_is_snapshot() {
+            self.store.export()
+        } else {
             let _st = lock(&self.state);
             self.store.export()
         }

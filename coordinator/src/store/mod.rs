@@ -50,10 +50,15 @@ pub trait StateStore: Send + Sync + 'static {
     fn flush(&self) -> futures::future::BoxFuture<'_, Result<(), StoreError>>;
     /// Events with `seq >= from`, in order, at most `limit`.
     fn events_from(&self, from: u64, limit: usize) -> Result<Vec<pb::Event>, StoreError>;
-    /// Every record of every table, exactly as stored (the bytes, not re-encoded). The caller
-    /// must not commit meanwhile (the engine holds its state lock): sled has no snapshot across
-    /// trees.
+    /// Every record of every table, exactly as stored (the bytes, not re-encoded). Unless
+    /// [`StateStore::export_is_snapshot`], the caller must not commit meanwhile (the engine holds
+    /// its state lock): sled has no snapshot across trees.
     fn export(&self) -> Result<Records, StoreError>;
+    /// Whether `export` reads one consistent snapshot even while commits go on (redb's read
+    /// transactions do), so a backup need not stop transitions.
+    fn export_is_snapshot(&self) -> bool {
+        false
+    }
     /// Writes `records` into this store, which must be empty, and makes them durable.
     fn import(&self, records: &Records) -> Result<(), StoreError>;
     /// The engine's name, as `--store` spells it.

@@ -193,6 +193,10 @@ impl StateStore for RedbStore {
         Ok(r)
     }
 
+    fn export_is_snapshot(&self) -> bool {
+        true
+    }
+
     fn import(&self, records: &Records) -> Result<(), StoreError> {
         if !self.export()?.is_empty() {
             return Err(StoreError::Other(
