@@ -89,8 +89,9 @@ pub fn encode(records: &Records, source: StoreKind, created_ms: u64) -> Vec<u8> 
     out
 }
 
-/// Takes every record out of `records` as it would be backed up, checking the JSON records
-/// are text (a sled record that is not UTF-8 would not survive the text form).
+/// Checks `records` can be backed up faithfully: every JSON record is UTF-8 text (the file holds
+/// them as text) and every record decodes as `load` would read it (a backup of a corrupt store
+/// fails here, naming the table and key, instead of producing a file `restore` refuses).
 pub fn check_encodable(records: &Records) -> Result<(), BackupError> {
     for name in KEYED_TABLES {
         for (k, v) in records.keyed(name).into_iter().flatten() {
@@ -112,7 +113,6 @@ pub fn check_encodable(records: &Records) -> Result<(), BackupError> {
             }));
         }
     }
-    // Every record decodes as `load` would read it.
     records.to_state()?;
     Ok(())
 }

@@ -83,33 +83,30 @@ impl RedbStore {
 
 impl StateStore for RedbStore {
     fn load(&self) -> Result<State, StoreError> {
-        let tx = self.db.begin_read().map_err(rdb)?;
-        let mut parts: Vec<BTreeMap<String, Vec<u8>>> = Vec::new();
-        for name in super::KEYED_TABLES {
-            parts.push(Self::read_keyed(&tx, name)?);
-        }
         fn typed<T: serde::de::DeserializeOwned>(
+            tx: &redb::ReadTransaction,
             name: &'static str,
-            raw: BTreeMap<String, Vec<u8>>,
         ) -> Result<BTreeMap<String, T>, StoreError> {
-            raw.into_iter()
+            RedbStore::read_keyed(tx, name)?
+                .into_iter()
                 .map(|(k, v)| {
                     let t = decode(name, k.as_bytes(), &v)?;
                     Ok((k, t))
                 })
                 .collect()
         }
-        let mut it = parts.into_iter();
-        let mut next = || it.next().unwrap_or_default();
-        let campaigns = typed("campaigns", next())?;
-        let tasks = typed("tasks", next())?;
-        let leases = typed("leases", next())?;
-        let workers = typed("workers", next())?;
+        let tx = self.db.begin_read().map_err(rdb)?;
         let meta: Meta = match Self::read_meta(&tx)? {
             Some(v) => decode("meta", super::META_KEY.as_bytes(), &v)?,
             None => Meta::default(),
         };
-        Ok(State::from_parts(campaigns, tasks, leases, workers, meta))
+        Ok(State::from_parts(
+            typed(&tx, "campaigns")?,
+            typed(&tx, "tasks")?,
+            typed(&tx, "leases")?,
+            typed(&tx, "workers")?,
+            meta,
+        ))
     }
 
     fn commit(&self, state: &State, t: &Transition) -> Result<(), StoreError> {
