@@ -159,6 +159,15 @@ fn a_data_dir_of_the_other_engine_is_one_error_line_and_migrate_moves_it() {
         &coord,
         &write_spec(fx.path(), "s.toml", &spec_toml(1, 1, "")),
     );
+    // Online from a sled coordinator too (read under its state lock).
+    let online = fx.path().join("online.jsonl");
+    let out = coord.cli(&["backup", "--data-dir", d, "--out", online.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("(sled, online via"),
+        "{}",
+        text(&out.stdout)
+    );
     drop(coord);
 
     let port = free_port().to_string();
@@ -193,6 +202,10 @@ fn a_data_dir_of_the_other_engine_is_one_error_line_and_migrate_moves_it() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let before = read_backup(&file);
     assert_eq!(before.campaigns.keys().collect::<Vec<_>>(), [&id]);
+    let online = read_backup(&online);
+    assert_eq!(online.campaigns, before.campaigns);
+    assert_eq!(online.tasks, before.tasks);
+    assert_eq!(online.events, before.events);
     let out = run(&["migrate", "--data-dir", d, "--to", "redb"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
