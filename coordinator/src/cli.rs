@@ -17,6 +17,9 @@ use crate::api::workers::WorkerTiming;
 use crate::auth::Auth;
 use crate::server::{self, ServeOptions};
 use crate::spec;
+use crate::store::backup::{self, BackupError};
+use crate::store::data_dir::{self, DataDirError};
+use crate::store::StoreKind;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -152,6 +155,38 @@ pub enum Command {
         /// Plain log lines even on a terminal (no progress bars).
         #[arg(long)]
         plain: bool,
+        /// State store engine of the embedded coordinator (DIR/coordinator).
+        #[arg(long, value_enum, env = "DISTILLERY_STORE")]
+        store: Option<StoreKind>,
+    },
+    /// Back up the state store to FILE (engine-independent; `restore` reads it). With
+    /// --data-dir: from the coordinator serving that dir (online, over --token's client role)
+    /// or, when none is serving it, from the store itself. Without: from the coordinator at
+    /// --addr.
+    Backup {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Restore a backup into a new (or empty) data dir, with either engine: restoring into the
+    /// other engine is a migration.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Engine of the restored store (default: redb).
+        #[arg(long, value_enum)]
+        store: Option<StoreKind>,
+    },
+    /// Move a data dir's state store to the other engine, in place (stop the coordinator first).
+    Migrate {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, value_enum)]
+        to: StoreKind,
     },
     /// Fetch artifacts.
     Artifact {
@@ -178,6 +213,10 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[arg(long, default_value = "./distillery-data")]
     pub data_dir: PathBuf,
+    /// State store engine. A fresh data dir gets this one (default: redb); an existing one must
+    /// hold it (omit it to use whichever the dir holds).
+    #[arg(long, value_enum, env = "DISTILLERY_STORE")]
+    pub store: Option<StoreKind>,
     /// File of `ROLE TOKEN` lines (roles: client, worker). Without it only loopback is served.
     #[arg(long)]
     pub tokens: Option<PathBuf>,
@@ -336,6 +375,7 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
             teacher_seconds,
             teacher_steps,
             plain,
+            store,
         } => {
             crate::demo::run(crate::demo::DemoArgs {
                 workers,
@@ -343,9 +383,21 @@ async fn run(cli: Cli) -> Result<i32, CliError> {
                 teacher_seconds,
                 teacher_steps,
                 plain,
+                store,
             })
             .await
         }
+        Command::Backup {
+            data_dir,
+            out,
+            client,
+        } => backup_cmd(data_dir.as_deref(), &out, &client).await,
+        Command::Restore {
+            file,
+            data_dir,
+            store,
+        } => restore_cmd(&file, &data_dir, store.unwrap_or(StoreKind::DEFAULT)),
+        Command::Migrate { data_dir, to } => migrate_cmd(&data_dir, to),
     }
 }
 
@@ -365,6 +417,7 @@ fn init_logging(json: bool) {
 async fn serve(a: ServeArgs) -> Result<i32, CliError> {
     init_logging(a.log_json);
     let mut opts = ServeOptions::new(a.listen, a.data_dir.clone());
+    opts.store = a.store;
     if let Some(t) = &a.tokens {
         opts.auth = Auth::from_file(t).map_err(|e| CliError::input(format!("--tokens {e}")))?;
     }
@@ -426,15 +479,14 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
     };
     opts.tick = Duration::from_millis((a.lease_timeout_ms / 10).clamp(20, 500));
     let started = std::time::Instant::now();
-    let running = server::start(opts.clone())
-        .await
-        .map_err(|e| CliError::other(format!("serve: {e:#}")))?;
+    let running = server::start(opts.clone()).await.map_err(serve_error)?;
     let (campaigns, tasks) = running.engine.read(|s| (s.campaigns.len(), s.tasks.len()));
     tracing::info!(
         addr = %running.addr,
         data_dir = %a.data_dir.display(),
         campaigns,
         tasks,
+        store = %running.store,
         startup_ms = started.elapsed().as_millis() as u64,
         "coordinator serving"
     );
@@ -452,6 +504,164 @@ async fn serve(a: ServeArgs) -> Result<i32, CliError> {
             Ok(0)
         }
     }
+}
+
+/// A failure to start serving: exit 2 when the data dir is the user's to fix (wrong engine).
+pub(crate) fn serve_error(e: anyhow::Error) -> CliError {
+    let input = e
+        .downcast_ref::<DataDirError>()
+        .is_some_and(|d| d.is_input());
+    let msg = match e.downcast_ref::<DataDirError>() {
+        Some(d) if input => d.to_string(),
+        _ => format!("{e:#}"),
+    };
+    CliError {
+        code: if input { 2 } else { 1 },
+        message: format!("serve: {msg}"),
+    }
+}
+
+fn backup_error(what: &str, e: BackupError) -> CliError {
+    CliError {
+        code: if e.is_input() { 2 } else { 1 },
+        message: format!("{what}: {e}"),
+    }
+}
+
+/// `coordinator backup`: online through the serving coordinator when there is one, else from
+/// the store directly (which fails while another process holds it).
+async fn backup_cmd(
+    data_dir: Option<&Path>,
+    out: &Path,
+    client: &ClientOpts,
+) -> Result<i32, CliError> {
+    let Some(dir) = data_dir else {
+        let (bytes, from) = backup_online(client, None).await?;
+        return finish_backup(out, &bytes, &from);
+    };
+    match data_dir::recorded(dir) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(CliError::input(format!(
+                "backup: {}",
+                DataDirError::NoStore {
+                    dir: dir.display().to_string()
+                }
+            )))
+        }
+        Err(e) => return Err(backup_error("backup", e.into())),
+    }
+    let url = std::fs::read_to_string(dir.join(data_dir::SERVE_URL_FILE))
+        .ok()
+        .map(|u| u.trim().to_string());
+    if let Some(url) = &url {
+        let c = ClientOpts {
+            addr: url.clone(),
+            ..client.clone()
+        };
+        match backup_online(&c, Some(dir)).await {
+            Ok((bytes, from)) => return finish_backup(out, &bytes, &from),
+            // Nobody answers there (a coordinator that was killed): back up the store itself.
+            Err(e)
+                if e.message.contains("cannot reach the coordinator")
+                    || e.message.contains("coordinator unavailable") =>
+            {
+                tracing::debug!(error = %e.message, "no coordinator serves the data dir")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match backup::offline(dir) {
+        Ok((bytes, summary)) => finish_backup(
+            out,
+            &bytes,
+            &format!("{} (offline), {summary}", dir.display()),
+        ),
+        Err(BackupError::DataDir(e @ DataDirError::Open { .. })) => Err(CliError::other(format!(
+            "backup: {e}; no coordinator answered at {} either (pass --token if it needs one)",
+            url.as_deref()
+                .unwrap_or("the URL a serving coordinator records in serve-url")
+        ))),
+        Err(e) => Err(backup_error("backup", e)),
+    }
+}
+
+/// Streams a backup from the coordinator at `c.addr`; when `dir` is given, the coordinator must
+/// be the one serving it.
+async fn backup_online(c: &ClientOpts, dir: Option<&Path>) -> Result<(Vec<u8>, String), CliError> {
+    let mut client = connect(c).await?;
+    let mut stream = client
+        .backup(pb::BackupRequest {})
+        .await
+        .map_err(|s| status_error("backup", s))?
+        .into_inner();
+    let mut bytes = Vec::new();
+    let (mut served, mut engine, mut digest) = (String::new(), String::new(), String::new());
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| status_error("backup", s))?
+    {
+        if bytes.is_empty() && served.is_empty() {
+            served = chunk.data_dir.clone();
+            engine = chunk.engine.clone();
+        }
+        bytes.extend_from_slice(&chunk.data);
+        if !chunk.digest.is_empty() {
+            digest = chunk.digest;
+        }
+    }
+    if let Some(dir) = dir {
+        let want = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if Path::new(&served) != want {
+            return Err(CliError::other(format!(
+                "backup: the coordinator at {} serves {served}, not {}; back up with its own --data-dir or --addr",
+                c.addr,
+                want.display()
+            )));
+        }
+    }
+    let got = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&bytes))
+    };
+    if got != digest {
+        return Err(CliError::other(format!(
+            "backup: the stream from {} was damaged (sha256 {got}, the coordinator sent {digest}); try again",
+            c.addr
+        )));
+    }
+    Ok((bytes, format!("{served} ({engine}, online via {})", c.addr)))
+}
+
+fn finish_backup(out: &Path, bytes: &[u8], from: &str) -> Result<i32, CliError> {
+    // Verify before writing: what is written restores.
+    let (_, records) = backup::decode(bytes, "from the coordinator")
+        .map_err(|e| CliError::other(format!("backup: {e}")))?;
+    backup::write_file(out, bytes).map_err(|e| backup_error("backup", e))?;
+    println!(
+        "backup: {} <- {from}: {}, {} bytes",
+        out.display(),
+        backup::Summary::of(&records),
+        bytes.len()
+    );
+    Ok(0)
+}
+
+fn restore_cmd(file: &Path, data_dir: &Path, store: StoreKind) -> Result<i32, CliError> {
+    let s = backup::restore_file(file, data_dir, store).map_err(|e| backup_error("restore", e))?;
+    println!(
+        "restore: {} -> {} ({store}): {s}",
+        file.display(),
+        data_dir.display()
+    );
+    Ok(0)
+}
+
+fn migrate_cmd(data_dir: &Path, to: StoreKind) -> Result<i32, CliError> {
+    let (from, s) = backup::migrate(data_dir, to).map_err(|e| backup_error("migrate", e))?;
+    println!("migrate: {}: {from} -> {to}: {s}", data_dir.display());
+    Ok(0)
 }
 
 fn target(c: &ClientOpts) -> Target {

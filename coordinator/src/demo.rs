@@ -33,6 +33,8 @@ pub struct DemoArgs {
     pub teacher_steps: u64,
     /// Log lines instead of progress bars even on a terminal.
     pub plain: bool,
+    /// State store engine of the embedded coordinator.
+    pub store: Option<crate::store::StoreKind>,
 }
 
 const QUESTIONS: &str = include_str!("../../worker/data/questions.jsonl");
@@ -495,9 +497,14 @@ pub async fn run(a: DemoArgs) -> Result<i32, CliError> {
     );
     opts.timing.heartbeat_interval = Duration::from_secs(1);
     opts.timing.poll_timeout = Duration::from_secs(5);
-    let srv = server::start(opts)
-        .await
-        .map_err(|e| CliError::other(format!("coordinator: {e:#}")))?;
+    opts.store = a.store;
+    let srv = server::start(opts).await.map_err(|e| {
+        let e = crate::cli::serve_error(e);
+        CliError {
+            code: e.code,
+            message: format!("coordinator: {}", e.message.trim_start_matches("serve: ")),
+        }
+    })?;
     let url = format!("http://{}", srv.addr);
     for i in 0..a.workers.max(1) {
         let cfg = AgentConfig {

@@ -11,7 +11,7 @@ use distillery_proto::v1 as pb;
 use tokio::sync::{oneshot, watch};
 
 use crate::machine::{self, Config, Effect, Event, MachineError, Millis, Reply, State};
-use crate::store::{GroupCommit, StateStore, StoreError};
+use crate::store::{GroupCommit, Records, StateStore, StoreError};
 
 /// Wall-clock milliseconds (the only clock; the machine gets time through events).
 pub fn now_ms() -> Millis {
@@ -150,6 +150,22 @@ impl Engine {
     /// Reads the state under the lock.
     pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         f(&lock(&self.state))
+    }
+
+    /// Every record of the store, as one consistent snapshot: read between two transitions
+    /// (redb: one read transaction while transitions go on; sled: under the state lock, so its
+    /// trees agree with each other) and returned only once durable (a group-commit flush that
+    /// started after the read), so a backup never holds what a crash could still take back.
+    pub async fn backup(&self) -> Result<Records, EngineError> {
+        let records = if self.store.export_is_snapshot() {
+            self.store.export()
+        } else {
+            let _st = lock(&self.state);
+            self.store.export()
+        }
+        .map_err(|e| EngineError::Store(e.to_string()))?;
+        self.commit.durable().await.map_err(EngineError::Store)?;
+        Ok(records)
     }
 
     /// A receiver of the durable event watermark.

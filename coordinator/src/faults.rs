@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use distillery_proto::v1 as pb;
 
 use crate::machine::{State, Transition};
-use crate::store::{StateStore, StoreError};
+use crate::store::{Records, StateStore, StoreError, StoreKind};
 
 /// Which write fails from now on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,5 +117,21 @@ impl StateStore for FaultyStore {
 
     fn events_from(&self, from: u64, limit: usize) -> Result<Vec<pb::Event>, StoreError> {
         self.inner.events_from(from, limit)
+    }
+
+    fn export(&self) -> Result<Records, StoreError> {
+        self.inner.export()
+    }
+
+    fn export_is_snapshot(&self) -> bool {
+        self.inner.export_is_snapshot()
+    }
+
+    fn import(&self, records: &Records) -> Result<(), StoreError> {
+        self.inner.import(records)
+    }
+
+    fn kind(&self) -> StoreKind {
+        self.inner.kind()
     }
 }

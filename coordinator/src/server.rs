@@ -21,7 +21,7 @@ use crate::artifacts::ArtifactStore;
 use crate::auth::{Auth, Role};
 use crate::engine::Engine;
 use crate::machine::{CampaignState, Config, TaskState};
-use crate::store::{SledStore, StateStore};
+use crate::store::{self, StateStore, StoreKind};
 
 /// Everything `coordinator serve` is configured with.
 #[derive(Clone, Debug)]
@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub limits: crate::limits::Limits,
     /// Tests only: store writes fail when this says so (`faults::FaultyStore`).
     pub faults: Option<Arc<crate::faults::FaultInjection>>,
+    /// `--store`: the engine of a fresh data dir; must match the one an existing dir holds.
+    pub store: Option<StoreKind>,
 }
 
 impl ServeOptions {
@@ -63,6 +65,7 @@ impl ServeOptions {
             tick: Duration::from_millis(200),
             limits: crate::limits::Limits::default(),
             faults: None,
+            store: None,
         }
     }
 }
@@ -70,6 +73,8 @@ impl ServeOptions {
 /// A started server.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The engine of the state store.
+    pub store: StoreKind,
     pub engine: Arc<Engine>,
     pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -78,13 +83,8 @@ pub struct RunningServer {
 pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("cannot create data dir {}", opts.data_dir.display()))?;
-    let state_dir = opts.data_dir.join("state");
-    let store = SledStore::open(&state_dir).with_context(|| {
-        format!(
-            "cannot open the state store in {} (is another coordinator using this --data-dir?)",
-            state_dir.display()
-        )
-    })?;
+    let store = store::open_data_dir(&opts.data_dir, opts.store)?;
+    let engine_kind = store.kind();
     let artifacts = ArtifactStore::open(&opts.data_dir.join("artifacts")).with_context(|| {
         format!(
             "cannot open the artifact store in {}",
@@ -92,8 +92,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         )
     })?;
     let store: Arc<dyn StateStore> = match &opts.faults {
-        Some(f) => Arc::new(crate::faults::FaultyStore::new(Arc::new(store), f.clone())),
-        None => Arc::new(store),
+        Some(f) => Arc::new(crate::faults::FaultyStore::new(store, f.clone())),
+        None => store,
     };
     let engine = Engine::open(store, opts.machine.clone())
         .await
@@ -102,6 +102,26 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
+    // Where this data dir is served, for `coordinator backup --data-dir` (online backup).
+    let host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    store::data_dir::write_durably(
+        &opts.data_dir,
+        store::data_dir::SERVE_URL_FILE,
+        &format!("{scheme}://{host}\n"),
+    )
+    .with_context(|| {
+        format!(
+            "cannot write {} in {}",
+            store::data_dir::SERVE_URL_FILE,
+            opts.data_dir.display()
+        )
+    })?;
+    tracing::debug!(store = %engine_kind, "state store opened");
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -136,6 +156,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
             engine: engine.clone(),
             artifacts: artifacts.clone(),
             max_spec_bytes: opts.limits.max_spec_bytes,
+            data_dir: opts.data_dir.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -223,6 +244,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<RunningServer> {
     });
     Ok(RunningServer {
         addr,
+        store: engine_kind,
         engine,
         handle,
     })

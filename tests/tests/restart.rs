@@ -1,5 +1,6 @@
 //! SIGKILL of the coordinator at several points: the campaign finishes after a restart on the
-//! same data dir, with no event lost or duplicated.
+//! same data dir, with no event lost or duplicated. With each store engine: redb (the default,
+//! which every other end-to-end test runs on too) and sled.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -19,8 +20,18 @@ const FAST: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_coordinator_at_any_point_loses_no_event() {
+    sigkill_at_any_point("redb").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_coordinator_at_any_point_loses_no_event_with_sled() {
+    sigkill_at_any_point("sled").await
+}
+
+async fn sigkill_at_any_point(store: &str) {
     let fx = fixture();
-    let mut coord = CoordinatorProc::start(&fx.path().join("data"), FAST);
+    let args: Vec<&str> = FAST.iter().copied().chain(["--store", store]).collect();
+    let mut coord = CoordinatorProc::start(&fx.path().join("data"), &args);
     let env = [
         ("SCRIPT_TASK_MS", "800".to_string()),
         ("SCRIPT_RANK_DELAY_MS", "2500".to_string()),
@@ -122,6 +133,17 @@ async fn sigkill_of_the_coordinator_at_any_point_loses_no_event() {
         5,
         "four restarts"
     );
+    assert_eq!(
+        strip_ansi(&coord.log_text())
+            .matches(&format!("store={store}"))
+            .count(),
+        5,
+        "every start on the {store} engine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(coord.data_dir.join("store-engine")).unwrap(),
+        format!("{store}\n")
+    );
     // Leases outlive a coordinator restart: the gang was never re-leased.
     assert_eq!(
         events
@@ -180,4 +202,22 @@ fn workers_register_again_when_the_coordinator_lost_its_state_and_real_workers_j
     );
     assert!(m.contains("distillery_tasks{state=\"failed\"} 0"), "{m}");
     assert!(real.log_text().contains("registered"));
+}
+
+/// The text of a log without its ANSI colour sequences.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -19,6 +19,8 @@ pub struct Campaigns {
     pub artifacts: ArtifactStore,
     /// `--max-spec-bytes`: the TOML text, or the encoded spec a client parsed.
     pub max_spec_bytes: usize,
+    /// The served data dir (named in backups, so a client can tell whose backup it got).
+    pub data_dir: PathBuf,
 }
 
 impl Campaigns {
@@ -254,5 +256,55 @@ impl CampaignService for Campaigns {
         Ok(Response::new(
             stream_artifact(&self.engine, &self.artifacts, &req.into_inner().digest).await?,
         ))
+    }
+
+    type BackupStream = BoxStream<pb::BackupChunk>;
+
+    async fn backup(
+        &self,
+        _req: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let records = self.engine.backup().await?;
+        let kind = self.engine.store().kind();
+        crate::store::backup::check_encodable(&records)
+            .map_err(|e| Status::data_loss(format!("backup: {e}")))?;
+        let bytes = crate::store::backup::encode(&records, kind, now_ms());
+        let digest = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&bytes))
+        };
+        let data_dir = std::fs::canonicalize(&self.data_dir)
+            .unwrap_or_else(|_| self.data_dir.clone())
+            .display()
+            .to_string();
+        tracing::info!(records = records.len(), bytes = bytes.len(), "backup taken");
+        const CHUNK: usize = 1 << 20;
+        let n = bytes.len().div_ceil(CHUNK).max(1);
+        let total = bytes.len() as u64;
+        let chunks: Vec<Result<pb::BackupChunk, Status>> = (0..n)
+            .map(|i| {
+                let data = bytes[i * CHUNK..((i + 1) * CHUNK).min(bytes.len())].to_vec();
+                Ok(pb::BackupChunk {
+                    data,
+                    digest: if i + 1 == n {
+                        digest.clone()
+                    } else {
+                        String::new()
+                    },
+                    total_size: if i == 0 { total } else { 0 },
+                    data_dir: if i == 0 {
+                        data_dir.clone()
+                    } else {
+                        String::new()
+                    },
+                    engine: if i == 0 {
+                        kind.to_string()
+                    } else {
+                        String::new()
+                    },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 
 use super::data::Domain;
-use super::train::{DynamicBatchLoading, Precision, PrecisionDType, TrainConfig, Trainer};
+use super::train::{DynamicBatchLoading, Precision, TrainConfig, Trainer};
 use crate::collective::ring::{bind, Ring};
 use crate::collective::{Collective, Solo};
 use crate::model::test_model::{test_model, TestModelSpec};
