@@ -65,7 +65,8 @@ fn student_shapes_follow_the_targets_round_after_round() {
     let plans = campaign_plan(&spec, DeviceKind::Cpu, Some(24 << 30)).unwrap();
     assert_eq!(plans[1].setup.precision, memplan::Precision::Bf16);
     assert_eq!(plans[0].plan.student_weights, shapes[0].params * 4);
-    assert_eq!(plans[1].plan.student_weights, shapes[1].params * 2);
+    // bf16 on the CPU is autocast: the student stays f32 (its matrix multiplies run in bf16).
+    assert_eq!(plans[1].plan.student_weights, shapes[1].params * 4);
     assert_eq!(plans[0].fits, Some(true));
     let text = render_text(&plans);
     assert!(
