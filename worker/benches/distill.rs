@@ -10,7 +10,8 @@
 //! - what each change bought: ours with `DISTILLERY_FUSED=0` against the default (and one
 //!   fused kernel at a time for the kernels in BENCH_KERNELS), and in bf16 with
 //!   `DISTILLERY_BF16_GEMM=0` against the default and against `DISTILLERY_BF16_GEMM=avx512bf16`
-//!   (the bf16 GEMM without AMX, where the CPU has AMX).
+//!   (the bf16 GEMM without AMX, where the CPU has AMX), and with `DISTILLERY_CPU_AUTOCAST=0`
+//!   (an all-bf16 student instead of autocast's f32 student with bf16 matrix multiplies).
 //!
 //! Every row runs in its own process (see `common/harness.rs`), alternating rounds, warm-up step
 //! excluded, median of rounds. GFLOP/s counts the matmul FLOPs: the teacher's forward plus 3x
@@ -193,6 +194,14 @@ fn main() {
                 .compare(Compare::Gain(format!(
                     "distill bf16 {shape} bf16 GEMM without AMX"
                 ))),
+                ours(
+                    "distillery bf16, DISTILLERY_CPU_AUTOCAST=0 (all-bf16 student)",
+                    "bf16",
+                    &[("DISTILLERY_CPU_AUTOCAST", "0")],
+                )
+                .compare(Compare::Gain(format!(
+                    "distill bf16 {shape} all-bf16 student instead of autocast"
+                ))),
             ],
         },
     ];
@@ -293,6 +302,7 @@ fn child(spec: Value) -> Result<(), String> {
         "teacher_dtype": format!("{teacher_dtype:?}"),
         "DISTILLERY_FUSED": std::env::var("DISTILLERY_FUSED").ok(),
         "DISTILLERY_BF16_GEMM": std::env::var("DISTILLERY_BF16_GEMM").ok(),
+        "DISTILLERY_CPU_AUTOCAST": std::env::var("DISTILLERY_CPU_AUTOCAST").ok(),
     });
     harness::serve(info, step)
 }

@@ -106,6 +106,14 @@ pub const AUX_FILE: &str = "distill_aux.safetensors";
 /// The dtype a tensor is computed in: the memory plan's own type (one parser, one set of values).
 pub use distillery_proto::memplan::Precision;
 
+/// Whether bf16 on the CPU is autocast (the default). `DISTILLERY_CPU_AUTOCAST=0` (read once)
+/// trains an all-bf16 student there instead, as on GPUs — for the benches, which measure what
+/// autocast buys; the memory plan counts autocast.
+fn cpu_autocast() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DISTILLERY_CPU_AUTOCAST").map_or(true, |v| v.trim() != "0"))
+}
+
 /// The candle dtype of a [`Precision`].
 pub trait PrecisionDType {
     fn dtype(self) -> DType;
@@ -295,7 +303,7 @@ impl<'a> Trainer<'a> {
         // activations and every gradient candle accumulates — and its matrix multiplies run in
         // bf16 on our kernels. (candle adds gradients tensor by tensor, and its bf16 addition
         // converts element by element out of line: an all-bf16 step was slower than the f32 one.)
-        let autocast = cfg.precision == Precision::Bf16 && dev.is_cpu();
+        let autocast = cfg.precision == Precision::Bf16 && dev.is_cpu() && cpu_autocast();
         let dtype = if autocast {
             DType::F32
         } else {
