@@ -7,6 +7,8 @@ pub mod auth;
 pub mod cli;
 pub mod demo;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod machine;
 pub mod phases;
 pub mod plan;

@@ -771,6 +771,8 @@ mod campaigns;
 mod leases;
 mod rounds;
 mod search;
+#[doc(hidden)]
+pub mod sequence;
 mod view;
 
 pub use search::winner;

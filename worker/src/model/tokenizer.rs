@@ -61,8 +61,24 @@ pub fn byte_level() -> Result<Tokenizer, TokenizerError> {
 
 /// Loads `tokenizer.json`.
 pub fn load(path: &Path) -> Result<Tokenizer, TokenizerError> {
-    Tokenizer::from_file(path)
-        .map_err(|e| TokenizerError::Tokenizers(format!("{}: {e}", path.display())))
+    let bytes = std::fs::read(path)
+        .map_err(|e| TokenizerError::Tokenizers(format!("{}: {e}", path.display())))?;
+    from_bytes(&bytes, &path.display().to_string())
+}
+
+/// Parses the bytes of a `tokenizer.json` (`shown` names it in errors). `tokenizers` panics on
+/// some malformed files instead of returning an error (an `expect` in its decoder and
+/// `Precompiled` normalizer deserializers, found by fuzzing): the bytes must be JSON before it
+/// sees them, and a panic it still raises becomes this error.
+pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<Tokenizer, TokenizerError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map_err(|e| TokenizerError::Tokenizers(format!("{shown}: not valid JSON: {e}")))?;
+    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+        Ok(t) => t.map_err(|e| TokenizerError::Tokenizers(format!("{shown}: {e}"))),
+        Err(_) => Err(TokenizerError::Tokenizers(format!(
+            "{shown}: not a tokenizer.json the tokenizers library can read (it failed on a malformed component)"
+        ))),
+    }
 }
 
 pub fn encode(
@@ -494,5 +510,34 @@ mod tests {
         assert_eq!(b[id("<0xC3>")], [0xC3]);
         assert_eq!(b[id("\u{2581}the")], b" the");
         assert_eq!(b[id("<s>")], b"<s>");
+    }
+
+    /// Found by fuzzing (`fuzz/regressions/tokenizer_json/`): `tokenizers` panics (`expect`)
+    /// on a decoder cut short and on a `Precompiled` normalizer whose charsmap is not base64.
+    #[test]
+    fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/regressions/tokenizer_json");
+        for (file, want) in [
+            ("truncated-decoder.json", "not valid JSON"),
+            (
+                "precompiled-not-base64.json",
+                "not a tokenizer.json the tokenizers library can read",
+            ),
+        ] {
+            let e = load(&dir.join(file))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(file) && e.contains(want), "{file}: {e}");
+        }
+        // A well-formed file still loads.
+        let good = byte_level().unwrap().to_string(false).unwrap();
+        assert_eq!(
+            from_bytes(good.as_bytes(), "t")
+                .unwrap()
+                .get_vocab_size(true),
+            256 + TEST_SPECIALS.len()
+        );
     }
 }
