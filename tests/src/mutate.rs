@@ -196,7 +196,7 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Runs `target` on every seed, then on `inputs` mutations of them (1 to 4 stacked mutations
-/// each, inputs capped at `max_len` bytes), catching every panic.
+/// each, inputs capped at `max_len` bytes), catching every panic; stops after 5 failures.
 pub fn run(
     name: &str,
     target: fn(&[u8]),
@@ -229,7 +229,9 @@ pub fn run(
     } else {
         seeds.to_vec()
     };
+    let mut ran = seeds.len();
     for i in 0..inputs {
+        ran += 1;
         let mut data = base[rng.below(base.len())].clone();
         for _ in 0..1 + rng.below(4) {
             mutate_once(&mut rng, &mut data, &base);
@@ -241,7 +243,7 @@ pub fn run(
         }
     }
     Report {
-        inputs: seeds.len() + inputs,
+        inputs: ran,
         failures,
         slowest,
     }

@@ -73,22 +73,22 @@ use distillery_proto::fuzz_targets as proto;
 use distillery_worker::fuzz_targets as worker;
 
 fuzz_tests! {
-    spec_toml => coordinator::spec_toml, 4000, 1 << 14;
-    machine_events => coordinator::machine_events, 1500, 600;
-    gguf_file => proto::gguf_file, 4000, 1 << 16;
-    artifact_manifest => proto::artifact_manifest, 5000, 1 << 14;
-    config_json => worker::config_json, 5000, 1 << 14;
-    gguf_model => worker::gguf_model, 2000, 1 << 16;
-    tokenizer_json => worker::tokenizer_json, 1500, 1 << 16;
-    tokenizer_config => worker::tokenizer_config, 3000, 1 << 14;
-    generation_config => worker::generation_config, 5000, 1 << 14;
-    safetensors => worker::safetensors, 4000, 1 << 16;
-    safetensors_index => worker::safetensors_index, 4000, 1 << 14;
-    judge_verdict => worker::judge_verdict, 5000, 1 << 13;
-    judge_files => worker::judge_files, 4000, 1 << 14;
-    corpus => worker::corpus, 4000, 1 << 14;
-    openai_request => worker::openai_request, 5000, 1 << 14;
-    prune_record => worker::prune_record, 4000, 1 << 14;
+    spec_toml => coordinator::spec_toml, 6000, 1 << 14;
+    machine_events => coordinator::machine_events, 2500, 600;
+    gguf_file => proto::gguf_file, 6000, 1 << 16;
+    artifact_manifest => proto::artifact_manifest, 8000, 1 << 14;
+    config_json => worker::config_json, 8000, 1 << 14;
+    gguf_model => worker::gguf_model, 3000, 1 << 16;
+    tokenizer_json => worker::tokenizer_json, 3000, 1 << 16;
+    tokenizer_config => worker::tokenizer_config, 5000, 1 << 14;
+    generation_config => worker::generation_config, 8000, 1 << 14;
+    safetensors => worker::safetensors, 6000, 1 << 16;
+    safetensors_index => worker::safetensors_index, 5000, 1 << 14;
+    judge_verdict => worker::judge_verdict, 8000, 1 << 13;
+    judge_files => worker::judge_files, 6000, 1 << 14;
+    corpus => worker::corpus, 5000, 1 << 14;
+    openai_request => worker::openai_request, 8000, 1 << 14;
+    prune_record => worker::prune_record, 5000, 1 << 14;
 }
 
 /// Writes the generated seeds (run by hand when a format changes; the files are committed):
@@ -199,4 +199,36 @@ fn write_seeds() {
         seeds.join("safetensors/plain.safetensors"),
     )
     .unwrap();
+}
+
+/// The harness itself: a target that panics on some inputs is caught, and the failure names
+/// the seed and the exact input (hex), the same on every run with that seed.
+#[test]
+fn the_mutation_run_reports_each_panicking_input_with_its_seed() {
+    fn picky(data: &[u8]) {
+        if data.len() > 3 && data[3] == 0 {
+            panic!("byte 3 is zero");
+        }
+    }
+    let seeds = [b"abcdef".to_vec()];
+    let a = mutate::run("picky", picky, &seeds, 3000, 11, 64);
+    let b = mutate::run("picky", picky, &seeds, 3000, 11, 64);
+    assert!(
+        !a.failures.is_empty(),
+        "no mutation zeroed byte 3 in 3000 inputs"
+    );
+    assert!(a.failures.len() <= 5, "the run stops after 5 failures");
+    for f in &a.failures {
+        assert_eq!(f.seed, 11);
+        assert_eq!(f.message, "byte 3 is zero");
+        let input = mutate::unhex(&f.input_hex).expect("hex");
+        assert_eq!(input[3], 0);
+        assert!(f.to_string().contains("DISTILLERY_FUZZ_SEED=11"));
+    }
+    let inputs = |r: &mutate::Report| -> Vec<String> {
+        r.failures.iter().map(|f| f.input_hex.clone()).collect()
+    };
+    assert_eq!(inputs(&a), inputs(&b));
+    assert_eq!(a.inputs, b.inputs);
+    assert!(a.inputs < 3001, "stopped early: {}", a.inputs);
 }

@@ -66,13 +66,42 @@ pub fn load(path: &Path) -> Result<Tokenizer, TokenizerError> {
     from_bytes(&bytes, &path.display().to_string())
 }
 
+/// A `TemplateProcessing` post-processor (alone or in a `Sequence`) may name only special
+/// tokens it defines: `tokenizers` loads one that names others, then panics on every encode
+/// (found by fuzzing).
+fn check_templates(p: &serde_json::Value) -> Result<(), String> {
+    if p["type"] == "Sequence" {
+        for q in p["processors"].as_array().into_iter().flatten() {
+            check_templates(q)?;
+        }
+    }
+    if p["type"] != "TemplateProcessing" {
+        return Ok(());
+    }
+    let defined = &p["special_tokens"];
+    for part in ["single", "pair"] {
+        for piece in p[part].as_array().into_iter().flatten() {
+            if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                if defined.get(id).is_none() {
+                    return Err(format!(
+                        "the {part} template uses special token {id:?}, which its special_tokens do not define"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses the bytes of a `tokenizer.json` (`shown` names it in errors). `tokenizers` panics on
 /// some malformed files instead of returning an error (an `expect` in its decoder and
 /// `Precompiled` normalizer deserializers, found by fuzzing): the bytes must be JSON before it
 /// sees them, and a panic it still raises becomes this error.
 pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<Tokenizer, TokenizerError> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+    let json: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| TokenizerError::Tokenizers(format!("{shown}: not valid JSON: {e}")))?;
+    check_templates(&json["post_processor"])
+        .map_err(|e| TokenizerError::Tokenizers(format!("{shown}: post_processor: {e}")))?;
     match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
         Ok(t) => t.map_err(|e| TokenizerError::Tokenizers(format!("{shown}: {e}"))),
         Err(_) => Err(TokenizerError::Tokenizers(format!(
@@ -513,7 +542,9 @@ mod tests {
     }
 
     /// Found by fuzzing (`fuzz/regressions/tokenizer_json/`): `tokenizers` panics (`expect`)
-    /// on a decoder cut short and on a `Precompiled` normalizer whose charsmap is not base64.
+    /// on a decoder cut short and on a `Precompiled` normalizer whose charsmap is not base64, and
+    /// loads a template post-processor naming an undefined special token, then panics on every
+    /// encode.
     #[test]
     fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -523,6 +554,10 @@ mod tests {
             (
                 "precompiled-not-base64.json",
                 "not a tokenizer.json the tokenizers library can read",
+            ),
+            (
+                "template-undefined-special-token.json",
+                "post_processor: the single template uses special token \"<s>)\", which its special_tokens do not define",
             ),
         ] {
             let e = load(&dir.join(file))
