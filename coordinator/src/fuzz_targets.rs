@@ -28,3 +28,14 @@ pub fn machine_events(data: &[u8]) {
         panic!("state machine invariant broken: {e}");
     }
 }
+
+/// A teacher as `submit` reads its shape: the bytes as `config.json` text and as a `.gguf` file,
+/// through `source_model` (the worker's config parser, the GGUF import, the parameter count).
+pub fn teacher_shape(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::source_model::from_hf_config(Path::new("config.json"), text);
+    }
+    if let Some(p) = distillery_proto::fuzz_targets::scratch_file("teacher.gguf", data) {
+        let _ = crate::source_model::read_shape(&p);
+    }
+}

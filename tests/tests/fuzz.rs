@@ -75,6 +75,7 @@ use distillery_worker::fuzz_targets as worker;
 fuzz_tests! {
     spec_toml => coordinator::spec_toml, 6000, 1 << 14;
     machine_events => coordinator::machine_events, 2500, 600;
+    teacher_shape => coordinator::teacher_shape, 4000, 1 << 16;
     gguf_file => proto::gguf_file, 6000, 1 << 16;
     artifact_manifest => proto::artifact_manifest, 8000, 1 << 14;
     config_json => worker::config_json, 8000, 1 << 14;
