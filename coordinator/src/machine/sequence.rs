@@ -211,6 +211,8 @@ impl Op {
     }
 }
 
+/// Drives the machine from an empty state and checks the invariants after every step.
+#[derive(Default)]
 pub struct Harness {
     st: State,
     now: Millis,
@@ -235,19 +237,6 @@ fn first_difference(before: &State, after: &State) -> String {
     )
 }
 
-impl Default for Harness {
-    fn default() -> Self {
-        Harness {
-            st: State::default(),
-            now: 0,
-            issued: Vec::new(),
-            max_lease: 0,
-            terminal_campaigns: BTreeMap::new(),
-            terminal_tasks: BTreeMap::new(),
-            last_seq: 0,
-        }
-    }
-}
 
 impl Harness {
     /// Applies `ops` from an empty state, checking the invariants after each one.

@@ -66,17 +66,14 @@ pub fn load(path: &Path) -> Result<Tokenizer, TokenizerError> {
     from_bytes(&bytes, &path.display().to_string())
 }
 
-/// A `TemplateProcessing` post-processor (alone or in a `Sequence`) may name only special
-/// tokens it defines: `tokenizers` loads one that names others, then panics on every encode
+/// A template post-processor (`TemplateProcessing`, alone or in a `Sequence`) may name only
+/// special tokens it defines: `tokenizers` loads one that names others, then panics on every encode
 /// (found by fuzzing).
 fn check_templates(p: &serde_json::Value) -> Result<(), String> {
-    if p["type"] == "Sequence" {
-        for q in p["processors"].as_array().into_iter().flatten() {
-            check_templates(q)?;
-        }
-    }
-    if p["type"] != "TemplateProcessing" {
-        return Ok(());
+    // By shape, not by `type`: `tokenizers` reads an object with a mistyped or missing `type`
+    // as whichever processor its fields fit.
+    for q in p["processors"].as_array().into_iter().flatten() {
+        check_templates(q)?;
     }
     let defined = &p["special_tokens"];
     for part in ["single", "pair"] {
@@ -554,6 +551,10 @@ mod tests {
             (
                 "precompiled-not-base64.json",
                 "not a tokenizer.json the tokenizers library can read",
+            ),
+            (
+                "template-mistyped-undefined-special-token.json",
+                "post_processor: the single template uses special token \"<s>)\", which its special_tokens do not define",
             ),
             (
                 "template-undefined-special-token.json",
