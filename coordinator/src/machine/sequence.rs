@@ -237,7 +237,6 @@ fn first_difference(before: &State, after: &State) -> String {
     )
 }
 
-
 impl Harness {
     /// Applies `ops` from an empty state, checking the invariants after each one.
     pub fn run(ops: &[Op]) -> Result<(), String> {
