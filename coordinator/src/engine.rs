@@ -101,6 +101,19 @@ impl Engine {
             durable_seq,
             poisoned: watch::channel(None).0,
         });
+        // A failed flush poisons the engine even when every request that waited for it was
+        // cancelled meanwhile (nobody else would then see the error).
+        let mut failed = engine.commit.failed();
+        let weak = Arc::downgrade(&engine);
+        tokio::spawn(async move {
+            let cause = match failed.wait_for(|f| f.is_some()).await {
+                Ok(f) => f.clone(),
+                Err(_) => None,
+            };
+            if let (Some(cause), Some(engine)) = (cause, weak.upgrade()) {
+                engine.poison(format!("flush: {cause}"));
+            }
+        });
         engine
             .apply(Event::Recover { now: now_ms() })
             .await
@@ -164,7 +177,10 @@ impl Engine {
             self.store.export()
         }
         .map_err(|e| EngineError::Store(e.to_string()))?;
-        self.commit.durable().await.map_err(EngineError::Store)?;
+        self.commit
+            .durable()
+            .await
+            .map_err(|e| self.poison(format!("flush: {e}")))?;
         Ok(records)
     }
 

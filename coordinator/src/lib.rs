@@ -8,6 +8,8 @@ pub mod cli;
 pub mod demo;
 pub mod engine;
 pub mod faults;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod limits;
 pub mod machine;
 pub mod phases;

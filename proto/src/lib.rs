@@ -17,6 +17,8 @@ pub use v1::*;
 pub mod artifact;
 pub mod bradley_terry;
 pub mod client;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod gguf;
 pub mod judge_agreement;
 pub mod judge_stats;

@@ -10,6 +10,7 @@ use distillery_proto::v1 as pb;
 
 pub mod browser;
 pub mod chaos;
+pub mod mutate;
 pub mod proxy;
 pub mod python;
 

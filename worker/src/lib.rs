@@ -8,6 +8,8 @@ pub mod collective;
 pub mod data;
 pub mod devices;
 pub mod distill;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod gpu_check;
 pub mod judge;
 pub mod model;

@@ -794,6 +794,8 @@ mod corrupt;
 mod leases;
 mod rounds;
 mod search;
+#[doc(hidden)]
+pub mod sequence;
 mod view;
 
 pub use search::winner;

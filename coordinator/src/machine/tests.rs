@@ -1,43 +1,10 @@
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use proptest::prelude::*;
 
+use super::sequence::{cfg, lref, outputs_for, search_spec, spec, Harness, Op, CORRECTION, DIGEST};
 use super::*;
 use crate::phases::kind;
-use crate::spec::{self, FileChecks};
-
-const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
-
-fn spec_text(rounds: usize, world: u32, extra: &str) -> String {
-    let mut s = String::from(
-        "name = \"t\"\n[teacher]\nmodel = \"/m\"\n[data]\ncalibration = { path = \"/c\" }\n\
-         train = [{ name = \"web\", path = \"/w\" }]\nvalidation = [{ name = \"web\", path = \"/v\" }]\n",
-    );
-    for _ in 0..rounds {
-        s.push_str(&format!("[[rounds]]\ntarget = {{ num_layers = 2 }}\ndistill = {{ tokens = 100, world_size = {world} }}\n"));
-    }
-    s.push_str(extra);
-    s
-}
-
-fn spec(rounds: usize, world: u32, extra: &str) -> pb::CampaignSpec {
-    spec::parse(
-        &spec_text(rounds, world, extra),
-        Path::new("/"),
-        FileChecks::None,
-    )
-    .expect("test spec is valid")
-}
-
-fn cfg() -> Config {
-    Config {
-        lease_timeout_ms: 1_000,
-        backoff_base_ms: 100,
-        backoff_max_ms: 1_000,
-        ..Config::default()
-    }
-}
 
 fn register(st: &mut State, devices: &[&str]) -> String {
     let t = apply(
@@ -111,41 +78,6 @@ fn poll_events(
         })
         .collect();
     (a, t.events)
-}
-
-fn outputs_for(st: &State, task: &str) -> (BTreeMap<String, String>, BTreeMap<String, f64>) {
-    let k = &st.tasks[task].kind;
-    let outs = kind::required_outputs(k)
-        .iter()
-        .map(|o| (o.to_string(), DIGEST.to_string()))
-        .collect();
-    let mut metrics: BTreeMap<String, f64> = kind::required_metrics(k)
-        .iter()
-        .map(|m| (m.to_string(), 10.0))
-        .collect();
-    if k == kind::PRUNE && st.tasks[task].params.contains_key("candidate") {
-        for m in kind::CANDIDATE_METRICS {
-            metrics.insert(m.to_string(), 10.0);
-        }
-    }
-    if k == kind::JUDGE {
-        metrics.insert("sum.judge.wins".into(), 3.0);
-        metrics.insert("sum.judge.ties".into(), 2.0);
-        metrics.insert("sum.judge.losses".into(), 5.0);
-        // A ranking's battles: the teacher beats this round's student 8 to 2.
-        let r = st.tasks[task].round;
-        metrics.insert(format!("sum.judge.battles.teacher.round{r}.a_wins"), 8.0);
-        metrics.insert(format!("sum.judge.battles.teacher.round{r}.b_wins"), 2.0);
-    }
-    (outs, metrics)
-}
-
-fn lref(a: &Assignment) -> LeaseRef {
-    LeaseRef {
-        task_id: a.task_id.clone(),
-        lease_id: a.lease_id,
-        rank: a.rank,
-    }
 }
 
 fn complete(st: &mut State, a: &Assignment, now: Millis) -> Result<Transition, MachineError> {
@@ -935,26 +867,7 @@ fn status_view_lists_every_task_with_its_attempts() {
     );
 }
 
-// ---- property test: random event sequences keep the invariants ----
-
-#[derive(Debug, Clone)]
-enum Op {
-    Submit(u8),
-    /// Devices, and the worker this one replaces (a restarted process).
-    Register(u8, Option<u8>),
-    Poll(u8, u8),
-    Complete(u8, bool),
-    Fail(u8, bool),
-    Lost(u8),
-    Rendezvous(u8),
-    Heartbeat(u8),
-    Advance(u16),
-    Pause(u8),
-    Resume(u8),
-    Cancel(u8),
-    Retry(u8),
-    Recover,
-}
+// ---- property test: random event sequences keep the invariants (see sequence.rs) ----
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
@@ -972,314 +885,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Cancel),
         1 => any::<u8>().prop_map(Op::Retry),
         1 => Just(Op::Recover),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(i, r)| Op::Forged(i, r)),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(i, w)| Op::BadComplete(i, w)),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(i, w)| Op::Progress(i, w)),
+        1 => any::<u8>().prop_map(Op::Unknown),
+        1 => any::<u8>().prop_map(Op::BadSubmit),
     ]
-}
-
-struct Harness {
-    st: State,
-    now: Millis,
-    /// Every (task, lease id, rank) ever handed out, live or not.
-    issued: Vec<Assignment>,
-    max_lease: u64,
-    terminal_campaigns: BTreeMap<String, CampaignState>,
-    terminal_tasks: BTreeMap<String, TaskState>,
-    last_seq: u64,
-}
-
-impl Harness {
-    fn pick<T>(v: &[T], i: u8) -> Option<&T> {
-        if v.is_empty() {
-            None
-        } else {
-            Some(&v[i as usize % v.len()])
-        }
-    }
-
-    fn event(&mut self, op: &Op) -> Option<Event> {
-        let now = self.now;
-        let workers: Vec<String> = self.st.workers.keys().cloned().collect();
-        let campaigns: Vec<String> = self.st.campaigns.keys().cloned().collect();
-        let pick_lease = |h: &Harness, i: u8, stale: bool| -> Option<LeaseRef> {
-            let live: Vec<&Assignment> = h
-                .issued
-                .iter()
-                .filter(|a| {
-                    h.st.leases
-                        .get(&a.task_id)
-                        .is_some_and(|l| l.lease_id == a.lease_id)
-                        != stale
-                })
-                .collect();
-            Self::pick(&live, i).map(|a| lref(a))
-        };
-        Some(match op {
-            Op::Submit(v) => {
-                let world = 1 + u32::from(v % 2);
-                let extra = match v % 5 {
-                    0 => "",
-                    1 => "[gate]\nmax_perplexity_ratio = 0.5\non_fail = \"extend_distill\"\n",
-                    2 => "[scheduling]\nmax_attempts = 1\nscore_shards = 3\n",
-                    3 => "[scheduling]\nmax_attempts = 2\nmax_lost = 1\n",
-                    _ => "[evaluation]\nperplexity = false\n",
-                };
-                let rounds = 1 + usize::from(v % 3 == 0);
-                // Some campaigns search candidates and correct their teacher first.
-                let spec = match (v / 5) % 4 {
-                    0 => search_spec(rounds, world, 1 + u32::from(v % 3), extra),
-                    1 => spec(rounds, world, &format!("{CORRECTION}{extra}")),
-                    _ => spec(rounds, world, extra),
-                };
-                Event::Submit {
-                    spec: Box::new(spec),
-                    now,
-                }
-            }
-            Op::Register(n, previous) => Event::Register {
-                host: "h".into(),
-                devices: (0..*n).map(|i| format!("cpu:{i}")).collect(),
-                device_memory: Vec::new(),
-                labels: BTreeMap::new(),
-                version: "0".into(),
-                task_kinds: kind::ALL.iter().map(|k| k.to_string()).collect(),
-                nonce: u32::from(*n),
-                previous: previous.and_then(|p| Self::pick(&workers, p).cloned()),
-                now,
-            },
-            Op::Poll(w, m) => {
-                let w = Self::pick(&workers, *w)?.clone();
-                let devs: Vec<String> = self.st.workers[&w]
-                    .devices
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| m & (1 << i) != 0)
-                    .map(|(_, d)| d.clone())
-                    .collect();
-                Event::Poll {
-                    worker: w,
-                    free_devices: devs,
-                    now,
-                }
-            }
-            Op::Complete(i, stale) => {
-                let lease = pick_lease(self, *i, *stale)?;
-                let (outputs, metrics) = outputs_for(&self.st, &lease.task_id);
-                Event::Complete {
-                    lease,
-                    outputs,
-                    metrics,
-                    now,
-                }
-            }
-            Op::Fail(i, retryable) => Event::Fail {
-                lease: pick_lease(self, *i, false)?,
-                error: "boom".into(),
-                retryable: *retryable,
-                lost: false,
-                now,
-            },
-            Op::Lost(i) => Event::Fail {
-                lease: pick_lease(self, *i, false)?,
-                error: "collective: connection reset".into(),
-                retryable: true,
-                lost: true,
-                now,
-            },
-            Op::Rendezvous(i) => Event::Rendezvous {
-                lease: pick_lease(self, *i, false)?,
-                key: "k".into(),
-                payload: vec![*i],
-                now,
-            },
-            Op::Heartbeat(w) => {
-                let w = Self::pick(&workers, *w)?.clone();
-                let leases = self.issued.iter().filter(|a| {
-                    self.st.leases.get(&a.task_id).is_some_and(|l| {
-                        l.ranks.get(a.rank as usize).is_some_and(|r| r.worker == w)
-                    })
-                });
-                Event::Heartbeat {
-                    worker: w.clone(),
-                    leases: leases.map(lref).collect(),
-                    now,
-                }
-            }
-            Op::Advance(ms) => {
-                self.now += u64::from(*ms);
-                Event::Tick { now: self.now }
-            }
-            Op::Pause(c) => Event::Pause {
-                campaign: Self::pick(&campaigns, *c)?.clone(),
-                now,
-            },
-            Op::Resume(c) => Event::Resume {
-                campaign: Self::pick(&campaigns, *c)?.clone(),
-                now,
-            },
-            Op::Cancel(c) => Event::Cancel {
-                campaign: Self::pick(&campaigns, *c)?.clone(),
-                now,
-            },
-            Op::Retry(c) => Event::Retry {
-                campaign: Self::pick(&campaigns, *c)?.clone(),
-                now,
-            },
-            Op::Recover => {
-                let p = self.st.clone();
-                self.st = State::from_parts(p.campaigns, p.tasks, p.leases, p.workers, p.meta);
-                Event::Recover { now }
-            }
-        })
-    }
-
-    fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
-        let Some(ev) = self.event(op) else {
-            return Ok(());
-        };
-        let before = self.st.clone();
-        let max_before = self.max_lease;
-        let tasks_before: BTreeSet<String> = self.st.tasks.keys().cloned().collect();
-        let retried = match &ev {
-            Event::Retry { campaign, .. } => Some(campaign.clone()),
-            _ => None,
-        };
-        match apply(&mut self.st, &cfg(), ev) {
-            Err(_) => prop_assert_eq!(&self.st, &before, "a refused event changed the state"),
-            Ok(t) => {
-                if let Some(c) = retried {
-                    // The one way out of a terminal state: a failed campaign continues.
-                    prop_assert_eq!(before.campaigns[&c].state, CampaignState::Failed);
-                    self.terminal_campaigns.remove(&c);
-                    for t in &self.st.campaigns[&c].tasks {
-                        if before.tasks[t].state != TaskState::Succeeded {
-                            self.terminal_tasks.remove(t);
-                        } else {
-                            prop_assert_eq!(&self.st.tasks[t], &before.tasks[t]);
-                        }
-                    }
-                }
-                for e in &t.events {
-                    prop_assert_eq!(e.seq, self.last_seq + 1, "event sequence has a gap");
-                    self.last_seq = e.seq;
-                }
-                for e in &t.effects {
-                    if let Effect::Assign { assignments, .. } = e {
-                        for a in assignments {
-                            if !self.issued.iter().any(|x| x.lease_id == a.lease_id) {
-                                prop_assert!(a.lease_id > max_before, "lease ids must grow");
-                            }
-                            self.issued.push(a.clone());
-                        }
-                    }
-                }
-                self.max_lease = self.st.meta.last_lease_id;
-                // Every phase's outputs exist before the next phase starts.
-                for (id, t) in self
-                    .st
-                    .tasks
-                    .iter()
-                    .filter(|(id, _)| !tasks_before.contains(*id))
-                {
-                    for other in self.st.tasks.values().filter(|o| {
-                        o.campaign == t.campaign && o.round == t.round && o.phase < t.phase
-                    }) {
-                        prop_assert_eq!(
-                            other.state,
-                            TaskState::Succeeded,
-                            "task {} started before {} finished",
-                            id,
-                            other.id
-                        );
-                        for o in kind::required_outputs(&other.kind) {
-                            prop_assert!(other.outputs.contains_key(*o));
-                        }
-                    }
-                }
-            }
-        }
-        self.check()
-    }
-
-    fn check(&mut self) -> Result<(), TestCaseError> {
-        // Derived indexes equal what a restart would rebuild from the persisted records.
-        let p = self.st.clone();
-        let rebuilt = State::from_parts(p.campaigns, p.tasks, p.leases, p.workers, p.meta);
-        prop_assert_eq!(&rebuilt.pending, &self.st.pending);
-        prop_assert_eq!(&rebuilt.open_in_phase, &self.st.open_in_phase);
-        for (id, t) in &self.st.tasks {
-            // One live lease per task, and only for leased tasks.
-            prop_assert_eq!(
-                t.state == TaskState::Leased,
-                self.st.leases.contains_key(id)
-            );
-            if let Some(l) = self.st.leases.get(id) {
-                prop_assert_eq!(&l.task_id, id);
-                prop_assert!(l.lease_id <= self.st.meta.last_lease_id);
-                prop_assert_eq!(l.ranks.len() as u32, t.world_size.max(1));
-                let c = self.st.campaigns[&t.campaign].state;
-                prop_assert!(
-                    matches!(c, CampaignState::Running),
-                    "leased task in a {:?} campaign",
-                    c
-                );
-            }
-            prop_assert_eq!(t.state == TaskState::Pending, self.st.pending.contains(id));
-            // Every attempt ended exactly one way (the live or succeeded one is the +1).
-            let ended = t.failed + t.lost;
-            let open = u32::from(matches!(t.state, TaskState::Leased | TaskState::Succeeded));
-            if t.state == TaskState::Cancelled {
-                prop_assert!(t.attempts == ended || t.attempts == ended + 1);
-            } else {
-                prop_assert_eq!(t.attempts, ended + open, "attempts of {}: {:?}", id, t);
-            }
-            prop_assert!(t.revoked <= t.lost);
-            // Only failed attempts count toward max_attempts; lost ones never exhaust it.
-            prop_assert!(t.failed <= t.max_attempts);
-            let charged = t.lost - t.revoked;
-            if let Some(m) = t.max_lost {
-                prop_assert!(charged <= m + 1, "max_lost {} exceeded: {:?}", m, t);
-                if charged == m + 1 {
-                    prop_assert_eq!(t.state, TaskState::Failed);
-                }
-            }
-            if t.state == TaskState::Failed && t.failed == 0 {
-                prop_assert!(
-                    t.max_lost.is_some_and(|m| charged > m),
-                    "a task failed with only lost attempts: {:?}",
-                    t
-                );
-            }
-            // Terminal task states are final.
-            if let Some(s) = self.terminal_tasks.get(id) {
-                prop_assert_eq!(*s, t.state);
-            } else if t.state.is_terminal() {
-                self.terminal_tasks.insert(id.clone(), t.state);
-            }
-        }
-        for (id, c) in &self.st.campaigns {
-            // A search that ended has exactly one winner, the lowest score.
-            for r in &c.rounds {
-                if r.phase > Phase::Search && !r.candidates.is_empty() {
-                    let winners: Vec<usize> = (0..r.candidates.len())
-                        .filter(|i| r.candidates[*i].winner)
-                        .collect();
-                    prop_assert_eq!(
-                        winners.clone(),
-                        vec![super::search::winner(&r.candidates).unwrap()]
-                    );
-                    prop_assert_eq!(&r.artifacts["pruned"], &r.candidates[winners[0]].pruned);
-                }
-            }
-            if let Some(s) = self.terminal_campaigns.get(id) {
-                prop_assert_eq!(*s, c.state, "terminal campaign state changed");
-            } else if c.state.is_terminal() {
-                self.terminal_campaigns.insert(id.clone(), c.state);
-                for t in &c.tasks {
-                    prop_assert!(self.st.tasks[t].state.is_terminal());
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 proptest! {
@@ -1287,38 +898,10 @@ proptest! {
 
     #[test]
     fn random_event_sequences_keep_the_invariants(ops in proptest::collection::vec(op(), 1..120)) {
-        let mut h = Harness {
-            st: State::default(),
-            now: 0,
-            issued: Vec::new(),
-            max_lease: 0,
-            terminal_campaigns: BTreeMap::new(),
-            terminal_tasks: BTreeMap::new(),
-            last_seq: 0,
-        };
-        for op in &ops {
-            h.step(op)?;
+        if let Err(e) = Harness::run(&ops) {
+            return Err(TestCaseError::fail(e));
         }
     }
-}
-
-/// `[teacher_correction]` as the tests give it.
-const CORRECTION: &str = "[teacher_correction]\ntokens = 64\nworld_size = 2\n";
-
-/// A spec whose rounds search `k` candidates at 70% of the parameters.
-fn search_spec(rounds: usize, world: u32, k: u32, extra: &str) -> pb::CampaignSpec {
-    let mut s = String::from(
-        "name = \"t\"\n[teacher]\nmodel = \"/m\"\n[data]\ncalibration = { path = \"/c\" }\n\
-         train = [{ name = \"web\", path = \"/w\" }]\nvalidation = [{ name = \"web\", path = \"/v\" }]\n",
-    );
-    for _ in 0..rounds {
-        s.push_str(&format!(
-            "[[rounds]]\ntarget = {{ params = 0.7 }}\nsearch = {{ candidates = {k}, tokens = 40 }}\n\
-             distill = {{ tokens = 100, world_size = {world} }}\n"
-        ));
-    }
-    s.push_str(extra);
-    spec::parse(&s, Path::new("/"), FileChecks::None).expect("search spec is valid")
 }
 
 fn complete_with(

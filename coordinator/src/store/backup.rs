@@ -378,10 +378,10 @@ pub fn migrate(data_dir: &Path, to: StoreKind) -> Result<(StoreKind, Summary), B
             message: format!("the data dir already holds a {to} store"),
         });
     }
-    let records = {
-        let store = data_dir::open_existing(data_dir)?;
-        store.export()?
-    };
+    // The source store stays open (so locked: a `serve` started meanwhile cannot open it and
+    // acknowledge writes the migration would then delete) until the engine file names `to`.
+    let source = data_dir::open_existing(data_dir)?;
+    let records = source.export()?;
     let target = to.store_path(data_dir);
     // Left by an interrupted migration (the engine file still names `from`): start over.
     remove_store(&target)?;
@@ -396,6 +396,7 @@ pub fn migrate(data_dir: &Path, to: StoreKind) -> Result<(StoreKind, Summary), B
         }
     }
     data_dir::write_engine_file(data_dir, to)?;
+    drop(source);
     remove_store(&from.store_path(data_dir))?;
     data_dir::sync_dir(data_dir).map_err(|e| io(data_dir, e))?;
     Ok((from, Summary::of(&records)))

@@ -224,29 +224,47 @@ impl EncodedTransition {
 }
 
 /// Group commit: callers that committed wait here until a flush that started after their
-/// commit has finished; one flush serves every caller that queued while the previous ran.
+/// commit has finished; one flush serves every caller that queued while the previous ran. A
+/// failed flush is final: every later caller gets its error (nothing committed after it can be
+/// made durable on top of a write that may be lost), and [`GroupCommit::failed`] says so even
+/// when no caller was waiting any more (a cancelled request).
 #[derive(Clone)]
 pub struct GroupCommit {
     tx: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+    failed: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl GroupCommit {
     /// Starts the flusher task for `store` on the current runtime.
     pub fn start(store: Arc<dyn StateStore>) -> GroupCommit {
         let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
+        let (failed_tx, failed) = tokio::sync::watch::channel(None::<String>);
         tokio::spawn(async move {
+            let mut failure: Option<String> = None;
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
-                let res = store.flush().await.map_err(|e| e.to_string());
+                let res = match &failure {
+                    Some(e) => Err(e.clone()),
+                    None => store.flush().await.map_err(|e| e.to_string()),
+                };
+                if let (Err(e), None) = (&res, &failure) {
+                    failure = Some(e.clone());
+                    let _ = failed_tx.send(Some(e.clone()));
+                }
                 for w in batch {
                     let _ = w.send(res.clone());
                 }
             }
         });
-        GroupCommit { tx }
+        GroupCommit { tx, failed }
+    }
+
+    /// Changes once, to the first flush error.
+    pub fn failed(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.failed.clone()
     }
 
     /// Returns once everything committed before this call is durable.

@@ -438,3 +438,32 @@ async fn durable_transition_latency() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_failed_flush_is_final_and_said_even_with_no_one_waiting() {
+    use crate::faults::{Fault, FaultInjection, FaultyStore};
+    for engine in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = FaultInjection::new();
+        let store: Arc<dyn StateStore> = Arc::new(FaultyStore::new(
+            engine.open_store(dir.path()).unwrap(),
+            faults.clone(),
+        ));
+        let commit = GroupCommit::start(store);
+        commit.durable().await.unwrap();
+        assert_eq!(*commit.failed().borrow(), None);
+        // The waiter gives up at once (a cancelled request): the failure is still recorded.
+        faults.set(Fault::FlushIo);
+        let mut failed = commit.failed();
+        drop(tokio::time::timeout(std::time::Duration::ZERO, commit.durable()).await);
+        let cause = failed.wait_for(|f| f.is_some()).await.unwrap().clone();
+        assert!(
+            cause.is_some_and(|c| c.contains("Input/output")),
+            "{engine}"
+        );
+        // The disk works again, but nothing after a lost write may be called durable.
+        faults.set(Fault::None);
+        let e = commit.durable().await.unwrap_err();
+        assert!(e.contains("Input/output"), "{engine}: {e}");
+    }
+}

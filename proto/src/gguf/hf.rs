@@ -399,6 +399,14 @@ pub fn import(f: &GgufFile) -> Result<HfImport, GgufError> {
     let k = Keys { f, arch };
     let hidden = k.required("embedding_length")?;
     let layers = k.required("block_count")?;
+    // Per-layer lists are built from it: a lying count is refused before they are.
+    if layers > crate::shape::MAX_LAYERS {
+        return Err(f.malformed(format!(
+            "has {} = {layers}, more than the {} layers any model has",
+            k.key("block_count"),
+            crate::shape::MAX_LAYERS
+        )));
+    }
     let intermediate = k.required("feed_forward_length")?;
     let heads = k.required("attention.head_count")?;
     let kv_heads = k.uniform("attention.head_count_kv")?.unwrap_or(heads);

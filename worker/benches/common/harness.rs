@@ -22,7 +22,11 @@ pub const CHILD_ENV: &str = "DISTILLERY_BENCH_CHILD";
 
 /// Runtime switches of our kernels; every row of ours sets or clears each of them, so a switch
 /// left in the caller's shell cannot leak into a row.
-pub const SWITCHES: [&str; 2] = ["DISTILLERY_FUSED", "DISTILLERY_BF16_GEMM"];
+pub const SWITCHES: [&str; 3] = [
+    "DISTILLERY_FUSED",
+    "DISTILLERY_BF16_GEMM",
+    "DISTILLERY_CPU_AUTOCAST",
+];
 
 /// Which peak a row's GFLOP/s is a fraction of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

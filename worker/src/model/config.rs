@@ -524,6 +524,13 @@ impl LlamaConfig {
             _ => r.str("hidden_act")?.unwrap_or_else(|| "silu".into()),
         };
         let num_hidden_layers = r.need("num_hidden_layers")?;
+        // Before any per-layer vector is allocated from it.
+        if num_hidden_layers as u64 > distillery_proto::shape::MAX_LAYERS {
+            return bad(format!(
+                "num_hidden_layers = {num_hidden_layers}: more than {} layers, which no model has (a corrupt config?)",
+                distillery_proto::shape::MAX_LAYERS
+            ));
+        }
         let max_position_embeddings = r.usize("max_position_embeddings")?.unwrap_or(match arch {
             Arch::Llama => 2048,
             Arch::Mistral | Arch::Gemma3 => 131_072,
@@ -788,6 +795,30 @@ impl LlamaConfig {
         ] {
             if v == 0 {
                 return bad(format!("{name} is 0"));
+            }
+        }
+        if self.num_hidden_layers as u64 > distillery_proto::shape::MAX_LAYERS {
+            return bad(format!(
+                "num_hidden_layers = {}: more than {} layers, which no model has (a corrupt config?)",
+                self.num_hidden_layers,
+                distillery_proto::shape::MAX_LAYERS
+            ));
+        }
+        // Widths are allocated and multiplied: bounded before either (and they fit the u32s of
+        // a `ModelShape`).
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_kv_heads()),
+            ("head_dim", self.head_dim()),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if v as u64 > distillery_proto::shape::MAX_WIDTH {
+                return bad(format!(
+                    "{name} = {v}: larger than {}, which no model has (a corrupt config?)",
+                    distillery_proto::shape::MAX_WIDTH
+                ));
             }
         }
         let kv = self.num_kv_heads();

@@ -145,7 +145,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
 
 /// The tokenizer from `tokenizer.ggml.*`: byte-level BPE (`gpt2`) or SentencePiece BPE
 /// (`llama`); `None` when the file has no vocabulary or another kind (said on stderr).
-fn tokenizer_from_meta(f: &GgufFile) -> Result<Option<Tokenizer>, ModelIoError> {
+pub(crate) fn tokenizer_from_meta(f: &GgufFile) -> Result<Option<Tokenizer>, ModelIoError> {
     let path = f.path();
     let Some(model) = f.get_str("tokenizer.ggml.model")?.map(str::to_string) else {
         return Ok(None);

@@ -61,8 +61,50 @@ pub fn byte_level() -> Result<Tokenizer, TokenizerError> {
 
 /// Loads `tokenizer.json`.
 pub fn load(path: &Path) -> Result<Tokenizer, TokenizerError> {
-    Tokenizer::from_file(path)
-        .map_err(|e| TokenizerError::Tokenizers(format!("{}: {e}", path.display())))
+    let bytes = std::fs::read(path)
+        .map_err(|e| TokenizerError::Tokenizers(format!("{}: {e}", path.display())))?;
+    from_bytes(&bytes, &path.display().to_string())
+}
+
+/// A template post-processor (`TemplateProcessing`, alone or in a `Sequence`) may name only
+/// special tokens it defines: `tokenizers` loads one that names others, then panics on every encode
+/// (found by fuzzing).
+fn check_templates(p: &serde_json::Value) -> Result<(), String> {
+    // By shape, not by `type`: `tokenizers` reads an object with a mistyped or missing `type`
+    // as whichever processor its fields fit.
+    for q in p["processors"].as_array().into_iter().flatten() {
+        check_templates(q)?;
+    }
+    let defined = &p["special_tokens"];
+    for part in ["single", "pair"] {
+        for piece in p[part].as_array().into_iter().flatten() {
+            if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                if defined.get(id).is_none() {
+                    return Err(format!(
+                        "the {part} template uses special token {id:?}, which its special_tokens do not define"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses the bytes of a `tokenizer.json` (`shown` names it in errors). `tokenizers` panics on
+/// some malformed files instead of returning an error (an `expect` in its decoder and
+/// `Precompiled` normalizer deserializers, found by fuzzing): the bytes must be JSON before it
+/// sees them, and a panic it still raises becomes this error.
+pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<Tokenizer, TokenizerError> {
+    let json: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| TokenizerError::Tokenizers(format!("{shown}: not valid JSON: {e}")))?;
+    check_templates(&json["post_processor"])
+        .map_err(|e| TokenizerError::Tokenizers(format!("{shown}: post_processor: {e}")))?;
+    match std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)) {
+        Ok(t) => t.map_err(|e| TokenizerError::Tokenizers(format!("{shown}: {e}"))),
+        Err(_) => Err(TokenizerError::Tokenizers(format!(
+            "{shown}: not a tokenizer.json the tokenizers library can read (it failed on a malformed component)"
+        ))),
+    }
 }
 
 pub fn encode(
@@ -172,14 +214,25 @@ pub fn byte_level_bpe(v: &GgufVocab) -> Result<Tokenizer, TokenizerError> {
         .filter_map(|m| m.split_once(' '))
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab_of(v), merges)
-        .build()
-        .map_err(tk)?;
+    let bpe = build_bpe(BPE::builder().vocab_and_merges(vocab_of(v), merges))?;
     let mut t = Tokenizer::new(bpe);
     t.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
     t.with_decoder(Some(ByteLevel::new(false, false, false)));
     finish(t, v)
+}
+
+/// Builds a BPE model from a GGUF vocabulary. `tokenizers` panics on some vocabularies instead of
+/// returning an error (a slice out of range in its merge builder for a merge whose pieces do not
+/// fit the vocabulary, found by fuzzing): that panic becomes this error.
+fn build_bpe(builder: tokenizers::models::bpe::BpeBuilder) -> Result<BPE, TokenizerError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.build())) {
+        Ok(bpe) => bpe.map_err(tk),
+        Err(_) => Err(TokenizerError::Tokenizers(
+            "the vocabulary's merges are not a BPE model the tokenizers library can build (a merge \
+             names pieces the vocabulary does not hold consistently)"
+                .into(),
+        )),
+    }
 }
 
 /// A SentencePiece BPE tokenizer (llama.cpp's `llama` model: Llama 2, Mistral), built the way
@@ -210,7 +263,7 @@ pub fn sentencepiece_bpe(v: &GgufVocab) -> Result<Tokenizer, TokenizerError> {
     if let Some(unk) = v.types.iter().position(|t| *t == 2) {
         builder = builder.unk_token(v.tokens[unk].clone());
     }
-    let mut t = Tokenizer::new(builder.build().map_err(tk)?);
+    let mut t = Tokenizer::new(build_bpe(builder)?);
     let normalizer = Sequence::new(vec![
         Prepend::new(SPM_SPACE.into()).into(),
         Replace::new(" ", SPM_SPACE).map_err(tk)?.into(),
@@ -494,5 +547,44 @@ mod tests {
         assert_eq!(b[id("<0xC3>")], [0xC3]);
         assert_eq!(b[id("\u{2581}the")], b" the");
         assert_eq!(b[id("<s>")], b"<s>");
+    }
+
+    /// Found by fuzzing (`fuzz/regressions/tokenizer_json/`): `tokenizers` panics (`expect`)
+    /// on a decoder cut short and on a `Precompiled` normalizer whose charsmap is not base64, and
+    /// loads a template post-processor naming an undefined special token, then panics on every
+    /// encode.
+    #[test]
+    fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/regressions/tokenizer_json");
+        for (file, want) in [
+            ("truncated-decoder.json", "not valid JSON"),
+            (
+                "precompiled-not-base64.json",
+                "not a tokenizer.json the tokenizers library can read",
+            ),
+            (
+                "template-mistyped-undefined-special-token.json",
+                "post_processor: the single template uses special token \"<s>)\", which its special_tokens do not define",
+            ),
+            (
+                "template-undefined-special-token.json",
+                "post_processor: the single template uses special token \"<s>)\", which its special_tokens do not define",
+            ),
+        ] {
+            let e = load(&dir.join(file))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(file) && e.contains(want), "{file}: {e}");
+        }
+        // A well-formed file still loads.
+        let good = byte_level().unwrap().to_string(false).unwrap();
+        assert_eq!(
+            from_bytes(good.as_bytes(), "t")
+                .unwrap()
+                .get_vocab_size(true),
+            256 + TEST_SPECIALS.len()
+        );
     }
 }

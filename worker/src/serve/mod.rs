@@ -8,7 +8,7 @@
 //! stop strings.
 
 mod http;
-mod openai;
+pub mod openai;
 pub mod text;
 
 use std::path::Path;

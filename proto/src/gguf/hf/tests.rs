@@ -581,3 +581,26 @@ fn names_map_for_every_architecture() {
         None
     );
 }
+
+/// Found by fuzzing (`fuzz/regressions/gguf_model/block-count-2332033025.gguf`): a 1 KB file
+/// claiming 2,332,033,025 layers made the import allocate gigabytes of per-layer lists.
+#[test]
+fn a_lying_block_count_is_refused_before_anything_is_allocated_per_layer() {
+    for arch in ["llama", "qwen3", "gemma3"] {
+        let e = TestFile::model(arch)
+            .u32(&format!("{arch}.block_count"), 2_332_033_025)
+            .import()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "has {arch}.block_count = 2332033025, more than the 4096 layers"
+            )),
+            "{arch}: {e}"
+        );
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/regressions/gguf_model/block-count-2332033025.gguf");
+    let f = crate::gguf::GgufFile::open(&path).unwrap();
+    let e = crate::gguf::import(&f).unwrap_err();
+    assert!(e.to_string().contains("block_count = 2332033025"), "{e}");
+}

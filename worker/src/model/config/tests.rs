@@ -223,3 +223,53 @@ fn qwen_and_mistral_windows_follow_transformers() {
     );
     assert!(!fixture("transformers/qwen3.json").attention_bias);
 }
+
+/// Found by fuzzing (`fuzz/regressions/config_json/`): a layer count or a width no model has
+/// made parsing allocate gigabytes (per-layer lists, RoPE tables) or abort; each is refused by
+/// name before anything is allocated from it.
+#[test]
+fn sizes_no_model_has_are_refused_by_name() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/config_json");
+    for (file, want) in [
+        (
+            "num-hidden-layers-4e9.json",
+            "num_hidden_layers = 4000000000: more than 4096 layers",
+        ),
+        (
+            "num-hidden-layers-u64-max.json",
+            "num_hidden_layers = 18446744073709551615: more than 4096 layers",
+        ),
+        (
+            "head-dim-2-pow-60.json",
+            "head_dim = 1152921504606846976: larger than 16777216",
+        ),
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let e = LlamaConfig::from_json(&text).unwrap_err().to_string();
+        assert!(e.contains(want), "{file}: {e}");
+    }
+    let base = std::fs::read_to_string(dir.join("head-dim-2-pow-60.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+    v["head_dim"] = serde_json::json!(16);
+    for key in ["hidden_size", "intermediate_size", "vocab_size"] {
+        let mut w = v.clone();
+        w[key] = serde_json::json!(1u64 << 25);
+        let e = LlamaConfig::from_json(&w.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{key} = 33554432: larger than 16777216")),
+            "{key}: {e}"
+        );
+    }
+    // The largest allowed values still parse.
+    let mut w = v.clone();
+    w["num_hidden_layers"] = serde_json::json!(4096);
+    assert_eq!(
+        LlamaConfig::from_json(&w.to_string())
+            .unwrap()
+            .num_hidden_layers,
+        4096
+    );
+}

@@ -1,0 +1,5 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(
+    |data: &[u8]| distillery_coordinator::fuzz_targets::machine_events(data)
+);
