@@ -364,13 +364,12 @@ unsafe fn round_into(isa: Isa, src: &[f32], dst: *mut bf16) {
     }
 }
 
+/// A strided bf16 matrix: (elements from its offset, rows, cols, row stride, column stride).
+type Strided<'a> = (Cow<'a, [bf16]>, usize, usize, usize, usize);
+
 /// A 2-D tensor with any strides as bf16 (f32 rounded, over the span the view covers): (elements
 /// from its offset, rows, cols, rs, cs).
-fn strided_2d<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> Result<(Cow<'a, [bf16]>, usize, usize, usize, usize)> {
+fn strided_2d<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Strided<'a>> {
     let (&[r, c], &[rs, cs]) = (l.dims(), l.stride()) else {
         return Err(err(format!(
             "bf16 matmul: {what} has shape {:?}, expected 2 dimensions",
