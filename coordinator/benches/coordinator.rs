@@ -76,6 +76,14 @@ async fn throughput(workers: usize, tasks: usize) {
         dir.path().join("data"),
     );
     opts.timing.poll_timeout = Duration::from_secs(2);
+    // DISTILLERY_STORE=sled|redb picks the engine (default: the coordinator's default).
+    opts.store = match std::env::var("DISTILLERY_STORE").as_deref() {
+        Ok("sled") => Some(distillery_coordinator::store::StoreKind::Sled),
+        Ok("redb") => Some(distillery_coordinator::store::StoreKind::Redb),
+        _ => None,
+    };
+    // One phase of `tasks` tasks: above the default limit of tasks per phase.
+    opts.machine.max_tasks_per_phase = opts.machine.max_tasks_per_phase.max(tasks as u32 + 16);
     let running = server::start(opts).await.expect("server");
     let target = Target {
         url: format!("http://{}", running.addr),
